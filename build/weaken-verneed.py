@@ -1,0 +1,46 @@
+"""Marks a symbol-version requirement of an ELF64 shared library as weak (VER_FLG_WEAK), in place.
+
+The dynamic loader then accepts the library although no loaded object defines that version.
+Usage: python3 weaken-verneed.py LIB VERSION_NAME
+"""
+import struct
+import sys
+
+SHT_GNU_VERNEED = 0x6FFFFFFE
+VER_FLG_WEAK = 0x2
+
+
+def weaken(path: str, version: bytes) -> int:
+    data = bytearray(open(path, "rb").read())
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise SystemExit(f"{path}: not an ELF64 file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    changed = 0
+    for sec in sections:
+        if sec[1] != SHT_GNU_VERNEED:
+            continue
+        strtab_offset = sections[sec[6]][4]
+        entry = sec[4]
+        while True:
+            _, count, _, aux_offset, next_entry = struct.unpack_from("<HHIII", data, entry)
+            aux = entry + aux_offset
+            for _ in range(count):
+                _, flags, _, name, next_aux = struct.unpack_from("<IHHII", data, aux)
+                start = strtab_offset + name
+                if bytes(data[start:data.index(0, start)]) == version and not flags & VER_FLG_WEAK:
+                    struct.pack_into("<H", data, aux + 4, flags | VER_FLG_WEAK)
+                    changed += 1
+                if next_aux == 0:
+                    break
+                aux += next_aux
+            if next_entry == 0:
+                break
+            entry += next_entry
+    open(path, "wb").write(data)
+    return changed
+
+
+if __name__ == "__main__":
+    weaken(sys.argv[1], sys.argv[2].encode())
