@@ -17,6 +17,9 @@ namespace VlmTune.Text;
 /// <item>decoding drops special ids (when asked) and turns the remaining pieces into bytes: "▁" is a space, byte-fallback
 /// pieces <c>&lt;0xE2&gt;</c> are raw bytes, and invalid UTF-8 becomes one U+FFFD per byte, as sentencepiece does.</item>
 /// </list>
+/// Microsoft.ML.Tokenizers' <see cref="SentencePieceTokenizer"/> loads the model (BOS/EOS/UNK ids, byte fallback) and
+/// normalizes; the merges are our <see cref="SentencePieceBpe"/>, because its BPE breaks score ties differently from
+/// sentencepiece (see there).
 /// </summary>
 public sealed partial class InternLM2Tokenizer
 {
@@ -24,6 +27,7 @@ public sealed partial class InternLM2Tokenizer
     private const string UnknownSurface = " \u2047 ";
 
     private readonly SentencePieceTokenizer _sentencePiece;
+    private readonly SentencePieceBpe _bpe;
     private readonly Dictionary<string, int> _addedTokenIds;          // content -> id
     private readonly Dictionary<int, string> _addedTokenContents;     // id -> content
     private readonly HashSet<int> _specialIds;
@@ -87,22 +91,19 @@ public sealed partial class InternLM2Tokenizer
         _pieces = new string[model.Pieces.Count];
         _pieceBytes = new byte[model.Pieces.Count][];
         _pieceIds = new Dictionary<string, int>(model.Pieces.Count, StringComparer.Ordinal);
-        var atomic = new Dictionary<string, int>(StringComparer.Ordinal);
         for (var id = 0; id < model.Pieces.Count; id++)
         {
-            var (piece, type) = model.Pieces[id];
+            var (piece, _, type) = model.Pieces[id];
             _pieces[id] = piece;
             _pieceBytes[id] = PieceToBytes(piece, type);
             _pieceIds.TryAdd(piece, id);
-            // sentencepiece never splits nor merges a user-defined piece ([UNUSED_TOKEN_5]) met in the text.
-            if (type == PieceType.UserDefined) atomic[piece] = id;
         }
+        _bpe = new SentencePieceBpe(model, UnknownId, sentencePiece.ByteFallback);
 
         _addedTokenIds = new Dictionary<string, int>(config.AddedTokens, StringComparer.Ordinal);
         _addedTokenContents = config.AddedTokens.ToDictionary(kv => kv.Value, kv => kv.Key);
         VocabSize = Math.Max(_pieces.Length, _addedTokenContents.Count == 0 ? 0 : _addedTokenContents.Keys.Max() + 1);
-        foreach (var (content, id) in _addedTokenIds) atomic[content] = id;   // added tokens win over pieces
-        _splitter = new AddedTokenSplitter(atomic);
+        _splitter = new AddedTokenSplitter(_addedTokenIds);
 
         _specialIds = [BosId, EosId, UnknownId];
         foreach (var content in config.SpecialTokenContents)
@@ -128,6 +129,9 @@ public sealed partial class InternLM2Tokenizer
         var config = TokenizerFileConfig.Read(modelDir);
         SentencePieceTokenizer sentencePiece;
         var model = SentencePieceModelFile.Read(modelPath);
+        if (model.PrecompiledCharsMapName is { } normalizerName)
+            throw new VlmTuneException($"'{modelPath}' normalizes text with '{normalizerName}' (a precompiled character map), which " +
+                                       "VlmTune does not implement; InternLM2 tokenizers use 'identity'.");
         try
         {
             using var stream = File.OpenRead(modelPath);
@@ -158,8 +162,12 @@ public sealed partial class InternLM2Tokenizer
         foreach (var (start, length, addedId) in _splitter.Split(text))
         {
             if (addedId >= 0) { ids.Add(addedId); continue; }
-            ids.AddRange(_sentencePiece.EncodeToIds(text.AsSpan(start, length), addBeginningOfSentence: false,
-                addEndOfSentence: false, considerPreTokenization: false, considerNormalization: true));
+            // Each piece of text on its own, as HF's _tokenize: sentencepiece normalization ("▁" for spaces, and the
+            // dummy prefix where the model asks for it — InternLM2's does not), then BPE.
+            var normalized = _sentencePiece.Normalizer is { } normalizer
+                ? normalizer.Normalize(text.AsSpan(start, length))
+                : text.Substring(start, length);
+            _bpe.Encode(normalized, ids);
         }
         if (addBos && AddEosToken) ids.Add(EosId);
         return [.. ids];

@@ -12,16 +12,17 @@ internal enum PieceType
 }
 
 /// <summary>
-/// The pieces of a sentencepiece <c>tokenizer.model</c> with their types, read straight from the protobuf.
-/// Microsoft.ML.Tokenizers encodes, but does not expose piece types, which decoding (byte / control pieces) and the
-/// atomic matching of user-defined pieces (<c>[UNUSED_TOKEN_5]</c>) need.
+/// The pieces of a sentencepiece <c>tokenizer.model</c> with their scores and types, read straight from the protobuf.
+/// Microsoft.ML.Tokenizers loads the model and normalizes text, but does not expose scores and types, which our BPE
+/// (<see cref="SentencePieceBpe"/>) and decoding (byte / control pieces) need.
 /// </summary>
-internal sealed record SentencePieceModelFile(IReadOnlyList<(string Piece, PieceType Type)> Pieces)
+internal sealed record SentencePieceModelFile(IReadOnlyList<(string Piece, float Score, PieceType Type)> Pieces, string? PrecompiledCharsMapName)
 {
     public static SentencePieceModelFile Read(string path)
     {
         var data = File.ReadAllBytes(path);
-        var pieces = new List<(string, PieceType)>();
+        var pieces = new List<(string, float, PieceType)>();
+        string? charsMapName = null;
         try
         {
             var pos = 0;
@@ -29,6 +30,7 @@ internal sealed record SentencePieceModelFile(IReadOnlyList<(string Piece, Piece
             {
                 var (field, wire) = ReadTag(data, ref pos);
                 if (field == 1 && wire == 2) pieces.Add(ReadPiece(data, ReadLengthDelimited(data, ref pos)));
+                else if (field == 3 && wire == 2) charsMapName = ReadNormalizerCharsMap(data, ReadLengthDelimited(data, ref pos));
                 else Skip(data, ref pos, wire);
             }
         }
@@ -36,23 +38,41 @@ internal sealed record SentencePieceModelFile(IReadOnlyList<(string Piece, Piece
         {
             throw new VlmTuneException($"'{path}' is not a valid sentencepiece model: {e.Message}", e);
         }
-        return new SentencePieceModelFile(pieces);
+        return new SentencePieceModelFile(pieces, charsMapName);
     }
 
-    private static (string, PieceType) ReadPiece(byte[] data, Range range)
+    private static (string, float, PieceType) ReadPiece(byte[] data, Range range)
     {
         var (start, end) = (range.Start.Value, range.End.Value);
         var piece = "";
+        var score = 0f;
         var type = PieceType.Normal; // the proto's default
         var pos = start;
         while (pos < end)
         {
             var (field, wire) = ReadTag(data, ref pos);
             if (field == 1 && wire == 2) piece = System.Text.Encoding.UTF8.GetString(data[ReadLengthDelimited(data, ref pos)]);
+            else if (field == 2 && wire == 5) { score = BitConverter.ToSingle(data, pos); pos += 4; }
             else if (field == 3 && wire == 0) type = (PieceType)(int)ReadVarint(data, ref pos);
             else Skip(data, ref pos, wire);
         }
-        return (piece, type);
+        return (piece, score, type);
+    }
+
+    /// <summary>The normalizer's name when it carries a precompiled character map (NFKC and the like), else null.</summary>
+    private static string? ReadNormalizerCharsMap(byte[] data, Range range)
+    {
+        var (pos, end) = (range.Start.Value, range.End.Value);
+        string name = "?";
+        var hasMap = false;
+        while (pos < end)
+        {
+            var (field, wire) = ReadTag(data, ref pos);
+            if (field == 1 && wire == 2) name = System.Text.Encoding.UTF8.GetString(data[ReadLengthDelimited(data, ref pos)]);
+            else if (field == 2 && wire == 2) hasMap = ReadLengthDelimited(data, ref pos) is { } r && r.End.Value > r.Start.Value;
+            else Skip(data, ref pos, wire);
+        }
+        return hasMap ? name : null;
     }
 
     private static (int Field, int Wire) ReadTag(byte[] data, ref int pos)
