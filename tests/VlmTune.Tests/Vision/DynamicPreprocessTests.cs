@@ -52,6 +52,10 @@ public class DynamicPreprocessTests
         // min=max=2 leaves 1x2 and 2x1 (set order: 1x2 first); aspect 1.25 is equidistant from 0.5 and 2.
         Assert.Equal(new TileGrid(1, 2, true), DynamicPreprocess.Plan(50, 40, 2, 2));
         Assert.Equal(new TileGrid(2, 1, true), DynamicPreprocess.Plan(1000, 800, 2, 2));
+        // min=max=4: Python's set yields 4x1 before 2x2 (lexicographic order would not); aspect 2.5 ties 1.0 and 4.0,
+        // so a small image keeps the first (4x1) and a large one takes the second (2x2).
+        Assert.Equal(new TileGrid(4, 1, true), DynamicPreprocess.Plan(640, 256, 4, 4));
+        Assert.Equal(new TileGrid(2, 2, true), DynamicPreprocess.Plan(1280, 512, 4, 4));
     }
 
     [Theory]
