@@ -1,0 +1,54 @@
+using static TorchSharp.torch;
+
+namespace VlmTune.Inference;
+
+/// <summary>Picks next tokens from last-position logits, on the logits' device, with a seeded generator for sampling.</summary>
+public sealed class Sampler : IDisposable
+{
+    private readonly SamplingOptions _options;
+    private readonly Generator? _generator;
+
+    public Sampler(SamplingOptions options, Device device)
+    {
+        _options = options;
+        if (!options.Greedy)
+        {
+            _generator = new Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), device);
+        }
+    }
+
+    /// <summary>logits: (B, V) → (B) next ids; <paramref name="seen"/> (B, S) holds prompt + generated ids for the repetition penalty.</summary>
+    public Tensor Next(Tensor logits, Tensor? seen)
+    {
+        using var scope = NewDisposeScope();
+        var scores = logits.to_type(ScalarType.Float32);
+        if (_options.RepetitionPenalty != 1.0 && seen is not null)
+        {
+            // HF RepetitionPenaltyLogitsProcessor: divide positive scores, multiply negative ones, for every seen id.
+            var picked = scores.gather(1, seen);
+            var penalised = where(picked < 0, picked * _options.RepetitionPenalty, picked / _options.RepetitionPenalty);
+            scores = scores.scatter(1, seen, penalised);
+        }
+        if (_options.Greedy) return scores.argmax(-1).MoveToOuterDisposeScope();
+
+        scores = scores / _options.Temperature;
+        if (_options.TopK > 0 && _options.TopK < scores.shape[^1])
+        {
+            var kth = scores.topk(_options.TopK, -1).values[.., ^1..];                 // (B, 1)
+            scores = scores.masked_fill(scores < kth, float.NegativeInfinity);
+        }
+        if (_options.TopP < 1.0)
+        {
+            // HF TopPLogitsWarper: sort ascending, drop the low tail whose cumulative mass is ≤ 1 - top_p, keep at least one.
+            var (sorted, order) = scores.sort(-1, descending: false);
+            var cumulative = sorted.softmax(-1).cumsum(-1);
+            var drop = cumulative <= (1 - _options.TopP);
+            drop[.., ^1] = tensor(false);
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float.NegativeInfinity);
+        }
+        var probs = scores.softmax(-1);
+        return probs.multinomial(1, false, _generator).squeeze(-1).MoveToOuterDisposeScope();
+    }
+
+    public void Dispose() => _generator?.Dispose();
+}

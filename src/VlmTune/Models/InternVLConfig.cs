@@ -1,0 +1,216 @@
+using System.Text.Json;
+
+namespace VlmTune.Models;
+
+/// <summary>InternViT settings (config.json → vision_config).</summary>
+public sealed record VisionConfig
+{
+    public required int HiddenSize { get; init; }
+    public required int NumHiddenLayers { get; init; }
+    public required int NumAttentionHeads { get; init; }
+    public required int IntermediateSize { get; init; }
+    public int ImageSize { get; init; } = 448;
+    public int PatchSize { get; init; } = 14;
+    public int NumChannels { get; init; } = 3;
+    /// <summary>"layer_norm" or "rms_norm".</summary>
+    public string NormType { get; init; } = "rms_norm";
+    public double LayerNormEps { get; init; } = 1e-6;
+    public bool QkNormalization { get; init; }
+    public bool QkvBias { get; init; } = true;
+    public string HiddenAct { get; init; } = "gelu";
+    public double InitializerFactor { get; init; } = 1.0;
+
+    public int HeadDim => HiddenSize / NumAttentionHeads;
+    public int PatchesPerSide => ImageSize / PatchSize;
+}
+
+/// <summary>RoPE scaling of InternLM2 (config.json → llm_config.rope_scaling).</summary>
+public sealed record RopeScaling(string Type, double Factor);
+
+/// <summary>InternLM2 settings (config.json → llm_config).</summary>
+public sealed record LlmConfig
+{
+    public required string Architecture { get; init; }
+    public required int HiddenSize { get; init; }
+    public required int NumHiddenLayers { get; init; }
+    public required int NumAttentionHeads { get; init; }
+    public required int NumKeyValueHeads { get; init; }
+    public required int IntermediateSize { get; init; }
+    public required int VocabSize { get; init; }
+    public double RmsNormEps { get; init; } = 1e-6;
+    public double RopeTheta { get; init; } = 10000;
+    public RopeScaling? RopeScaling { get; init; }
+    public int MaxPositionEmbeddings { get; init; } = 2048;
+    public bool Bias { get; init; }
+    public bool TieWordEmbeddings { get; init; }
+    public string HiddenAct { get; init; } = "silu";
+    public int BosTokenId { get; init; } = 1;
+    public int EosTokenId { get; init; } = 2;
+
+    public int HeadDim => HiddenSize / NumAttentionHeads;
+    public int KeyValueGroups => NumAttentionHeads / NumKeyValueHeads;
+}
+
+/// <summary>
+/// InternVLChatConfig as written in an official model folder's config.json. Unknown fields are ignored (HF configs carry
+/// many generic ones); missing required fields are named in the error.
+/// </summary>
+public sealed record InternVLConfig
+{
+    public static readonly IReadOnlyList<string> SupportedLlmArchitectures = ["InternLM2ForCausalLM"];
+
+    public required VisionConfig Vision { get; init; }
+    public required LlmConfig Llm { get; init; }
+    public string Template { get; init; } = "internlm2-chat";
+    public double DownsampleRatio { get; init; } = 0.5;
+    public int ForceImageSize { get; init; } = 448;
+    public int SelectLayer { get; init; } = -1;
+    public string PsVersion { get; init; } = "v2";
+    public bool UseThumbnail { get; init; } = true;
+    public int MinDynamicPatch { get; init; } = 1;
+    public int MaxDynamicPatch { get; init; } = 12;
+    public bool DynamicImageSize { get; init; } = true;
+
+    /// <summary>Image tokens per tile: (448/14)² patches, merged 2×2 by pixel shuffle = 256.</summary>
+    public int NumImageToken => (int)Math.Round(Math.Pow(ForceImageSize / Vision.PatchSize, 2) * DownsampleRatio * DownsampleRatio);
+
+    /// <summary>Width of the projector input: ViT hidden × (1/downsample)².</summary>
+    public int ProjectorInputSize => Vision.HiddenSize * (int)Math.Round(1 / DownsampleRatio) * (int)Math.Round(1 / DownsampleRatio);
+
+    public static InternVLConfig Load(string modelDir)
+    {
+        string path = Directory.Exists(modelDir) ? Path.Combine(modelDir, "config.json") : modelDir;
+        if (!File.Exists(path)) throw new VlmTuneException($"{path}: not found. Point --model at an InternVL2 model folder (config.json, *.safetensors, tokenizer.model).");
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(File.ReadAllText(path)); }
+        catch (JsonException e) { throw new VlmTuneException($"{path}: invalid JSON: {e.Message}"); }
+        using (doc) return Parse(doc.RootElement, path);
+    }
+
+    public static InternVLConfig Parse(JsonElement root, string source)
+    {
+        var r = new JsonFields(root, source, "");
+        var v = r.Object("vision_config");
+        var l = r.Object("llm_config");
+
+        string arch = l.Has("architectures") ? l.StringArrayFirst("architectures") : "InternLM2ForCausalLM";
+        if (!SupportedLlmArchitectures.Contains(arch))
+            r.Problems.Add($"llm_config.architectures is '{arch}', which VlmTune does not support yet (supported: {string.Join(", ", SupportedLlmArchitectures)}).");
+
+        RopeScaling? scaling = null;
+        if (l.Has("rope_scaling") && l.Element("rope_scaling").ValueKind == JsonValueKind.Object)
+        {
+            var rs = l.Object("rope_scaling");
+            string type = rs.Has("type") ? rs.String("type") : rs.String("rope_type");
+            if (type is not ("dynamic" or "linear"))
+                r.Problems.Add($"llm_config.rope_scaling.type '{type}' is not supported (supported: dynamic, linear).");
+            scaling = new RopeScaling(type, rs.Double("factor"));
+        }
+
+        var vision = new VisionConfig
+        {
+            HiddenSize = v.Int("hidden_size"), NumHiddenLayers = v.Int("num_hidden_layers"),
+            NumAttentionHeads = v.Int("num_attention_heads"), IntermediateSize = v.Int("intermediate_size"),
+            ImageSize = v.Int("image_size", 448), PatchSize = v.Int("patch_size", 14), NumChannels = v.Int("num_channels", 3),
+            NormType = v.String("norm_type", "rms_norm"), LayerNormEps = v.Double("layer_norm_eps", 1e-6),
+            QkNormalization = v.Bool("qk_normalization", false), QkvBias = v.Bool("qkv_bias", true),
+            HiddenAct = v.String("hidden_act", "gelu"), InitializerFactor = v.Double("initializer_factor", 1.0),
+        };
+        if (vision.NormType is not ("layer_norm" or "rms_norm")) r.Problems.Add($"vision_config.norm_type '{vision.NormType}' is not supported (layer_norm, rms_norm).");
+        var llm = new LlmConfig
+        {
+            Architecture = arch,
+            HiddenSize = l.Int("hidden_size"), NumHiddenLayers = l.Int("num_hidden_layers"),
+            NumAttentionHeads = l.Int("num_attention_heads"), NumKeyValueHeads = l.Int("num_key_value_heads", l.Int("num_attention_heads")),
+            IntermediateSize = l.Int("intermediate_size"), VocabSize = l.Int("vocab_size"),
+            RmsNormEps = l.Double("rms_norm_eps", 1e-6), RopeTheta = l.Double("rope_theta", 10000), RopeScaling = scaling,
+            MaxPositionEmbeddings = l.Int("max_position_embeddings", 2048), Bias = l.Bool("bias", false),
+            TieWordEmbeddings = l.Bool("tie_word_embeddings", false), HiddenAct = l.String("hidden_act", "silu"),
+            BosTokenId = l.Int("bos_token_id", 1), EosTokenId = l.Int("eos_token_id", 2),
+        };
+        var config = new InternVLConfig
+        {
+            Vision = vision, Llm = llm,
+            Template = r.String("template", "internlm2-chat"), DownsampleRatio = r.Double("downsample_ratio", 0.5),
+            ForceImageSize = r.Int("force_image_size", vision.ImageSize), SelectLayer = r.Int("select_layer", -1),
+            PsVersion = r.String("ps_version", "v2"), UseThumbnail = r.Bool("use_thumbnail", true),
+            MinDynamicPatch = r.Int("min_dynamic_patch", 1), MaxDynamicPatch = r.Int("max_dynamic_patch", 12),
+            DynamicImageSize = r.Bool("dynamic_image_size", true),
+        };
+        if (r.Problems.Count == 0)
+        {
+            if (llm.HiddenSize % llm.NumAttentionHeads != 0) r.Problems.Add("llm_config.hidden_size must be divisible by num_attention_heads.");
+            if (llm.NumAttentionHeads % llm.NumKeyValueHeads != 0) r.Problems.Add("llm_config.num_attention_heads must be divisible by num_key_value_heads.");
+            if (vision.HiddenSize % vision.NumAttentionHeads != 0) r.Problems.Add("vision_config.hidden_size must be divisible by num_attention_heads.");
+            if (config.PsVersion != "v2") r.Problems.Add($"ps_version '{config.PsVersion}' is not supported (InternVL2 uses v2).");
+        }
+        if (r.Problems.Count > 0)
+            { var all = r.Problems.Distinct().ToList(); throw new VlmTuneException($"{source}: {(all.Count == 1 ? all[0] : "\n  " + string.Join("\n  ", all))}"); }
+        return config;
+    }
+}
+
+/// <summary>Reads typed fields of a JSON object, collecting every missing or mistyped required field.</summary>
+internal sealed class JsonFields(JsonElement element, string source, string prefix, List<string>? problems = null)
+{
+    public List<string> Problems { get; } = problems ?? [];
+
+    public bool Has(string name) => element.ValueKind == JsonValueKind.Object && element.TryGetProperty(name, out var e) && e.ValueKind != JsonValueKind.Null;
+
+    public JsonElement Element(string name) => element.GetProperty(name);
+
+    public JsonFields Object(string name)
+    {
+        if (Has(name) && element.GetProperty(name).ValueKind == JsonValueKind.Object)
+            return new JsonFields(element.GetProperty(name), source, prefix + name + ".", Problems);
+        Problems.Add($"required field '{prefix}{name}' (an object) is missing.");
+        return new JsonFields(default, source, prefix + name + ".", Problems);
+    }
+
+    public int Int(string name, int? fallback = null)
+    {
+        if (Field(name, "an integer", fallback is null) is not { } e) return fallback ?? 0;
+        if (e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int x)) return x;
+        Problems.Add($"field '{prefix}{name}' must be an integer."); return fallback ?? 0;
+    }
+
+    public double Double(string name, double? fallback = null)
+    {
+        if (Field(name, "a number", fallback is null) is not { } e) return fallback ?? 0;
+        if (e.ValueKind == JsonValueKind.Number) return e.GetDouble();
+        Problems.Add($"field '{prefix}{name}' must be a number."); return fallback ?? 0;
+    }
+
+    public string String(string name, string? fallback = null)
+    {
+        if (Field(name, "a string", fallback is null) is not { } e) return fallback ?? "";
+        if (e.ValueKind == JsonValueKind.String) return e.GetString()!;
+        Problems.Add($"field '{prefix}{name}' must be a string."); return fallback ?? "";
+    }
+
+    public bool Bool(string name, bool? fallback = null)
+    {
+        if (Field(name, "a boolean", fallback is null) is not { } e) return fallback ?? false;
+        // Some HF configs write booleans as 0/1 (e.g. use_backbone_lora).
+        if (e.ValueKind is JsonValueKind.True or JsonValueKind.False) return e.GetBoolean();
+        if (e.ValueKind == JsonValueKind.Number) return e.GetDouble() != 0;
+        Problems.Add($"field '{prefix}{name}' must be a boolean."); return fallback ?? false;
+    }
+
+    /// <summary>The field's element, or null when absent (recording a problem if it is required).</summary>
+    private JsonElement? Field(string name, string what, bool required)
+    {
+        if (Has(name)) return element.GetProperty(name);
+        if (required) Problems.Add($"required field '{prefix}{name}' ({what}) is missing.");
+        return null;
+    }
+
+    public string StringArrayFirst(string name)
+    {
+        var e = element.GetProperty(name);
+        if (e.ValueKind == JsonValueKind.Array && e.GetArrayLength() > 0 && e[0].ValueKind == JsonValueKind.String) return e[0].GetString()!;
+        if (e.ValueKind == JsonValueKind.String) return e.GetString()!;
+        Problems.Add($"field '{prefix}{name}' must be a list of strings."); return "";
+    }
+
+}

@@ -1,0 +1,205 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace VlmTune.Models;
+
+/// <summary>Compute dtype and device a model is built for, and which attention kernel it uses.</summary>
+public sealed record ModelOptions
+{
+    public Device Device { get; init; } = CPU;
+    /// <summary>Dtype of weights and activations. Float32 on CPU (exact parity), BFloat16 on CUDA by default.</summary>
+    public ScalarType DType { get; init; } = ScalarType.Float32;
+    public AttentionKind Attention { get; init; } = AttentionKind.Sdpa;
+}
+
+public enum AttentionKind
+{
+    /// <summary>TorchSharp's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).</summary>
+    Sdpa,
+    /// <summary>Explicit matmul + fp32 softmax, as the official eager code: for parity tests.</summary>
+    Exact,
+}
+
+internal static class Init
+{
+    /// <summary>An uninitialised parameter: weights always come from a checkpoint (or an explicit initialiser).</summary>
+    public static Parameter Empty(ModelOptions o, params long[] shape) =>
+        Owned(empty(shape, o.DType, o.Device), requiresGrad: false);
+
+    /// <summary>A parameter owned by its module, never by whatever dispose scope happens to be open while it is built.</summary>
+    public static Parameter Owned(Tensor value, bool requiresGrad)
+    {
+        var p = new Parameter(value.DetachFromDisposeScope(), requires_grad: requiresGrad);
+        p.DetachFromDisposeScope();
+        return p;
+    }
+}
+
+/// <summary>
+/// y = x Wᵀ + b, with an optional LoRA branch kept under PEFT's names (<c>lora_A.weight</c>, <c>lora_B.weight</c>) so that
+/// base checkpoints load unchanged and adapters map one to one.
+/// </summary>
+public sealed class Linear : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    public Parameter? bias;
+    public LoraWeight? lora_A;
+    public LoraWeight? lora_B;
+
+    public long InFeatures { get; }
+    public long OutFeatures { get; }
+    /// <summary>PEFT's scaling = alpha / r.</summary>
+    public double LoraScaling { get; private set; }
+    public double LoraDropout { get; private set; }
+
+    /// <summary>When set, supplies the weight in place of <see cref="weight"/> (e.g. dequantised NF4 storage).</summary>
+    public Func<Tensor>? WeightProvider { get; set; }
+
+    public Linear(long inFeatures, long outFeatures, bool hasBias, ModelOptions o) : base(nameof(Linear))
+    {
+        InFeatures = inFeatures; OutFeatures = outFeatures;
+        weight = Init.Empty(o, outFeatures, inFeatures);
+        bias = hasBias ? Init.Empty(o, outFeatures) : null;
+        RegisterComponents();
+    }
+
+    public bool HasLora => lora_A is not null;
+
+    /// <summary>Adds a LoRA branch of rank r (A: [r, in], B: [out, r]); B starts at zero as PEFT does.</summary>
+    public void AddLora(int r, double alpha, double dropout, ScalarType dtype)
+    {
+        var device = weight.device;
+        lora_A = new LoraWeight(empty(new long[] { r, InFeatures }, dtype, device));
+        lora_B = new LoraWeight(zeros(new long[] { OutFeatures, r }, dtype, device));
+        using (no_grad())
+        {
+            // PEFT's default init: kaiming_uniform_(a=sqrt(5)) for A, i.e. U(-1/sqrt(in), 1/sqrt(in)).
+            double bound = 1.0 / Math.Sqrt(InFeatures);
+            lora_A.weight.uniform_(-bound, bound);
+        }
+        register_module(nameof(lora_A), lora_A);
+        register_module(nameof(lora_B), lora_B);
+        LoraScaling = alpha / r;
+        LoraDropout = dropout;
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        var w = WeightProvider?.Invoke() ?? weight;
+        var y = nn.functional.linear(x, w, bias);
+        if (lora_A is null) return y;
+        var h = LoraDropout > 0 && training ? nn.functional.dropout(x, LoraDropout, true) : x;
+        h = h.to_type(lora_A.weight.dtype);
+        var delta = nn.functional.linear(nn.functional.linear(h, lora_A.weight), lora_B!.weight);
+        return y + (delta * LoraScaling).to_type(y.dtype);
+    }
+}
+
+/// <summary>Holds one LoRA matrix under the parameter name PEFT uses ("weight").</summary>
+public sealed class LoraWeight : nn.Module
+{
+    public Parameter weight;
+
+    public LoraWeight(Tensor value) : base(nameof(LoraWeight))
+    {
+        weight = Init.Owned(value, requiresGrad: true);
+        RegisterComponents();
+    }
+}
+
+public sealed class Embedding : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+
+    public Embedding(long count, long dim, ModelOptions o) : base(nameof(Embedding))
+    {
+        weight = Init.Empty(o, count, dim);
+        RegisterComponents();
+    }
+
+    // ids: (B, T) → (B, T, D)
+    public override Tensor forward(Tensor ids) =>
+        weight.index_select(0, ids.reshape(-1)).view(ids.shape.Append(weight.shape[1]).ToArray());
+}
+
+/// <summary>LayerNorm computed in fp32 and returned in the input dtype.</summary>
+public sealed class LayerNorm : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    public Parameter bias;
+    private readonly double _eps;
+
+    public LayerNorm(long dim, double eps, ModelOptions o) : base(nameof(LayerNorm))
+    {
+        weight = Init.Empty(o, dim); bias = Init.Empty(o, dim); _eps = eps;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        if (x.dtype == ScalarType.Float32) return nn.functional.layer_norm(x, [x.shape[^1]], weight, bias, _eps);
+        using var scope = NewDisposeScope();
+        var y = nn.functional.layer_norm(x.to_type(ScalarType.Float32), [x.shape[^1]], weight.to_type(ScalarType.Float32), bias.to_type(ScalarType.Float32), _eps);
+        return y.to_type(x.dtype).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>RMSNorm as InternLM2 / InternViT define it: normalise in fp32, cast back, then scale by the weight.</summary>
+public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    private readonly double _eps;
+
+    public RmsNorm(long dim, double eps, ModelOptions o) : base(nameof(RmsNorm))
+    {
+        weight = Init.Empty(o, dim); _eps = eps;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var h = x.to_type(ScalarType.Float32);
+        var variance = h.pow(2).mean([-1L], keepdim: true);
+        h = h * rsqrt(variance + _eps);
+        return (weight * h.to_type(x.dtype)).MoveToOuterDisposeScope();
+    }
+}
+
+internal static class Attention
+{
+    /// <summary>
+    /// softmax(q kᵀ / √d + mask) v for q: (B, H, T, d), k/v: (B, H, S, d). <paramref name="causalOffset"/> ≥ 0 applies a
+    /// causal mask where query i sees keys ≤ i + offset; <paramref name="keyMask"/> (B, S) bool marks usable keys.
+    /// </summary>
+    public static Tensor Compute(Tensor q, Tensor k, Tensor v, AttentionKind kind, long? causalOffset, Tensor? keyMask)
+    {
+        long T = q.shape[2], S = k.shape[2];
+        bool plainCausal = causalOffset == 0 && T == S && keyMask is null;
+        if (kind == AttentionKind.Sdpa && (causalOffset is null || plainCausal) && keyMask is null)
+            return nn.functional.scaled_dot_product_attention(q, k, v, null, 0.0, plainCausal);
+
+        using var scope = NewDisposeScope();
+        Tensor? allowed = null;   // (B or 1, 1, T, S) bool
+        if (causalOffset is { } off)
+        {
+            var qi = arange(T, device: q.device).unsqueeze(1) + off;
+            var kj = arange(S, device: q.device).unsqueeze(0);
+            allowed = (kj <= qi).view(1, 1, T, S);
+        }
+        if (keyMask is not null)
+        {
+            var km = keyMask.to_type(ScalarType.Bool).view(keyMask.shape[0], 1, 1, S);
+            allowed = allowed is null ? km : allowed.logical_and(km);
+        }
+        if (kind == AttentionKind.Sdpa)
+            return nn.functional.scaled_dot_product_attention(q, k, v, allowed, 0.0, false).MoveToOuterDisposeScope();
+
+        var scores = matmul(q, k.transpose(2, 3)) / Math.Sqrt(q.shape[^1]);
+        if (allowed is not null)
+            scores = scores.masked_fill(allowed.logical_not(), float.NegativeInfinity);
+        var probs = scores.softmax(-1, ScalarType.Float32).to_type(q.dtype);
+        return matmul(probs, v).MoveToOuterDisposeScope();
+    }
+}

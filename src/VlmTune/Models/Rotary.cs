@@ -1,0 +1,68 @@
+using static TorchSharp.torch;
+
+namespace VlmTune.Models;
+
+/// <summary>
+/// InternLM2's rotary position embedding with rotate_half pairing, and its linear and dynamic-NTK scalings.
+/// Frequencies are computed the way the official code computes them (fp32 pow of a double base), so tables match bit for bit.
+/// </summary>
+public sealed class RotaryEmbedding(LlmConfig c)
+{
+    private readonly int _dim = c.HeadDim;
+
+    /// <summary>
+    /// Dynamic NTK picks its base from max(sequence length, this). The official module keeps the longest length it has
+    /// seen (its cos/sin cache only grows), so a model that once ran a long prompt keeps the scaled base afterwards;
+    /// set this to reproduce such a state. 0 (default): the base depends on the current sequence only.
+    /// </summary>
+    public long MinDynamicLength { get; set; }
+
+    /// <summary>The RoPE base for a sequence of this many tokens (rope_theta unless dynamic NTK scales it).</summary>
+    public double Theta(long sequenceLength)
+    {
+        double theta = c.RopeTheta;
+        long length = Math.Max(sequenceLength, MinDynamicLength);
+        if (c.RopeScaling is { Type: "dynamic", Factor: var f } && length > c.MaxPositionEmbeddings)
+            theta *= Math.Pow(f * length / c.MaxPositionEmbeddings - (f - 1), _dim / (double)(_dim - 2));
+        return theta;
+    }
+
+    public Tensor InvFreq(double theta, Device device)
+    {
+        var exponents = arange(0, _dim, 2, ScalarType.Int64, device).to_type(ScalarType.Float32) / _dim;
+        return full_like(exponents, theta).pow(exponents).reciprocal();                         // (d/2)
+    }
+
+    /// <summary>cos/sin tables for (B, T) positions in a sequence of <paramref name="sequenceLength"/> tokens.</summary>
+    public RotaryTables Tables(Tensor positions, long sequenceLength, ScalarType dtype)
+    {
+        double theta = Theta(sequenceLength);
+        var invFreq = InvFreq(theta, positions.device);
+        var t = positions.to_type(ScalarType.Float32);
+        if (c.RopeScaling is { Type: "linear", Factor: var f }) t = t / f;
+        var freqs = t.unsqueeze(-1) * invFreq;                                                  // (B, T, d/2)
+        var emb = cat([freqs, freqs], -1).unsqueeze(1);                                          // (B, 1, T, d)
+        return new RotaryTables(emb.cos().to_type(dtype), emb.sin().to_type(dtype), theta, positions);
+    }
+}
+
+/// <summary>cos/sin of one pass, broadcast over heads: (B, 1, T, d); the base and (B, T) positions they came from.</summary>
+public sealed record RotaryTables(Tensor Cos, Tensor Sin, double Theta, Tensor Positions)
+{
+    // x: (B, heads, T, d)
+    public Tensor Apply(Tensor x) => x * Cos + RotateHalf(x) * Sin;
+
+    /// <summary>Rotates x (B, heads, S, d) at (B, S) positions from base <paramref name="from"/> to base <paramref name="to"/>.</summary>
+    public static Tensor Rerotate(RotaryEmbedding rope, Tensor x, Tensor positions, double from, double to)
+    {
+        var delta = positions.to_type(ScalarType.Float32).unsqueeze(-1) * (rope.InvFreq(to, x.device) - rope.InvFreq(from, x.device));
+        var emb = cat([delta, delta], -1).unsqueeze(1).to_type(x.dtype);                        // (B, 1, S, d)
+        return x * emb.cos() + RotateHalf(x) * emb.sin();
+    }
+
+    public static Tensor RotateHalf(Tensor x)
+    {
+        long half = x.shape[^1] / 2;
+        return cat([-x[TensorIndex.Ellipsis, TensorIndex.Slice(half)], x[TensorIndex.Ellipsis, TensorIndex.Slice(0, half)]], -1);
+    }
+}
