@@ -86,7 +86,7 @@ internal static class DataCommand
                 if (tiles < 1) throw new VlmTuneException($"--max-tiles must be at least 1, got {tiles}");
                 options = options with { MaxTiles = tiles };
             }
-            if (options.MaxLength is not null && options.Tokens is null)
+            if (options.MaxLength is not null && options.Length is null)
                 throw new VlmTuneException("--max-length needs --model (its tokenizer counts the tokens)");
 
             var entries = TrainingData.ReadEntries(dataPath, parse.GetValue(imageRoot)?.FullName);
@@ -109,7 +109,7 @@ internal static class DataCommand
             var n = report.ErrorsByKind.GetValueOrDefault(kind);
             table.AddRow($"errors: {KindName(kind)}", n == 0 ? "0" : $"[red]{n}[/]");
         }
-        if (options.Tokens is not null)
+        if (options.Length is not null)
         {
             table.AddRow("samples measured", report.Lengths.Count.ToString(CultureInfo.InvariantCulture));
             table.AddRow("length p50", report.Percentile(50).ToString(CultureInfo.InvariantCulture));

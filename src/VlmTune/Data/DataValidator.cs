@@ -1,32 +1,30 @@
 using System.Collections.Concurrent;
-using SkiaSharp;
+using VlmTune.Text;
+using VlmTune.Vision;
 
 namespace VlmTune.Data;
 
-/// <summary>Counts the tokens of prompt text (the chat template already applied).</summary>
-public interface ITextTokenCounter
+/// <summary>Tokens a sample takes in training: its conversation rendered and tokenized, with its images' tiles.</summary>
+public interface ISampleLengthCounter
 {
-    int Count(string text);
+    /// <param name="imageTiles">Tiles of each image, in placeholder order.</param>
+    int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles);
 }
 
-/// <summary>How many 448×448 tiles an image of this size becomes (InternVL's dynamic preprocess, thumbnail included).</summary>
+/// <summary>How many tiles an image of this size becomes (InternVL's dynamic preprocess, thumbnail included).</summary>
 public delegate int TileCounter(int width, int height, int minTiles, int maxTiles, bool useThumbnail);
 
 public sealed record ValidationOptions
 {
-    /// <summary>Longest allowed sample in tokens (text tokens plus image tokens); null skips the check.</summary>
+    /// <summary>Longest allowed sample in tokens; null skips the check.</summary>
     public int? MaxLength { get; init; }
-    /// <summary>Token counter for the text; null skips length measurement entirely.</summary>
-    public ITextTokenCounter? Tokens { get; init; }
-    public TileCounter Tiles { get; init; } = DynamicTiles.Count;
+    /// <summary>Measures token lengths; null skips length measurement entirely.</summary>
+    public ISampleLengthCounter? Length { get; init; }
+    public TileCounter Tiles { get; init; } = (w, h, min, max, thumbnail) => DynamicPreprocess.CountTiles(w, h, min, max, thumbnail);
     public int MinTiles { get; init; } = 1;
     /// <summary>Tiles of a single image (InternVL's max_dynamic_patch; a meta dataset's own value wins).</summary>
     public int MaxTiles { get; init; } = 12;
     public bool UseThumbnail { get; init; } = true;
-    /// <summary>Image tokens per tile: (448 / 14)² × 0.5² = 256 for InternVL2.</summary>
-    public int TokensPerTile { get; init; } = 256;
-    /// <summary>System prompt put in front of samples that have none (the template's default).</summary>
-    public string DefaultSystem { get; init; } = ChatPromptText.InternVL2System;
     /// <summary>Problems kept with full detail in the report; all are counted.</summary>
     public int MaxListedProblems { get; init; } = 200;
 }
@@ -38,7 +36,7 @@ public sealed class ValidationReport
     public long Images { get; internal set; }
     public Dictionary<DataProblemKind, long> ErrorsByKind { get; } = new();
     public List<DataProblem> Problems { get; } = new();
-    /// <summary>Token length of each valid sample (empty when no tokenizer was given).</summary>
+    /// <summary>Token length of each sample without other problems (empty when no length counter was given).</summary>
     public List<int> Lengths { get; } = new();
     public long ErrorCount => ErrorsByKind.Values.Sum();
     /// <summary>Samples over the maximum length (they would be truncated).</summary>
@@ -100,27 +98,21 @@ public static class DataValidator
             problems.Add(new DataProblem(DataProblemKind.PlaceholderMismatch, source,
                 $"{placeholders} <image> placeholder(s) for {sample.Images.Count} image(s)"));
 
-        var imagesOk = true;
-        var imageTokens = 0;
+        var tiles = new List<int>(sample.Images.Count);
+        // As InternVL: several images share the tile budget, at least one tile each.
         var maxTiles = Math.Max(1, (sample.MaxDynamicPatch ?? options.MaxTiles) / Math.Max(1, sample.Images.Count));
         foreach (var path in sample.Images)
         {
             var check = images[path];
-            if (check.Problem is { } kind)
-            {
-                imagesOk = false;
-                problems.Add(new DataProblem(kind, source, $"image {path}: {check.Message}"));
-                continue;
-            }
-            // Each image is <img> + tokens per tile × tiles + </img>.
-            imageTokens += options.TokensPerTile * options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail) + 2;
+            if (check.Problem is { } kind) problems.Add(new DataProblem(kind, source, $"image {path}: {check.Message}"));
+            else tiles.Add(options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail));
         }
 
+        // Only a sample that is otherwise sound can be rendered the way training will.
         length = null;
-        if (options.Tokens is not null && imagesOk && roleError is null)
+        if (options.Length is not null && problems.Count == 0)
         {
-            var text = ChatPromptText.Build(sample.Conversations, options.DefaultSystem).Replace(TrainingSample.ImagePlaceholder, "", StringComparison.Ordinal);
-            length = options.Tokens.Count(text) + imageTokens;
+            length = options.Length.Count(sample.Conversations, tiles);
             if (options.MaxLength is { } max && length > max)
                 problems.Add(new DataProblem(DataProblemKind.TooLong, source, $"{length} tokens, over the maximum length {max} (it would be truncated)"));
         }
@@ -128,17 +120,17 @@ public static class DataValidator
     }
 
     /// <summary>Turns must be: an optional system turn, then human and gpt alternating, ending with gpt.</summary>
-    internal static string? RoleError(IReadOnlyList<ChatTurn> turns)
+    internal static string? RoleError(IReadOnlyList<ConversationTurn> turns)
     {
-        var start = turns.Count > 0 && turns[0].From == Roles.System ? 1 : 0;
+        var start = turns.Count > 0 && turns[0].From == ConversationTurn.System ? 1 : 0;
         if (start == turns.Count) return "no human/gpt turns";
         for (var i = start; i < turns.Count; i++)
         {
-            var expected = (i - start) % 2 == 0 ? Roles.Human : Roles.Gpt;
+            var expected = (i - start) % 2 == 0 ? ConversationTurn.Human : ConversationTurn.Gpt;
             if (turns[i].From != expected)
                 return $"turn {i} is from '{turns[i].From}' where '{expected}' was expected (turns must alternate human, gpt after an optional first system turn)";
         }
-        if (turns[^1].From != Roles.Gpt) return "the last turn is from 'human' and has no gpt answer to learn from";
+        if (turns[^1].From != ConversationTurn.Gpt) return "the last turn is from 'human' and has no gpt answer to learn from";
         return null;
     }
 
@@ -150,80 +142,22 @@ public static class DataValidator
 
     private readonly record struct ImageCheck(DataProblemKind? Problem, string? Message, int Width, int Height);
 
-    /// <summary>Exists and decodes fully (a truncated file fails, as it does for PIL); the size is as stored.</summary>
+    /// <summary>Exists and decodes fully with PIL's semantics (a truncated file fails); the size is as stored.</summary>
     private static ImageCheck CheckImage(string path)
     {
         if (!File.Exists(path)) return new ImageCheck(DataProblemKind.ImageMissing, "not found", 0, 0);
         try
         {
-            using var codec = SKCodec.Create(path, out var result);
-            if (codec is null) return new ImageCheck(DataProblemKind.ImageUndecodable, $"not a decodable image ({result})", 0, 0);
-            var info = new SKImageInfo(codec.Info.Width, codec.Info.Height, SKColorType.Rgba8888, SKAlphaType.Premul);
-            using var bitmap = new SKBitmap(info);
-            var decoded = codec.GetPixels(info, bitmap.GetPixels());
-            return decoded == SKCodecResult.Success
-                ? new ImageCheck(null, null, info.Width, info.Height)
-                : new ImageCheck(DataProblemKind.ImageUndecodable, $"cannot be decoded ({decoded})", 0, 0);
+            var image = ImageDecoder.Decode(path);
+            return new ImageCheck(null, null, image.Width, image.Height);
+        }
+        catch (ImageException e)
+        {
+            return new ImageCheck(DataProblemKind.ImageUndecodable, e.Message, 0, 0);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             return new ImageCheck(DataProblemKind.ImageUndecodable, $"cannot be read ({e.Message})", 0, 0);
         }
-    }
-}
-
-/// <summary>
-/// The prompt text of a conversation in InternVL2's internlm2-chat template (chatml, turns joined without newlines
-/// as InternVL's MPT separator style does), for measuring lengths.
-/// </summary>
-public static class ChatPromptText
-{
-    public const string InternVL2System = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。";
-
-    public static string Build(IReadOnlyList<ChatTurn> turns, string defaultSystem)
-    {
-        var text = new System.Text.StringBuilder();
-        var system = turns.Count > 0 && turns[0].From == Roles.System ? turns[0].Value : defaultSystem;
-        text.Append("<|im_start|>system\n").Append(system).Append("<|im_end|>");
-        foreach (var turn in turns)
-        {
-            if (turn.From == Roles.System) continue;
-            text.Append(turn.From == Roles.Human ? "<|im_start|>user\n" : "<|im_start|>assistant\n")
-                .Append(turn.Value.Trim()).Append("<|im_end|>");
-        }
-        return text.ToString();
-    }
-}
-
-/// <summary>
-/// InternVL's <c>dynamic_preprocess</c> tile count: the grid (i×j tiles, minTiles ≤ i·j ≤ maxTiles) whose aspect ratio
-/// is closest to the image's, a tie going to the larger grid when the image has more than half its pixels; plus one
-/// thumbnail tile when the grid has more than one tile.
-/// </summary>
-public static class DynamicTiles
-{
-    public static int Count(int width, int height, int minTiles, int maxTiles, bool useThumbnail) =>
-        Count(width, height, minTiles, maxTiles, useThumbnail, imageSize: 448);
-
-    public static int Count(int width, int height, int minTiles, int maxTiles, bool useThumbnail, int imageSize)
-    {
-        var aspect = (double)width / height;
-        var ratios = new List<(int I, int J)>();
-        for (var i = 1; i <= maxTiles; i++)
-            for (var j = 1; j <= maxTiles; j++)
-                if (i * j >= minTiles && i * j <= maxTiles) ratios.Add((i, j));
-        // Stable sort by tile count; pairs with equal counts never tie on aspect ratio, so their order does not matter.
-        ratios = ratios.OrderBy(r => r.I * r.J).ToList();
-        var best = (I: 1, J: 1);
-        var bestDiff = double.PositiveInfinity;
-        var area = (double)width * height;
-        foreach (var r in ratios)
-        {
-            var diff = Math.Abs(aspect - (double)r.I / r.J);
-            if (diff < bestDiff) { bestDiff = diff; best = r; }
-            else if (diff == bestDiff && area > 0.5 * imageSize * imageSize * r.I * r.J) best = r;
-        }
-        var blocks = best.I * best.J;
-        return useThumbnail && blocks != 1 ? blocks + 1 : blocks;
     }
 }

@@ -1,6 +1,8 @@
 using System.Text;
 using System.Text.Encodings.Web;
 using System.Text.Json;
+using VlmTune.Text;
+using VlmTune.Vision;
 
 namespace VlmTune.Data;
 
@@ -111,12 +113,10 @@ public static class OogiriConverter
                 return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, stem is null ? "no 'image' name" : $"image name '{stem}' is not a plain file name");
             var relative = $"images/{stem}.jpg";
             var imagePath = Path.Combine(folder, "images", stem + ".jpg");
-            (int Width, int Height)? size;
-            try { size = File.Exists(imagePath) ? ImageHeader.TryReadSize(imagePath) : null; }
-            catch (IOException) { size = null; }
-            if (size is null)
-                return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage,
-                    File.Exists(imagePath) ? $"{relative} is not a readable image" : $"{relative} not found");
+            if (!File.Exists(imagePath)) return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} not found");
+            ImageInfo size;
+            try { size = ImageDecoder.ReadInfo(imagePath); }
+            catch (ImageException e) { return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} has no readable image header: {e.Message}"); }
 
             var text = root.TryGetProperty("text", out var x) && x.ValueKind == JsonValueKind.String ? x.GetString() : null;
             if (string.IsNullOrWhiteSpace(text)) return new OogiriSkip(lineNumber, OogiriSkipReason.EmptyText, "empty text");
@@ -124,7 +124,7 @@ public static class OogiriConverter
             var question = root.TryGetProperty("question", out var q) && q.ValueKind == JsonValueKind.String ? q.GetString() : null;
             if (string.IsNullOrEmpty(question)) question = options.Prompt;
 
-            writer.Write(id, relative, size.Value.Width, size.Value.Height, question, text);
+            writer.Write(id, relative, size.Width, size.Height, question, text);
             return null;
         }
     }
@@ -162,11 +162,11 @@ public static class OogiriConverter
             _writer.WriteNumber("height", height);
             _writer.WriteStartArray("conversations");
             _writer.WriteStartObject();
-            _writer.WriteString("from", Roles.Human);
-            _writer.WriteString("value", TrainingSample.ImagePlaceholder + "\n" + question);
+            _writer.WriteString("from", ConversationTurn.Human);
+            _writer.WriteString("value", ImagePlaceholders.Placeholder + "\n" + question);
             _writer.WriteEndObject();
             _writer.WriteStartObject();
-            _writer.WriteString("from", Roles.Gpt);
+            _writer.WriteString("from", ConversationTurn.Gpt);
             _writer.WriteString("value", text);
             _writer.WriteEndObject();
             _writer.WriteEndArray();

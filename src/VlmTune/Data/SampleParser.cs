@@ -1,5 +1,6 @@
 using System.Text;
 using System.Text.Json;
+using VlmTune.Text;
 
 namespace VlmTune.Data;
 
@@ -22,7 +23,7 @@ internal static class SampleParser
                 ? (idElement.ValueKind == JsonValueKind.String ? idElement.GetString()! : idElement.GetRawText())
                 : $"{Path.GetFileName(source.File)}#{source.Index}";
 
-            List<ChatTurn> turns;
+            List<ConversationTurn> turns;
             List<string> imagePaths;
             if (record.TryGetProperty("conversations", out var conversations))
                 (turns, imagePaths) = FromInternVL(record, conversations);
@@ -48,19 +49,19 @@ internal static class SampleParser
     }
 
     /// <summary>InternVL: <c>image</c> is a string, a list, or absent/empty for text-only; turns are from/value.</summary>
-    private static (List<ChatTurn>, List<string>) FromInternVL(JsonElement record, JsonElement conversations)
+    private static (List<ConversationTurn>, List<string>) FromInternVL(JsonElement record, JsonElement conversations)
     {
         if (conversations.ValueKind != JsonValueKind.Array) throw new RecordError($"'conversations' must be a list, found {Kind(conversations)}");
-        var turns = new List<ChatTurn>(conversations.GetArrayLength());
+        var turns = new List<ConversationTurn>(conversations.GetArrayLength());
         var i = 0;
         foreach (var turn in conversations.EnumerateArray())
         {
             if (turn.ValueKind != JsonValueKind.Object) throw new RecordError($"conversations[{i}] must be an object, found {Kind(turn)}");
             var from = RequiredString(turn, "from", $"conversations[{i}]");
             var value = RequiredString(turn, "value", $"conversations[{i}]");
-            if (from is not (Roles.Human or Roles.Gpt or Roles.System))
+            if (from is not (ConversationTurn.Human or ConversationTurn.Gpt or ConversationTurn.System))
                 throw new RecordError($"conversations[{i}].from is '{from}'; expected 'human', 'gpt' or 'system'");
-            turns.Add(new ChatTurn(from, value));
+            turns.Add(new ConversationTurn(from, value));
             i++;
         }
         if (turns.Count == 0) throw new RecordError("'conversations' is empty");
@@ -91,9 +92,9 @@ internal static class SampleParser
         if (single)
         {
             // InternVL puts the one image's placeholder in front of the first question when the data leaves it out.
-            var first = turns.FindIndex(t => t.From == Roles.Human);
-            if (first >= 0 && !turns[first].Value.Contains(TrainingSample.ImagePlaceholder, StringComparison.Ordinal))
-                turns[first] = turns[first] with { Value = TrainingSample.ImagePlaceholder + "\n" + turns[first].Value };
+            var first = turns.FindIndex(t => t.From == ConversationTurn.Human);
+            if (first >= 0 && !turns[first].Value.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal))
+                turns[first] = turns[first] with { Value = ImagePlaceholders.Placeholder + "\n" + turns[first].Value };
         }
         return (turns, imagePaths);
     }
@@ -103,7 +104,7 @@ internal static class SampleParser
     /// text already marks images (XTuner's <c>&lt;IMG_CONTEXT&gt;</c>, or <c>&lt;image&gt;</c>) those marks become
     /// the placeholders; otherwise each image part puts <c>&lt;image&gt;\n</c> where it stands.
     /// </summary>
-    private static (List<ChatTurn>, List<string>) FromMessages(JsonElement messages)
+    private static (List<ConversationTurn>, List<string>) FromMessages(JsonElement messages)
     {
         if (messages.ValueKind != JsonValueKind.Array) throw new RecordError($"'messages' must be a list, found {Kind(messages)}");
         var textMarksImages = false;
@@ -111,9 +112,9 @@ internal static class SampleParser
             if (message.ValueKind == JsonValueKind.Object && message.TryGetProperty("content", out var c))
                 foreach (var text in Texts(c))
                     textMarksImages |= text.Contains(XTunerImageToken, StringComparison.Ordinal) ||
-                                       text.Contains(TrainingSample.ImagePlaceholder, StringComparison.Ordinal);
+                                       text.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal);
 
-        var turns = new List<ChatTurn>();
+        var turns = new List<ConversationTurn>();
         var images = new List<string>();
         var i = 0;
         foreach (var message in messages.EnumerateArray())
@@ -123,9 +124,9 @@ internal static class SampleParser
             var role = RequiredString(message, "role", where);
             var from = role switch
             {
-                "system" => Roles.System,
-                "user" => Roles.Human,
-                "assistant" => Roles.Gpt,
+                "system" => ConversationTurn.System,
+                "user" => ConversationTurn.Human,
+                "assistant" => ConversationTurn.Gpt,
                 "pretrain" => throw new RecordError($"{where}.role 'pretrain' (XTuner pretraining data) is not supported: VlmTune fine-tunes on chat data with user and assistant turns"),
                 _ => throw new RecordError($"{where}.role is '{role}'; expected 'system', 'user' or 'assistant'"),
             };
@@ -144,13 +145,13 @@ internal static class SampleParser
                     else if (type == "image_url")
                     {
                         images.Add(ImageUrl(part, partWhere));
-                        if (!textMarksImages) value.Append(TrainingSample.ImagePlaceholder).Append('\n');
+                        if (!textMarksImages) value.Append(ImagePlaceholders.Placeholder).Append('\n');
                     }
                     else throw new RecordError($"{partWhere}.type is '{type}'; only 'text' and 'image_url' parts are supported");
                 }
             }
             else throw new RecordError($"{where}.content must be a string or a list of parts, found {Kind(content)}");
-            turns.Add(new ChatTurn(from, value.Replace(XTunerImageToken, TrainingSample.ImagePlaceholder).ToString()));
+            turns.Add(new ConversationTurn(from, value.Replace(XTunerImageToken, ImagePlaceholders.Placeholder).ToString()));
             i++;
         }
         if (turns.Count == 0) throw new RecordError("'messages' is empty");
@@ -182,10 +183,10 @@ internal static class SampleParser
     }
 
     /// <summary>InternVL skips a first gpt turn (after any system turn): there is no question for it to answer.</summary>
-    private static void DropLeadingGpt(List<ChatTurn> turns)
+    private static void DropLeadingGpt(List<ConversationTurn> turns)
     {
-        var first = turns.Count > 0 && turns[0].From == Roles.System ? 1 : 0;
-        if (first < turns.Count && turns[first].From == Roles.Gpt) turns.RemoveAt(first);
+        var first = turns.Count > 0 && turns[0].From == ConversationTurn.System ? 1 : 0;
+        if (first < turns.Count && turns[first].From == ConversationTurn.Gpt) turns.RemoveAt(first);
     }
 
     private static string RequiredString(JsonElement obj, string name, string where)

@@ -1,15 +1,6 @@
+using VlmTune.Text;
+
 namespace VlmTune.Data;
-
-/// <summary>Who speaks a turn, with InternVL's names: <c>system</c>, <c>human</c>, <c>gpt</c>.</summary>
-public static class Roles
-{
-    public const string System = "system";
-    public const string Human = "human";
-    public const string Gpt = "gpt";
-}
-
-/// <summary>One turn of a conversation; <see cref="From"/> is one of <see cref="Roles"/>.</summary>
-public sealed record ChatTurn(string From, string Value);
 
 /// <summary>
 /// Where a sample came from: the file, its 1-based line (of the record's first character in a JSON array) and its
@@ -21,30 +12,20 @@ public sealed record SampleSource(string File, long Line, long Index)
 }
 
 /// <summary>
-/// One training sample in InternVL's chat form, whatever format it was read from. <see cref="Images"/> are full
+/// One training sample in InternVL's chat form (turns from <c>system</c>, <c>human</c>, <c>gpt</c>), whatever format it was read from. <see cref="Images"/> are full
 /// paths, already resolved against (and checked to stay inside) the image root; their <c>&lt;image&gt;</c>
 /// placeholders appear in <see cref="Conversations"/> in the same order. Text-only samples have no images.
 /// </summary>
 public sealed record TrainingSample(
     string Id,
     IReadOnlyList<string> Images,
-    IReadOnlyList<ChatTurn> Conversations,
+    IReadOnlyList<ConversationTurn> Conversations,
     SampleSource Source,
     string? Dataset = null,
     int? MaxDynamicPatch = null)
 {
-    public const string ImagePlaceholder = "<image>";
-
     /// <summary>How many <c>&lt;image&gt;</c> placeholders the conversation holds.</summary>
-    public int PlaceholderCount()
-    {
-        var count = 0;
-        foreach (var turn in Conversations)
-            for (var i = turn.Value.IndexOf(ImagePlaceholder, StringComparison.Ordinal); i >= 0;
-                 i = turn.Value.IndexOf(ImagePlaceholder, i + ImagePlaceholder.Length, StringComparison.Ordinal))
-                count++;
-        return count;
-    }
+    public int PlaceholderCount() => Conversations.Sum(turn => ImagePlaceholders.Count(turn.Value));
 }
 
 /// <summary>What can be wrong with a record of training data (see docs/data.md).</summary>

@@ -1,14 +1,24 @@
 using VlmTune.Data;
 using VlmTune.Tests.Support;
+using VlmTune.Text;
 
 namespace VlmTune.Tests.Data;
 
 public class DataValidatorTests
 {
-    /// <summary>Counts characters: a stand-in tokenizer whose counts the test can predict exactly.</summary>
-    private sealed class CharCounter : ITextTokenCounter
+    /// <summary>
+    /// A stand-in length: characters of the turns plus 256 per tile, so the test can predict it; it records the tiles
+    /// it was given. The real count (model tokenizer) is checked in <see cref="TrainingLengthIsTheTrainingTokenizersFullLength"/>.
+    /// </summary>
+    private sealed class CharLength : ISampleLengthCounter
     {
-        public int Count(string text) => text.Length;
+        public List<int[]> Tiles { get; } = new();
+
+        public int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles)
+        {
+            Tiles.Add(imageTiles.ToArray());
+            return conversation.Sum(t => t.Value.Length) + 256 * imageTiles.Sum();
+        }
     }
 
     private static TempDir MakePlantedDefects()
@@ -29,7 +39,7 @@ public class DataValidatorTests
             """{"image": "garbage.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""",                           // 6 undecodable
             """{"image": "truncated.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""",                         // 7 truncated
             """{"image": "../outside.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""",                        // 8 escapes
-            $$"""{"conversations": [{"from": "human", "value": "{{new string('x', 5000)}}"}, {"from": "gpt", "value": "a"}]}""",                         // 9 too long
+            $$"""{"conversations": [{"from": "human", "value": "{{string.Join(' ', Enumerable.Range(0, 2500))}}"}, {"from": "gpt", "value": "a"}]}""",                         // 9 too long
             """{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""") + "\n");                                          // 10 ok
         return dir;
     }
@@ -38,7 +48,7 @@ public class DataValidatorTests
     public void FindsEachPlantedDefect()
     {
         using var dir = MakePlantedDefects();
-        var options = new ValidationOptions { Tokens = new CharCounter(), MaxLength = 2000 };
+        var options = new ValidationOptions { Length = new CharLength(), MaxLength = 2000 };
         var report = DataValidator.Validate(TrainingData.ReadEntries(dir["data.jsonl"], dir["root"]), options);
 
         Assert.Equal(10, report.Records);
@@ -61,19 +71,14 @@ public class DataValidatorTests
     }
 
     [Fact]
-    public void LengthIsTextTokensPlusTokensPerTileTimesTiles()
+    public void TilesComeFromTheRealImageSize()
     {
         using var dir = MakePlantedDefects();
-        var options = new ValidationOptions { Tokens = new CharCounter() };
-        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["data.jsonl"], dir["root"]).Take(1), options);
-
-        // InternVL strips each turn, then swaps <image> for the image tokens: the "\n" after it stays.
-        var text = ChatPromptText.Build([new ChatTurn("human", "<image>\nq"), new ChatTurn("gpt", "a")], ChatPromptText.InternVL2System)
-            .Replace("<image>", "");
-        // 32×16 is 2:1 → a 2×1 grid plus the thumbnail = 3 tiles; each image adds <img> and </img>.
-        Assert.Equal(text.Length + 3 * 256 + 2, report.Lengths.Single());
-        Assert.Equal(3, DynamicTiles.Count(32, 16, 1, 12, useThumbnail: true));
-        Assert.Equal(1, DynamicTiles.Count(16, 16, 1, 12, useThumbnail: true));
+        var length = new CharLength();
+        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["data.jsonl"], dir["root"]).Take(1), new ValidationOptions { Length = length });
+        // 32×16 is 2:1 → a 2×1 grid plus the thumbnail = 3 tiles.
+        Assert.Equal(new[] { 3 }, length.Tiles.Single());
+        Assert.Equal("<image>\nq".Length + "a".Length + 3 * 256, report.Lengths.Single());
     }
 
     [Fact]
@@ -82,16 +87,31 @@ public class DataValidatorTests
         using var dir = new TempDir();
         dir.Jpeg("w.jpg", 64, 8); // 8:1 would want 8 tiles; with two images each gets at most 12 / 2 = 6
         dir.Write("d.jsonl", """{"image": ["w.jpg", "w.jpg"], "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}]}""");
-        var options = new ValidationOptions { Tokens = new CharCounter(), TokensPerTile = 1, UseThumbnail = false };
-        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]), options);
-        var text = ChatPromptText.Build([new ChatTurn("human", ""), new ChatTurn("gpt", "a")], ChatPromptText.InternVL2System);
-        Assert.Equal(text.Length + 2 * (6 + 2), report.Lengths.Single());
+        var length = new CharLength();
+        DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]), new ValidationOptions { Length = length, UseThumbnail = false });
+        Assert.Equal(new[] { 6, 6 }, length.Tiles.Single());
+    }
+
+    [FixtureFact]
+    public void TrainingLengthIsTheTrainingTokenizersFullLength()
+    {
+        var tokenizer = InternLM2Tokenizer.Load(Fixtures.TinyModel);
+        var length = new TrainingLength(tokenizer, ConversationTemplate.InternLM2Chat, numImageToken: 256);
+        var training = new ConversationTokenizer(tokenizer, ConversationTemplate.InternLM2Chat, numImageToken: 256, maxLength: 100_000);
+        ConversationTurn[] conversation =
+        [
+            new("system", "Be brief."), new("human", "<image>\n<image>\n两张图有什么不同？"), new("gpt", "A cat and a dog."),
+            new("human", "Sure?"), new("gpt", "Yes."),
+        ];
+        int[] tiles = [7, 1];
+        Assert.Equal(training.Tokenize(conversation, tiles).FullLength, length.Count(conversation, tiles));
+        Assert.Equal(training.Tokenize(conversation[..3], [3, 5]).FullLength, length.Count(conversation[..3], [3, 5]));
     }
 
     [Fact]
     public void RoleRules()
     {
-        ChatTurn T(string from) => new(from, "x");
+        ConversationTurn T(string from) => new(from, "x");
         Assert.Null(DataValidator.RoleError([T("human"), T("gpt")]));
         Assert.Null(DataValidator.RoleError([T("system"), T("human"), T("gpt"), T("human"), T("gpt")]));
         Assert.NotNull(DataValidator.RoleError([T("human"), T("gpt"), T("human")]));
@@ -121,11 +141,11 @@ public class DataValidatorTests
     {
         using var dir = MakePlantedDefects();
         var options = ModelLength.Configure(new ValidationOptions { MaxLength = 1000 }, Fixtures.TinyModel);
-        Assert.Equal(256, options.TokensPerTile);
+        Assert.IsType<TrainingLength>(options.Length);
         Assert.Equal(12, options.MaxTiles);
         Assert.True(options.UseThumbnail);
         var report = DataValidator.Validate(TrainingData.ReadEntries(dir["data.jsonl"], dir["root"]), options);
-        Assert.Equal(4, report.Lengths.Count); // lines 1, 4, 9 and 10: the others' images or roles are broken
+        Assert.Equal(3, report.Lengths.Count); // lines 1, 9 and 10: only samples without other problems are measured
         Assert.True(report.Lengths[0] > 3 * 256 + 2);
         Assert.Equal(1, report.TooLong);
 

@@ -172,16 +172,4 @@ public class OogiriConverterTests
         Assert.Equal((450, 444), (record.GetProperty("width").GetInt32(), record.GetProperty("height").GetInt32()));
         Assert.Equal("It wasn't on purpose, I'm sorry!", record.GetProperty("conversations")[1].GetProperty("value").GetString());
     }
-
-    [FixtureTheory]
-    [InlineData("clot/007aPnLRgy1h9bhf3l6i9j30ci0eldh5.jpg")]
-    [InlineData("images/image1.jpg")]
-    [InlineData("images/tiger.jpeg")]
-    [InlineData("images/mscoco_dog_000000319154.jpg")]
-    public void HeaderSizeMatchesTheDecodedSize(string relative)
-    {
-        var path = Path.Combine(Fixtures.Data, relative);
-        using var bitmap = SkiaSharp.SKBitmap.Decode(path);
-        Assert.Equal((bitmap.Width, bitmap.Height), ImageHeader.TryReadSize(path));
-    }
 }
