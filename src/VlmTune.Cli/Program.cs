@@ -6,5 +6,6 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
 {
     ChatCommand.Create(),
     DataCommand.Create(),
+    TrainCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

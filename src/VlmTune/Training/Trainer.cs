@@ -228,8 +228,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     }
 
     /// <summary>Runs the remaining iterations. Cancellation (Ctrl-C) stops at the next iteration and saves a checkpoint.</summary>
-    public TrainResult Train(CancellationToken cancel = default)
+    public TrainResult Train(CancellationToken cancel = default, Action<TrainProgress>? progress = null)
     {
+        progress ??= _options.Progress;
         if (_model is null) Setup();
         var model = Model;
         var log = _log!;
@@ -285,7 +286,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 losses.Add(loss);
                 double time = clock.Elapsed.TotalSeconds;
                 window.Add(time, dataTime, loss, batch.Tokens, batch.Tiles);
-                _options.Progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
+                progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
 
                 if (_iteration % Config.LogInterval == 0 || _iteration == TotalIterations)
                 {
