@@ -6,6 +6,7 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
 {
     ChatCommand.Create(),
     DataCommand.Create(),
+    MergeCommand.Create(),
     TrainCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -24,13 +24,15 @@ internal static class ChatCommand
     private static readonly Option<int> MaxTiles = new("--max-tiles") { Description = "Most tiles per image.", DefaultValueFactory = _ => 12 };
     private static readonly Option<string> Device = new("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
     private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<string?> Adapter = new("--adapter") { Description = "Fine-tuned adapter to run unmerged: a training checkpoint (iter_<n>/ or its work dir) or a PEFT LoRA folder." };
+    private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained (default: the original weights)." };
     private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, tiles." };
 
     public static Command Create()
     {
         var command = new Command("chat", "Chat with an InternVL2 model, with images.")
         {
-            Model, Images, Prompt, System, MaxNewTokens, Temperature, TopP, TopK, RepetitionPenalty, Seed, MaxTiles, Device, DType, Json,
+            Model, Images, Prompt, System, MaxNewTokens, Temperature, TopP, TopK, RepetitionPenalty, Seed, MaxTiles, Device, DType, Adapter, Nf4Base, Json,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, ct))));
         return command;
@@ -45,6 +47,7 @@ internal static class ChatCommand
         };
         var problems = sampling.Validate().ToList();
         if (parse.GetValue(MaxTiles) < 1) problems.Add("--max-tiles must be ≥ 1.");
+        if (parse.GetValue(Nf4Base) && parse.GetValue(Adapter) is null) problems.Add("--nf4-base needs --adapter.");
         if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
         var images = parse.GetValue(Images) ?? [];
         foreach (var image in images)
@@ -53,6 +56,7 @@ internal static class ChatCommand
         using var chat = InternVLChat.Load(parse.GetValue(Model)!, new ChatLoadOptions
         {
             Device = parse.GetValue(Device)!, DType = ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
+            AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base),
         });
         string? system = parse.GetValue(System);
         string? prompt = parse.GetValue(Prompt);

@@ -16,12 +16,25 @@ public static class LoraMerge
         if (!linear.HasLora) throw new InvalidOperationException($"{name} has no LoRA branch.");
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var w = linear.weight.to_type(ScalarType.Float32);
-        var delta = matmul(linear.lora_B!.weight.to_type(ScalarType.Float32), linear.lora_A!.weight.to_type(ScalarType.Float32)) * linear.LoraScaling;
-        var merged = w + delta.to(w.device);
+        var merged = Merged(linear.weight.to_type(ScalarType.Float32), linear.lora_A!.weight.to_type(ScalarType.Float32),
+            linear.lora_B!.weight.to_type(ScalarType.Float32), linear.LoraScaling, name);
+        return merged.to(linear.weight.dtype, linear.weight.device).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// W + (B·A)·<paramref name="scaling"/> in fp32 (W: (out, in), A: (r, in), B: (out, r)), refusing non-finite
+    /// results; the caller rounds once to the stored dtype.
+    /// </summary>
+    public static Tensor Merged(Tensor weight, Tensor loraA, Tensor loraB, double scaling, string name)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var w = weight.to_type(ScalarType.Float32);
+        var delta = matmul(loraB.to(ScalarType.Float32, w.device), loraA.to(ScalarType.Float32, w.device)) * scaling;   // (out, in)
+        var merged = w + delta;
         if (!merged.isfinite().all().item<bool>())
             throw new VlmTuneException($"merging the LoRA branch of '{name}' gives non-finite weights (its LoRA A/B hold NaN or inf, or overflow); the adapter is corrupt.");
-        return merged.to_type(linear.weight.dtype).MoveToOuterDisposeScope();
+        return merged.MoveToOuterDisposeScope();
     }
 
     /// <summary>Merges every LoRA branch under <paramref name="scope"/> into its weight; returns how many were merged.</summary>

@@ -18,6 +18,13 @@ public sealed record ChatLoadOptions
     /// <summary>Most tiles per image (thumbnail excluded), as max_num of the official dynamic_preprocess.</summary>
     public int MaxTiles { get; init; } = 12;
     public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
+    /// <summary>
+    /// A fine-tuned adapter to run unmerged on the base model: a training checkpoint (iter_&lt;n&gt;/ or its work dir)
+    /// or a PEFT LoRA adapter folder (see <see cref="Checkpoints.AdapterLoader"/>).
+    /// </summary>
+    public string? AdapterDir { get; init; }
+    /// <summary>Run the adapter on NF4-quantised LLM decoder weights, as QLoRA trained it (default: the original weights).</summary>
+    public bool AdapterNf4Base { get; init; }
 }
 
 /// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
@@ -67,6 +74,15 @@ public sealed class InternVLChat : IDisposable
         var dtype = options.DType ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
         var tokenizer = InternLM2Tokenizer.Load(modelDir);
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
+        if (options.AdapterDir is { } adapter)
+        {
+            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base }); }
+            catch
+            {
+                model.Dispose();
+                throw;
+            }
+        }
         var template = ConversationTemplate.Get(model.Config.Template);
         var images = new ImageProcessor(new ImageProcessorOptions
         {

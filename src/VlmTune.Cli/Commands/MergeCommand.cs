@@ -1,0 +1,83 @@
+using System.CommandLine;
+using Spectre.Console;
+using VlmTune.Checkpoints;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary><c>vlmtune merge --base DIR --adapter CKPT_DIR --out DIR</c>: fold a fine-tuned adapter into a model folder in the official layout.</summary>
+internal static class MergeCommand
+{
+    private static readonly Option<string> Base = new("--base") { Description = "Base InternVL2 model folder the adapter was trained on.", Required = true };
+    private static readonly Option<string> Adapter = new("--adapter") { Description = "Training checkpoint (iter_<n>/ or its work dir) or PEFT LoRA adapter folder (LLM and/or vision).", Required = true };
+    private static readonly Option<string> Out = new("--out") { Description = "Folder for the merged model (must not exist, or be empty, unless --force).", Required = true };
+    private static readonly Option<string?> DType = new("--dtype") { Description = "bfloat16, float16 or float32 (default: the base's stored dtype of each tensor)." };
+    private static readonly Option<bool> Force = new("--force") { Description = "Replace a non-empty --out folder." };
+    private static readonly Option<bool> NoVerify = new("--no-verify") { Description = "Skip reloading the output and comparing its logits with base + adapter." };
+    private static readonly Option<bool> MergeIntoNf4 = new("--merge-into-nf4") { Description = "QLoRA: merge into the NF4-dequantised LLM weights the adapter was trained on, instead of the original ones." };
+    private static readonly Option<string> MaxShardSize = new("--max-shard-size") { Description = "Largest weight file (e.g. 5GB, 500MB, or bytes).", DefaultValueFactory = _ => "5GB" };
+    private static readonly Option<string> Device = new("--device") { Description = "Device for the verification (cpu or cuda).", DefaultValueFactory = _ => "cpu" };
+
+    public static Command Create()
+    {
+        var command = new Command("merge", "Merge a fine-tuned adapter into its base model: a model folder every tool loads (official InternVL2 layout).")
+        {
+            Base, Adapter, Out, DType, Force, NoVerify, MergeIntoNf4, MaxShardSize, Device,
+        };
+        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, ct))));
+        return command;
+    }
+
+    private static int Run(ParseResult parse, CancellationToken ct)
+    {
+        var dtype = ChatCommand.ParseDType(parse.GetValue(DType));
+        var options = new MergeOptions
+        {
+            BaseDir = parse.GetValue(Base)!, AdapterDir = parse.GetValue(Adapter)!, OutDir = parse.GetValue(Out)!,
+            DType = dtype, Force = parse.GetValue(Force), MergeIntoNf4 = parse.GetValue(MergeIntoNf4),
+            MaxShardBytes = ModelMerger.ParseSize(parse.GetValue(MaxShardSize)!),
+            Verify = parse.GetValue(NoVerify) ? null : new MergeVerifyOptions { Device = parse.GetValue(Device)! },
+        };
+
+        MergeResult result;
+        bool interactive = !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+        if (interactive)
+        {
+            MergeResult? done = null;
+            AnsiConsole.Progress()
+                .AutoClear(false)
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn(), new SpinnerColumn())
+                .Start(ctx =>
+                {
+                    var task = ctx.AddTask("merge", maxValue: 1);
+                    done = ModelMerger.Merge(options with
+                    {
+                        Log = line => AnsiConsole.WriteLine(line),
+                        Progress = p =>
+                        {
+                            task.MaxValue = p.Total;
+                            task.Value = p.Done;
+                            task.Description = Markup.Escape($"merge {p.Tensor}");
+                            if (p.Done == p.Total) task.Description = "merge";
+                        },
+                    }, ct);
+                });
+            result = done!;
+        }
+        else
+        {
+            // Piped output: a line per tenth of the tensors instead of a bar.
+            int lastTenth = -1;
+            result = ModelMerger.Merge(options with
+            {
+                Log = Console.WriteLine,
+                Progress = p =>
+                {
+                    int tenth = p.Done * 10 / p.Total;
+                    if (tenth != lastTenth) { lastTenth = tenth; Console.WriteLine($"merge: {p.Done}/{p.Total} tensors ({p.Tensor})"); }
+                },
+            }, ct);
+        }
+        Console.WriteLine($"merged model written to {result.OutDir}" + (result.Verify is { } v ? $" (verified: max |logit difference| {v.MaxAbsDiff:g3})" : " (not verified)"));
+        return 0;
+    }
+}

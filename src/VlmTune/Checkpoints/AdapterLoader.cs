@@ -1,0 +1,60 @@
+using TorchSharp;
+using VlmTune.Models;
+using VlmTune.Training;
+using static TorchSharp.torch;
+
+namespace VlmTune.Checkpoints;
+
+/// <summary>How an adapter is put on a loaded model (base + adapter, unmerged).</summary>
+public sealed record AdapterApplyOptions
+{
+    /// <summary>
+    /// Store the LLM's decoder linear weights in NF4 (as QLoRA trained them) instead of running the adapter on the
+    /// original weights. Off by default, matching <c>vlmtune merge</c>, which merges into the original weights.
+    /// </summary>
+    public bool Nf4Base { get; init; }
+    /// <summary>Dtype of the LoRA A/B matrices (the branch output is cast to the layer's dtype).</summary>
+    public ScalarType LoraDType { get; init; } = ScalarType.Float32;
+}
+
+/// <summary>
+/// Runs a fine-tuned adapter on a loaded base model without merging (<c>vlmtune chat --adapter</c>, the server):
+/// trained full weights replace the base ones, then each LoRA adapter gets its branches on the LLM, the vision
+/// encoder or the whole model. Accepts what <see cref="AdapterCheckpoint.Open"/> accepts.
+/// </summary>
+public static class AdapterLoader
+{
+    /// <summary>Applies the adapter in <paramref name="dir"/> to <paramref name="model"/>; returns a one-line description.</summary>
+    public static string Apply(InternVLChatModel model, string dir, AdapterApplyOptions? options = null)
+    {
+        options ??= new AdapterApplyOptions();
+        if (PeftAdapter.LoraLinears(model).Any())
+            throw new VlmTuneException($"{dir}: the model already has LoRA branches; apply one adapter to a freshly loaded base model.");
+        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        var shapes = parameters.ToDictionary(p => p.Key, p => p.Value.shape);
+        using var adapter = AdapterCheckpoint.Open(dir, shapes);
+
+        if (adapter.FullWeights is { } full)
+        {
+            using var noGrad = no_grad();
+            foreach (var name in full.Entries.Keys)
+            {
+                using var value = full.Read(name);
+                parameters[name].copy_(value);
+            }
+        }
+        if (options.Nf4Base) Qlora.QuantizeLanguageModel(model.language_model);
+        foreach (var part in adapter.Loras)
+        {
+            nn.Module scope = part.Root switch
+            {
+                "language_model." => model.language_model,
+                "vision_model." => model.vision_model,
+                _ => model,
+            };
+            PeftAdapter.Attach(scope, part.Config, options.LoraDType);
+            PeftAdapter.LoadWeights(scope, part.Weights);
+        }
+        return adapter.Describe();
+    }
+}

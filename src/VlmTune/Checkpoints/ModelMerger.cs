@@ -1,0 +1,302 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using TorchSharp;
+using VlmTune.Models;
+using VlmTune.Training;
+using static TorchSharp.torch;
+
+namespace VlmTune.Checkpoints;
+
+public sealed record MergeOptions
+{
+    public required string BaseDir { get; init; }
+    public required string AdapterDir { get; init; }
+    public required string OutDir { get; init; }
+    /// <summary>Dtype of the floating-point tensors written; null keeps each tensor's stored dtype.</summary>
+    public ScalarType? DType { get; init; }
+    /// <summary>Replace a non-empty <see cref="OutDir"/>.</summary>
+    public bool Force { get; init; }
+    /// <summary>Merge LLM LoRA into the NF4-dequantised decoder weights (what QLoRA trained against) instead of the original ones.</summary>
+    public bool MergeIntoNf4 { get; init; }
+    /// <summary>Largest shard in bytes (transformers' default "5GB"); a single larger tensor gets a shard of its own.</summary>
+    public long MaxShardBytes { get; init; } = ModelMerger.DefaultMaxShardBytes;
+    /// <summary>Reload the output and compare its logits with base + adapter; null skips the check.</summary>
+    public MergeVerifyOptions? Verify { get; init; } = new();
+    public Action<MergeProgress>? Progress { get; init; }
+    public Action<string>? Log { get; init; }
+}
+
+/// <summary>Progress of the tensor loop: <paramref name="Done"/> of <paramref name="Total"/> written, the last being <paramref name="Tensor"/>.</summary>
+public sealed record MergeProgress(int Done, int Total, string Tensor);
+
+public sealed record MergeResult
+{
+    public required string OutDir { get; init; }
+    public required int Tensors { get; init; }
+    public required int LoraModules { get; init; }
+    public required int ReplacedTensors { get; init; }
+    /// <summary>Weight files written (file names, in order).</summary>
+    public required IReadOnlyList<string> Shards { get; init; }
+    public required long TotalBytes { get; init; }
+    public MergeVerifyResult? Verify { get; init; }
+}
+
+/// <summary>
+/// <c>vlmtune merge</c>: base model folder + adapter → a model folder in the official InternVL2 layout. Tensors are
+/// streamed one at a time (never the whole model in memory): each LoRA branch is folded in as PEFT's merge_and_unload
+/// does (W + (B·A)·alpha/r in fp32, rounded once to the output dtype), trained full weights replace the base ones, the
+/// rest is copied. Everything is written into a temporary sibling folder, verified, and renamed at the end.
+/// See docs/merge.md.
+/// </summary>
+public static class ModelMerger
+{
+    public const long DefaultMaxShardBytes = 5_000_000_000;
+
+    /// <summary>Non-weight files of a model folder that belong to the merged model (plus every *.py remote-code file).</summary>
+    public static readonly IReadOnlyList<string> CopiedFilePatterns =
+    [
+        "*.py", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+        "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+    ];
+
+    public static MergeResult Merge(MergeOptions options, CancellationToken cancel = default)
+    {
+        var log = options.Log ?? (_ => { });
+        string baseDir = FullPath(options.BaseDir), outDir = FullPath(options.OutDir), adapterDir = FullPath(options.AdapterDir);
+        CheckPaths(baseDir, adapterDir, outDir, options);
+
+        var config = InternVLConfig.Load(baseDir);                     // validates the base config before any work
+        using var checkpoint = CheckpointFolder.Open(baseDir);
+        var order = checkpoint.Names.OrderBy(n => Path.GetFileName(checkpoint.FileOf(n)), StringComparer.Ordinal)
+            .ThenBy(n => checkpoint.Entry(n).Begin).ToList();         // the base's own tensor order
+        var shapes = order.ToDictionary(n => n, n => checkpoint.Entry(n).Shape);
+        using var adapter = AdapterCheckpoint.Open(adapterDir, shapes);
+        if (options.MergeIntoNf4 && adapter.TrainingMode is { } mode && mode != "qlora")
+            throw new VlmTuneException($"--merge-into-nf4: {adapter.Dir} was trained in {mode} mode on unquantised weights; the option is for QLoRA adapters.");
+        if (options.MergeIntoNf4 && !adapter.Loras.Any(l => l.Modules.Any(m => IsDecoderLinear(m.WeightName, shapes))))
+            throw new VlmTuneException($"--merge-into-nf4: {adapter.Dir} has no LoRA on the LLM's decoder layers; there is nothing to merge into NF4 weights.");
+        log($"base {baseDir} ({order.Count} tensors); {adapter.Describe()}");
+        if (adapter.TrainingMode == "qlora")
+            log(options.MergeIntoNf4
+                ? "qlora: merging into the NF4-dequantised decoder weights (--merge-into-nf4)"
+                : "qlora: merging into the original base weights, as XTuner does (--merge-into-nf4 merges into the NF4-dequantised ones)");
+
+        var lora = new Dictionary<string, (LoraAdapterPart Part, LoraModule Module)>(StringComparer.Ordinal);
+        foreach (var part in adapter.Loras)
+            foreach (var m in part.Modules)
+                if (!lora.TryAdd(m.WeightName, (part, m)))
+                    throw new CheckpointException($"{adapter.Dir}: '{m.Module}' has LoRA branches in two adapters ({lora[m.WeightName].Part.Dir} and {part.Dir}).");
+
+        var layout = order.Select(n => new SafetensorsLayout(n, OutputDType(checkpoint.Entry(n).DType, options.DType), shapes[n])).ToList();
+        var shards = PlanShards(layout, options.MaxShardBytes);
+
+        string temp = Path.Combine(Path.GetDirectoryName(outDir)!, $".{Path.GetFileName(outDir)}.merge-tmp-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(temp);
+        try
+        {
+            int done = 0;
+            Tensor Produce(SafetensorsLayout entry)
+            {
+                cancel.ThrowIfCancellationRequested();
+                var t = MergedTensor(entry, checkpoint, adapter.FullWeights, lora, options.MergeIntoNf4, shapes);
+                options.Progress?.Invoke(new MergeProgress(++done, layout.Count, entry.Name));
+                return t;
+            }
+            foreach (var (file, entries) in shards)
+                SafetensorsWriter.WriteStreaming(Path.Combine(temp, file), entries, i => Produce(entries[i]), disposeProduced: true);
+            if (shards.Count > 1) WriteIndex(temp, shards);
+            WriteConfig(baseDir, temp, config, options.DType);
+            foreach (var file in FilesToCopy(baseDir)) File.Copy(file, Path.Combine(temp, Path.GetFileName(file)));
+            long total = layout.Sum(e => e.ByteLength);
+            log($"wrote {layout.Count} tensors ({FormatBytes(total)}) in {shards.Count} file{(shards.Count == 1 ? "" : "s")}: " +
+                $"{lora.Count} LoRA layers merged, {adapter.FullWeights?.Entries.Count ?? 0} tensors replaced by trained weights");
+
+            MergeVerifyResult? verify = null;
+            if (options.Verify is { } v)
+            {
+                cancel.ThrowIfCancellationRequested();
+                verify = MergeVerifier.Verify(baseDir, adapterDir, temp, new AdapterApplyOptions { Nf4Base = options.MergeIntoNf4 }, v);
+                log($"verify: {verify}");
+                if (!verify.Passed)
+                    throw new VlmTuneException($"verification failed: {verify}; the merged model does not reproduce base + adapter. Nothing was written to {outDir}.");
+            }
+            cancel.ThrowIfCancellationRequested();
+            Publish(temp, outDir);
+            return new MergeResult
+            {
+                OutDir = outDir, Tensors = layout.Count, LoraModules = lora.Count, ReplacedTensors = adapter.FullWeights?.Entries.Count ?? 0,
+                Shards = shards.Select(s => s.File).ToList(), TotalBytes = total, Verify = verify,
+            };
+        }
+        catch
+        {
+            TryDelete(temp);
+            throw;
+        }
+    }
+
+    private static string FullPath(string path) => Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
+
+    private static bool IsUnder(string path, string folder) =>
+        path == folder || path.StartsWith(folder + Path.DirectorySeparatorChar, StringComparison.Ordinal);
+
+    /// <summary>All path problems at once, before anything is read or written.</summary>
+    private static void CheckPaths(string baseDir, string adapterDir, string outDir, MergeOptions options)
+    {
+        var problems = new List<string>();
+        if (!Directory.Exists(baseDir)) problems.Add($"--base {baseDir}: folder not found");
+        else if (!File.Exists(Path.Combine(baseDir, "config.json"))) problems.Add($"--base {baseDir}: no config.json (not an InternVL2 model folder)");
+        if (!Directory.Exists(adapterDir)) problems.Add($"--adapter {adapterDir}: folder not found");
+        if (outDir == baseDir) problems.Add($"--out is the base model folder {baseDir}; write the merged model to a new folder");
+        else if (IsUnder(baseDir, outDir)) problems.Add($"--out {outDir} contains the base model folder {baseDir}; replacing it would delete the base");
+        if (outDir != baseDir && IsUnder(adapterDir, outDir)) problems.Add($"--out {outDir} contains the adapter folder {adapterDir}; replacing it would delete the adapter");
+        if (File.Exists(outDir)) problems.Add($"--out {outDir} is a file");
+        else if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any() && !options.Force)
+            problems.Add($"--out {outDir} is not empty; pass --force to replace it");
+        if (options.MaxShardBytes <= 0) problems.Add($"--max-shard-size must be positive (got {options.MaxShardBytes} bytes)");
+        if (options.DType is { } d && d is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
+            problems.Add($"--dtype {d} is not supported (bfloat16, float16, float32)");
+        if (problems.Count > 0) throw new VlmTuneException("merge: " + string.Join("; ", problems) + ".");
+    }
+
+    private static ScalarType OutputDType(string stored, ScalarType? requested)
+    {
+        var t = SafetensorsFile.ToScalarType(stored);
+        bool floating = t is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64;
+        return floating && requested is { } r ? r : t;
+    }
+
+    /// <summary>The LLM decoder's linear weights: those QLoRA stores in NF4 (every 2-D weight of a decoder layer).</summary>
+    private static bool IsDecoderLinear(string name, IReadOnlyDictionary<string, long[]> shapes) =>
+        name.StartsWith("language_model.model.layers.", StringComparison.Ordinal) && name.EndsWith(".weight", StringComparison.Ordinal)
+        && shapes.TryGetValue(name, out var s) && s.Length == 2;
+
+    /// <summary>One output tensor: trained replacement or base value, NF4 round trip if asked, plus the LoRA delta, in the output dtype.</summary>
+    private static Tensor MergedTensor(SafetensorsLayout entry, CheckpointFolder checkpoint, SafetensorsFile? full,
+        Dictionary<string, (LoraAdapterPart Part, LoraModule Module)> lora, bool intoNf4, IReadOnlyDictionary<string, long[]> shapes)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var value = full is not null && full.Contains(entry.Name) ? full.Read(entry.Name) : checkpoint.Read(entry.Name);
+        bool nf4 = intoNf4 && IsDecoderLinear(entry.Name, shapes);
+        if (!lora.TryGetValue(entry.Name, out var branch) && !nf4)
+            return value.to_type(entry.DType).MoveToOuterDisposeScope();
+
+        var w = value.to_type(ScalarType.Float32);
+        if (nf4)
+        {
+            using var q = Nf4.Quantize(w);
+            w = q.Dequantize(ScalarType.Float32);
+        }
+        if (branch.Part is not null)
+        {
+            var a = branch.Part.Weights.Read(branch.Module.AKey).to_type(ScalarType.Float32);    // (r, in)
+            var b = branch.Part.Weights.Read(branch.Module.BKey).to_type(ScalarType.Float32);    // (out, r)
+            w = LoraMerge.Merged(w, a, b, branch.Part.Config.Scaling, branch.Module.Module);
+        }
+        var result = w.to_type(entry.DType);
+        if (!result.isfinite().all().item<bool>())
+            throw new VlmTuneException($"'{entry.Name}': the merged weight overflows {entry.DType}; write a wider --dtype (bfloat16 or float32).");
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Greedy sharding in tensor order, as transformers' save_pretrained does; one file when everything fits.</summary>
+    private static List<(string File, List<SafetensorsLayout> Entries)> PlanShards(List<SafetensorsLayout> layout, long maxBytes)
+    {
+        var groups = new List<List<SafetensorsLayout>> { new() };
+        long size = 0;
+        foreach (var e in layout)
+        {
+            if (groups[^1].Count > 0 && size + e.ByteLength > maxBytes) { groups.Add([]); size = 0; }
+            groups[^1].Add(e);
+            size += e.ByteLength;
+        }
+        if (groups.Count == 1) return [(CheckpointFolder.SingleFile, groups[0])];
+        return groups.Select((g, i) => ($"model-{i + 1:D5}-of-{groups.Count:D5}.safetensors", g)).ToList();
+    }
+
+    private static void WriteIndex(string dir, List<(string File, List<SafetensorsLayout> Entries)> shards)
+    {
+        var map = new JsonObject();
+        foreach (var (file, entries) in shards.SelectMany(s => s.Entries.Select(e => (s.File, e))).OrderBy(x => x.e.Name, StringComparer.Ordinal).Select(x => (x.File, x.e)))
+            map[entries.Name] = file;
+        var index = new JsonObject
+        {
+            ["metadata"] = new JsonObject { ["total_size"] = shards.Sum(s => s.Entries.Sum(e => e.ByteLength)) },
+            ["weight_map"] = map,
+        };
+        AtomicFile.WriteAllText(Path.Combine(dir, CheckpointFolder.IndexFile), index.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>
+    /// The base config.json with the template written explicitly (so no tool guesses it from the folder name), the
+    /// dtype fields set to the output dtype, and the LoRA flags cleared (the weights hold no LoRA branch any more).
+    /// </summary>
+    private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype)
+    {
+        string path = Path.Combine(baseDir, "config.json");
+        var root = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
+        root["template"] = config.Template;
+        if (dtype is { } d)
+        {
+            string name = d switch { ScalarType.BFloat16 => "bfloat16", ScalarType.Float16 => "float16", _ => "float32" };
+            foreach (var node in new[] { root, root["llm_config"] as JsonObject, root["vision_config"] as JsonObject })
+            {
+                if (node is null) continue;
+                if (node.ContainsKey("torch_dtype") || node == root) node["torch_dtype"] = name;
+                if (node.ContainsKey("use_bfloat16")) node["use_bfloat16"] = d == ScalarType.BFloat16;
+            }
+        }
+        foreach (var flag in new[] { "use_llm_lora", "use_backbone_lora" })
+            if (root.ContainsKey(flag)) root[flag] = 0;
+        AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>Tokenizer, generation and processor files and every *.py remote-code file at the top of the base folder.</summary>
+    public static IReadOnlyList<string> FilesToCopy(string baseDir) =>
+        CopiedFilePatterns.SelectMany(p => Directory.EnumerateFiles(baseDir, p, SearchOption.TopDirectoryOnly))
+            .Where(f => !f.EndsWith(".safetensors", StringComparison.Ordinal))
+            .Distinct().OrderBy(f => f, StringComparer.Ordinal).ToList();
+
+    /// <summary>Moves the finished temporary folder to <paramref name="outDir"/>, replacing an existing (empty or forced) one.</summary>
+    private static void Publish(string temp, string outDir)
+    {
+        if (!Directory.Exists(outDir)) { Directory.Move(temp, outDir); return; }
+        string old = Path.Combine(Path.GetDirectoryName(outDir)!, $".{Path.GetFileName(outDir)}.merge-old-{Guid.NewGuid():N}");
+        Directory.Move(outDir, old);
+        try { Directory.Move(temp, outDir); }
+        catch
+        {
+            Directory.Move(old, outDir);
+            throw;
+        }
+        TryDelete(old);
+    }
+
+    private static void TryDelete(string dir)
+    {
+        try { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
+        catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
+    }
+
+    public static string FormatBytes(long bytes) => bytes switch
+    {
+        >= 1L << 30 => $"{bytes / (double)(1L << 30):F2} GiB",
+        >= 1L << 20 => $"{bytes / (double)(1L << 20):F1} MiB",
+        >= 1L << 10 => $"{bytes / 1024.0:F1} KiB",
+        _ => $"{bytes} B",
+    };
+
+    /// <summary>Parses a shard size as transformers writes it: "5GB", "500MB", "200KB" (powers of 1000) or a byte count.</summary>
+    public static long ParseSize(string text)
+    {
+        string s = text.Trim().ToUpperInvariant();
+        (string Suffix, long Factor)[] units = [("GIB", 1L << 30), ("MIB", 1L << 20), ("KIB", 1L << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1_000), ("B", 1)];
+        foreach (var (suffix, factor) in units)
+            if (s.EndsWith(suffix, StringComparison.Ordinal) && double.TryParse(s[..^suffix.Length], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var v) && v > 0)
+                return (long)(v * factor);
+        if (long.TryParse(s, out var n) && n > 0) return n;
+        throw new VlmTuneException($"--max-shard-size '{text}' is not a size (e.g. 5GB, 500MB, 200KB or a byte count).");
+    }
+}
