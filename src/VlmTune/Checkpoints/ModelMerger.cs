@@ -106,7 +106,7 @@ public static class ModelMerger
                 SafetensorsWriter.WriteStreaming(Path.Combine(temp, file), entries, i => Produce(entries[i]), disposeProduced: true);
             if (shards.Count > 1) WriteIndex(temp, shards);
             WriteConfig(baseDir, temp, config, options.DType);
-            foreach (var file in FilesToCopy(baseDir)) File.Copy(file, Path.Combine(temp, Path.GetFileName(file)));
+            foreach (var file in FilesToCopy(baseDir)) CopyContent(file, Path.Combine(temp, Path.GetFileName(file)));
             long total = layout.Sum(e => e.ByteLength);
             log($"wrote {layout.Count} tensors ({FormatBytes(total)}) in {shards.Count} file{(shards.Count == 1 ? "" : "s")}: " +
                 $"{lora.Count} LoRA layers merged, {adapter.FullWeights?.Entries.Count ?? 0} tensors replaced by trained weights");
@@ -257,6 +257,14 @@ public static class ModelMerger
         CopiedFilePatterns.SelectMany(p => Directory.EnumerateFiles(baseDir, p, SearchOption.TopDirectoryOnly))
             .Where(f => !f.EndsWith(".safetensors", StringComparison.Ordinal))
             .Distinct().OrderBy(f => f, StringComparer.Ordinal).ToList();
+
+    /// <summary>Copies the bytes only: the merged folder is the user's own, not read-only like a cache or a fixture.</summary>
+    private static void CopyContent(string source, string destination)
+    {
+        using var from = File.OpenRead(source);
+        using var to = new FileStream(destination, FileMode.CreateNew, FileAccess.Write);
+        from.CopyTo(to);
+    }
 
     /// <summary>Moves the finished temporary folder to <paramref name="outDir"/>, replacing an existing (empty or forced) one.</summary>
     private static void Publish(string temp, string outDir)
