@@ -1,9 +1,11 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using VlmTune.Checkpoints;
+using VlmTune.Inference;
 using VlmTune.Models;
 using VlmTune.Tests.Support;
 using VlmTune.Tests.Training;
+using VlmTune.Training;
 using static TorchSharp.torch;
 
 namespace VlmTune.Tests.Checkpoints;
@@ -293,6 +295,54 @@ public sealed class MergeTests : IDisposable
 
     /// <summary>Bit-identical: same dtype, shape and values.</summary>
     private static bool Same(Tensor a, Tensor b) => a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && a.eq(b).all().item<bool>();
+
+    [FixtureFact]
+    public void QloraCheckpointMergesIntoTheOriginalWeightsOrIntoTheNf4Ones()
+    {
+        using var scope = NewDisposeScope();
+        using var data = new TrainTestData(samples: 3);
+        string checkpoint;
+        using (var trainer = new Trainer(data.Config("mode=qlora", "max_steps=2", "lr=0.01", "dataloader_num_workers=0")))
+            checkpoint = trainer.Train().LastCheckpoint!;
+
+        var options = new MergeOptions { BaseDir = Fixtures.TinyModel, AdapterDir = checkpoint, OutDir = Out("original"), DType = ScalarType.Float32 };
+        var original = ModelMerger.Merge(options);
+        var nf4 = ModelMerger.Merge(options with { OutDir = Out("nf4"), MergeIntoNf4 = true });
+        Assert.True(original.Verify!.Passed, original.Verify.ToString());
+        Assert.True(nf4.Verify!.Passed, nf4.Verify.ToString());
+
+        // The LoRA delta is the same; only the base under it differs: NF4(W) vs W.
+        const string decoder = "language_model.model.layers.0.attention.wqkv.weight";
+        using (var baseWeights = CheckpointFolder.Open(Fixtures.TinyModel))
+        using (var a = CheckpointFolder.Open(Out("original")))
+        using (var b = CheckpointFolder.Open(Out("nf4")))
+        {
+            var w = baseWeights.Read(decoder).to_type(ScalarType.Float32);
+            using var q = Nf4.Quantize(w);
+            var expected = q.Dequantize(ScalarType.Float32) - w;
+            Assert.True(MaxDiff(b.Read(decoder) - a.Read(decoder), expected) <= 1e-5, "nf4 merge = NF4 base + the same delta");
+            Assert.True(expected.abs().max().item<float>() > 1e-4);
+            Assert.True(Same(a.Read("language_model.output.weight"), b.Read("language_model.output.weight")), "the head is never NF4");
+            Assert.False(Same(baseWeights.Read("language_model.output.weight").to_type(ScalarType.Float32), a.Read("language_model.output.weight")), "output LoRA merged");
+        }
+
+        // chat --adapter --nf4-base runs the QLoRA forward (NF4 storage) and answers as the NF4-merged folder does.
+        var request = new ChatRequest { Question = "Say hello.", Sampling = new SamplingOptions { MaxNewTokens = 6 } };
+        using (var qlora = InternVLChat.Load(Fixtures.TinyModel, new ChatLoadOptions { AdapterDir = checkpoint, AdapterNf4Base = true }))
+        using (var merged = InternVLChat.Load(Out("nf4")))
+        {
+            Assert.All(PeftAdapter.Linears(qlora.Model.language_model.model.layers), l => Assert.NotNull(l.Linear.BaseForward));
+            Assert.Equal(merged.Chat(request).TokenIds, qlora.Chat(request).TokenIds);
+        }
+
+        // --merge-into-nf4 is for QLoRA checkpoints only.
+        string loraCheckpoint;
+        using (var trainer = new Trainer(data.Config("mode=lora", "max_steps=1", "dataloader_num_workers=0", $"work_dir={Path.Combine(data.Dir, "lora")}")))
+            loraCheckpoint = trainer.Train().LastCheckpoint!;
+        var e = Assert.Throws<VlmTuneException>(() => ModelMerger.Merge(options with { AdapterDir = loraCheckpoint, OutDir = Out("refused"), MergeIntoNf4 = true }));
+        Assert.Contains("trained in lora mode", e.Message);
+        Assert.False(Directory.Exists(Out("refused")));
+    }
 
     private static JsonObject Config(string dir) => JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
 }

@@ -111,6 +111,11 @@ public sealed class MergeCommandTests : IDisposable
             foreach (var name in new[] { "mlp1.1.weight", "vision_model.encoder.layers.0.attn.qkv.weight", "language_model.model.layers.0.attention.wqkv.weight" })
                 Assert.False(baseWeights.Read(name).to_type(TorchSharp.torch.ScalarType.Float32).allclose(merged.Read(name), 0, 0), name);
 
+        // The checkpoint's vision_lora/ alone is a plain PEFT adapter of the vision encoder (names relative to vision_model).
+        var visionOnly = ModelMerger.Merge(new MergeOptions { BaseDir = Fixtures.TinyModel, AdapterDir = Path.Combine(checkpoint, Trainer.VisionAdapterDir), OutDir = Path.Combine(_dir, "vision-only") });
+        Assert.True(visionOnly.Verify!.Passed, visionOnly.Verify.ToString());
+        Assert.Equal(8, visionOnly.LoraModules);   // qkv, proj, fc1, fc2 of 2 ViT layers
+
         string image = Path.Combine(data.Dir, "images", "tiny.png");
         foreach (var (prompt, picture) in new[] { ("What is in the picture?", image), ("Say hello.", null) })
         {
