@@ -29,10 +29,12 @@ public static class ImageDecoder
         using var codec = OpenCodec(data, sourceName);
         var size = codec.Info;
         (limits ?? ImageLimits.Default).Check(size.Width, size.Height, sourceName);
+        if ((long)size.Width * size.Height * 4 > Array.MaxLength)
+            throw new ImageException($"{sourceName}: image is {size.Width}x{size.Height}, too large to decode in memory.");
 
         // No colour space on the target: Skia then converts no colours, as PIL ignores ICC profiles.
         var target = new SKImageInfo(size.Width, size.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
-        var rgba = GC.AllocateUninitializedArray<byte>(checked(size.Width * size.Height * 4));
+        var rgba = GC.AllocateUninitializedArray<byte>(size.Width * size.Height * 4);
         SKCodecResult result;
         unsafe
         {
