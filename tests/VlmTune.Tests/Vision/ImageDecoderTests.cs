@@ -57,6 +57,26 @@ public class ImageDecoderTests
         Assert.Equal("GIF", ImageDecoder.ReadInfo(gif, "anim.gif").Format);
     }
 
+    [Theory]
+    [InlineData(null, 0)] // PIL starts frame 0 from a zeroed palette image: index 0
+    [InlineData(3, 3)]    // ... or from one filled with the transparent index
+    public void GifCanvasOutsideTheFirstFrameShowsThePaletteColourPilFillsWith(int? transparentIndex, int fillIndex)
+    {
+        var gif = TestImages.Gif(4, 2, Palette, [1, 2], transparentIndex, (1, 1, 2, 1));
+        var image = ImageDecoder.Decode(gif, "partial.gif");
+        var fill = Palette[(fillIndex * 3)..(fillIndex * 3 + 3)];
+        byte[] expected = [.. fill, .. fill, .. fill, .. fill, .. fill, .. Palette[3..6], .. Palette[6..9], .. fill];
+        Assert.Equal(expected, image.Pixels);
+    }
+
+    [Fact]
+    public void RgbPngWithAColourKeyKeepsTheKeyColour()
+    {
+        // tRNS on a truecolour PNG marks (10, 20, 30) transparent; PIL's convert('RGB') still returns (10, 20, 30).
+        var png = TestImages.Png(2, 1, 2, [10, 20, 30, 40, 50, 60], ("tRNS", [0, 10, 0, 20, 0, 30]));
+        Assert.Equal(new byte[] { 10, 20, 30, 40, 50, 60 }, ImageDecoder.Decode(png, "key.png").Pixels);
+    }
+
     [Fact]
     public void BmpRowsComeOutTopFirst()
     {

@@ -81,14 +81,19 @@ internal static class TestImages
     /// A GIF89a with a 4-colour global palette, one full-canvas frame of palette <paramref name="indices"/>, and optionally
     /// a transparent index. LZW is written without compression: a clear code before every two pixels keeps codes 3 bits.
     /// </summary>
-    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex)
+    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex) =>
+        Gif(width, height, palette12, indices, transparentIndex, (0, 0, width, height));
+
+    /// <summary>As above, with the first frame covering only <paramref name="frame"/> (left, top, width, height) of the canvas.</summary>
+    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex, (int Left, int Top, int Width, int Height) frame)
     {
         var s = new MemoryStream();
         s.Write("GIF89a"u8);
         s.Write([(byte)width, (byte)(width >> 8), (byte)height, (byte)(height >> 8), 0x81, 0, 0]);
         s.Write(palette12);
         if (transparentIndex is { } t) s.Write([0x21, 0xF9, 4, 1, 0, 0, (byte)t, 0]);
-        s.Write([0x2C, 0, 0, 0, 0, (byte)width, (byte)(width >> 8), (byte)height, (byte)(height >> 8), 0]);
+        s.Write([0x2C, (byte)frame.Left, (byte)(frame.Left >> 8), (byte)frame.Top, (byte)(frame.Top >> 8),
+                 (byte)frame.Width, (byte)(frame.Width >> 8), (byte)frame.Height, (byte)(frame.Height >> 8), 0]);
         s.WriteByte(2); // LZW minimum code size
         const int clear = 4, end = 5;
         var codes = new List<int>();
