@@ -32,6 +32,9 @@ public static class ImageDecoder
         if ((long)size.Width * size.Height * 4 > Array.MaxLength)
             throw new ImageException($"{sourceName}: image is {size.Width}x{size.Height}, too large to decode in memory.");
 
+        if (codec.EncodedFormat == SKEncodedImageFormat.Png && PngGrey16.Matches(data))
+            return PngGrey16.Decode(data, sourceName);
+
         // No colour space on the target: Skia then converts no colours, as PIL ignores ICC profiles.
         var target = new SKImageInfo(size.Width, size.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
         var rgba = GC.AllocateUninitializedArray<byte>(size.Width * size.Height * 4);

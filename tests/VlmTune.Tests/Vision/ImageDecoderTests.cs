@@ -37,6 +37,36 @@ public class ImageDecoderTests
         Assert.Equal(Palette, image.Pixels);
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Grey16PngClipsSamplesToAByteLikePil(bool interlaced)
+    {
+        const int w = 13, h = 11; // odd sizes leave some Adam7 passes ragged
+        var rnd = new Random(5);
+        var samples = new ushort[w * h];
+        for (int i = 0; i < samples.Length; i++) samples[i] = (ushort)(i % 3 == 0 ? rnd.Next(256) : rnd.Next(65536));
+
+        // The hand-made encoder (filters 0..4, Adam7) is first checked against Skia on 8-bit data...
+        var eight = samples.Select(v => (ushort)(v & 0xFF)).ToArray();
+        var decoded8 = ImageDecoder.Decode(TestImages.GreyPng(w, h, 8, eight, interlaced), "grey8.png");
+        Assert.Equal(eight.SelectMany(v => new[] { (byte)v, (byte)v, (byte)v }).ToArray(), decoded8.Pixels);
+
+        // ...then 16-bit samples must come out as PIL's I;16 → RGB gives them: the value if below 256, else 255.
+        var decoded16 = ImageDecoder.Decode(TestImages.GreyPng(w, h, 16, samples, interlaced), "grey16.png");
+        var expected = samples.Select(v => v < 256 ? (byte)v : (byte)255).SelectMany(v => new[] { v, v, v }).ToArray();
+        Assert.Equal(expected, decoded16.Pixels);
+    }
+
+    [Fact]
+    public void TruncatedGrey16PngNamesTheFile()
+    {
+        var samples = Enumerable.Range(0, 64 * 64).Select(i => (ushort)(i * 17)).ToArray();
+        var png = TestImages.GreyPng(64, 64, 16, samples, interlaced: false);
+        var e = Assert.Throws<ImageException>(() => ImageDecoder.Decode(png[..(png.Length / 2)], "cut16.png"));
+        Assert.Contains("cut16.png", e.Message);
+    }
+
     [Fact]
     public void NoColourManagementIsApplied()
     {
