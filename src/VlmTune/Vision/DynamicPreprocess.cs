@@ -74,7 +74,13 @@ public static class DynamicPreprocess
     /// with the same tile count keep the iteration order of the Python set they came from; that order decides exact
     /// ties between them (possible only when min_num &gt; 1), so it is reproduced by <see cref="PythonSetOrder"/>.
     /// </summary>
-    public static IReadOnlyList<(int Columns, int Rows)> TargetRatios(int minNum, int maxNum)
+    public static IReadOnlyList<(int Columns, int Rows)> TargetRatios(int minNum, int maxNum) =>
+        RatioCache.GetOrAdd((minNum, maxNum), key => BuildTargetRatios(key.Min, key.Max));
+
+    // Data validation calls CountTiles for every image of a data set; the candidates depend only on (min, max).
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int Min, int Max), IReadOnlyList<(int Columns, int Rows)>> RatioCache = new();
+
+    private static IReadOnlyList<(int Columns, int Rows)> BuildTargetRatios(int minNum, int maxNum)
     {
         var generated = new List<(int, int)>();
         for (int n = minNum; n <= maxNum; n++)
@@ -83,6 +89,6 @@ public static class DynamicPreprocess
                     if (i * j <= maxNum && i * j >= minNum) generated.Add((i, j));
         var ordered = PythonSetOrder.Iterate(generated);
         // OrderBy is stable, like Python's sorted.
-        return ordered.OrderBy(r => r.Item1 * r.Item2).ToList();
+        return ordered.OrderBy(r => r.Item1 * r.Item2).ToList().AsReadOnly();
     }
 }

@@ -37,12 +37,14 @@ public static class ImageDecoder
 
         // No colour space on the target: Skia then converts no colours, as PIL ignores ICC profiles.
         var target = new SKImageInfo(size.Width, size.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
-        var rgba = GC.AllocateUninitializedArray<byte>(size.Width * size.Height * 4);
+        // Zeroed, and Skia told so: pixels a decoder does not write (e.g. canvas outside a GIF's first frame) must read
+        // as transparent for the GIF fix-up below.
+        var rgba = new byte[size.Width * size.Height * 4];
         SKCodecResult result;
         unsafe
         {
             fixed (byte* p = rgba)
-                result = codec.GetPixels(target, (IntPtr)p, new SKCodecOptions(0));
+                result = codec.GetPixels(target, (IntPtr)p, new SKCodecOptions(SKZeroInitialized.Yes));
         }
         if (result != SKCodecResult.Success)
             throw new ImageException($"{sourceName}: cannot decode {FormatName(codec.EncodedFormat)} image ({size.Width}x{size.Height}): {Describe(result)}.");
