@@ -203,12 +203,12 @@ public class ImageDecoderTests
         finally { File.Delete(file); }
     }
 
-    private static byte[] Encode(int width, int height, byte[] rgba, Func<SKPixmap, SKData> encode)
+    private static byte[] Encode(int width, int height, byte[] rgba, Func<SKPixmap, SKData?> encode)
     {
         using var bitmap = new SKBitmap(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Unpremul));
         Marshal.Copy(rgba, 0, bitmap.GetPixels(), rgba.Length);
         using var pixmap = bitmap.PeekPixels();
-        using var data = encode(pixmap);
+        using var data = encode(pixmap) ?? throw new InvalidOperationException("Skia could not encode the test image.");
         return data.ToArray();
     }
 }
