@@ -50,6 +50,9 @@ internal sealed class FakeHub : IAsyncDisposable
     /// <summary>Repo paths served with one byte flipped (same size, wrong sha256).</summary>
     public ConcurrentDictionary<string, bool> Corrupt { get; } = new();
 
+    /// <summary>When set, LFS redirects go to this host name (another origin, like the hub's storage) instead of a relative path.</summary>
+    public string? CdnHost { get; set; }
+
     /// <summary>An extra path put in the listings (to test that odd paths are refused).</summary>
     public string? ExtraListedPath { get; set; }
 
@@ -146,7 +149,8 @@ internal sealed class FakeHub : IAsyncDisposable
             // LFS: the hub answers with the metadata headers and a redirect to the storage that serves the bytes.
             ctx.Response.Headers["X-Linked-Etag"] = $"\"{file.Sha256}\"";
             ctx.Response.Headers["X-Linked-Size"] = file.Bytes.Length.ToString();
-            return Results.Redirect($"/cdn/{file.Sha256}?name={Uri.EscapeDataString(file.Path)}");
+            var storage = CdnHost is null ? "" : $"http://{CdnHost}:{ctx.Request.Host.Port}";
+            return Results.Redirect($"{storage}/cdn/{file.Sha256}?name={Uri.EscapeDataString(file.Path)}");
         });
         _app.MapGet("/cdn/{sha}", (HttpContext ctx, string sha) =>
         {

@@ -97,6 +97,7 @@ public sealed class HubDownloaderTests : IAsyncLifetime
     public async Task PrivateRepoNeedsTheTokenFromTheFlagOrHfToken()
     {
         _hub.RequiredToken = "hf_secret";
+        _hub.CdnHost = "localhost"; // storage on another origin than the endpoint (127.0.0.1)
         var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options()));
         Assert.Contains("401", error.Message);
         Assert.Contains("HF_TOKEN", error.Message);
@@ -107,6 +108,9 @@ public sealed class HubDownloaderTests : IAsyncLifetime
         await Download(Options(), env: new() { ["HF_TOKEN"] = "hf_secret" });
         AssertIntactCopy(_hub.Files);
         Assert.All(_hub.Requests.Where(r => r.Kind == "resolve"), r => Assert.Equal("Bearer hf_secret", r.Authorization));
+        // The token never leaves the hub's origin: redirects to storage go without it.
+        Assert.All(_hub.Requests.Where(r => r.Kind == "cdn"), r => Assert.Null(r.Authorization));
+        Assert.Equal(2, _hub.Requests.Count(r => r.Kind == "cdn"));
     }
 
     [FixtureFact]
