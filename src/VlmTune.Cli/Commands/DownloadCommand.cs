@@ -58,9 +58,12 @@ internal static class DownloadCommand
             .StartAsync(ctx => HubDownloader.DownloadAsync(options, new BarProgress(ctx), ct));
     }
 
-    /// <summary>One line per event that matters, for logs and pipes.</summary>
+    /// <summary>One line per event that matters, for logs and pipes; big files also every 10%.</summary>
     private sealed class PlainProgress : IProgress<HubDownloadProgress>
     {
+        private const long BigFile = 16L << 20;
+        private readonly ConcurrentDictionary<string, long> _tenths = new();
+
         public void Report(HubDownloadProgress p)
         {
             var line = p.Status switch
@@ -70,12 +73,22 @@ internal static class DownloadCommand
                 HubFileStatus.Downloading when p.BytesDone == p.ResumedFrom => p.ResumedFrom > 0
                     ? $"resuming {p.Path} at {Size(p.ResumedFrom)} of {Size(p.TotalBytes)}"
                     : $"downloading {p.Path} ({Size(p.TotalBytes)})",
+                HubFileStatus.Downloading when p.TotalBytes >= BigFile && NewTenth(p) is { } tenth =>
+                    $"{p.Path}: {tenth * 10}% ({Size(p.BytesDone)} of {Size(p.TotalBytes)})",
                 HubFileStatus.Retrying => $"retrying {p.Path}: {p.Message}",
                 HubFileStatus.Done => $"done {p.Path} ({Size(p.TotalBytes)})",
                 HubFileStatus.UpToDate => $"up to date {p.Path}",
                 _ => null,
             };
             if (line is not null) Console.WriteLine(line);
+        }
+
+        private long? NewTenth(HubDownloadProgress p)
+        {
+            var tenth = p.BytesDone * 10 / p.TotalBytes!.Value;
+            var previous = _tenths.GetOrAdd(p.Path, tenth); // the first event sets the baseline (a resume starts midway)
+            if (tenth <= previous || tenth >= 10) return null;
+            return _tenths.TryUpdate(p.Path, tenth, previous) ? tenth : null;
         }
     }
 

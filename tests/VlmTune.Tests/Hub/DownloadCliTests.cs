@@ -44,6 +44,8 @@ public sealed class DownloadCliTests : IAsyncLifetime
         var (code, stdout, stderr) = await CliProcess.RunAsync(Args(FakeHub.RepoId));
         Assert.True(code == 0, stderr);
         Assert.Contains($"resuming {Weights} at 6.0 MiB of 23.1 MiB", stdout);
+        Assert.Contains($"{Weights}: 90% (", stdout); // big files log their progress in plain mode
+        Assert.DoesNotContain($"{Weights}: 20% (", stdout); // ...from where the resume started
         Assert.Equal($"bytes={stallAt}-", _hub.Transfers(Weights).Last(r => r.Kind == "cdn").Range);
         Assert.Equal(_hub.File(Weights).Bytes, File.ReadAllBytes(Path.Combine(_dir, Weights)));
         Assert.Empty(Directory.EnumerateFiles(_dir, "*.incomplete", SearchOption.AllDirectories));

@@ -50,6 +50,9 @@ internal sealed class FakeHub : IAsyncDisposable
     /// <summary>Repo paths served with one byte flipped (same size, wrong sha256).</summary>
     public ConcurrentDictionary<string, bool> Corrupt { get; } = new();
 
+    /// <summary>Like a mirror that ignores <c>?blobs=true</c>: the listing has names only (no sizes, no sha256).</summary>
+    public bool ListsNamesOnly { get; set; }
+
     /// <summary>When set, LFS redirects go to this host name (another origin, like the hub's storage) instead of a relative path.</summary>
     public string? CdnHost { get; set; }
 
@@ -129,7 +132,7 @@ internal sealed class FakeHub : IAsyncDisposable
         {
             Log(ctx, "hf-list", null);
             if (Refuse(ctx, $"{owner}/{name}", revision, out var refusal)) return refusal;
-            var blobs = ctx.Request.Query["blobs"] == "true";
+            var blobs = ctx.Request.Query["blobs"] == "true" && !ListsNamesOnly;
             var siblings = Listed().Select(f => blobs
                 ? (object)new
                 {

@@ -201,6 +201,22 @@ public sealed class HubDownloaderTests : IAsyncLifetime
     }
 
     [FixtureFact]
+    public async Task ListingWithNamesOnlyTakesSizesFromTheTransfer()
+    {
+        _hub.ListsNamesOnly = true;
+        _hub.CutOnce(Weights, 9_000_000);
+        await Download(Options());
+        AssertIntactCopy(_hub.Files);
+        // Without a listed size the Content-Length tells when a body was cut short, and the resume still works.
+        Assert.Equal(2, _hub.Transfers(Weights).Count(r => r.Kind == "cdn"));
+
+        _hub.Requests.Clear();
+        var again = await Download(Options());
+        Assert.Equal(0, again.DownloadedCount);
+        Assert.Equal(["hf-list"], _hub.Requests.Select(r => r.Kind));
+    }
+
+    [FixtureFact]
     public async Task PartialOfAnOlderVersionIsDiscardedNotResumed()
     {
         var book = Path.Combine(_dir, ".cache", "vlmtune", "download");
