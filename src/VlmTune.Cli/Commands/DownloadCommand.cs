@@ -17,12 +17,14 @@ internal static class DownloadCommand
         var endpoint = new Option<string?>("--endpoint") { Description = "Hub URL, e.g. a mirror (default: HF_ENDPOINT or MODELSCOPE_DOMAIN, else the public hub)." };
         var source = new Option<string>("--source") { Description = "Which hub: hf or modelscope.", DefaultValueFactory = _ => "hf" };
         source.AcceptOnlyFromAmong("hf", "huggingface", "modelscope", "ms");
+        var include = new Option<string[]>("--include") { Description = "Glob patterns of files to download (default: all), e.g. --include \"*.json\" \"*.safetensors\".", AllowMultipleArgumentsPerToken = true };
+        var exclude = new Option<string[]>("--exclude") { Description = "Glob patterns of files to leave out.", AllowMultipleArgumentsPerToken = true };
         var maxWorkers = new Option<int>("--max-workers") { Description = "Files downloaded at the same time.", DefaultValueFactory = _ => 8 };
         var offline = new Option<bool>("--offline") { Description = "Use only files already in --local-dir (also HF_HUB_OFFLINE=1)." };
 
         var command = new Command("download", "Download a model repository into a local folder, resuming partial files and verifying sha256.")
         {
-            repoId, localDir, revision, token, endpoint, source, maxWorkers, offline,
+            repoId, localDir, revision, token, endpoint, source, include, exclude, maxWorkers, offline,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
         {
@@ -36,6 +38,8 @@ internal static class DownloadCommand
                 Endpoint = parse.GetValue(endpoint),
                 Offline = parse.GetValue(offline) ? true : null,
                 MaxParallelFiles = parse.GetValue(maxWorkers),
+                Include = parse.GetValue(include),
+                Exclude = parse.GetValue(exclude),
             };
             var result = await RunWithProgressAsync(options, ct);
             var upToDate = result.Files.Count - result.DownloadedCount;

@@ -26,6 +26,12 @@ public sealed record HubDownloadOptions
     /// <summary>Use only what is already in <see cref="LocalDir"/>; null reads HF_HUB_OFFLINE.</summary>
     public bool? Offline { get; init; }
 
+    /// <summary>Glob patterns of repo paths to download (all when empty), like <c>--include "*.json" "*.safetensors"</c>.</summary>
+    public IReadOnlyList<string>? Include { get; init; }
+
+    /// <summary>Glob patterns of repo paths to leave out.</summary>
+    public IReadOnlyList<string>? Exclude { get; init; }
+
     /// <summary>Files downloaded at the same time.</summary>
     public int MaxParallelFiles { get; init; } = 8;
 

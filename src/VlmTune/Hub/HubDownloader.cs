@@ -30,9 +30,10 @@ public static class HubDownloader
 
         using var http = new HubHttp(settings);
         var api = HubApi.For(settings);
-        var listing = await http.WithRetriesAsync($"Listing the files of {settings.RepoId}", c => api.ListAsync(http, c), null, ct);
+        var fullListing = await http.WithRetriesAsync($"Listing the files of {settings.RepoId}", c => api.ListAsync(http, c), null, ct);
+        var listing = Select(settings, fullListing);
         Directory.CreateDirectory(settings.LocalDir);
-        folder.WriteManifest(settings, listing);
+        folder.WriteManifest(settings, fullListing);
         foreach (var f in listing.Files) progress?.Report(new HubDownloadProgress(f.Path, HubFileStatus.Queued, 0, f.Size));
 
         var results = new HubFileResult[listing.Files.Count];
@@ -77,6 +78,7 @@ public static class HubDownloader
             throw new HubDownloadException(
                 $"Offline mode (HF_HUB_OFFLINE): {settings.LocalDir} holds {listing.RepoId} at revision '{listing.Revision}' " +
                 $"(commit {listing.Commit}), not '{settings.Revision}'.");
+        listing = Select(settings, listing);
 
         var results = new List<HubFileResult>();
         var missing = new List<string>();
@@ -93,6 +95,19 @@ public static class HubDownloader
                 $"Offline mode (HF_HUB_OFFLINE): {missing.Count} of {listing.Files.Count} files of {listing.RepoId} are missing " +
                 $"or incomplete in {settings.LocalDir}: {string.Join(", ", missing)}. Unset HF_HUB_OFFLINE to download them.");
         return new HubDownloadResult(listing.RepoId, listing.Revision, listing.Commit, settings.LocalDir, results);
+    }
+
+    /// <summary>The listing narrowed to <c>--include</c>/<c>--exclude</c>; matching nothing is an error, not a silent no-op.</summary>
+    private static HubRepoListing Select(HubSettings settings, HubRepoListing listing)
+    {
+        var filter = new HubFileFilter(settings.Options.Include, settings.Options.Exclude);
+        if (filter.IsEmpty) return listing;
+        var kept = listing.Files.Where(f => filter.Keeps(f.Path)).ToList();
+        if (kept.Count == 0)
+            throw new HubDownloadException(
+                $"None of the {listing.Files.Count} files of {listing.RepoId} matches --include [{string.Join(' ', settings.Options.Include ?? [])}] " +
+                $"--exclude [{string.Join(' ', settings.Options.Exclude ?? [])}]; files are: {string.Join(", ", listing.Files.Take(20).Select(f => f.Path))}.");
+        return listing with { Files = kept };
     }
 
     private static async Task<HubFileResult> DownloadFileAsync(

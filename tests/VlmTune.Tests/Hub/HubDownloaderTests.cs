@@ -239,6 +239,37 @@ public sealed class HubDownloaderTests : IAsyncLifetime
         Assert.False(File.Exists(Path.Combine(_dir, "..", "outside.txt")));
     }
 
+    [FixtureFact]
+    public async Task IncludeAndExcludePatternsPickTheFiles()
+    {
+        var options = Options() with { Include = ["*.json", "examples/"], Exclude = ["tokenizer*"] };
+        var result = await Download(options);
+        string[] expected = ["added_tokens.json", "config.json", "examples/hello world.txt", "generation_config.json", "special_tokens_map.json"];
+        Assert.Equal(expected, result.Files.Select(f => f.Path).Order(StringComparer.Ordinal));
+        AssertIntactCopy(_hub.Files.Where(f => expected.Contains(f.Path)));
+        Assert.False(File.Exists(Path.Combine(_dir, Weights)));
+
+        // Offline, the same selection is complete; the whole repo is not.
+        await Download(options with { Offline = true });
+        var whole = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options() with { Offline = true }));
+        Assert.Contains("4 of 9 files", whole.Message);
+
+        var none = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options() with { Include = ["*.bin"] }));
+        Assert.Contains("None of the 9 files", none.Message);
+    }
+
+    [Theory]
+    [InlineData("*.json", "config.json", true)]
+    [InlineData("*.json", "sub/config.json", true)] // fnmatch: * crosses folders
+    [InlineData("*.json", "config.json.bak", false)]
+    [InlineData("examples/", "examples/a/b.txt", true)]
+    [InlineData("model-0000?-of-00002.safetensors", "model-00001-of-00002.safetensors", true)]
+    [InlineData("[!m]*", "model.safetensors", false)]
+    [InlineData("[ct]*", "tokenizer.model", true)]
+    [InlineData("a+b(c).txt", "a+b(c).txt", true)]
+    public void GlobPatternsMatchLikeFnmatch(string pattern, string path, bool matches) =>
+        Assert.Equal(matches, new HubFileFilter([pattern], null).Keeps(path));
+
     [Fact]
     public void EndpointAndTokenComeFromTheEnvironmentUnlessGiven()
     {
