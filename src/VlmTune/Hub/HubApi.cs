@@ -23,10 +23,13 @@ internal abstract class HubApi(HubSettings settings)
     {
         using var response = await http.GetAsync(ListingUrl(), HubRequestKind.Listing, "the file list", 0, ct);
         string body;
-        try { body = await response.Content.ReadAsStringAsync(ct); }
-        catch (Exception e) when (e is HttpRequestException or IOException)
+        using var readTimeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        readTimeout.CancelAfter(Settings.Options.ReadTimeout);
+        try { body = await response.Content.ReadAsStringAsync(readTimeout.Token); }
+        catch (Exception e) when (e is HttpRequestException or IOException
+                                  || (e is OperationCanceledException && !ct.IsCancellationRequested))
         {
-            throw new HubTransientException($"the file list of {Settings.RepoId} was cut off ({e.Message})", e);
+            throw new HubTransientException($"the file list of {Settings.RepoId} was cut off or stalled ({e.Message})", e);
         }
         try
         {

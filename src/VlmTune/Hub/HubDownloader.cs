@@ -169,6 +169,7 @@ public static class HubDownloader
 
         public long BytesDone { get; private set; }
         public long? ExpectedSize { get; private set; } = file.Size;
+        public string? ExpectedSha256 { get; private set; } = file.Sha256;
         public long FirstResumedFrom { get; private set; } = -1;
 
         public async Task<bool> RunAsync(CancellationToken ct)
@@ -184,7 +185,11 @@ public static class HubDownloader
                 return true;
             }
 
-            using var response = await http.GetAsync(url, HubRequestKind.File, file.Path, offset, ct);
+            var (response, headers) = await http.GetWithHeadersAsync(url, HubRequestKind.File, file.Path, offset, ct);
+            using var _ = response;
+            // A listing without sha256 or size (some mirrors) is completed from the hub's X-Linked-* headers.
+            ExpectedSha256 ??= headers.Sha256;
+            ExpectedSize ??= headers.Size;
             if (response.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
             {
                 // The partial does not fit the file the server has: start over.
@@ -257,7 +262,7 @@ public static class HubDownloader
         /// <summary>Brings the running sha256 to cover exactly the partial's first <paramref name="offset"/> bytes.</summary>
         private async Task CatchUpHashAsync(long offset, CancellationToken ct)
         {
-            if (file.Sha256 is null) return;
+            if (ExpectedSha256 is null) return;
             if (_hash is not null && _hashedBytes == offset) return;
             _hash?.Dispose();
             _hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
@@ -288,10 +293,10 @@ public static class HubDownloader
             string? problem = null;
             if (ExpectedSize is { } expected && size != expected)
                 problem = $"got {size} bytes, the hub lists {expected}";
-            else if (file.Sha256 is not null && _hash is not null)
+            else if (ExpectedSha256 is not null && _hash is not null)
             {
                 var actual = Convert.ToHexStringLower(_hash.GetHashAndReset());
-                if (actual != file.Sha256) problem = $"sha256 is {actual}, the hub lists {file.Sha256}";
+                if (actual != ExpectedSha256) problem = $"sha256 is {actual}, the hub says {ExpectedSha256}";
             }
             if (problem is null) return size;
             File.Delete(partial);

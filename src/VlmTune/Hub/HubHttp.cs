@@ -7,6 +7,16 @@ namespace VlmTune.Hub;
 internal enum HubRequestKind { Listing, File }
 
 /// <summary>
+/// What the hub itself (not the storage it redirects to) says about a file, as huggingface_hub reads it:
+/// <c>X-Linked-Etag</c> (else <c>ETag</c>; for LFS files the sha256), <c>X-Linked-Size</c>, <c>X-Repo-Commit</c>.
+/// </summary>
+internal sealed record HubFileHeaders(string? Etag, long? Size, string? Commit)
+{
+    /// <summary>The sha256 the etag carries, if it is one (git blob ids of regular files are 40 hex digits).</summary>
+    public string? Sha256 => HubPaths.IsSha256(Etag) ? Etag : null;
+}
+
+/// <summary>
 /// HTTP to a hub: authorization, redirects, retries with exponential backoff, and status codes turned into errors that
 /// say what to do. Transient failures (network, timeouts, 408/429/5xx) surface as <see cref="HubTransientException"/>
 /// inside one attempt and are retried by <see cref="WithRetriesAsync{T}"/>.
@@ -69,9 +79,15 @@ internal sealed class HubHttp : IDisposable
     /// for the rest.
     /// </summary>
     public async Task<HttpResponseMessage> GetAsync(
+        Uri url, HubRequestKind kind, string subject, long rangeStart, CancellationToken ct) =>
+        (await GetWithHeadersAsync(url, kind, subject, rangeStart, ct)).Response;
+
+    /// <summary>As <see cref="GetAsync"/>, also returning the hub's file headers from the responses on its own origin.</summary>
+    public async Task<(HttpResponseMessage Response, HubFileHeaders Headers)> GetWithHeadersAsync(
         Uri url, HubRequestKind kind, string subject, long rangeStart, CancellationToken ct)
     {
         var current = url;
+        var headers = new HubFileHeaders(null, null, null);
         for (var hop = 0; hop <= MaxRedirects; hop++)
         {
             using var request = new HttpRequestMessage(HttpMethod.Get, current);
@@ -99,6 +115,7 @@ internal sealed class HubHttp : IDisposable
                 }
             }
 
+            if (SameOrigin(current, _endpoint)) headers = Merge(headers, response);
             var status = (int)response.StatusCode;
             if (status is >= 300 and < 400 && response.Headers.Location is { } location)
             {
@@ -107,7 +124,7 @@ internal sealed class HubHttp : IDisposable
                 continue;
             }
             if (response.IsSuccessStatusCode || response.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
-                return response;
+                return (response, headers);
 
             using (response)
                 throw await ErrorFor(response, kind, subject, ct);
@@ -149,6 +166,23 @@ internal sealed class HubHttp : IDisposable
             return new HubDownloadException($"Not found (HTTP 404): {what}{detail}. Check the repo id and --revision{hint}.");
         }
         return new HubDownloadException($"HTTP {status} {response.ReasonPhrase} fetching {subject} of {repo}{detail}.");
+    }
+
+    private static HubFileHeaders Merge(HubFileHeaders known, HttpResponseMessage response)
+    {
+        var etag = Header(response, "X-Linked-Etag") ?? response.Headers.ETag?.Tag;
+        var size = long.TryParse(Header(response, "X-Linked-Size"), out var s) ? s : (long?)null;
+        return new HubFileHeaders(
+            NormalizeEtag(etag) ?? known.Etag, size ?? known.Size, Header(response, "X-Repo-Commit") ?? known.Commit);
+    }
+
+    /// <summary>Strips the weak marker and quotes, as huggingface_hub's <c>_normalize_etag</c> does.</summary>
+    private static string? NormalizeEtag(string? etag)
+    {
+        if (string.IsNullOrWhiteSpace(etag)) return null;
+        if (etag.StartsWith("W/", StringComparison.Ordinal)) etag = etag[2..];
+        etag = etag.Trim('"').ToLowerInvariant();
+        return etag.Length == 0 ? null : etag;
     }
 
     private static string? Header(HttpResponseMessage response, string name) =>

@@ -217,6 +217,18 @@ public sealed class HubDownloaderTests : IAsyncLifetime
     }
 
     [FixtureFact]
+    public async Task ListingWithNamesOnlyStillVerifiesLfsFilesByTheirLinkedEtag()
+    {
+        _hub.ListsNamesOnly = true;
+        _hub.Corrupt[Weights] = true;
+        var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options()));
+        Assert.Contains($"{Weights} is corrupt", error.Message);
+        Assert.Contains(_hub.File(Weights).Sha256, error.Message); // from X-Linked-Etag of the resolve answer
+        Assert.False(File.Exists(Path.Combine(_dir, Weights)));
+        Assert.Empty(Partials());
+    }
+
+    [FixtureFact]
     public async Task PartialOfAnOlderVersionIsDiscardedNotResumed()
     {
         var book = Path.Combine(_dir, ".cache", "vlmtune", "download");
