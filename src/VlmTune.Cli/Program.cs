@@ -6,5 +6,6 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
 {
     ChatCommand.Create(),
     BenchCommand.Create(),
+    DownloadCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();
