@@ -68,7 +68,7 @@ internal static class BenchCommand
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
             RandomInit.Apply(model, seed: 0);
-            long llmParams = model.language_model.parameters().Sum(p => p.numel());
+            long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.model.tok_embeddings.weight.numel();
             long vitParams = model.vision_model.parameters().Sum(p => p.numel());
             foreach (var p in model.parameters()) p.requires_grad_(false);
             if (mode == TrainMode.Qlora) Qlora.QuantizeLanguageModel(model.language_model);
