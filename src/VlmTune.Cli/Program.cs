@@ -5,6 +5,8 @@ using VlmTune.Cli.Commands;
 var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal models from .NET.")
 {
     ChatCommand.Create(),
+    BenchCommand.Create(),
+    DownloadCommand.Create(),
     DataCommand.Create(),
     MergeCommand.Create(),
     TrainCommand.Create(),
