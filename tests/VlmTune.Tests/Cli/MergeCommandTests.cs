@@ -17,20 +17,28 @@ public sealed class MergeCommandTests : IDisposable
         try { Directory.Delete(_dir, true); } catch (IOException) { }
     }
 
-    private static CliRunner.Result Run(params string[] args) => CliRunner.Run(args, null);
+    private sealed record Result(int ExitCode, string Stdout, string Stderr);
+
+    private static Result Run(params string[] args) => Run((IEnumerable<string>)args);
+
+    private static Result Run(IEnumerable<string> args)
+    {
+        var (code, stdout, stderr) = CliProcess.RunAsync(args, timeoutSeconds: 300).GetAwaiter().GetResult();
+        return new Result(code, stdout, stderr);
+    }
 
     private static int[] ChatIds(string model, string prompt, string? image = null, string? adapter = null)
     {
         var args = new List<string> { "chat", "--model", model, "--prompt", prompt, "--max-new-tokens", "8", "--json" };
         if (image is not null) args.AddRange(["--image", image]);
         if (adapter is not null) args.AddRange(["--adapter", adapter]);
-        var r = CliRunner.Run(args, null);
+        var r = Run(args);
         Assert.True(r.ExitCode == 0, r.Stderr);
         using var json = JsonDocument.Parse(r.Stdout);
         return json.RootElement.GetProperty("token_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
     }
 
-    private static double VerifiedDiff(CliRunner.Result r)
+    private static double VerifiedDiff(Result r)
     {
         Assert.True(r.ExitCode == 0, r.Stderr + r.Stdout);
         var m = Regex.Match(r.Stdout, @"verify: max \|logit difference\| (?<d>[0-9.e+-]+) over \d+ prompt positions");
