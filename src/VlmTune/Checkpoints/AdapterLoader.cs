@@ -13,12 +13,17 @@ public sealed record AdapterApplyOptions
     /// original weights. Off by default, matching <c>vlmtune merge</c>, which merges into the original weights.
     /// </summary>
     public bool Nf4Base { get; init; }
+    /// <summary>
+    /// Fold the LoRA branches into the loaded weights afterwards (fp32, rounded once to the model dtype), so decoding
+    /// costs what the base model costs (serving). Not with <see cref="Nf4Base"/>.
+    /// </summary>
+    public bool MergeIntoWeights { get; init; }
     /// <summary>Dtype of the LoRA A/B matrices (the branch output is cast to the layer's dtype).</summary>
     public ScalarType LoraDType { get; init; } = ScalarType.Float32;
 }
 
 /// <summary>
-/// Runs a fine-tuned adapter on a loaded base model without merging (<c>vlmtune chat --adapter</c>, the server):
+/// Runs a fine-tuned adapter on a loaded base model (<c>vlmtune chat --adapter</c>, the server), unmerged or merged in memory:
 /// trained full weights replace the base ones, then each LoRA adapter gets its branches on the LLM, the vision
 /// encoder or the whole model. Accepts what <see cref="AdapterCheckpoint.Open"/> accepts.
 /// </summary>
@@ -28,6 +33,8 @@ public static class AdapterLoader
     public static string Apply(InternVLChatModel model, string dir, AdapterApplyOptions? options = null)
     {
         options ??= new AdapterApplyOptions();
+        if (options.MergeIntoWeights && options.Nf4Base)
+            throw new VlmTuneException($"{dir}: an adapter cannot be both merged into the weights and run on an NF4 base; merge into NF4 weights with vlmtune merge --merge-into-nf4 instead.");
         if (PeftAdapter.LoraLinears(model).Any())
             throw new VlmTuneException($"{dir}: the model already has LoRA branches; apply one adapter to a freshly loaded base model.");
         var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
@@ -55,6 +62,7 @@ public static class AdapterLoader
             PeftAdapter.Attach(scope, part.Config, options.LoraDType);
             PeftAdapter.LoadWeights(scope, part.Weights);
         }
-        return adapter.Describe();
+        if (options.MergeIntoWeights) LoraMerge.MergeInto(model);
+        return adapter.Describe() + (options.MergeIntoWeights ? " (merged into the loaded weights)" : "");
     }
 }

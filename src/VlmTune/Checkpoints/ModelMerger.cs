@@ -76,6 +76,9 @@ public static class ModelMerger
         if (options.MergeIntoNf4 && !adapter.Loras.Any(l => l.Modules.Any(m => IsDecoderLinear(m.WeightName, shapes))))
             throw new VlmTuneException($"--merge-into-nf4: {adapter.Dir} has no LoRA on the LLM's decoder layers; there is nothing to merge into NF4 weights.");
         log($"base {baseDir} ({order.Count} tensors); {adapter.Describe()}");
+        foreach (var trainedOn in adapter.Loras.Select(l => l.Config.BaseModelNameOrPath).Distinct())
+            if (trainedOn is not null && Path.IsPathRooted(trainedOn) && Directory.Exists(trainedOn) && FullPath(trainedOn) != baseDir)
+                log($"note: the adapter was trained on {trainedOn}, not on --base {baseDir}; make sure they hold the same weights");
         if (adapter.TrainingMode == "qlora")
             log(options.MergeIntoNf4
                 ? "qlora: merging into the NF4-dequantised decoder weights (--merge-into-nf4)"

@@ -25,6 +25,8 @@ public sealed record ChatLoadOptions
     public string? AdapterDir { get; init; }
     /// <summary>Run the adapter on NF4-quantised LLM decoder weights, as QLoRA trained it (default: the original weights).</summary>
     public bool AdapterNf4Base { get; init; }
+    /// <summary>Fold the adapter's LoRA branches into the loaded weights (decoding at base-model cost, e.g. serving); default: unmerged.</summary>
+    public bool MergeAdapter { get; init; }
 }
 
 /// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
@@ -76,7 +78,7 @@ public sealed class InternVLChat : IDisposable
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
         if (options.AdapterDir is { } adapter)
         {
-            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base }); }
+            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base, MergeIntoWeights = options.MergeAdapter }); }
             catch
             {
                 model.Dispose();

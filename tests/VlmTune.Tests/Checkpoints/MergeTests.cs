@@ -72,6 +72,16 @@ public sealed class MergeTests : IDisposable
             Assert.True(MaxDiff(golden.Read("merged_logits_last"), logits[^4..]) <= Tight, "base + adapter logits vs golden");
             Assert.True(MaxDiff(golden.Read("merged_lse"), logits.logsumexp(-1)) <= Tight, "base + adapter lse vs golden");
         }
+        using (var inMemory = LoadExact(Fixtures.TinyModel))
+        {
+            // Merged in memory (serving): no branch left, the same logits.
+            AdapterLoader.Apply(inMemory, Fixtures.Adapter, new AdapterApplyOptions { MergeIntoWeights = true });
+            Assert.Empty(PeftAdapter.LoraLinears(inMemory));
+            var logits = SampleLogits(inMemory);
+            Assert.True(MaxDiff(golden.Read("merged_logits_last"), logits[^4..]) <= Tight, "in-memory merged logits vs golden");
+            using var fresh = LoadExact(Fixtures.TinyModel);
+            Assert.Throws<VlmTuneException>(() => AdapterLoader.Apply(fresh, Fixtures.Adapter, new AdapterApplyOptions { MergeIntoWeights = true, Nf4Base = true }));
+        }
         using var stored = CheckpointFolder.Open(Out());
         Assert.All(stored.Names, n => Assert.Equal("F32", stored.Entry(n).DType));
         Assert.Equal("float32", Config(Out())["torch_dtype"]!.GetValue<string>());
