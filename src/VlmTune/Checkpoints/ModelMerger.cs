@@ -220,9 +220,9 @@ public static class ModelMerger
 
     private static void WriteIndex(string dir, List<(string File, List<SafetensorsLayout> Entries)> shards)
     {
-        var map = new JsonObject();
-        foreach (var (file, entries) in shards.SelectMany(s => s.Entries.Select(e => (s.File, e))).OrderBy(x => x.e.Name, StringComparer.Ordinal).Select(x => (x.File, x.e)))
-            map[entries.Name] = file;
+        var map = new JsonObject();   // sorted by tensor name, as transformers writes it
+        foreach (var (file, name) in shards.SelectMany(s => s.Entries.Select(e => (s.File, e.Name))).OrderBy(x => x.Name, StringComparer.Ordinal))
+            map[name] = file;
         var index = new JsonObject
         {
             ["metadata"] = new JsonObject { ["total_size"] = shards.Sum(s => s.Entries.Sum(e => e.ByteLength)) },
