@@ -67,8 +67,8 @@ public static class DataValidator
         var imageCache = new ConcurrentDictionary<string, ImageCheck>(StringComparer.Ordinal);
         foreach (var batch in entries.Chunk(BatchSize))
         {
-            var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
             if (imageCache.Count > 100_000) imageCache.Clear(); // bound memory on huge image sets
+            var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
             Parallel.ForEach(paths, path => imageCache[path] = CheckImage(path));
             foreach (var entry in batch)
             {

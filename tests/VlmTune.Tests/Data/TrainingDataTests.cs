@@ -171,6 +171,11 @@ public class TrainingDataTests
         Assert.Equal(3, arrayEntries.Length);
         Assert.Equal(DataProblemKind.BadJson, arrayEntries[2].Problem!.Kind);
         Assert.Equal(3, arrayEntries[2].Problem!.Source.Line);
+        dir.Write("tail.json", "[" + record + "]\n\n" + record + "\n");
+        var tail = TrainingData.ReadEntries(dir["tail.json"]).ToArray();
+        Assert.Equal(2, tail.Length);
+        Assert.Contains("after the closing ']'", tail[1].Problem!.Message);
+        Assert.Equal(3, tail[1].Problem!.Source.Line);
         var lineEntries = TrainingData.ReadEntries(dir["a.jsonl"]).ToArray();
         Assert.Equal(3, lineEntries[2].Problem!.Source.Line);
     }
