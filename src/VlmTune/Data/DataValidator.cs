@@ -27,6 +27,8 @@ public sealed record ValidationOptions
     public bool UseThumbnail { get; init; } = true;
     /// <summary>Problems kept with full detail in the report; all are counted.</summary>
     public int MaxListedProblems { get; init; } = 200;
+    /// <summary>Image checks remembered by path (images shared by many samples are decoded once); bounds memory.</summary>
+    public int ImageCacheSize { get; init; } = 100_000;
 }
 
 public sealed class ValidationReport
@@ -67,7 +69,7 @@ public static class DataValidator
         var imageCache = new ConcurrentDictionary<string, ImageCheck>(StringComparer.Ordinal);
         foreach (var batch in entries.Chunk(BatchSize))
         {
-            if (imageCache.Count > 100_000) imageCache.Clear(); // bound memory on huge image sets
+            if (imageCache.Count > options.ImageCacheSize) imageCache.Clear();
             var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
             Parallel.ForEach(paths, path => imageCache[path] = CheckImage(path));
             foreach (var entry in batch)

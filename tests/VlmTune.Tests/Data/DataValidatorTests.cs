@@ -109,6 +109,18 @@ public class DataValidatorTests
     }
 
     [Fact]
+    public void ImageCacheIsBoundedAndRefilled()
+    {
+        using var dir = new TempDir();
+        for (var i = 0; i < 3; i++) dir.Jpeg($"{i}.jpg", 8 + i, 8);
+        dir.Write("d.jsonl", string.Join("\n", Enumerable.Range(0, 600).Select(i =>
+            $$"""{"image": "{{i % 3}}.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""")));
+        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]), new ValidationOptions { ImageCacheSize = 1 });
+        Assert.Equal(600, report.Samples);
+        Assert.Equal(0, report.ErrorCount);
+    }
+
+    [Fact]
     public void RoleRules()
     {
         ConversationTurn T(string from) => new(from, "x");
