@@ -120,6 +120,26 @@ public class DataValidatorTests
         Assert.Equal(0, report.ErrorCount);
     }
 
+    private sealed class Refusing : ISampleLengthCounter
+    {
+        public int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles) =>
+            throw new VlmTuneException("cannot render this");
+    }
+
+    [Fact]
+    public void ProblemsFoundWhileMeasuringAreReportedNotThrown()
+    {
+        using var dir = new TempDir();
+        dir.Jpeg("x.jpg", 8, 8);
+        dir.Write("d.jsonl", """{"image": ["x.jpg", "x.jpg", "x.jpg"], "conversations": [{"from": "human", "value": "<image><image><image>"}, {"from": "gpt", "value": "a"}]}""" + "\n" +
+                             """{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""");
+        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]),
+            new ValidationOptions { Length = new Refusing(), MinTiles = 2, MaxTiles = 4 });
+        Assert.Equal(2, report.ErrorsByKind[DataProblemKind.BadRecord]);
+        Assert.Contains("below min_dynamic_patch 2", report.Problems[0].Message);
+        Assert.Contains("cannot render this", report.Problems[1].Message);
+    }
+
     [Fact]
     public void RoleRules()
     {
