@@ -156,16 +156,16 @@ public class DataValidatorTests
     {
         using var dir = MakePlantedDefects();
         var good = dir.Write("root/good.jsonl", """{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}""" + "\n");
-        var (code, output) = DataTestFiles.RunCli("data", "validate", "--data", good);
+        var (code, output) = Cli("data", "validate", "--data", good);
         Assert.Equal(0, code);
         Assert.Contains("no errors", output);
 
-        (code, output) = DataTestFiles.RunCli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"]);
+        (code, output) = Cli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"]);
         Assert.Equal(1, code);
         Assert.Contains("data.jsonl:5", output);
 
-        Assert.Equal(1, DataTestFiles.RunCli("data", "validate", "--data", good, "--max-length", "10").ExitCode); // needs --model
-        Assert.Equal(1, DataTestFiles.RunCli("data", "validate", "--data", dir["nope.jsonl"]).ExitCode);
+        Assert.Equal(1, Cli("data", "validate", "--data", good, "--max-length", "10").ExitCode); // needs --model
+        Assert.Equal(1, Cli("data", "validate", "--data", dir["nope.jsonl"]).ExitCode);
     }
 
     [FixtureFact]
@@ -181,8 +181,14 @@ public class DataValidatorTests
         Assert.True(report.Lengths[0] > 3 * 256 + 2);
         Assert.Equal(1, report.TooLong);
 
-        var (code, _) = DataTestFiles.RunCli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"],
+        var (code, _) = Cli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"],
                                              "--model", Fixtures.TinyModel, "--max-length", "4096");
         Assert.Equal(1, code);
+    }
+
+    private static (int ExitCode, string Output) Cli(params string[] args)
+    {
+        var result = CliRunner.Run(args);
+        return (result.ExitCode, result.Stdout + result.Stderr);
     }
 }
