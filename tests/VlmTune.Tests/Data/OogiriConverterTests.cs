@@ -157,6 +157,21 @@ public class OogiriConverterTests
         Assert.Equal(4, JsonDocument.Parse(File.ReadAllText(dir["t.json"])).RootElement.GetArrayLength());
     }
 
+    [Fact]
+    public void UnpairedSurrogateEscapesAreBadLines()
+    {
+        using var dir = new TempDir();
+        dir.Jpeg("images/a.jpg", 8, 8);
+        dir.Write("cn.jsonl", """
+            {"type": "I2T", "question": null, "image": "a", "text": "broken \ud83d emoji"}
+            {"type": "I2T", "question": null, "image": "a", "text": "whole \ud83d\ude02 emoji"}
+            """);
+        var result = OogiriConverter.Convert(dir["cn.jsonl"], dir["ex.json"]);
+        Assert.Equal(1, result.Kept);
+        Assert.Equal((1L, OogiriSkipReason.BadLine), (result.Skipped.Single().Line, result.Skipped.Single().Reason));
+        Assert.Contains("whole 😂 emoji", File.ReadAllText(dir["ex.json"]));
+    }
+
     [FixtureFact]
     public void ConvertsTheRealRawExampleLine()
     {

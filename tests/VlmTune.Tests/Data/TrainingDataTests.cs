@@ -207,7 +207,8 @@ public class TrainingDataTests
             """{"image": 5, "conversations": [{"from": "human", "value": "q"}]}""",
             """{"question": "q"}""",
             """{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}]}]}""",
-            """{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v.mp4"}}]}]}"""));
+            """{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v.mp4"}}]}]}""",
+            """{"conversations": [{"from": "human", "value": "half an emoji \ud83d"}, {"from": "gpt", "value": "a"}]}"""));
         var problems = TrainingData.ReadEntries(dir["d.jsonl"]).Select(e => e.Problem!).ToArray();
         Assert.All(problems, p => Assert.Equal(DataProblemKind.BadRecord, p.Kind));
         Assert.Contains("conversations[0].from is 'user'", problems[0].Message);
@@ -216,6 +217,7 @@ public class TrainingDataTests
         Assert.Contains("needs 'conversations'", problems[3].Message);
         Assert.Contains("not a local file", problems[4].Message);
         Assert.Contains("only 'text' and 'image_url'", problems[5].Message);
+        Assert.Contains("not valid text", problems[6].Message);
     }
 
     [FixtureTheory]
