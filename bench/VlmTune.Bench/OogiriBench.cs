@@ -43,7 +43,8 @@ internal static class OogiriBench
         var report = DataValidator.Validate(TrainingData.ReadEntries(output), new ValidationOptions());
         clock.Stop();
         Console.WriteLine($"validate (decode every image, no tokenizer): {report.Samples} samples, {report.ErrorCount} errors in " +
-                          $"{clock.Elapsed.TotalSeconds:F2} s; peak working set {PeakWorkingSetMiB():F0} MiB");
+                          $"{clock.Elapsed.TotalSeconds:F2} s; peak working set {PeakWorkingSetMiB():F0} MiB " +
+                          $"(managed heap after a full GC: {GC.GetTotalMemory(forceFullCollection: true) / 1048576.0:F0} MiB, report still alive: {report.Records})");
         return 0;
     }
 

@@ -71,7 +71,7 @@ public static class DataValidator
         {
             if (imageCache.Count > options.ImageCacheSize) imageCache.Clear();
             var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
-            Parallel.ForEach(paths, path => imageCache[path] = CheckImage(path));
+            Parallel.ForEach(paths, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, path => imageCache[path] = CheckImage(path));
             foreach (var entry in batch)
             {
                 report.Records++;
