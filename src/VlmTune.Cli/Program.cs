@@ -6,6 +6,8 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
 {
     ChatCommand.Create(),
     BenchCommand.Create(),
+    DownloadCommand.Create(),
     DataCommand.Create(),
+    TrainCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -190,7 +190,7 @@ public class OogiriConverterTests
 
     private static (int ExitCode, string Output) Cli(params string[] args)
     {
-        var result = CliRunner.Run(args);
-        return (result.ExitCode, result.Stdout + result.Stderr);
+        var (code, stdout, stderr) = CliProcess.RunAsync(args, timeoutSeconds: 120).GetAwaiter().GetResult();
+        return (code, stdout + stderr);
     }
 }
