@@ -4,5 +4,6 @@ using VlmTune.Cli.Commands;
 // Program only wires: each command lives in Commands/ with its options and behaviour.
 var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal models from .NET.")
 {
+    ChatCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -1,0 +1,109 @@
+using System.CommandLine;
+using System.Text.Json;
+using System.Text.Encodings.Web;
+using TorchSharp;
+using VlmTune.Inference;
+using VlmTune.Models;
+using VlmTune.Text;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary><c>vlmtune chat</c>: one answer with --prompt, otherwise an interactive multi-turn chat.</summary>
+internal static class ChatCommand
+{
+    private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder (config.json, *.safetensors, tokenizer.model).", Required = true };
+    private static readonly Option<string[]> Images = new("--image") { Description = "Image file; repeat for several (placed at <image> placeholders in order).", AllowMultipleArgumentsPerToken = false };
+    private static readonly Option<string?> Prompt = new("--prompt") { Description = "The question. Without it, chat interactively." };
+    private static readonly Option<string?> System = new("--system") { Description = "System message (default: the template's)." };
+    private static readonly Option<int> MaxNewTokens = new("--max-new-tokens") { Description = "Most tokens to generate.", DefaultValueFactory = _ => 512 };
+    private static readonly Option<double> Temperature = new("--temperature") { Description = "0 = greedy.", DefaultValueFactory = _ => 0.0 };
+    private static readonly Option<double> TopP = new("--top-p") { DefaultValueFactory = _ => 1.0 };
+    private static readonly Option<int> TopK = new("--top-k") { Description = "0 = off.", DefaultValueFactory = _ => 0 };
+    private static readonly Option<double> RepetitionPenalty = new("--repetition-penalty") { DefaultValueFactory = _ => 1.0 };
+    private static readonly Option<long?> Seed = new("--seed") { Description = "Seed for sampling." };
+    private static readonly Option<int> MaxTiles = new("--max-tiles") { Description = "Most tiles per image.", DefaultValueFactory = _ => 12 };
+    private static readonly Option<string> Device = new("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, tiles." };
+
+    public static Command Create()
+    {
+        var command = new Command("chat", "Chat with an InternVL2 model, with images.")
+        {
+            Model, Images, Prompt, System, MaxNewTokens, Temperature, TopP, TopK, RepetitionPenalty, Seed, MaxTiles, Device, DType, Json,
+        };
+        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, ct))));
+        return command;
+    }
+
+    private static int Run(ParseResult parse, CancellationToken ct)
+    {
+        var sampling = new SamplingOptions
+        {
+            Temperature = parse.GetValue(Temperature), TopP = parse.GetValue(TopP), TopK = parse.GetValue(TopK),
+            RepetitionPenalty = parse.GetValue(RepetitionPenalty), Seed = parse.GetValue(Seed), MaxNewTokens = parse.GetValue(MaxNewTokens),
+        };
+        var problems = sampling.Validate().ToList();
+        if (parse.GetValue(MaxTiles) < 1) problems.Add("--max-tiles must be ≥ 1.");
+        if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
+        var images = parse.GetValue(Images) ?? [];
+        foreach (var image in images)
+            if (!File.Exists(image)) throw new VlmTuneException($"{image}: image file not found.");
+
+        using var chat = InternVLChat.Load(parse.GetValue(Model)!, new ChatLoadOptions
+        {
+            Device = parse.GetValue(Device)!, DType = ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
+        });
+        string? system = parse.GetValue(System);
+        string? prompt = parse.GetValue(Prompt);
+        bool json = parse.GetValue(Json);
+
+        if (prompt is not null)
+        {
+            var request = new ChatRequest { Question = prompt, ImagePaths = images, SystemMessage = system, Sampling = sampling };
+            if (json)
+            {
+                var reply = chat.Chat(request, cancellation: ct);
+                Console.WriteLine(JsonSerializer.Serialize(new
+                {
+                    text = reply.Text, token_ids = reply.TokenIds, prompt_tokens = reply.PromptTokens, tiles = reply.Tiles,
+                    finish_reason = reply.FinishReason == FinishReason.Length ? "length" : "stop",
+                }, new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
+            }
+            else
+            {
+                chat.Chat(request, Console.Write, ct);
+                Console.WriteLine();
+            }
+            return 0;
+        }
+
+        // Interactive: as the official multi-turn chat, the images go with every turn and the first question carries
+        // their <image> placeholders, which stay in the history.
+        var history = new List<ChatTurn>();
+        Console.Error.WriteLine("Interactive chat. Empty line or Ctrl-D to quit.");
+        while (!ct.IsCancellationRequested)
+        {
+            Console.Write("user> ");
+            var line = Console.ReadLine();
+            if (string.IsNullOrWhiteSpace(line)) break;
+            Console.Write("assistant> ");
+            var reply = chat.Chat(new ChatRequest
+            {
+                Question = line, ImagePaths = images, History = history, SystemMessage = system, Sampling = sampling,
+            }, Console.Write, ct);
+            Console.WriteLine();
+            history.Add(new ChatTurn(history.Count == 0 && images.Length > 0 && !line.Contains("<image>") ? "<image>\n" + line : line, reply.Text));
+        }
+        return 0;
+    }
+
+    internal static torch.ScalarType? ParseDType(string? name) => name switch
+    {
+        null => null,
+        "float32" or "fp32" => torch.ScalarType.Float32,
+        "bfloat16" or "bf16" => torch.ScalarType.BFloat16,
+        "float16" or "fp16" => torch.ScalarType.Float16,
+        _ => throw new VlmTuneException($"--dtype '{name}' is not supported (float32, bfloat16, float16)."),
+    };
+}

@@ -1,0 +1,142 @@
+using System.Text.Json;
+using VlmTune.Models;
+using VlmTune.Text;
+using VlmTune.Vision;
+using static TorchSharp.torch;
+
+namespace VlmTune.Inference;
+
+/// <summary>How to load a model for chat.</summary>
+public sealed record ChatLoadOptions
+{
+    /// <summary>"cpu" or "cuda" (or "cuda:N").</summary>
+    public string Device { get; init; } = "cpu";
+    /// <summary>Compute dtype; null picks float32 on CPU and bfloat16 on CUDA.</summary>
+    public ScalarType? DType { get; init; }
+    public AttentionKind Attention { get; init; } = AttentionKind.Sdpa;
+    /// <summary>Most tiles per image (thumbnail excluded), as max_num of the official dynamic_preprocess.</summary>
+    public int MaxTiles { get; init; } = 12;
+    public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
+}
+
+/// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
+public sealed record ChatRequest
+{
+    public required string Question { get; init; }
+    public IReadOnlyList<string> ImagePaths { get; init; } = [];
+    public IReadOnlyList<ChatTurn> History { get; init; } = [];
+    /// <summary>Overrides the template's system message.</summary>
+    public string? SystemMessage { get; init; }
+    public SamplingOptions Sampling { get; init; } = new();
+}
+
+public sealed record ChatReply(string Text, IReadOnlyList<int> TokenIds, int PromptTokens, IReadOnlyList<int> Tiles, FinishReason FinishReason);
+
+/// <summary>A prompt ready for the model: token ids and the pixel tiles of its images (all images concatenated).</summary>
+public sealed class PreparedPrompt(int[] inputIds, Tensor? pixels, IReadOnlyList<int> tiles) : IDisposable
+{
+    public int[] InputIds { get; } = inputIds;
+    public Tensor? Pixels { get; } = pixels;
+    public IReadOnlyList<int> Tiles { get; } = tiles;
+    public void Dispose() => Pixels?.Dispose();
+}
+
+/// <summary>
+/// The chat API of an InternVL2 model folder: the official prompt construction (template, system message,
+/// &lt;image&gt; expansion), PIL-exact image tiling, and generation with a KV cache — what <c>model.chat()</c> does.
+/// </summary>
+public sealed class InternVLChat : IDisposable
+{
+    public InternVLChatModel Model { get; }
+    public InternLM2Tokenizer Tokenizer { get; }
+    public ConversationTemplate Template { get; }
+    public ImageProcessor Images { get; }
+    /// <summary>&lt;|im_end|&gt; and the eos ids of generation_config.json.</summary>
+    public IReadOnlySet<int> StopIds { get; }
+
+    private InternVLChat(InternVLChatModel model, InternLM2Tokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
+    {
+        Model = model; Tokenizer = tokenizer; Template = template; Images = images; StopIds = stopIds;
+    }
+
+    public static InternVLChat Load(string modelDir, ChatLoadOptions? options = null)
+    {
+        options ??= new ChatLoadOptions();
+        var device = ParseDevice(options.Device);
+        var dtype = options.DType ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var tokenizer = InternLM2Tokenizer.Load(modelDir);
+        var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
+        var template = ConversationTemplate.Get(model.Config.Template);
+        var images = new ImageProcessor(new ImageProcessorOptions
+        {
+            ImageSize = model.Config.ForceImageSize,
+            MinTiles = model.Config.MinDynamicPatch,
+            MaxTiles = options.MaxTiles,
+            UseThumbnail = model.Config.UseThumbnail,
+            Limits = options.ImageLimits,
+        });
+        var stop = new HashSet<int> { tokenizer.ImEndId };
+        stop.UnionWith(GenerationConfigEosIds(modelDir));
+        return new InternVLChat(model, tokenizer, template, images, stop);
+    }
+
+    public static Device ParseDevice(string name)
+    {
+        try
+        {
+            var device = new Device(name);
+            if (device.type == DeviceType.CUDA && !cuda.is_available())
+                throw new VlmTuneException($"--device {name}: CUDA is not available (no GPU, or the app runs on the CPU-only libtorch).");
+            return device;
+        }
+        catch (ArgumentException) { throw new VlmTuneException($"--device '{name}' is not a device (use cpu or cuda)."); }
+    }
+
+    private static IEnumerable<int> GenerationConfigEosIds(string modelDir)
+    {
+        var path = Path.Combine(modelDir, "generation_config.json");
+        if (!File.Exists(path)) yield break;
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(File.ReadAllText(path)); }
+        catch (JsonException e) { throw new VlmTuneException($"{path}: invalid JSON: {e.Message}"); }
+        using (doc)
+        {
+            if (!doc.RootElement.TryGetProperty("eos_token_id", out var eos)) yield break;
+            if (eos.ValueKind == JsonValueKind.Number) yield return eos.GetInt32();
+            else if (eos.ValueKind == JsonValueKind.Array)
+                foreach (var e in eos.EnumerateArray()) if (e.ValueKind == JsonValueKind.Number) yield return e.GetInt32();
+        }
+    }
+
+    /// <summary>Decodes and tiles the images and builds the prompt ids exactly as the official chat does.</summary>
+    public PreparedPrompt Prepare(ChatRequest request)
+    {
+        var processed = new List<ProcessedImage>();
+        try
+        {
+            foreach (var path in request.ImagePaths) processed.Add(Images.Process(path));
+            var tiles = processed.Select(p => p.TileCount).ToList();
+            var prompt = ChatPrompt.Build(Tokenizer, Template, request.Question, tiles, Model.Config.NumImageToken, request.History, request.SystemMessage);
+            Tensor? pixels = processed.Count == 0 ? null : cat(processed.Select(p => p.PixelValues).ToList(), 0).DetachFromDisposeScope();
+            return new PreparedPrompt(prompt.InputIds, pixels, tiles);
+        }
+        finally { foreach (var p in processed) p.Dispose(); }
+    }
+
+    /// <summary>Answers one turn; <paramref name="onText"/> receives the text as it is generated.</summary>
+    public ChatReply Chat(ChatRequest request, Action<string>? onText = null, CancellationToken cancellation = default)
+    {
+        using var prompt = Prepare(request);
+        using var scope = NewDisposeScope();
+        Tensor? features = null;
+        if (prompt.Pixels is not null)
+            using (no_grad()) features = Model.ExtractFeatures(prompt.Pixels.to(Model.Options.Device, Model.Options.DType));
+        var stream = onText is null ? null : Tokenizer.CreateStreamDecoder();
+        Action<int>? onToken = stream is null ? null : id => { var delta = stream.Push(id); if (delta.Length > 0) onText!(delta); };
+        var result = TokenGenerator.Generate(Model, prompt.InputIds, features, Tokenizer.ImgContextId, request.Sampling, StopIds, onToken, cancellation);
+        if (stream is not null) { var rest = stream.Flush(); if (rest.Length > 0) onText!(rest); }
+        return new ChatReply(Tokenizer.Decode(result.TokenIds), result.TokenIds, result.PromptTokens, prompt.Tiles, result.FinishReason);
+    }
+
+    public void Dispose() => Model.Dispose();
+}
