@@ -44,7 +44,7 @@ public sealed record EngineOptions
 public sealed class EngineBusyException(string message) : VlmTuneException(message);
 
 /// <summary>A request the engine can never run as given (too long for the context or the cache budget, bad options).</summary>
-public sealed class InvalidGenerationRequestException(string message, string? param = null) : VlmTuneException(message)
+public class InvalidGenerationRequestException(string message, string? param = null) : VlmTuneException(message)
 {
     /// <summary>The request field at fault, named as the OpenAI API names it (e.g. max_tokens), if one is.</summary>
     public string? Param { get; } = param;
