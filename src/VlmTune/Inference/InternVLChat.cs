@@ -1,4 +1,5 @@
 using System.Text.Json;
+using TorchSharp;
 using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Vision;
@@ -130,7 +131,7 @@ public sealed class InternVLChat : IDisposable
         using var scope = NewDisposeScope();
         Tensor? features = null;
         if (prompt.Pixels is not null)
-            using (no_grad()) features = Model.ExtractFeatures(prompt.Pixels.to(Model.Options.Device, Model.Options.DType));
+            using (no_grad()) features = Model.ExtractFeatures(prompt.Pixels.to(Model.Options.DType, Model.Options.Device));
         var stream = onText is null ? null : Tokenizer.CreateStreamDecoder();
         Action<int>? onToken = stream is null ? null : id => { var delta = stream.Push(id); if (delta.Length > 0) onText!(delta); };
         var result = TokenGenerator.Generate(Model, prompt.InputIds, features, Tokenizer.ImgContextId, request.Sampling, StopIds, onToken, cancellation);
