@@ -21,6 +21,8 @@ public sealed record ChatClientOptions
     public int MaxTilesPerRequest { get; init; } = 64;
     /// <summary>Smallest width and height of an image; 1×1 "images" are tracking pixels or mistakes, not pictures.</summary>
     public int MinImageSide { get; init; } = 2;
+    /// <summary>Largest image accepted, checked from its header before anything is decoded.</summary>
+    public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
 }
 
 /// <summary>A prompt ready for the engine, and what the answer is cut at.</summary>
@@ -49,11 +51,13 @@ public sealed class InternVLChatClient : IChatClient
     private readonly InferenceEngine _engine;
     private readonly ChatClientOptions _options;
     private readonly ChatClientMetadata _metadata;
+    private readonly ImageProcessor _lowDetail;
 
     public InternVLChatClient(InternVLChat chat, InferenceEngine engine, ChatClientOptions? options = null)
     {
         _chat = chat; _engine = engine; _options = options ?? new ChatClientOptions();
         _metadata = new ChatClientMetadata("vlmtune", null, _options.ModelId);
+        _lowDetail = new ImageProcessor(chat.Images.Options with { MaxTiles = 1 });
     }
 
     public InternVLChat Chat => _chat;
@@ -117,14 +121,23 @@ public sealed class InternVLChatClient : IChatClient
         await foreach (var chunk in GenerateAsync(prepared, cancellationToken).ConfigureAwait(false)) yield return chunk;
     }
 
-    /// <summary>Runs a prepared request (the engine takes its pixels).</summary>
-    public async IAsyncEnumerable<ChatChunk> GenerateAsync(PreparedChat prepared, [EnumeratorCancellation] CancellationToken cancellationToken = default)
+    /// <summary>
+    /// Submits a prepared request at once (so a full queue or a request too long for the context throws here, before
+    /// anything is streamed) and returns its pieces; stopping the enumeration early cancels the request.
+    /// </summary>
+    public IAsyncEnumerable<ChatChunk> GenerateAsync(PreparedChat prepared, CancellationToken cancellationToken = default)
     {
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        var stream = _engine.Submit(prepared.Request, stop.Token);
+        var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        try { return Read(_engine.Submit(prepared.Request, stop.Token), stop, prepared.StopSequences, cancellationToken); }
+        catch { stop.Dispose(); throw; }
+    }
+
+    private async IAsyncEnumerable<ChatChunk> Read(GenerationStream stream, CancellationTokenSource stop, IReadOnlyList<string> stopSequences,
+        [EnumeratorCancellation] CancellationToken cancellationToken)
+    {
         int prompt = stream.PromptTokens, completion = 0;
         var decoder = _chat.Tokenizer.CreateStreamDecoder();
-        var filter = new StopSequenceFilter(prepared.StopSequences);
+        var filter = new StopSequenceFilter(stopSequences);
         var ids = new List<int>();
         try
         {
@@ -147,14 +160,14 @@ public sealed class InternVLChatClient : IChatClient
             }
             var result = await stream.Completion.ConfigureAwait(false);
             cancellationToken.ThrowIfCancellationRequested();
-            var rest = filter.Push(decoder.Flush());
-            rest += filter.Flush();
+            var rest = filter.Push(decoder.Flush()) + filter.Flush();
             yield return new ChatChunk(rest, ids.ToArray(), filter.Stopped ? FinishReason.Stop : result.FinishReason, prompt, completion);
         }
         finally
         {
             // A consumer that stops early (a client that went away) cancels the request.
             if (!stream.Completion.IsCompleted) stop.Cancel();
+            stop.Dispose();
         }
     }
 
@@ -252,7 +265,12 @@ public sealed class InternVLChatClient : IChatClient
         catch (ImageException e) { throw new ChatInputException(e.Message, "image_url"); }
         if (info.Width < _options.MinImageSide || info.Height < _options.MinImageSide)
             throw new ChatInputException($"{name} is {info.Width}x{info.Height}; images must be at least {_options.MinImageSide}x{_options.MinImageSide} pixels.", "image_url");
-        try { return _chat.Images.Process(bytes, name); }
+        try { _options.ImageLimits.Check(info.Width, info.Height, name); }
+        catch (ImageException e) { throw new ChatInputException(e.Message, "image_url"); }
+        // OpenAI's detail "low" asks for a cheap look: one 448-px tile, as dynamic_preprocess with max_num 1.
+        bool low = image.AdditionalProperties?.TryGetValue("detail", out var detail) == true && detail as string == "low";
+        var processor = low ? _lowDetail : _chat.Images;
+        try { return processor.Process(bytes, name); }
         catch (ImageException e) { throw new ChatInputException(e.Message, "image_url"); }
     }
 
