@@ -32,6 +32,8 @@ public sealed record ServerOptions
     /// <summary>Requests in flight (running or waiting) before new ones get 429.</summary>
     public int MaxConcurrentRequests { get; init; } = 128;
     public double RequestTimeoutSeconds { get; init; } = 600;
+    /// <summary>Longest prompt + max_tokens; null: the engine's default for the model.</summary>
+    public int? MaxContextTokens { get; init; }
     /// <summary>KV-cache budget of the engine, in token slots.</summary>
     public long KvCacheTokens { get; init; } = 1 << 18;
 

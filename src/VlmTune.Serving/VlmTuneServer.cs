@@ -92,6 +92,7 @@ public static class VlmTuneServer
             MaxBatch = options.MaxBatch,
             MaxCacheTokens = options.KvCacheTokens,
             MaxQueue = options.MaxConcurrentRequests,
+            MaxContextTokens = options.MaxContextTokens,
         });
         return new InternVLChatClient(chat, engine, new ChatClientOptions
         {
