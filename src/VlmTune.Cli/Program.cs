@@ -7,5 +7,6 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
     ChatCommand.Create(),
     ServeCommand.Create(),
     BenchCommand.Create(),
+    DownloadCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -10,7 +10,9 @@ public static class RandomInit
     public static void Apply(nn.Module model, long seed, double std = 0.02)
     {
         using var noGrad = no_grad();
-        var generator = new Generator((ulong)seed, model.parameters().First().device);
+        // TorchSharp's Generator objects are CPU-only, so seed the global generators instead.
+        random.manual_seed(seed);
+        if (cuda.is_available()) cuda.manual_seed_all(seed);
         foreach (var (name, p) in model.named_parameters())
         {
             if (name.Contains(".lora_")) continue;
@@ -19,7 +21,7 @@ public static class RandomInit
             if (leaf == "bias") p.zero_();
             else if (isNorm) p.fill_(1.0);
             else if (leaf is "ls1" or "ls2") p.fill_(0.1);
-            else p.normal_(0, std, generator);
+            else p.normal_(0, std);
         }
     }
 }
