@@ -75,7 +75,7 @@ internal static class ServeCommand
         using var engine = client.Engine;
         await using var app = VlmTuneServer.Build(options, client);
         await app.StartAsync(ct);
-        Console.Error.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
+        Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
         try { await Task.Delay(Timeout.Infinite, ct); }
         catch (OperationCanceledException) { }
         await app.StopAsync(CancellationToken.None);

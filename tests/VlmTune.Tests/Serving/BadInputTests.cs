@@ -123,6 +123,15 @@ public sealed class BadInputTests(ServerFixture fixture) : IClassFixture<ServerF
     }
 
     [FixtureFact]
+    public async Task SlowRequestTimesOutWith504AndLeavesTheBatch()
+    {
+        await using var server = await fixture.StartAsync(new ServerOptions { RequestTimeoutSeconds = 0.3 });
+        await ErrorAssert.IsError(await server.PostAsync(TestServer.UserRequest("long", maxTokens: 4000)), 504);
+        for (int i = 0; i < 200 && server.Client.Engine.Stats.Running > 0; i++) await Task.Delay(25);
+        Assert.Equal(0, server.Client.Engine.Stats.Running);
+    }
+
+    [FixtureFact]
     public async Task UnknownEndpointIs404InOpenAiShape()
     {
         await using var server = await fixture.StartAsync();

@@ -16,14 +16,19 @@ public sealed class OpenAiCompatibilityTests(ServerFixture fixture) : IClassFixt
     private static List<OpenAI.Chat.ChatMessage> GoldenMessages(string caseName)
     {
         var question = ServerFixture.GoldenQuestion(caseName);
-        if (caseName == "one_image")
-            return [new UserChatMessage(ChatMessageContentPart.CreateImagePart(BinaryData.FromBytes(ServerFixture.Clot), "image/jpeg"), ChatMessageContentPart.CreateTextPart(question))];
-        return [new UserChatMessage(question)];
+        // The golden case's images, in order, then its question (which may place them with <image> placeholders).
+        var parts = Fixtures.Golden.GetProperty("cases").GetProperty(caseName).GetProperty("images") is { ValueKind: JsonValueKind.Array } names
+            ? names.EnumerateArray().Select(n => Path.Combine(Fixtures.TinyDir, Fixtures.Golden.GetProperty("images").GetProperty(n.GetString()!).GetProperty("file").GetString()!))
+                .Select(file => ChatMessageContentPart.CreateImagePart(BinaryData.FromBytes(File.ReadAllBytes(file)), file.EndsWith(".jpg") ? "image/jpeg" : "image/png")).ToList()
+            : [];
+        parts.Add(ChatMessageContentPart.CreateTextPart(question));
+        return [new UserChatMessage(parts)];
     }
 
     [FixtureTheory]
     [InlineData("text_only")]
     [InlineData("one_image")]
+    [InlineData("two_images")]   // 6720 tokens: past the dynamic-NTK threshold, decoded alone by the engine
     public async Task OpenAiClientGetsTheGoldenGreedyAnswer(string caseName)
     {
         await using var server = await fixture.StartAsync();
@@ -167,12 +172,14 @@ public sealed class OpenAiCompatibilityTests(ServerFixture fixture) : IClassFixt
     {
         await using var server = await fixture.StartAsync(new VlmTune.Serving.ServerOptions { MaxConcurrentRequests = 256 });
         var body = JsonSerializer.Serialize(TestServer.UserRequest("Tell me a long story.", maxTokens: 2000, stream: true));
+        int streaming = 0;
         async Task CutAfterHalfASecond()
         {
             using var cut = new CancellationTokenSource(TimeSpan.FromSeconds(0.5));
             try
             {
                 using var response = await server.PostJsonAsync(body, cancellation: cut.Token);
+                Interlocked.Increment(ref streaming);
                 await using var stream = await response.Content.ReadAsStreamAsync(cut.Token);
                 var buffer = new byte[4096];
                 while (await stream.ReadAsync(buffer, cut.Token) > 0) { }
@@ -182,6 +189,7 @@ public sealed class OpenAiCompatibilityTests(ServerFixture fixture) : IClassFixt
             catch (IOException) { }
         }
         await Task.WhenAll(Enumerable.Range(0, 200).Select(_ => CutAfterHalfASecond()));
+        Assert.True(streaming > 1, $"only {streaming} of the requests were streaming when cut");
 
         // Every cut request leaves the batch and the queue (the engine notices at its next step).
         var engine = server.Client.Engine;

@@ -3,16 +3,15 @@ using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Builder;
 using VlmTune.Inference;
-using VlmTune.Models;
 using VlmTune.Serving;
 using VlmTune.Tests.Support;
 
 namespace VlmTune.Tests.Serving;
 
-/// <summary>The tiny model loaded once (exact attention, as the golden parity tests); each test starts its own server over it.</summary>
+/// <summary>The tiny model loaded once, as `vlmtune serve` loads it; each test starts its own server (and engine) over it.</summary>
 public sealed class ServerFixture : IDisposable
 {
-    private readonly Lazy<InternVLChat> _chat = new(() => InternVLChat.Load(Fixtures.TinyModel, new ChatLoadOptions { Attention = AttentionKind.Exact }));
+    private readonly Lazy<InternVLChat> _chat = new(() => InternVLChat.Load(Fixtures.TinyModel, new ChatLoadOptions()));
 
     public InternVLChat Chat => _chat.Value;
 
