@@ -366,18 +366,18 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>Rebuilds the batch cache from the running rows plus <paramref name="joining"/> (whose one-row caches it consumes).</summary>
     private void Restack(List<Sequence> joining)
     {
-        var old = _batchCache;
-        var rows = new List<KvRow>();
-        for (int i = 0; i < _batch.Count; i++) rows.Add(new KvRow(old!, _batch[i].Row, _batch[i].Length));
-        foreach (var seq in joining) rows.Add(new KvRow(seq.Cache!, 0, seq.Length));
+        var rows = _batch.Select(s => new KvRow(_batchCache!, s.Row, s.Length))
+            .Concat(joining.Select(s => new KvRow(s.Cache!, 0, s.Length))).ToList();
         _batch.AddRange(joining);
-        _batchCache = null;
+        KvCache? stacked = null;
         if (_batch.Count > 0)
         {
+            // Room for the longest answer still to come, so no row needs the cache to grow while decoding.
             long length = _batch.Max(s => s.Length), remaining = _batch.Max(s => s.Remaining);
-            _batchCache = KvCache.Stack(rows, length + remaining);
+            stacked = KvCache.Stack(rows, length + remaining);
         }
-        old?.Dispose();
+        _batchCache?.Dispose();
+        _batchCache = stacked;
         for (int i = 0; i < _batch.Count; i++) _batch[i].Row = i;
         foreach (var seq in joining) { seq.Cache!.Dispose(); seq.Cache = null; }
     }
