@@ -89,6 +89,40 @@ public sealed class InferenceEngineTests(TinyModelFixture tiny) : IClassFixture<
         Assert.Equal(0, engine.Stats.Running);
     }
 
+    /// <summary>Requests that join while others are mid-answer (and leave at different times) still equal their solo runs.</summary>
+    [FixtureFact]
+    public async Task RequestsJoiningARunningBatchEqualSolitaryRuns()
+    {
+        var text = Ids("text_only", "prompt_ids");
+        var image = Ids("one_image", "prompt_ids");
+        var waves = new (int[] Prompt, bool Image, int MaxNew)[]
+        {
+            (text, false, 40), (text[..20], false, 30), (image, true, 25), (text[..33], false, 12), (text[..45], false, 20), (image, true, 8),
+        };
+        var expected = waves.Select(w => Alone(w.Prompt, w.Image, new SamplingOptions { MaxNewTokens = w.MaxNew })).ToList();
+
+        using var engine = NewEngine();
+        var results = new List<Task<GenerationResult>>();
+        GenerationStream? previous = null;
+        foreach (var w in waves)
+        {
+            // Wait until the previous request is decoding (has streamed 3 tokens), then join.
+            if (previous is not null)
+            {
+                int seen = 0;
+                await foreach (var _ in previous.ReadTokensAsync()) if (++seen == 3) break;
+            }
+            previous = engine.Submit(new GenerationRequest
+            {
+                PromptIds = w.Prompt, Pixels = w.Image ? CloverPixels() : null, Sampling = new SamplingOptions { MaxNewTokens = w.MaxNew }, StopIds = Stop,
+            });
+            results.Add(previous.Completion);
+        }
+        var done = await Task.WhenAll(results);
+        for (int i = 0; i < waves.Length; i++) Assert.True(expected[i].SequenceEqual(done[i].TokenIds), $"request {i} differs from its solo run");
+        Assert.True(engine.Stats.PeakBatch >= 3, $"peak batch {engine.Stats.PeakBatch}: requests did not join a running batch");
+    }
+
     [FixtureFact]
     public async Task CancellingRemovesTheRequestAndOthersCarryOn()
     {
