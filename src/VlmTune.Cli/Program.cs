@@ -8,5 +8,7 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
     ServeCommand.Create(),
     BenchCommand.Create(),
     DownloadCommand.Create(),
+    DataCommand.Create(),
+    TrainCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -56,6 +56,12 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     /// <summary>When set, supplies the weight in place of <see cref="weight"/> (e.g. dequantised NF4 storage).</summary>
     public Func<Tensor>? WeightProvider { get; set; }
 
+    /// <summary>
+    /// When set, computes the base projection x Wᵀ (+ b) in place of the stored weight, e.g. NF4 storage with a custom
+    /// backward that dequantises again instead of keeping the dequantised weight alive. The LoRA branch still applies.
+    /// </summary>
+    public Func<Tensor, Tensor>? BaseForward { get; set; }
+
     public Linear(long inFeatures, long outFeatures, bool hasBias, ModelOptions o) : base(nameof(Linear))
     {
         InFeatures = inFeatures; OutFeatures = outFeatures;
@@ -84,10 +90,21 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         LoraDropout = dropout;
     }
 
+    /// <summary>Drops the LoRA branch (after merging it into the weight, or to undo <see cref="AddLora"/>).</summary>
+    public void RemoveLora()
+    {
+        if (lora_A is null) return;
+        lora_A.Dispose(); lora_B!.Dispose();
+        lora_A = null; lora_B = null;
+        // TorchSharp unregisters a child module when it is registered again as null.
+        register_module(nameof(lora_A), null!);
+        register_module(nameof(lora_B), null!);
+        LoraScaling = 0; LoraDropout = 0;
+    }
+
     public override Tensor forward(Tensor x)
     {
-        var w = WeightProvider?.Invoke() ?? weight;
-        var y = nn.functional.linear(x, w, bias);
+        var y = BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
         if (lora_A is null) return y;
         var h = LoraDropout > 0 && training ? nn.functional.dropout(x, LoraDropout, true) : x;
         h = h.to_type(lora_A.weight.dtype);

@@ -1,0 +1,184 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text;
+using Spectre.Console;
+using VlmTune.Data;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary><c>vlmtune data convert-oogiri</c> and <c>vlmtune data validate</c>: get training data ready, nothing lost silently.</summary>
+internal static class DataCommand
+{
+    public static Command Create() => new("data", "Convert and validate training data.")
+    {
+        ConvertOogiri(),
+        Validate(),
+    };
+
+    private static Command ConvertOogiri()
+    {
+        var input = new Option<FileInfo>("--input") { Description = "CLoT Oogiri-GO jsonl (e.g. DIR/cn.jsonl); images are read from images/<image>.jpg beside it.", Required = true };
+        var output = new Option<FileInfo>("--output") { Description = "Output file: a JSON array (.json) or JSON lines (.jsonl).", Required = true };
+        var types = new Option<string[]>("--types")
+        {
+            Description = "Line types to keep (comma separated or repeated).",
+            AllowMultipleArgumentsPerToken = true,
+            DefaultValueFactory = _ => ["I2T"],
+        };
+        var prompt = new Option<string>("--default-prompt")
+        {
+            Description = "Question for lines whose question is null or empty.",
+            DefaultValueFactory = _ => OogiriOptions.DefaultPrompt,
+        };
+        var report = new Option<FileInfo?>("--report") { Description = "Write every skipped line (line number, reason, detail) to this file." };
+        var strict = new Option<bool>("--strict") { Description = "Fail on the first malformed line instead of skipping it." };
+        var command = new Command("convert-oogiri", "Convert CLoT Oogiri-GO jsonl to InternVL chat records with image sizes.")
+        {
+            input, output, types, prompt, report, strict,
+        };
+        command.SetAction(parse => CliErrors.Run(() =>
+        {
+            var options = new OogiriOptions
+            {
+                Types = parse.GetValue(types)!.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+                    .ToHashSet(StringComparer.Ordinal),
+                Prompt = parse.GetValue(prompt)!,
+                Strict = parse.GetValue(strict),
+            };
+            var inputPath = parse.GetValue(input)!.FullName;
+            var outputPath = parse.GetValue(output)!.FullName;
+            var result = WithProgress($"converting {Path.GetFileName(inputPath)}",
+                progress => OogiriConverter.Convert(inputPath, outputPath, options, progress));
+
+            Console.WriteLine($"read {result.Read} lines, kept {result.Kept}, skipped {result.Skipped.Count}");
+            foreach (var reason in Enum.GetValues<OogiriSkipReason>())
+                Console.WriteLine($"  {ReasonName(reason),-14} {result.Count(reason)}");
+            Console.WriteLine($"wrote {outputPath}");
+            if (parse.GetValue(report) is { } reportFile)
+            {
+                WriteReport(reportFile.FullName, inputPath, result);
+                Console.WriteLine($"skipped lines listed in {reportFile.FullName}");
+            }
+            return 0;
+        }));
+        return command;
+    }
+
+    private static Command Validate()
+    {
+        var data = new Option<FileInfo>("--data") { Description = "Training data: InternVL JSON array or JSONL, OpenAI messages JSONL, or an InternVL meta file.", Required = true };
+        var imageRoot = new Option<DirectoryInfo?>("--image-root") { Description = "Folder image paths are relative to (default: the data file's folder; meta files use their own roots)." };
+        var model = new Option<DirectoryInfo?>("--model") { Description = "Model folder: its tokenizer and config.json measure token lengths." };
+        var maxLength = new Option<int?>("--max-length") { Description = "Maximum tokens per sample (text + image tokens); longer samples are errors (they would be truncated)." };
+        var maxTiles = new Option<int?>("--max-tiles") { Description = "Tiles per image (max_dynamic_patch; default from the model's config.json, else 12)." };
+        var command = new Command("validate", "Check every sample of training data and print a summary; exit code 1 when any has errors.")
+        {
+            data, imageRoot, model, maxLength, maxTiles,
+        };
+        command.SetAction(parse => CliErrors.Run(() =>
+        {
+            var dataPath = parse.GetValue(data)!.FullName;
+            var options = new ValidationOptions { MaxLength = parse.GetValue(maxLength) };
+            if (parse.GetValue(model) is { } modelDir)
+                options = ModelLength.Configure(options, modelDir.FullName);
+            if (parse.GetValue(maxTiles) is { } tiles)
+            {
+                if (tiles < 1) throw new VlmTuneException($"--max-tiles must be at least 1, got {tiles}");
+                options = options with { MaxTiles = tiles };
+            }
+            if (options.MaxLength is not null && options.Length is null)
+                throw new VlmTuneException("--max-length needs --model (its tokenizer counts the tokens)");
+
+            var entries = TrainingData.ReadEntries(dataPath, parse.GetValue(imageRoot)?.FullName);
+            var report = WithStatus($"validating {Path.GetFileName(dataPath)}",
+                status => DataValidator.Validate(entries, options, status));
+            PrintReport(report, options);
+            return report.ErrorCount == 0 ? 0 : 1;
+        }));
+        return command;
+    }
+
+    private static void PrintReport(ValidationReport report, ValidationOptions options)
+    {
+        var table = new Table().AddColumn("check").AddColumn(new TableColumn("count").RightAligned());
+        table.AddRow("records", report.Records.ToString(CultureInfo.InvariantCulture));
+        table.AddRow("samples", report.Samples.ToString(CultureInfo.InvariantCulture));
+        table.AddRow("images", report.Images.ToString(CultureInfo.InvariantCulture));
+        foreach (var kind in Enum.GetValues<DataProblemKind>())
+        {
+            var n = report.ErrorsByKind.GetValueOrDefault(kind);
+            table.AddRow($"errors: {KindName(kind)}", n == 0 ? "0" : $"[red]{n}[/]");
+        }
+        if (options.Length is not null)
+        {
+            table.AddRow("samples measured", report.Lengths.Count.ToString(CultureInfo.InvariantCulture));
+            table.AddRow("length p50", report.Percentile(50).ToString(CultureInfo.InvariantCulture));
+            table.AddRow("length p90", report.Percentile(90).ToString(CultureInfo.InvariantCulture));
+            table.AddRow("length p99", report.Percentile(99).ToString(CultureInfo.InvariantCulture));
+            table.AddRow("length max", report.Lengths.DefaultIfEmpty().Max().ToString(CultureInfo.InvariantCulture));
+            table.AddRow($"would be truncated (> {options.MaxLength?.ToString(CultureInfo.InvariantCulture) ?? "-"})", report.TooLong.ToString(CultureInfo.InvariantCulture));
+        }
+        else table.AddRow("token lengths", "not measured (pass --model)");
+        AnsiConsole.Write(table);
+        foreach (var problem in report.Problems)
+            Console.WriteLine($"{KindName(problem.Kind)}: {problem}");
+        if (report.ErrorCount > report.Problems.Count)
+            Console.WriteLine($"... and {report.ErrorCount - report.Problems.Count} more");
+        Console.WriteLine(report.ErrorCount == 0 ? "ok: no errors" : $"{report.ErrorCount} error(s)");
+    }
+
+    /// <summary>Runs <paramref name="work"/> with a progress bar when stdout is a terminal, plainly otherwise.</summary>
+    private static T WithProgress<T>(string label, Func<IProgress<double>?, T> work)
+    {
+        if (Console.IsOutputRedirected || !AnsiConsole.Profile.Capabilities.Interactive) return work(null);
+        T result = default!;
+        AnsiConsole.Progress().AutoClear(true).Start(context =>
+        {
+            var task = context.AddTask(label, maxValue: 1.0);
+            result = work(new Progress<double>(fraction => task.Value = fraction));
+            task.Value = 1.0;
+        });
+        return result;
+    }
+
+    /// <summary>Runs <paramref name="work"/> with a live record count when stdout is a terminal (the total is unknown while streaming).</summary>
+    private static T WithStatus<T>(string label, Func<Action<long>?, T> work)
+    {
+        if (Console.IsOutputRedirected || !AnsiConsole.Profile.Capabilities.Interactive) return work(null);
+        return AnsiConsole.Status().Start(label, context => work(n => context.Status($"{label}: {n:N0} records")));
+    }
+
+    private static void WriteReport(string path, string input, OogiriResult result)
+    {
+        var text = new StringBuilder();
+        text.Append("# skipped lines of ").Append(input).Append('\n');
+        text.Append("line\treason\tdetail\n");
+        foreach (var skip in result.Skipped)
+            text.Append(skip.Line.ToString(CultureInfo.InvariantCulture)).Append('\t').Append(ReasonName(skip.Reason)).Append('\t')
+                .Append(skip.Detail.ReplaceLineEndings(" ")).Append('\n');
+        var temp = path + $".tmp-{Environment.ProcessId}";
+        File.WriteAllText(temp, text.ToString(), new UTF8Encoding(false));
+        File.Move(temp, path, overwrite: true);
+    }
+
+    internal static string ReasonName(OogiriSkipReason reason) => reason switch
+    {
+        OogiriSkipReason.Type => "type",
+        OogiriSkipReason.MissingImage => "missing image",
+        OogiriSkipReason.EmptyText => "empty text",
+        _ => "bad line",
+    };
+
+    private static string KindName(DataProblemKind kind) => kind switch
+    {
+        DataProblemKind.BadJson => "bad JSON",
+        DataProblemKind.BadRecord => "bad record",
+        DataProblemKind.PathEscapesRoot => "path escapes root",
+        DataProblemKind.RolesNotAlternating => "roles not alternating",
+        DataProblemKind.PlaceholderMismatch => "placeholder mismatch",
+        DataProblemKind.ImageMissing => "image missing",
+        DataProblemKind.ImageUndecodable => "image undecodable",
+        DataProblemKind.TooLong => "too long",
+        _ => kind.ToString(),
+    };
+}

@@ -1,0 +1,163 @@
+using System.Collections.Concurrent;
+using VlmTune.Text;
+using VlmTune.Vision;
+
+namespace VlmTune.Data;
+
+/// <summary>Tokens a sample takes in training: its conversation rendered and tokenized, with its images' tiles.</summary>
+public interface ISampleLengthCounter
+{
+    /// <param name="imageTiles">Tiles of each image, in placeholder order.</param>
+    int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles);
+}
+
+/// <summary>How many tiles an image of this size becomes (InternVL's dynamic preprocess, thumbnail included).</summary>
+public delegate int TileCounter(int width, int height, int minTiles, int maxTiles, bool useThumbnail);
+
+public sealed record ValidationOptions
+{
+    /// <summary>Longest allowed sample in tokens; null skips the check.</summary>
+    public int? MaxLength { get; init; }
+    /// <summary>Measures token lengths; null skips length measurement entirely.</summary>
+    public ISampleLengthCounter? Length { get; init; }
+    public TileCounter Tiles { get; init; } = (w, h, min, max, thumbnail) => DynamicPreprocess.CountTiles(w, h, min, max, thumbnail);
+    public int MinTiles { get; init; } = 1;
+    /// <summary>Tiles of a single image (InternVL's max_dynamic_patch; a meta dataset's own value wins).</summary>
+    public int MaxTiles { get; init; } = 12;
+    public bool UseThumbnail { get; init; } = true;
+    /// <summary>Problems kept with full detail in the report; all are counted.</summary>
+    public int MaxListedProblems { get; init; } = 200;
+}
+
+public sealed class ValidationReport
+{
+    public long Records { get; internal set; }
+    public long Samples { get; internal set; }
+    public long Images { get; internal set; }
+    public Dictionary<DataProblemKind, long> ErrorsByKind { get; } = new();
+    public List<DataProblem> Problems { get; } = new();
+    /// <summary>Token length of each sample without other problems (empty when no length counter was given).</summary>
+    public List<int> Lengths { get; } = new();
+    public long ErrorCount => ErrorsByKind.Values.Sum();
+    /// <summary>Samples over the maximum length (they would be truncated).</summary>
+    public long TooLong => ErrorsByKind.GetValueOrDefault(DataProblemKind.TooLong);
+
+    /// <summary>The p-th percentile (0..100, nearest rank) of <see cref="Lengths"/>.</summary>
+    public int Percentile(double p)
+    {
+        if (Lengths.Count == 0) return 0;
+        var sorted = Lengths.Order().ToArray();
+        var rank = (int)Math.Ceiling(p / 100 * sorted.Length);
+        return sorted[Math.Clamp(rank - 1, 0, sorted.Length - 1)];
+    }
+}
+
+/// <summary>
+/// Checks every record of training data: it parses, roles alternate, &lt;image&gt; placeholders match the images,
+/// images exist and decode, and the sample fits the maximum length (text tokens + tokens per tile × tiles, tiles from
+/// the real image size). Streams the records; image checks of each batch run in parallel and are cached by path.
+/// </summary>
+public static class DataValidator
+{
+    private const int BatchSize = 256;
+
+    public static ValidationReport Validate(IEnumerable<DataEntry> entries, ValidationOptions options, Action<long>? progress = null)
+    {
+        var report = new ValidationReport();
+        var imageCache = new ConcurrentDictionary<string, ImageCheck>(StringComparer.Ordinal);
+        foreach (var batch in entries.Chunk(BatchSize))
+        {
+            var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
+            if (imageCache.Count > 100_000) imageCache.Clear(); // bound memory on huge image sets
+            Parallel.ForEach(paths, path => imageCache[path] = CheckImage(path));
+            foreach (var entry in batch)
+            {
+                report.Records++;
+                if (entry.Problem is not null) { Add(report, entry.Problem, options); continue; }
+                var sample = entry.Sample!;
+                report.Samples++;
+                report.Images += sample.Images.Count;
+                var problems = CheckSample(sample, imageCache, options, out var length);
+                foreach (var problem in problems) Add(report, problem, options);
+                if (length is { } n) report.Lengths.Add(n);
+            }
+            progress?.Invoke(report.Records);
+        }
+        return report;
+    }
+
+    private static List<DataProblem> CheckSample(TrainingSample sample, IReadOnlyDictionary<string, ImageCheck> images,
+                                                        ValidationOptions options, out int? length)
+    {
+        var problems = new List<DataProblem>();
+        var source = sample.Source;
+        var roleError = RoleError(sample.Conversations);
+        if (roleError is not null) problems.Add(new DataProblem(DataProblemKind.RolesNotAlternating, source, roleError));
+        var placeholders = sample.PlaceholderCount();
+        if (placeholders != sample.Images.Count)
+            problems.Add(new DataProblem(DataProblemKind.PlaceholderMismatch, source,
+                $"{placeholders} <image> placeholder(s) for {sample.Images.Count} image(s)"));
+
+        var tiles = new List<int>(sample.Images.Count);
+        // As InternVL: several images share the tile budget, at least one tile each.
+        var maxTiles = Math.Max(1, (sample.MaxDynamicPatch ?? options.MaxTiles) / Math.Max(1, sample.Images.Count));
+        foreach (var path in sample.Images)
+        {
+            var check = images[path];
+            if (check.Problem is { } kind) problems.Add(new DataProblem(kind, source, $"image {path}: {check.Message}"));
+            else tiles.Add(options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail));
+        }
+
+        // Only a sample that is otherwise sound can be rendered the way training will.
+        length = null;
+        if (options.Length is not null && problems.Count == 0)
+        {
+            length = options.Length.Count(sample.Conversations, tiles);
+            if (options.MaxLength is { } max && length > max)
+                problems.Add(new DataProblem(DataProblemKind.TooLong, source, $"{length} tokens, over the maximum length {max} (it would be truncated)"));
+        }
+        return problems;
+    }
+
+    /// <summary>Turns must be: an optional system turn, then human and gpt alternating, ending with gpt.</summary>
+    internal static string? RoleError(IReadOnlyList<ConversationTurn> turns)
+    {
+        var start = turns.Count > 0 && turns[0].From == ConversationTurn.System ? 1 : 0;
+        if (start == turns.Count) return "no human/gpt turns";
+        for (var i = start; i < turns.Count; i++)
+        {
+            var expected = (i - start) % 2 == 0 ? ConversationTurn.Human : ConversationTurn.Gpt;
+            if (turns[i].From != expected)
+                return $"turn {i} is from '{turns[i].From}' where '{expected}' was expected (turns must alternate human, gpt after an optional first system turn)";
+        }
+        if (turns[^1].From != ConversationTurn.Gpt) return "the last turn is from 'human' and has no gpt answer to learn from";
+        return null;
+    }
+
+    private static void Add(ValidationReport report, DataProblem problem, ValidationOptions options)
+    {
+        report.ErrorsByKind[problem.Kind] = report.ErrorsByKind.GetValueOrDefault(problem.Kind) + 1;
+        if (report.Problems.Count < options.MaxListedProblems) report.Problems.Add(problem);
+    }
+
+    private readonly record struct ImageCheck(DataProblemKind? Problem, string? Message, int Width, int Height);
+
+    /// <summary>Exists and decodes fully with PIL's semantics (a truncated file fails); the size is as stored.</summary>
+    private static ImageCheck CheckImage(string path)
+    {
+        if (!File.Exists(path)) return new ImageCheck(DataProblemKind.ImageMissing, "not found", 0, 0);
+        try
+        {
+            var image = ImageDecoder.Decode(path);
+            return new ImageCheck(null, null, image.Width, image.Height);
+        }
+        catch (ImageException e)
+        {
+            return new ImageCheck(DataProblemKind.ImageUndecodable, e.Message, 0, 0);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return new ImageCheck(DataProblemKind.ImageUndecodable, $"cannot be read ({e.Message})", 0, 0);
+        }
+    }
+}

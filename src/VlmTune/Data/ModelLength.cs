@@ -1,0 +1,48 @@
+using VlmTune.Models;
+using VlmTune.Text;
+
+namespace VlmTune.Data;
+
+/// <summary>
+/// Exact training lengths: the conversation rendered by the model's template and tokenized as
+/// <see cref="ConversationTokenizer"/> does for training, image tokens included.
+/// </summary>
+public sealed class TrainingLength : ISampleLengthCounter
+{
+    private readonly InternLM2Tokenizer _tokenizer;
+    private readonly ConversationTokenizer _conversations;
+
+    public TrainingLength(InternLM2Tokenizer tokenizer, ConversationTemplate template, int numImageToken)
+    {
+        _tokenizer = tokenizer;
+        // The maximum length only matters for cutting, which is not done here.
+        _conversations = new ConversationTokenizer(tokenizer, template, numImageToken, maxLength: int.MaxValue);
+    }
+
+    public int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles)
+    {
+        // Render with one tile per image and add the rest arithmetically: the same count as rendering every
+        // <IMG_CONTEXT> (they are single added tokens) without building strings of thousands of them.
+        var ones = Enumerable.Repeat(1, imageTiles.Count).ToArray();
+        var text = _conversations.Render(conversation, ones);
+        return _tokenizer.CountTokens(text) + _conversations.NumImageToken * imageTiles.Sum(t => t - 1);
+    }
+}
+
+/// <summary>Sets up length measurement for a model folder: its tokenizer, template and tiling from config.json.</summary>
+public static class ModelLength
+{
+    public static ValidationOptions Configure(ValidationOptions options, string modelDir)
+    {
+        var config = InternVLConfig.Load(modelDir);
+        var tokenizer = InternLM2Tokenizer.Load(modelDir);
+        var dynamic = config.DynamicImageSize;
+        return options with
+        {
+            Length = new TrainingLength(tokenizer, ConversationTemplate.Get(config.Template), config.NumImageToken),
+            MaxTiles = dynamic ? config.MaxDynamicPatch : 1,
+            MinTiles = dynamic ? config.MinDynamicPatch : 1,
+            UseThumbnail = dynamic && config.UseThumbnail,
+        };
+    }
+}

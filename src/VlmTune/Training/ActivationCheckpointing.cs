@@ -1,0 +1,94 @@
+using TorchSharp;
+using VlmTune.Models;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+/// <summary>
+/// Gradient (activation) checkpointing of InternLM2 decoder layers: the forward pass keeps only each layer's input;
+/// the backward pass runs the layer again with the same random state and backpropagates through it. Memory for
+/// activations drops from all layers to one, for about one extra forward pass of compute.
+/// </summary>
+public static class ActivationCheckpointing
+{
+    /// <summary>Sets <see cref="InternLM2Model.LayerRunner"/> to a checkpointing runner (or clears it).</summary>
+    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds)
+    {
+        if (!enabled) { model.LayerRunner = null; return; }
+        model.LayerRunner = (layer, x, rope, inputs) =>
+        {
+            if (!is_grad_enabled()) return layer.Forward(x, rope, inputs);
+            // Frozen embeddings give an input that needs no grad; the checkpoint must still run its backward so the
+            // layer's own trainable weights (LoRA) get gradients, as HF's enable_input_require_grads() arranges.
+            if (!x.requires_grad) x = x.detach().requires_grad_(true);
+            long seed = seeds.ForLayer(layer.Index);
+            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed));
+        };
+    }
+
+    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed);
+
+    internal sealed class CheckpointedLayer : autograd.SingleTensorFunction<CheckpointedLayer>
+    {
+        public override string Name => nameof(CheckpointedLayer);
+
+        public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+        {
+            Tensor x = (Tensor)vars[0], cos = (Tensor)vars[1], sin = (Tensor)vars[2], positions = (Tensor)vars[3];
+            var call = (LayerCall)vars[4];
+            ctx.save_for_backward([x, cos, sin, positions]);
+            ctx.save_data("call", call);
+            manual_seed(call.Seed);
+            return call.Layer.Forward(x, new RotaryTables(cos, sin, call.Theta, positions), call.Inputs);
+        }
+
+        public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+        {
+            var saved = ctx.get_saved_variables();
+            var call = (LayerCall)ctx.get_data("call");
+            Tensor gradX;
+            using (var scope = NewDisposeScope())
+            {
+                using (enable_grad())
+                {
+                    manual_seed(call.Seed);   // the same dropout masks as the forward pass
+                    var x = saved[0].detach().requires_grad_(true);
+                    var y = call.Layer.Forward(x, new RotaryTables(saved[1], saved[2], call.Theta, saved[3]), call.Inputs);
+                    y.backward([gradOutput]);
+                    gradX = x.grad!.detach().MoveToOuterDisposeScope();
+                }
+            }
+            BackwardScratch.Keep(gradX);
+            foreach (var t in saved) t.Dispose();
+            return [gradX, null!, null!, null!, null!];
+        }
+    }
+}
+
+/// <summary>
+/// Seeds for dropout (LoRA dropout) that depend only on the step, micro-batch and layer: a recomputed layer draws the
+/// same masks as its first pass, and a resumed run the same masks as an uninterrupted one.
+/// </summary>
+public sealed class DropoutSeeds(long baseSeed)
+{
+    private long _micro;
+
+    /// <summary>Called before each micro-batch's forward pass.</summary>
+    public void StartMicroBatch(long globalMicroIndex) => _micro = globalMicroIndex;
+
+    public long ForLayer(int layer) => Mix(baseSeed, _micro, layer + 1);
+
+    public long ForMicroBatch() => Mix(baseSeed, _micro, 0);
+
+    private static long Mix(long a, long b, long c)
+    {
+        ulong h = 1469598103934665603UL;
+        foreach (var v in new[] { a, b, c })
+        {
+            h ^= (ulong)v;
+            h *= 1099511628211UL;
+            h ^= h >> 29;
+        }
+        return (long)(h & 0x7FFF_FFFF_FFFF);
+    }
+}

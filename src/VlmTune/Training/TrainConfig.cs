@@ -1,0 +1,438 @@
+using System.Globalization;
+using System.Text;
+using YamlDotNet.Core;
+using YamlDotNet.RepresentationModel;
+
+namespace VlmTune.Training;
+
+public enum TrainMode { Full, Lora, Qlora }
+
+public enum NanPolicy { Stop, Skip }
+
+/// <summary>
+/// Everything <c>vlmtune train</c> reads from its YAML config, one flat set of keys (see docs/training.md and
+/// configs/). Any key can be overridden with <c>--set key=value</c> (the value is read as YAML: <c>--set lr=1e-5</c>,
+/// <c>--set data=[a.jsonl,b.jsonl]</c>). Unknown keys, wrong types and impossible combinations are all reported at once.
+/// </summary>
+public sealed class TrainConfig
+{
+    // What to train on.
+    public string Model { get; set; } = "";
+    public List<string> Data { get; set; } = [];
+    public string? ImageRoot { get; set; }
+    public string Template { get; set; } = "internlm2-chat";
+    public string? SystemMessage { get; set; }
+    public int MaxLength { get; set; } = 8192;
+    public int MinDynamicPatch { get; set; } = 1;
+    public int MaxDynamicPatch { get; set; } = 12;
+    public bool UseThumbnail { get; set; } = true;
+
+    // What to train.
+    public TrainMode Mode { get; set; } = TrainMode.Qlora;
+    public bool FreezeVision { get; set; } = true;
+    public bool FreezeProjector { get; set; }
+    /// <summary>Null: frozen for lora/qlora, trained for full.</summary>
+    public bool? FreezeLlm { get; set; }
+    public int LoraR { get; set; } = 128;
+    public double LoraAlpha { get; set; } = 256;
+    public double LoraDropout { get; set; } = 0.05;
+    public List<string> LoraTargets { get; set; } = ["wqkv", "wo", "w1", "w2", "w3", "output"];
+    /// <summary>0: no vision LoRA. Otherwise LoRA of this rank on the ViT's attention and MLP linears.</summary>
+    public int VisionLoraR { get; set; }
+    public double VisionLoraAlpha { get; set; } = 16;
+    public List<string> VisionLoraTargets { get; set; } = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"];
+
+    // How to train.
+    public double Lr { get; set; } = 2e-4;
+    public List<double> Betas { get; set; } = [0.9, 0.999];
+    public double WeightDecay { get; set; } = 0.05;
+    public double MaxNorm { get; set; } = 1.0;
+    public double WarmupRatio { get; set; } = 0.03;
+    public int BatchSize { get; set; } = 4;
+    public int AccumulativeCounts { get; set; } = 4;
+    public int? MaxEpochs { get; set; } = 1;
+    /// <summary>Iterations (micro-batches) to run; when set, it wins over max_epochs.</summary>
+    public long? MaxSteps { get; set; }
+    public bool GradientCheckpointing { get; set; } = true;
+    public bool GroupByLength { get; set; } = true;
+    public int DataloaderNumWorkers { get; set; } = 4;
+    public int LossChunkSize { get; set; } = 1024;
+    public int Seed { get; set; } = 42;
+    public string Device { get; set; } = "cuda";
+    /// <summary>auto: bf16 on CUDA, fp32 on CPU.</summary>
+    public string Dtype { get; set; } = "auto";
+    public NanPolicy NanPolicy { get; set; } = NanPolicy.Stop;
+
+    // Outputs.
+    public string? Name { get; set; }
+    public string? WorkDir { get; set; }
+    public int LogInterval { get; set; } = 10;
+    /// <summary>Iterations between checkpoints (0: only at the end).</summary>
+    public long SaveSteps { get; set; } = 500;
+    /// <summary>Checkpoints kept (≤ 0: all).</summary>
+    public int SaveTotalLimit { get; set; } = 2;
+    /// <summary>Peak dense TFLOPS of the device for the MFU column (default: 989, an H100 SXM in bf16; none on CPU).</summary>
+    public double? PeakTflops { get; set; }
+
+    /// <summary>Where the config came from (for messages and the default run name).</summary>
+    public string Source { get; private set; } = "<config>";
+
+    public bool LlmFrozen => FreezeLlm ?? Mode != TrainMode.Full;
+    public bool UsesLora => Mode != TrainMode.Full;
+    public string RunName => Name ?? Path.GetFileNameWithoutExtension(Source);
+    public string ResolvedWorkDir => WorkDir ?? Path.Combine("work_dirs", RunName);
+
+    private sealed record Field(string Key, string Kind, Func<TrainConfig, object?> Get, Func<TrainConfig, YamlNode, string?> Set);
+
+    private static readonly Field[] Fields =
+    [
+        Str("model", (c, v) => c.Model = v, c => c.Model),
+        StrList("data", (c, v) => c.Data = v, c => c.Data),
+        OptStr("image_root", (c, v) => c.ImageRoot = v, c => c.ImageRoot),
+        Str("template", (c, v) => c.Template = v, c => c.Template),
+        OptStr("system_message", (c, v) => c.SystemMessage = v, c => c.SystemMessage),
+        Int("max_length", (c, v) => c.MaxLength = v, c => c.MaxLength),
+        Int("min_dynamic_patch", (c, v) => c.MinDynamicPatch = v, c => c.MinDynamicPatch),
+        Int("max_dynamic_patch", (c, v) => c.MaxDynamicPatch = v, c => c.MaxDynamicPatch),
+        Bool("use_thumbnail", (c, v) => c.UseThumbnail = v, c => c.UseThumbnail),
+        Enum<TrainMode>("mode", (c, v) => c.Mode = v, c => c.Mode),
+        Bool("freeze_vision", (c, v) => c.FreezeVision = v, c => c.FreezeVision),
+        Bool("freeze_projector", (c, v) => c.FreezeProjector = v, c => c.FreezeProjector),
+        OptBool("freeze_llm", (c, v) => c.FreezeLlm = v, c => c.FreezeLlm),
+        Int("lora_r", (c, v) => c.LoraR = v, c => c.LoraR),
+        Num("lora_alpha", (c, v) => c.LoraAlpha = v, c => c.LoraAlpha),
+        Num("lora_dropout", (c, v) => c.LoraDropout = v, c => c.LoraDropout),
+        StrList("lora_targets", (c, v) => c.LoraTargets = v, c => c.LoraTargets),
+        Int("vision_lora_r", (c, v) => c.VisionLoraR = v, c => c.VisionLoraR),
+        Num("vision_lora_alpha", (c, v) => c.VisionLoraAlpha = v, c => c.VisionLoraAlpha),
+        StrList("vision_lora_targets", (c, v) => c.VisionLoraTargets = v, c => c.VisionLoraTargets),
+        Num("lr", (c, v) => c.Lr = v, c => c.Lr),
+        NumList("betas", (c, v) => c.Betas = v, c => c.Betas),
+        Num("weight_decay", (c, v) => c.WeightDecay = v, c => c.WeightDecay),
+        Num("max_norm", (c, v) => c.MaxNorm = v, c => c.MaxNorm),
+        Num("warmup_ratio", (c, v) => c.WarmupRatio = v, c => c.WarmupRatio),
+        Int("batch_size", (c, v) => c.BatchSize = v, c => c.BatchSize),
+        Int("accumulative_counts", (c, v) => c.AccumulativeCounts = v, c => c.AccumulativeCounts),
+        OptInt("max_epochs", (c, v) => c.MaxEpochs = v, c => c.MaxEpochs),
+        OptLong("max_steps", (c, v) => c.MaxSteps = v, c => c.MaxSteps),
+        Bool("gradient_checkpointing", (c, v) => c.GradientCheckpointing = v, c => c.GradientCheckpointing),
+        Bool("group_by_length", (c, v) => c.GroupByLength = v, c => c.GroupByLength),
+        Int("dataloader_num_workers", (c, v) => c.DataloaderNumWorkers = v, c => c.DataloaderNumWorkers),
+        Int("loss_chunk_size", (c, v) => c.LossChunkSize = v, c => c.LossChunkSize),
+        Int("seed", (c, v) => c.Seed = v, c => c.Seed),
+        Str("device", (c, v) => c.Device = v, c => c.Device),
+        Str("dtype", (c, v) => c.Dtype = v, c => c.Dtype),
+        Enum<NanPolicy>("nan_policy", (c, v) => c.NanPolicy = v, c => c.NanPolicy),
+        OptStr("name", (c, v) => c.Name = v, c => c.Name),
+        OptStr("work_dir", (c, v) => c.WorkDir = v, c => c.WorkDir),
+        Int("log_interval", (c, v) => c.LogInterval = v, c => c.LogInterval),
+        Long("save_steps", (c, v) => c.SaveSteps = v, c => c.SaveSteps),
+        Int("save_total_limit", (c, v) => c.SaveTotalLimit = v, c => c.SaveTotalLimit),
+        OptNum("peak_tflops", (c, v) => c.PeakTflops = v, c => c.PeakTflops),
+    ];
+
+    public static IReadOnlyList<string> Keys => Fields.Select(f => f.Key).ToList();
+
+    /// <summary>Reads a config file and applies <c>key=value</c> overrides; throws <see cref="ConfigException"/> listing every problem.</summary>
+    public static TrainConfig Load(string path, IEnumerable<string>? overrides = null)
+    {
+        if (!File.Exists(path)) throw new ConfigException(path, [$"config file not found: {Path.GetFullPath(path)}"]);
+        return Parse(File.ReadAllText(path), path, overrides);
+    }
+
+    public static TrainConfig Parse(string yaml, string source, IEnumerable<string>? overrides = null)
+    {
+        var config = new TrainConfig { Source = source };
+        var problems = new List<string>();
+        var byKey = Fields.ToDictionary(f => f.Key, StringComparer.Ordinal);
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+
+        YamlMappingNode? root = null;
+        try
+        {
+            var stream = new YamlStream();
+            stream.Load(new StringReader(yaml));
+            if (stream.Documents.Count > 0)
+            {
+                if (stream.Documents[0].RootNode is YamlMappingNode m) root = m;
+                else if (!(stream.Documents[0].RootNode is YamlScalarNode s && string.IsNullOrEmpty(s.Value)))
+                    problems.Add("the config must be a mapping of keys to values");
+            }
+        }
+        catch (YamlException e)
+        {
+            problems.Add($"line {e.Start.Line}: invalid YAML: {e.InnerException?.Message ?? e.Message}");
+        }
+
+        foreach (var (keyNode, value) in root?.Children ?? Enumerable.Empty<KeyValuePair<YamlNode, YamlNode>>())
+        {
+            string key = (keyNode as YamlScalarNode)?.Value ?? "";
+            string where = $"line {keyNode.Start.Line}: '{key}'";
+            if (!byKey.TryGetValue(key, out var field)) { problems.Add($"{where}: unknown key{Suggest(key)}"); continue; }
+            if (!seen.Add(key)) { problems.Add($"{where}: given twice"); continue; }
+            if (field.Set(config, value) is { } error) problems.Add($"{where}: {error}");
+        }
+
+        foreach (var item in overrides ?? [])
+        {
+            int eq = item.IndexOf('=');
+            if (eq <= 0) { problems.Add($"--set {item}: expected key=value"); continue; }
+            string key = item[..eq].Trim(), text = item[(eq + 1)..];
+            if (!byKey.TryGetValue(key, out var field)) { problems.Add($"--set {key}: unknown key{Suggest(key)}"); continue; }
+            YamlNode node;
+            try
+            {
+                var stream = new YamlStream();
+                stream.Load(new StringReader($"v: {text}"));
+                node = ((YamlMappingNode)stream.Documents[0].RootNode).Children[new YamlScalarNode("v")];
+            }
+            catch (YamlException) { node = new YamlScalarNode(text); }
+            if (field.Set(config, node) is { } error) problems.Add($"--set {key}: {error}");
+        }
+
+        if (problems.Count == 0) problems.AddRange(config.Validate());
+        if (problems.Count > 0) throw new ConfigException(source, problems);
+        return config;
+    }
+
+    /// <summary>Checks values and combinations; every problem names its key.</summary>
+    public List<string> Validate()
+    {
+        var p = new List<string>();
+        if (string.IsNullOrWhiteSpace(Model)) p.Add("'model': required (the InternVL2 model folder)");
+        if (Data.Count == 0) p.Add("'data': required (a data file, a list of files, or an InternVL meta file)");
+        if (MaxLength < 2) p.Add($"'max_length': must be at least 2 (got {MaxLength})");
+        if (MinDynamicPatch < 1) p.Add($"'min_dynamic_patch': must be at least 1 (got {MinDynamicPatch})");
+        if (MaxDynamicPatch < MinDynamicPatch) p.Add($"'max_dynamic_patch': must be at least min_dynamic_patch ({MinDynamicPatch}), got {MaxDynamicPatch}");
+        if (UsesLora && LoraR < 1) p.Add($"'lora_r': must be positive for mode {ModeName} (got {LoraR})");
+        if (UsesLora && LoraAlpha <= 0) p.Add($"'lora_alpha': must be positive (got {LoraAlpha})");
+        if (LoraDropout is < 0 or >= 1) p.Add($"'lora_dropout': must be in [0, 1) (got {LoraDropout})");
+        if (UsesLora && LoraTargets.Count == 0) p.Add($"'lora_targets': mode {ModeName} needs at least one target module");
+        if (UsesLora && FreezeLlm == false) p.Add($"'freeze_llm': false contradicts mode {ModeName} (LoRA trains adapters on a frozen LLM; use mode: full to train the LLM)");
+        if (VisionLoraR < 0) p.Add($"'vision_lora_r': must be 0 (off) or positive (got {VisionLoraR})");
+        if (VisionLoraR > 0 && !FreezeVision) p.Add("'vision_lora_r': vision LoRA needs freeze_vision: true (the ViT would be trained twice)");
+        if (Lr <= 0) p.Add($"'lr': must be positive (got {Lr})");
+        if (Betas.Count != 2 || Betas.Any(b => b is < 0 or >= 1)) p.Add($"'betas': must be two numbers in [0, 1) (got [{string.Join(", ", Betas)}])");
+        if (WeightDecay < 0) p.Add($"'weight_decay': must not be negative (got {WeightDecay})");
+        if (MaxNorm <= 0) p.Add($"'max_norm': must be positive (got {MaxNorm})");
+        if (WarmupRatio is < 0 or >= 1) p.Add($"'warmup_ratio': must be in [0, 1) (got {WarmupRatio})");
+        if (BatchSize < 1) p.Add($"'batch_size': must be at least 1 (got {BatchSize})");
+        if (AccumulativeCounts < 1) p.Add($"'accumulative_counts': must be at least 1 (got {AccumulativeCounts})");
+        if (MaxSteps is null && MaxEpochs is null) p.Add("'max_epochs': set max_epochs or max_steps");
+        if (MaxSteps is < 1) p.Add($"'max_steps': must be at least 1 (got {MaxSteps})");
+        if (MaxEpochs is < 1) p.Add($"'max_epochs': must be at least 1 (got {MaxEpochs})");
+        if (DataloaderNumWorkers < 0) p.Add($"'dataloader_num_workers': must not be negative (got {DataloaderNumWorkers})");
+        if (LossChunkSize < 1) p.Add($"'loss_chunk_size': must be at least 1 (got {LossChunkSize})");
+        if (Device != "cpu" && Device != "cuda" && !System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]+$"))
+            p.Add($"'device': '{Device}' is not cpu, cuda or cuda:N");
+        if (Dtype is not ("auto" or "bf16" or "fp32")) p.Add($"'dtype': '{Dtype}' is not auto, bf16 or fp32");
+        if (Device == "cpu" && Dtype == "bf16") p.Add("'dtype': bf16 training on CPU is not supported; use fp32 (or auto)");
+        if (LogInterval < 1) p.Add($"'log_interval': must be at least 1 (got {LogInterval})");
+        if (SaveSteps < 0) p.Add($"'save_steps': must not be negative (got {SaveSteps})");
+        if (SaveSteps > 0 && AccumulativeCounts > 0 && SaveSteps % AccumulativeCounts != 0)
+            p.Add($"'save_steps': {SaveSteps} is not a multiple of accumulative_counts ({AccumulativeCounts}); checkpoints are taken after optimizer steps");
+        if (Mode == TrainMode.Full && LlmFrozen && FreezeVision && FreezeProjector && VisionLoraR == 0)
+            p.Add("'mode': full with freeze_llm, freeze_vision and freeze_projector all true trains nothing");
+        if (PeakTflops is <= 0) p.Add($"'peak_tflops': must be positive (got {PeakTflops})");
+        if (Name is { } n && (n.Length == 0 || n.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 || n is "." or ".."))
+            p.Add($"'name': '{n}' cannot name a folder");
+        return p;
+    }
+
+    private string ModeName => Mode.ToString().ToLowerInvariant();
+
+    /// <summary>The resolved config as YAML (every key, in the documented order).</summary>
+    public string ToYaml()
+    {
+        var sb = new StringBuilder();
+        foreach (var f in Fields) sb.Append(f.Key).Append(": ").Append(FormatValue(f.Get(this))).Append('\n');
+        return sb.ToString();
+    }
+
+    private static string FormatValue(object? v) => v switch
+    {
+        null => "null",
+        bool b => b ? "true" : "false",
+        string s => Quote(s),
+        double d => d.ToString("R", CultureInfo.InvariantCulture),
+        IEnumerable<string> list => "[" + string.Join(", ", list.Select(Quote)) + "]",
+        IEnumerable<double> list => "[" + string.Join(", ", list.Select(d => d.ToString("R", CultureInfo.InvariantCulture))) + "]",
+        Enum e => e.ToString().ToLowerInvariant(),
+        IFormattable f => f.ToString(null, CultureInfo.InvariantCulture),
+        _ => v.ToString() ?? "null",
+    };
+
+    private static string Quote(string s) => "'" + s.Replace("'", "''") + "'";
+
+    private static string Suggest(string key)
+    {
+        var close = Fields.Select(f => f.Key).OrderBy(k => Distance(k, key)).First();
+        return Distance(close, key) <= Math.Max(2, key.Length / 3) ? $" (did you mean '{close}'?)" : $" (known keys: {string.Join(", ", Keys)})";
+    }
+
+    private static int Distance(string a, string b)
+    {
+        var d = new int[a.Length + 1, b.Length + 1];
+        for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
+        for (int j = 0; j <= b.Length; j++) d[0, j] = j;
+        for (int i = 1; i <= a.Length; i++)
+            for (int j = 1; j <= b.Length; j++)
+                d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
+        return d[a.Length, b.Length];
+    }
+
+    // ---- field binders: each returns null, or what is wrong with the value ----
+
+    private static bool IsNull(YamlNode n) => n is YamlScalarNode { Style: ScalarStyle.Plain, Value: null or "" or "~" or "null" or "Null" or "NULL" };
+
+    private static string? ScalarText(YamlNode n) => n is YamlScalarNode s ? s.Value : null;
+
+    private static Field Str(string key, Action<TrainConfig, string> set, Func<TrainConfig, object?> get) =>
+        new(key, "string", get, (c, n) =>
+        {
+            if (IsNull(n) || ScalarText(n) is not { } s) return "expected a string";
+            set(c, s); return null;
+        });
+
+    private static Field OptStr(string key, Action<TrainConfig, string?> set, Func<TrainConfig, object?> get) =>
+        new(key, "string", get, (c, n) =>
+        {
+            if (IsNull(n)) { set(c, null); return null; }
+            if (ScalarText(n) is not { } s) return "expected a string";
+            set(c, s); return null;
+        });
+
+    private static Field StrList(string key, Action<TrainConfig, List<string>> set, Func<TrainConfig, object?> get) =>
+        new(key, "list", get, (c, n) =>
+        {
+            if (n is YamlScalarNode && !IsNull(n)) { set(c, [ScalarText(n)!]); return null; }
+            if (n is not YamlSequenceNode seq) return "expected a string or a list of strings";
+            var items = new List<string>();
+            foreach (var item in seq)
+            {
+                if (item is not YamlScalarNode s || s.Value is null) return "expected a list of strings";
+                items.Add(s.Value);
+            }
+            set(c, items); return null;
+        });
+
+    private static Field NumList(string key, Action<TrainConfig, List<double>> set, Func<TrainConfig, object?> get) =>
+        new(key, "list", get, (c, n) =>
+        {
+            if (n is not YamlSequenceNode seq) return "expected a list of numbers, e.g. [0.9, 0.999]";
+            var items = new List<double>();
+            foreach (var item in seq)
+            {
+                if (!TryDouble(item, out var d)) return "expected a list of numbers, e.g. [0.9, 0.999]";
+                items.Add(d);
+            }
+            set(c, items); return null;
+        });
+
+    private static bool TryDouble(YamlNode n, out double d)
+    {
+        d = 0;
+        return n is YamlScalarNode { Style: ScalarStyle.Plain, Value: { } s } &&
+               double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out d) && double.IsFinite(d);
+    }
+
+    private static bool TryLong(YamlNode n, out long v)
+    {
+        v = 0;
+        if (n is not YamlScalarNode { Style: ScalarStyle.Plain, Value: { } s }) return false;
+        if (long.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out v)) return true;
+        // 1e3 style integers are accepted when exact.
+        if (double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out var d) && d == Math.Floor(d) && Math.Abs(d) < 9e15) { v = (long)d; return true; }
+        return false;
+    }
+
+    private static Field Num(string key, Action<TrainConfig, double> set, Func<TrainConfig, object?> get) =>
+        new(key, "number", get, (c, n) =>
+        {
+            if (!TryDouble(n, out var d)) return $"expected a number, got {Describe(n)}";
+            set(c, d); return null;
+        });
+
+    private static Field OptNum(string key, Action<TrainConfig, double?> set, Func<TrainConfig, object?> get) =>
+        new(key, "number", get, (c, n) =>
+        {
+            if (IsNull(n)) { set(c, null); return null; }
+            if (!TryDouble(n, out var d)) return $"expected a number or null, got {Describe(n)}";
+            set(c, d); return null;
+        });
+
+    private static Field Int(string key, Action<TrainConfig, int> set, Func<TrainConfig, object?> get) =>
+        new(key, "integer", get, (c, n) =>
+        {
+            if (!TryLong(n, out var v) || v is < int.MinValue or > int.MaxValue) return $"expected an integer, got {Describe(n)}";
+            set(c, (int)v); return null;
+        });
+
+    private static Field OptInt(string key, Action<TrainConfig, int?> set, Func<TrainConfig, object?> get) =>
+        new(key, "integer", get, (c, n) =>
+        {
+            if (IsNull(n)) { set(c, null); return null; }
+            if (!TryLong(n, out var v) || v is < int.MinValue or > int.MaxValue) return $"expected an integer or null, got {Describe(n)}";
+            set(c, (int)v); return null;
+        });
+
+    private static Field Long(string key, Action<TrainConfig, long> set, Func<TrainConfig, object?> get) =>
+        new(key, "integer", get, (c, n) =>
+        {
+            if (!TryLong(n, out var v)) return $"expected an integer, got {Describe(n)}";
+            set(c, v); return null;
+        });
+
+    private static Field OptLong(string key, Action<TrainConfig, long?> set, Func<TrainConfig, object?> get) =>
+        new(key, "integer", get, (c, n) =>
+        {
+            if (IsNull(n)) { set(c, null); return null; }
+            if (!TryLong(n, out var v)) return $"expected an integer or null, got {Describe(n)}";
+            set(c, v); return null;
+        });
+
+    private static Field Bool(string key, Action<TrainConfig, bool> set, Func<TrainConfig, object?> get) =>
+        new(key, "boolean", get, (c, n) =>
+        {
+            if (ParseBool(n) is not { } b) return $"expected true or false, got {Describe(n)}";
+            set(c, b); return null;
+        });
+
+    private static Field OptBool(string key, Action<TrainConfig, bool?> set, Func<TrainConfig, object?> get) =>
+        new(key, "boolean", get, (c, n) =>
+        {
+            if (IsNull(n)) { set(c, null); return null; }
+            if (ParseBool(n) is not { } b) return $"expected true, false or null, got {Describe(n)}";
+            set(c, b); return null;
+        });
+
+    private static bool? ParseBool(YamlNode n) => n is YamlScalarNode { Style: ScalarStyle.Plain, Value: { } s }
+        ? s.ToLowerInvariant() switch { "true" or "yes" or "on" => true, "false" or "no" or "off" => false, _ => null }
+        : null;
+
+    private static Field Enum<T>(string key, Action<TrainConfig, T> set, Func<TrainConfig, object?> get) where T : struct, Enum =>
+        new(key, "choice", get, (c, n) =>
+        {
+            var names = System.Enum.GetNames<T>().Select(x => x.ToLowerInvariant()).ToList();
+            if (ScalarText(n) is { } s && System.Enum.TryParse<T>(s, ignoreCase: true, out var v) && names.Contains(s.ToLowerInvariant()))
+            {
+                set(c, v); return null;
+            }
+            return $"expected one of {string.Join(", ", names)}, got {Describe(n)}";
+        });
+
+    private static string Describe(YamlNode n) => n switch
+    {
+        YamlScalarNode s => $"'{s.Value}'",
+        YamlSequenceNode => "a list",
+        YamlMappingNode => "a mapping",
+        _ => "an unsupported value",
+    };
+}
+
+/// <summary>A training config with problems: every one of them, each naming its key (and line, from a file).</summary>
+public sealed class ConfigException(string source, IReadOnlyList<string> problems)
+    : VlmTuneException($"{source}: {problems.Count} problem{(problems.Count == 1 ? "" : "s")} in the training config:\n  " + string.Join("\n  ", problems))
+{
+    public IReadOnlyList<string> Problems { get; } = problems;
+}

@@ -1,0 +1,346 @@
+using System.Threading.Channels;
+using VlmTune.Data;
+using VlmTune.Text;
+using VlmTune.Vision;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+/// <summary>Counts of what the data pipeline left out or the trainer skipped; updated from worker threads.</summary>
+public sealed class DataCounters
+{
+    private long _badRecords, _brokenImages, _tooLong, _labelMismatch, _nanSkipped;
+
+    /// <summary>Records that are not valid samples (bad JSON, wrong fields, image paths outside the root, ...).</summary>
+    public long BadRecords => Interlocked.Read(ref _badRecords);
+    /// <summary>Samples skipped because an image is missing or cannot be decoded.</summary>
+    public long BrokenImages => Interlocked.Read(ref _brokenImages);
+    /// <summary>Samples dropped because the maximum length would cut their image tokens.</summary>
+    public long TooLong => Interlocked.Read(ref _tooLong);
+    /// <summary>Samples whose labels the official tokenisation masks entirely ("tokenization mismatch").</summary>
+    public long LabelMismatch => Interlocked.Read(ref _labelMismatch);
+    /// <summary>Micro-batches or optimizer steps skipped for a non-finite loss or gradient norm (nan_policy: skip).</summary>
+    public long NanSkipped => Interlocked.Read(ref _nanSkipped);
+
+    internal void AddBadRecord() => Interlocked.Increment(ref _badRecords);
+    internal void AddBrokenImage() => Interlocked.Increment(ref _brokenImages);
+    internal void AddTooLong() => Interlocked.Increment(ref _tooLong);
+    internal void AddLabelMismatch() => Interlocked.Increment(ref _labelMismatch);
+    internal void AddNanSkipped() => Interlocked.Increment(ref _nanSkipped);
+
+    internal void Restore(long bad, long broken, long tooLong, long mismatch, long nan)
+    {
+        _badRecords = bad; _brokenImages = broken; _tooLong = tooLong; _labelMismatch = mismatch; _nanSkipped = nan;
+    }
+
+    public override string ToString() =>
+        $"bad records: {BadRecords}, broken images: {BrokenImages}, too long: {TooLong}, label mismatch: {LabelMismatch}, non-finite skipped: {NanSkipped}";
+}
+
+/// <summary>One sample ready for the model: token ids, labels and the pixels of its images' tiles.</summary>
+public sealed class EncodedSample(string id, int[] inputIds, int[] labels, Tensor? pixels, int tiles) : IDisposable
+{
+    public string Id { get; } = id;
+    public int[] InputIds { get; } = inputIds;
+    public int[] Labels { get; } = labels;
+    /// <summary>(tiles, 3, 448, 448) fp32, or null for a text-only sample.</summary>
+    public Tensor? Pixels { get; } = pixels;
+    public int Tiles { get; } = tiles;
+
+    public void Dispose() => Pixels?.Dispose();
+}
+
+/// <summary>
+/// Turns samples into model inputs exactly as InternVL's training dataset does: each image decoded and tiled
+/// (dynamic_preprocess with the sample's max tiles, thumbnail), the conversation tokenised with labels masked by
+/// preprocess_internlm, image tokens expanded to 256 × tiles.
+/// </summary>
+public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcessorOptions images, DataCounters counters, Action<string> warn)
+{
+    public ConversationTokenizer Tokenizer { get; } = tokenizer;
+
+    private ImageProcessorOptions OptionsFor(TrainingSample s) =>
+        s.MaxDynamicPatch is { } max ? images with { MaxTiles = max } : images;
+
+    /// <summary>
+    /// Token length (images counted from their headers, not decoded), positive for samples with images and negative
+    /// for text-only ones as XTuner's modality_length; null when the sample is dropped (problem counted and warned).
+    /// </summary>
+    public long? MeasureLength(TrainingSample s)
+    {
+        var options = OptionsFor(s);
+        var tiles = new List<int>();
+        foreach (var path in s.Images)
+        {
+            try
+            {
+                var info = ImageDecoder.ReadInfo(path);
+                tiles.Add(DynamicPreprocess.CountTiles(info.Width, info.Height, options.MinTiles, options.MaxTiles, options.UseThumbnail, options.ImageSize));
+            }
+            catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException)
+            {
+                counters.AddBrokenImage();
+                warn($"skipping sample {s.Id} ({s.Source}): image {path} cannot be read: {e.Message}");
+                return null;
+            }
+        }
+        var tokenized = Tokenize(s, tiles);
+        if (tokenized is null) return null;
+        long length = tokenized.InputIds.Length;
+        return s.Images.Count > 0 ? length : -length;
+    }
+
+    private TokenizedSample? Tokenize(TrainingSample s, IReadOnlyList<int> tiles)
+    {
+        try
+        {
+            return Tokenizer.Tokenize(s.Conversations, tiles, $"sample {s.Id} ({s.Source})");
+        }
+        catch (ImageTokensTruncatedException e)
+        {
+            counters.AddTooLong();
+            warn($"dropping sample {s.Id}: {e.Message}");
+            return null;
+        }
+        catch (VlmTuneException e)
+        {
+            counters.AddBadRecord();
+            warn($"skipping sample {s.Id}: {e.Message}");
+            return null;
+        }
+    }
+
+    /// <summary>Decodes and tokenises one sample; null when it has to be skipped (counted and warned).</summary>
+    public EncodedSample? Encode(TrainingSample s)
+    {
+        var options = OptionsFor(s);
+        var processor = new ImageProcessor(options);
+        var processed = new List<ProcessedImage>();
+        try
+        {
+            foreach (var path in s.Images)
+            {
+                try { processed.Add(processor.Process(path)); }
+                catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException)
+                {
+                    counters.AddBrokenImage();
+                    warn($"skipping sample {s.Id} ({s.Source}): image {path} cannot be decoded: {e.Message}");
+                    return null;
+                }
+            }
+            var tokenized = Tokenize(s, processed.Select(p => p.TileCount).ToList());
+            if (tokenized is null) return null;
+            if (tokenized.LabelsMaskedForMismatch)
+            {
+                counters.AddLabelMismatch();
+                warn($"sample {s.Id} ({s.Source}): tokenization mismatch, all labels masked (as the official code does)");
+            }
+            Tensor? pixels = processed.Count switch
+            {
+                0 => null,
+                1 => processed[0].PixelValues.alias(),
+                _ => cat(processed.Select(p => p.PixelValues).ToList(), 0),
+            };
+            return new EncodedSample(s.Id, tokenized.InputIds, tokenized.Labels, pixels, processed.Sum(p => p.TileCount));
+        }
+        finally
+        {
+            foreach (var p in processed) p.Dispose();
+        }
+    }
+}
+
+/// <summary>The samples of a run, with their lengths for length-grouped batching.</summary>
+public sealed class TrainDataset
+{
+    public required IReadOnlyList<TrainingSample> Samples { get; init; }
+    /// <summary>Signed token lengths (negative: text-only), one per sample.</summary>
+    public required long[] Lengths { get; init; }
+
+    /// <summary>Reads every data file, keeping the samples that can be trained on (others counted and warned about).</summary>
+    public static TrainDataset Build(IReadOnlyList<string> dataFiles, string? imageRoot, SampleEncoder encoder, DataCounters counters, Action<string> warn)
+    {
+        var samples = new List<TrainingSample>();
+        var lengths = new List<long>();
+        foreach (var file in dataFiles)
+        {
+            foreach (var entry in TrainingData.ReadEntries(file, imageRoot))
+            {
+                if (entry.Problem is { } problem)
+                {
+                    if (problem.Kind is DataProblemKind.ImageMissing or DataProblemKind.ImageUndecodable) counters.AddBrokenImage();
+                    else counters.AddBadRecord();
+                    warn($"skipping {problem}");
+                    continue;
+                }
+                var sample = entry.Sample!;
+                if (encoder.MeasureLength(sample) is not { } length) continue;
+                samples.Add(sample);
+                lengths.Add(length);
+            }
+        }
+        return new TrainDataset { Samples = samples, Lengths = lengths.ToArray() };
+    }
+}
+
+/// <summary>A padded micro-batch: (B, T) ids and labels (right-padded), the tiles of all its images, and where they came from.</summary>
+public sealed class TrainBatch : IDisposable
+{
+    public required long Iteration { get; init; }
+    public required Tensor InputIds { get; init; }
+    public required Tensor Labels { get; init; }
+    public Tensor? Pixels { get; init; }
+    public required string[] SampleIds { get; init; }
+    /// <summary>Tokens that are not padding.</summary>
+    public required long Tokens { get; init; }
+    public required int Tiles { get; init; }
+    /// <summary>Samples of this batch's slot that were skipped (broken image, too long).</summary>
+    public required int Skipped { get; init; }
+
+    public bool IsEmpty => SampleIds.Length == 0;
+
+    public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId)
+    {
+        int b = samples.Count;
+        int t = samples.Count == 0 ? 1 : samples.Max(s => s.InputIds.Length);
+        var ids = new long[b * t];
+        var labels = new long[b * t];
+        Array.Fill(ids, padId);
+        Array.Fill(labels, CausalLmLoss.IgnoreIndex);
+        for (int i = 0; i < b; i++)
+            for (int j = 0; j < samples[i].InputIds.Length; j++)
+            {
+                ids[i * t + j] = samples[i].InputIds[j];
+                labels[i * t + j] = samples[i].Labels[j];
+            }
+        var withPixels = samples.Where(s => s.Pixels is not null).Select(s => s.Pixels!).ToList();
+        return new TrainBatch
+        {
+            Iteration = iteration,
+            InputIds = tensor(ids, [b, t]),
+            Labels = tensor(labels, [b, t]),
+            Pixels = withPixels.Count == 0 ? null : cat(withPixels, 0),
+            SampleIds = samples.Select(s => s.Id).ToArray(),
+            Tokens = samples.Sum(s => (long)s.InputIds.Length),
+            Tiles = samples.Sum(s => s.Tiles),
+            Skipped = skipped,
+        };
+    }
+
+    public void Dispose()
+    {
+        InputIds.Dispose(); Labels.Dispose(); Pixels?.Dispose();
+    }
+}
+
+/// <summary>
+/// Which samples make each iteration's micro-batch: per epoch a length-grouped (or plain) seeded order, cut into
+/// batches of batch_size (the last one smaller). Deterministic from the seed, so a resumed run sees the same batches.
+/// </summary>
+public sealed class BatchPlan(TrainDataset dataset, int batchSize, long seed, bool groupByLength)
+{
+    public long BatchesPerEpoch { get; } = (dataset.Samples.Count + batchSize - 1) / batchSize;
+
+    private int _cachedEpoch = -1;
+    private long[] _order = [];
+
+    public (int Epoch, long[] Samples) Batch(long iteration)
+    {
+        int epoch = (int)(iteration / BatchesPerEpoch);
+        long inEpoch = iteration % BatchesPerEpoch;
+        lock (this)
+        {
+            if (epoch != _cachedEpoch)
+            {
+                _order = groupByLength
+                    ? LengthGroupedSampler.Order(dataset.Lengths, batchSize, seed, epoch)
+                    : LengthGroupedSampler.Shuffled(dataset.Samples.Count, seed, epoch);
+                _cachedEpoch = epoch;
+            }
+            return (epoch, _order.Skip((int)(inEpoch * batchSize)).Take(batchSize).ToArray());
+        }
+    }
+}
+
+/// <summary>
+/// Builds micro-batches ahead of the trainer on <c>dataloader_num_workers</c> background workers (image decoding and
+/// tiling, tokenisation, collation) and hands them over in iteration order through a bounded queue.
+/// </summary>
+public sealed class BatchLoader : IDisposable
+{
+    private readonly Func<long, TrainBatch> _build;
+    private readonly Channel<Task<TrainBatch>>? _queue;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task? _producer;
+    private long _next;
+
+    public BatchLoader(TrainDataset dataset, BatchPlan plan, SampleEncoder encoder, int padId, long firstIteration, long endIteration, int workers)
+    {
+        _next = firstIteration;
+        _build = iteration =>
+        {
+            var (_, indices) = plan.Batch(iteration);
+            var encoded = new List<EncodedSample>();
+            int skipped = 0;
+            try
+            {
+                foreach (var i in indices)
+                {
+                    if (encoder.Encode(dataset.Samples[(int)i]) is { } e) encoded.Add(e);
+                    else skipped++;
+                }
+                return TrainBatch.Collate(iteration, encoded, skipped, padId);
+            }
+            finally
+            {
+                foreach (var e in encoded) e.Dispose();
+            }
+        };
+        if (workers <= 0) return;
+
+        _queue = Channel.CreateBounded<Task<TrainBatch>>(new BoundedChannelOptions(Math.Max(2, workers * 2)) { SingleReader = true, SingleWriter = true });
+        var slots = new SemaphoreSlim(workers);
+        var token = _stop.Token;
+        _producer = Task.Run(async () =>
+        {
+            try
+            {
+                for (long it = firstIteration; it < endIteration; it++)
+                {
+                    await slots.WaitAsync(token);
+                    long current = it;
+                    var job = Task.Run(() =>
+                    {
+                        try { return _build(current); }
+                        finally { slots.Release(); }
+                    });
+                    await _queue.Writer.WriteAsync(job, token);
+                }
+                _queue.Writer.TryComplete();
+            }
+            catch (OperationCanceledException) { _queue.Writer.TryComplete(); }
+            catch (Exception e) { _queue.Writer.TryComplete(e); }
+        });
+    }
+
+    /// <summary>The next iteration's batch (blocks until a worker has it ready).</summary>
+    public TrainBatch Next()
+    {
+        if (_queue is null) return _build(_next++);
+        var job = _queue.Reader.ReadAsync().AsTask().GetAwaiter().GetResult();
+        var batch = job.GetAwaiter().GetResult();
+        _next++;
+        return batch;
+    }
+
+    public void Dispose()
+    {
+        _stop.Cancel();
+        if (_queue is null) return;
+        try { _producer?.Wait(TimeSpan.FromSeconds(30)); } catch (AggregateException) { }
+        while (_queue.Reader.TryRead(out var job))
+        {
+            try { job.GetAwaiter().GetResult().Dispose(); } catch (Exception) { }
+        }
+    }
+}

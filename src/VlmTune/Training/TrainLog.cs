@@ -1,0 +1,116 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Runtime.InteropServices;
+using System.Text.Json;
+
+namespace VlmTune.Training;
+
+/// <summary>One logged iteration: what goes on the log line and into vis_data/scalars.json.</summary>
+public sealed record IterationStats(
+    long Iter, long TotalIters, double Lr, double Eta, double Time, double DataTime, long MemoryMb, double Loss,
+    double? GradNorm, double TokensPerSecond, double? Mfu, long OptimizerStep);
+
+/// <summary>
+/// The run folder <c>work_dirs/&lt;name&gt;/&lt;YYYYMMDD_HHMMSS&gt;/</c> as mmengine lays it out: <c>&lt;timestamp&gt;.log</c> with
+/// mmengine-format lines, <c>vis_data/scalars.json</c> (one JSON object per logged iteration) and
+/// <c>vis_data/config.yaml</c> (the resolved config). Every line also goes to <see cref="Echo"/>.
+/// </summary>
+public sealed class TrainLog : IDisposable
+{
+    private readonly StreamWriter _log;
+    private readonly StreamWriter _scalars;
+    private readonly object _gate = new();
+
+    public string RunDir { get; }
+    public string LogPath { get; }
+    public string ScalarsPath { get; }
+    public Action<string>? Echo { get; set; }
+
+    public TrainLog(string workDir, string resolvedConfigYaml, DateTime? now = null)
+    {
+        string timestamp = (now ?? DateTime.Now).ToString("yyyyMMdd_HHmmss", CultureInfo.InvariantCulture);
+        RunDir = Path.Combine(workDir, timestamp);
+        for (int i = 1; Directory.Exists(RunDir); i++) RunDir = Path.Combine(workDir, $"{timestamp}_{i}");
+        Directory.CreateDirectory(Path.Combine(RunDir, "vis_data"));
+        LogPath = Path.Combine(RunDir, timestamp + ".log");
+        ScalarsPath = Path.Combine(RunDir, "vis_data", "scalars.json");
+        VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
+        _log = new StreamWriter(LogPath, append: true) { AutoFlush = true };
+        _scalars = new StreamWriter(ScalarsPath, append: true) { AutoFlush = true };
+    }
+
+    public void Info(string message) => Write("INFO", message);
+
+    public void Warning(string message) => Write("WARNING", message);
+
+    private void Write(string level, string message)
+    {
+        string line = $"{DateTime.Now:yyyy/MM/dd HH:mm:ss} - vlmtune - {level} - {message}";
+        lock (_gate) _log.WriteLine(line);
+        Echo?.Invoke(line);
+    }
+
+    /// <summary>
+    /// <c>Iter(train) [  10/1242]  lr: 5.0002e-06  eta: 3:58:14  time: 11.6030  data_time: 0.0238  memory: 37911  loss: 5.6273</c>
+    /// then grad_norm, tokens/s and MFU; and the scalars line.
+    /// </summary>
+    public void Iteration(IterationStats s)
+    {
+        int width = s.TotalIters.ToString(CultureInfo.InvariantCulture).Length;
+        var ci = CultureInfo.InvariantCulture;
+        string line = string.Create(ci,
+            $"Iter(train) [{s.Iter.ToString(ci).PadLeft(width)}/{s.TotalIters}]  lr: {s.Lr:0.0000e+00}  eta: {FormatEta(s.Eta)}  " +
+            $"time: {s.Time:F4}  data_time: {s.DataTime:F4}  memory: {s.MemoryMb}  loss: {FormatLoss(s.Loss)}  " +
+            $"grad_norm: {(s.GradNorm is { } g ? g.ToString("F4", ci) : "-")}  tokens_per_s: {s.TokensPerSecond:F1}  " +
+            $"mfu: {(s.Mfu is { } m ? m.ToString("F4", ci) : "-")}");
+        Info(line);
+        var scalars = new Dictionary<string, object?>
+        {
+            ["lr"] = s.Lr, ["data_time"] = s.DataTime, ["loss"] = double.IsFinite(s.Loss) ? s.Loss : null, ["time"] = s.Time,
+            ["iter"] = s.Iter, ["memory"] = s.MemoryMb, ["step"] = s.Iter, ["grad_norm"] = s.GradNorm,
+            ["tokens_per_s"] = s.TokensPerSecond, ["optimizer_step"] = s.OptimizerStep,
+        };
+        lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
+    }
+
+    private static string FormatLoss(double loss) => double.IsNaN(loss) ? "skipped" : loss.ToString("F4", CultureInfo.InvariantCulture);
+
+    /// <summary>Python's str(timedelta(seconds=int(eta))): H:MM:SS, with "N days, " in front past a day.</summary>
+    public static string FormatEta(double seconds)
+    {
+        var t = TimeSpan.FromSeconds(Math.Max(0, Math.Floor(double.IsFinite(seconds) ? seconds : 0)));
+        string hms = $"{t.Hours}:{t.Minutes:00}:{t.Seconds:00}";
+        return t.Days > 0 ? $"{t.Days} day{(t.Days == 1 ? "" : "s")}, {hms}" : hms;
+    }
+
+    public void Dispose()
+    {
+        lock (_gate) { _log.Dispose(); _scalars.Dispose(); }
+    }
+}
+
+/// <summary>Memory in use for the log's <c>memory</c> column (MiB).</summary>
+public static class DeviceMemory
+{
+    [DllImport("libcudart.so", EntryPoint = "cudaMemGetInfo")]
+    private static extern int CudaMemGetInfo(out nuint free, out nuint total);
+
+    private static bool _cudaUnavailable;
+
+    /// <summary>
+    /// On CUDA: memory used on the device (total − free, as nvidia-smi reports it: the caching allocator's reserve
+    /// included; TorchSharp exposes no max_memory_allocated). On CPU: the process's peak working set.
+    /// </summary>
+    public static long UsedMb(bool cuda)
+    {
+        if (cuda && !_cudaUnavailable)
+        {
+            try
+            {
+                if (CudaMemGetInfo(out var free, out var total) == 0) return (long)((total - free) / (1024 * 1024));
+            }
+            catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { _cudaUnavailable = true; }
+        }
+        return Process.GetCurrentProcess().PeakWorkingSet64 / (1024 * 1024);
+    }
+}

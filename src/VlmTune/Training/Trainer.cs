@@ -1,0 +1,530 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using TorchSharp;
+using TorchSharp.Modules;
+using VlmTune.Checkpoints;
+using VlmTune.Models;
+using VlmTune.Text;
+using VlmTune.Vision;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+public sealed record TrainerOptions
+{
+    /// <summary>null: start fresh; "auto": the latest complete checkpoint of the work dir (fresh if none); else a checkpoint folder.</summary>
+    public string? Resume { get; init; }
+    /// <summary>Receives every log line (the console).</summary>
+    public Action<string>? Echo { get; init; }
+    /// <summary>Called after every iteration (progress bars).</summary>
+    public Action<TrainProgress>? Progress { get; init; }
+}
+
+public sealed record TrainProgress(long Iteration, long TotalIterations, double Loss, double Lr);
+
+public sealed class TrainResult
+{
+    public required string WorkDir { get; init; }
+    public required string RunDir { get; init; }
+    /// <summary>Iterations completed in total (including those before a resume).</summary>
+    public required long Iterations { get; init; }
+    public required long OptimizerSteps { get; init; }
+    /// <summary>Loss of each iteration this session ran, in order (NaN for an iteration with nothing to learn).</summary>
+    public required IReadOnlyList<double> Losses { get; init; }
+    public string? LastCheckpoint { get; init; }
+    public required DataCounters Counters { get; init; }
+    /// <summary>Stopped early by cancellation (Ctrl-C); a checkpoint was saved.</summary>
+    public bool Interrupted { get; init; }
+}
+
+/// <summary>A non-finite loss or gradient norm stopped the run (nan_policy: stop).</summary>
+public sealed class TrainingDivergedException(string message) : VlmTuneException(message);
+
+/// <summary>
+/// The fine-tuning recipe (full, LoRA, QLoRA) of InternVL2, as XTuner runs it: <see cref="Setup"/> validates everything,
+/// loads the model, applies the mode and builds the data index; <see cref="Train"/> runs iterations of
+/// forward/backward with gradient accumulation, AdamW with clipping, the warm-up + cosine schedule per iteration,
+/// logging and checkpoints; <see cref="SaveCheckpoint"/> writes a resumable checkpoint. See docs/training.md.
+/// </summary>
+public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) : IDisposable
+{
+    public const string StateFile = "trainer_state.json";
+    public const string TrainableFile = "trainable.safetensors";
+    public const string OptimizerFile = "optimizer.bin";
+    public const string VisionAdapterDir = "vision_lora";
+    public const string LastCheckpointFile = "last_checkpoint";
+
+    private readonly TrainerOptions _options = options ?? new TrainerOptions();
+    private InternVLChatModel? _model;
+    private InternLM2Tokenizer? _tokenizer;
+    private SampleEncoder? _encoder;
+    private TrainDataset? _dataset;
+    private BatchPlan? _plan;
+    private OptimizerHelper? _optimizer;
+    private List<(string Name, Parameter Param)> _trainable = [];
+    private LrSchedule? _schedule;
+    private TrainLog? _log;
+    private DropoutSeeds? _seeds;
+    private Device _device = CPU;
+    private ScalarType _dtype = ScalarType.Float32;
+    private long _iteration;
+    private long _optimizerSteps;
+    private long _llmParams, _vitParams;
+    private PeftAdapterConfig? _llmLora, _visionLora;
+    private string? _lastCheckpoint;
+
+    public TrainConfig Config { get; } = config;
+    public DataCounters Counters { get; } = new();
+    public InternVLChatModel Model => _model ?? throw new InvalidOperationException("call Setup() first.");
+    public TrainDataset Dataset => _dataset ?? throw new InvalidOperationException("call Setup() first.");
+    public long TotalIterations { get; private set; }
+    public long Iteration => _iteration;
+    public string WorkDir => Path.GetFullPath(Config.ResolvedWorkDir);
+    public string RunDir => _log?.RunDir ?? "";
+
+    private bool VisionTrainable => !Config.FreezeVision || Config.VisionLoraR > 0;
+
+    public void Setup()
+    {
+        var resumeDir = CheckInputs();
+        _device = torch.device(Config.Device);
+        _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => _device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32 };
+        manual_seed(Config.Seed);
+
+        Directory.CreateDirectory(WorkDir);
+        _log = new TrainLog(WorkDir, Config.ToYaml()) { Echo = _options.Echo };
+        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {_dtype}); run folder {_log.RunDir}");
+
+        _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
+        _tokenizer = InternLM2Tokenizer.Load(Config.Model);
+        var template = ConversationTemplate.Get(Config.Template);
+        if (Config.SystemMessage is { } system) template = template with { SystemMessage = system };
+        var tokenizer = new ConversationTokenizer(_tokenizer, template, _model.Config.NumImageToken, Config.MaxLength);
+        var images = new ImageProcessorOptions
+        {
+            ImageSize = _model.Config.ForceImageSize, MinTiles = Config.MinDynamicPatch, MaxTiles = Config.MaxDynamicPatch, UseThumbnail = Config.UseThumbnail,
+        };
+        _encoder = new SampleEncoder(tokenizer, images, Counters, m => _log.Warning(m));
+
+        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m));
+        if (_dataset.Samples.Count == 0)
+            throw new VlmTuneException($"no usable training sample in {string.Join(", ", Config.Data)} ({Counters}); see the warnings above.");
+        _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength);
+        TotalIterations = Config.MaxSteps ?? Config.MaxEpochs!.Value * _plan.BatchesPerEpoch;
+        _log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
+                  $"{TotalIterations} iterations, {(TotalIterations + Config.AccumulativeCounts - 1) / Config.AccumulativeCounts} optimizer steps; skipped so far: {Counters}");
+
+        PrepareModel();
+        _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
+        _seeds = new DropoutSeeds(Config.Seed);
+        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds);
+        _optimizer = optim.AdamW(_trainable.Select(t => t.Param), Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
+
+        if (resumeDir is not null) Resume(resumeDir);
+    }
+
+    /// <summary>Checks paths and the device before any work; every problem at once.</summary>
+    private string? CheckInputs()
+    {
+        var problems = new List<string>();
+        if (!Directory.Exists(Config.Model)) problems.Add($"'model': folder not found: {Path.GetFullPath(Config.Model)}");
+        else if (!File.Exists(Path.Combine(Config.Model, "config.json"))) problems.Add($"'model': {Path.GetFullPath(Config.Model)} has no config.json (not an InternVL2 model folder)");
+        foreach (var file in Config.Data)
+            if (!File.Exists(file)) problems.Add($"'data': file not found: {Path.GetFullPath(file)}");
+        if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        if (Config.Device.StartsWith("cuda", StringComparison.Ordinal) && !cuda.is_available())
+            problems.Add($"'device': {Config.Device} but CUDA is not available to TorchSharp (CPU libtorch, or no GPU); use --set device=cpu");
+        string? resume = null;
+        try { resume = FindResume(); }
+        catch (VlmTuneException e) { problems.Add(e.Message); }
+        if (problems.Count > 0) throw new ConfigException(Config.Source, problems);
+        return resume;
+    }
+
+    private string? FindResume()
+    {
+        switch (_options.Resume)
+        {
+            case null: return null;
+            case "auto":
+                return LatestCheckpoint(WorkDir);
+            default:
+                string dir = Path.GetFullPath(_options.Resume);
+                if (!Directory.Exists(dir)) throw new VlmTuneException($"--resume: checkpoint folder not found: {dir}");
+                if (!File.Exists(Path.Combine(dir, StateFile)))
+                    throw new VlmTuneException($"--resume: {dir} is not a complete VlmTune checkpoint (no {StateFile}); pass an iter_<n> folder of a work dir, or --resume auto");
+                return dir;
+        }
+    }
+
+    /// <summary>The newest complete checkpoint under <paramref name="workDir"/> (temporary folders of interrupted writes are ignored), or null.</summary>
+    public static string? LatestCheckpoint(string workDir)
+    {
+        if (!Directory.Exists(workDir)) return null;
+        string pointer = Path.Combine(workDir, LastCheckpointFile);
+        if (File.Exists(pointer))
+        {
+            string dir = File.ReadAllText(pointer).Trim();
+            if (!Path.IsPathRooted(dir)) dir = Path.Combine(workDir, dir);
+            if (File.Exists(Path.Combine(dir, StateFile))) return Path.GetFullPath(dir);
+        }
+        return Checkpoints(workDir).LastOrDefault().Dir;
+    }
+
+    private static List<(long Iter, string Dir)> Checkpoints(string workDir) =>
+        Directory.EnumerateDirectories(workDir, "iter_*")
+            .Select(d => (Dir: d, Name: Path.GetFileName(d)))
+            .Where(d => long.TryParse(d.Name["iter_".Length..], out _) && File.Exists(Path.Combine(d.Dir, StateFile)))
+            .Select(d => (long.Parse(d.Name["iter_".Length..]), Path.GetFullPath(d.Dir)))
+            .OrderBy(d => d.Item1).ToList();
+
+    /// <summary>Applies the mode: quantisation, LoRA branches, what is frozen; collects the trainable parameters.</summary>
+    private void PrepareModel()
+    {
+        var model = Model;
+        foreach (var p in model.parameters()) p.requires_grad_(false);
+        _llmParams = model.language_model.model.layers.parameters().Sum(p => p.numel());
+        _vitParams = model.vision_model.parameters().Sum(p => p.numel());
+
+        if (Config.Mode == TrainMode.Qlora)
+        {
+            int n = Qlora.QuantizeLanguageModel(model.language_model);
+            _log!.Info($"qlora: {n} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
+        }
+        if (Config.UsesLora)
+        {
+            _llmLora = new PeftAdapterConfig
+            {
+                R = Config.LoraR, LoraAlpha = Config.LoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.LoraTargets,
+                BaseModelNameOrPath = Path.GetFullPath(Config.Model),
+            };
+            var names = PeftAdapter.Attach(model.language_model, _llmLora);
+            _log!.Info($"lora: r={Config.LoraR} alpha={Config.LoraAlpha} dropout={Config.LoraDropout} on {names.Count} LLM layers ({string.Join(", ", Config.LoraTargets)})");
+        }
+        if (Config.VisionLoraR > 0)
+        {
+            _visionLora = new PeftAdapterConfig
+            {
+                R = Config.VisionLoraR, LoraAlpha = Config.VisionLoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.VisionLoraTargets,
+                BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = "FEATURE_EXTRACTION",
+            };
+            PeftAdapter.Attach(model.vision_model, _visionLora);
+        }
+        if (!Config.FreezeVision) foreach (var p in model.vision_model.parameters()) p.requires_grad_(true);
+        if (!Config.FreezeProjector) foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
+        if (!Config.LlmFrozen) foreach (var p in model.language_model.parameters()) p.requires_grad_(true);
+        foreach (var (name, p) in model.named_parameters())
+            if (name.Contains(".lora_")) p.requires_grad_(true);
+
+        _trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)).ToList();
+        if (_trainable.Count == 0) throw new VlmTuneException($"{Config.Source}: the config trains nothing (every part is frozen).");
+        long count = _trainable.Sum(t => t.Param.numel());
+        _log!.Info($"trainable parameters: {count:N0} in {_trainable.Count} tensors ({string.Join(", ", _trainable.Select(t => t.Name.Split('.')[0]).Distinct())})");
+
+        model.eval();
+        model.language_model.train();                 // LoRA dropout
+        if (VisionTrainable) model.vision_model.train();
+    }
+
+    /// <summary>Runs the remaining iterations. Cancellation (Ctrl-C) stops at the next iteration and saves a checkpoint.</summary>
+    public TrainResult Train(CancellationToken cancel = default, Action<TrainProgress>? progress = null)
+    {
+        progress ??= _options.Progress;
+        if (_model is null) Setup();
+        var model = Model;
+        var log = _log!;
+        int accum = Config.AccumulativeCounts;
+        var losses = new List<double>();
+        bool interrupted = false;
+        bool cuda = _device.type == DeviceType.CUDA;
+        double? peak = Config.PeakTflops ?? (cuda ? 989.0 : null);
+        int imageContextId = _tokenizer!.ImgContextId;
+        long start = _iteration;
+        var runClock = Stopwatch.StartNew();
+        var window = new Window();
+        double? lastGradNorm = null;
+        var cycleSamples = new List<string>();
+
+        log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
+        using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers);
+        try
+        {
+            while (_iteration < TotalIterations)
+            {
+                if (cancel.IsCancellationRequested)
+                {
+                    interrupted = true;
+                    break;
+                }
+                var clock = Stopwatch.StartNew();
+                long it = _iteration;
+                long cycleStart = it / accum * accum;
+                long cycleSize = Math.Min(accum, TotalIterations - cycleStart);
+                double lr = _schedule.At(it);
+                foreach (var group in _optimizer!.ParamGroups) group.LearningRate = lr;
+                _seeds!.StartMicroBatch(it);
+
+                using var batch = loader.Next();
+                double dataTime = clock.Elapsed.TotalSeconds;
+                double loss = double.NaN;
+                if (batch.IsEmpty)
+                    log.Warning($"iteration {it + 1}: every sample of the batch was skipped; nothing to learn");
+                else
+                {
+                    cycleSamples.AddRange(batch.SampleIds);
+                    loss = ForwardBackward(batch, imageContextId, cycleSize, it);
+                }
+
+                bool stepNow = it + 1 == cycleStart + cycleSize;
+                if (stepNow)
+                {
+                    lastGradNorm = OptimizerStep(it, cycleSamples);
+                    cycleSamples.Clear();
+                }
+                _iteration++;
+                losses.Add(loss);
+                double time = clock.Elapsed.TotalSeconds;
+                window.Add(time, dataTime, loss, batch.Tokens, batch.Tiles);
+                progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
+
+                if (_iteration % Config.LogInterval == 0 || _iteration == TotalIterations)
+                {
+                    double eta = runClock.Elapsed.TotalSeconds / (_iteration - start) * (TotalIterations - _iteration);
+                    double tokensPerSecond = window.Tokens / Math.Max(window.Time, 1e-9);
+                    double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12) : null;
+                    log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
+                        DeviceMemory.UsedMb(cuda), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
+                    log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
+                    window = new Window();
+                }
+                if (stepNow && Config.SaveSteps > 0 && _iteration % Config.SaveSteps == 0 && _iteration < TotalIterations)
+                    SaveCheckpoint();
+            }
+        }
+        finally { BackwardScratch.Release(); }
+
+        if (interrupted)
+        {
+            // Gradients of an unfinished accumulation cycle are dropped: the checkpoint is at the last optimizer step,
+            // and resuming replays that cycle from its first micro-batch.
+            _optimizer!.zero_grad();
+            _iteration = _iteration / accum * accum;
+            log.Warning($"interrupted; saving a checkpoint at iteration {_iteration}");
+            if (_iteration > 0 && !File.Exists(Path.Combine(WorkDir, $"iter_{_iteration}", StateFile))) SaveCheckpoint();
+        }
+        else
+        {
+            SaveCheckpoint();
+            log.Info($"training finished: {_iteration} iterations, {_optimizerSteps} optimizer steps; skipped: {Counters}");
+        }
+        return new TrainResult
+        {
+            WorkDir = WorkDir, RunDir = RunDir, Iterations = _iteration, OptimizerSteps = _optimizerSteps, Losses = losses,
+            LastCheckpoint = _lastCheckpoint, Counters = Counters, Interrupted = interrupted,
+        };
+    }
+
+    private sealed class Window
+    {
+        public int Count; public double Time, DataTime, LossSum; public int LossCount; public long Tokens, Tiles;
+
+        public void Add(double time, double dataTime, double loss, long tokens, long tiles)
+        {
+            Count++; Time += time; DataTime += dataTime; Tokens += tokens; Tiles += tiles;
+            if (double.IsFinite(loss)) { LossSum += loss; LossCount++; }
+        }
+
+        public double MeanLoss => LossCount == 0 ? double.NaN : LossSum / LossCount;
+    }
+
+    /// <summary>One micro-batch: loss (fp32, chunked) and its backward pass scaled for accumulation; returns the loss.</summary>
+    private double ForwardBackward(TrainBatch batch, int imageContextId, long cycleSize, long it)
+    {
+        var model = Model;
+        using var scope = NewDisposeScope();
+        var ids = batch.InputIds.to(_device);
+        var labels = batch.Labels.to(_device);
+        Tensor? features = batch.Pixels is null ? null : ImageFeatures(batch.Pixels.to(_device).to_type(_dtype));
+        var embeds = model.EmbedWithImages(ids, features, imageContextId);
+        var hidden = model.language_model.Forward(embeds, new DecoderInputs());
+        var (loss, tokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
+        if (tokens == 0)
+        {
+            _log!.Warning($"iteration {it + 1}: samples {string.Join(", ", batch.SampleIds)} have no supervised token; nothing to learn");
+            return double.NaN;
+        }
+        double value = loss.item<float>();
+        if (!double.IsFinite(value))
+        {
+            string what = $"iteration {it + 1} (optimizer step {_optimizerSteps + 1}): the loss is {value} on samples {string.Join(", ", batch.SampleIds)}";
+            if (Config.NanPolicy == NanPolicy.Stop)
+                throw new TrainingDivergedException($"{what}; stopping (set nan_policy: skip to skip such micro-batches).");
+            Counters.AddNanSkipped();
+            _log!.Warning($"{what}; micro-batch skipped ({Counters.NanSkipped} so far)");
+            return double.NaN;
+        }
+        (loss / cycleSize).backward();
+        BackwardScratch.Release();
+        return value;
+    }
+
+    /// <summary>Image tiles → LLM-space features; the frozen ViT runs without building a graph.</summary>
+    private Tensor ImageFeatures(Tensor pixels)
+    {
+        var model = Model;
+        Tensor vit;
+        if (VisionTrainable) vit = model.vision_model.Forward(pixels, model.Config.SelectLayer);
+        else using (no_grad()) vit = model.vision_model.Forward(pixels, model.Config.SelectLayer);
+        vit = vit[.., 1.., ..];                                                        // drop CLS: (N, G·G, C)
+        long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1])), c = vit.shape[2];
+        var shuffled = InternVLChatModel.PixelShuffle(vit.reshape(n, g, g, c), model.Config.DownsampleRatio);
+        shuffled = shuffled.reshape(n, -1, shuffled.shape[^1]);                        // (N, 256, 4C)
+        if (Config.FreezeProjector)
+            using (no_grad()) return model.mlp1.forward(shuffled);
+        return model.mlp1.forward(shuffled);
+    }
+
+    /// <summary>Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping.</summary>
+    private double? OptimizerStep(long it, List<string> samples)
+    {
+        var withGrad = _trainable.Select(t => t.Param).Where(p => p.grad is not null).ToList();
+        if (withGrad.Count == 0) { _optimizer!.zero_grad(); return null; }
+        double norm = nn.utils.clip_grad_norm_(withGrad, Config.MaxNorm);
+        if (!double.IsFinite(norm))
+        {
+            string what = $"iteration {it + 1} (optimizer step {_optimizerSteps + 1}): the gradient norm is {norm} after samples {string.Join(", ", samples)}";
+            if (Config.NanPolicy == NanPolicy.Stop)
+                throw new TrainingDivergedException($"{what}; stopping (set nan_policy: skip to skip such steps).");
+            Counters.AddNanSkipped();
+            _log!.Warning($"{what}; optimizer step skipped ({Counters.NanSkipped} so far)");
+            _optimizer!.zero_grad();
+            return norm;
+        }
+        _optimizer!.step();
+        _optimizer.zero_grad();
+        _optimizerSteps++;
+        return norm;
+    }
+
+    /// <summary>
+    /// Writes <c>iter_&lt;n&gt;/</c> in the work dir: the LoRA adapter(s) in PEFT format, the other trained weights
+    /// (projector, ...) as safetensors, the optimizer state and the trainer state. Written to a temporary sibling and
+    /// renamed last, so an interrupted write is never taken for a checkpoint; then older ones beyond save_total_limit go.
+    /// </summary>
+    public string SaveCheckpoint()
+    {
+        var model = Model;
+        string final = Path.Combine(WorkDir, $"iter_{_iteration}");
+        string temp = Path.Combine(WorkDir, $".iter_{_iteration}.tmp-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(temp);
+        try
+        {
+            if (_llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
+            if (_visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
+            var full = _trainable.Where(t => !t.Name.Contains(".lora_")).Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Param)).ToList();
+            if (full.Count > 0) SafetensorsWriter.Write(Path.Combine(temp, TrainableFile), full);
+            _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
+            var state = new JsonObject
+            {
+                ["iteration"] = _iteration,
+                ["optimizer_steps"] = _optimizerSteps,
+                ["total_iterations"] = TotalIterations,
+                ["samples"] = Dataset.Samples.Count,
+                ["mode"] = Config.Mode.ToString().ToLowerInvariant(),
+                ["lora_r"] = Config.LoraR,
+                ["batch_size"] = Config.BatchSize,
+                ["accumulative_counts"] = Config.AccumulativeCounts,
+                ["seed"] = Config.Seed,
+                ["trainable"] = new JsonArray(_trainable.Select(t => (JsonNode?)JsonValue.Create(t.Name)).ToArray()),
+                ["counters"] = new JsonObject
+                {
+                    ["bad_records"] = Counters.BadRecords, ["broken_images"] = Counters.BrokenImages, ["too_long"] = Counters.TooLong,
+                    ["label_mismatch"] = Counters.LabelMismatch, ["nan_skipped"] = Counters.NanSkipped,
+                },
+                ["config"] = Config.ToYaml(),
+            };
+            // The state file is written last: its presence marks the folder complete.
+            AtomicFile.WriteAllText(Path.Combine(temp, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+            Directory.Move(temp, final);
+        }
+        catch
+        {
+            try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
+            throw;
+        }
+        AtomicFile.WriteAllText(Path.Combine(WorkDir, LastCheckpointFile), final);
+        _lastCheckpoint = final;
+        _log?.Info($"saved checkpoint {final}");
+        Prune();
+        return final;
+    }
+
+    private void Prune()
+    {
+        if (Config.SaveTotalLimit <= 0) return;
+        var all = Checkpoints(WorkDir);
+        foreach (var (_, dir) in all.Take(Math.Max(0, all.Count - Config.SaveTotalLimit)))
+        {
+            Directory.Delete(dir, recursive: true);
+            _log?.Info($"removed old checkpoint {dir} (save_total_limit {Config.SaveTotalLimit})");
+        }
+    }
+
+    private void Resume(string dir)
+    {
+        JsonNode state;
+        try { state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, StateFile)))!; }
+        catch (JsonException e) { throw new VlmTuneException($"--resume: {Path.Combine(dir, StateFile)} is corrupt: {e.Message}"); }
+        var problems = new List<string>();
+        void Same<T>(string key, T expected) where T : notnull
+        {
+            var stored = state[key] is JsonValue v && v.TryGetValue<T>(out var x) ? x : default;
+            if (stored is null || !stored.Equals(expected)) problems.Add($"'{key}' is {expected} but the checkpoint was trained with {state[key]?.ToJsonString() ?? "nothing"}");
+        }
+        Same("mode", Config.Mode.ToString().ToLowerInvariant());
+        Same("lora_r", Config.LoraR);
+        Same("batch_size", Config.BatchSize);
+        Same("accumulative_counts", Config.AccumulativeCounts);
+        Same("seed", Config.Seed);
+        Same("samples", Dataset.Samples.Count);
+        var names = (state["trainable"] as JsonArray)?.Select(n => n?.GetValue<string>()).ToList() ?? [];
+        if (!names.SequenceEqual(_trainable.Select(t => (string?)t.Name)))
+            problems.Add("the trained parameters differ from the checkpoint's (freeze_* or lora_targets changed)");
+        if (problems.Count > 0)
+            throw new ConfigException(Config.Source, problems.Select(p => $"--resume {dir}: {p}").ToList());
+
+        var model = Model;
+        if (_llmLora is not null)
+            using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.language_model, file);
+        if (_visionLora is not null)
+            using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.vision_model, file);
+        var full = _trainable.Where(t => !t.Name.Contains(".lora_")).ToList();
+        if (full.Count > 0)
+        {
+            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
+            using var noGrad = no_grad();
+            foreach (var (name, p) in full)
+            {
+                using var value = file.Read(name);
+                p.copy_(value);
+            }
+        }
+        _optimizer!.load_state_dict(Path.Combine(dir, OptimizerFile));
+        _iteration = state["iteration"]!.GetValue<long>();
+        _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();
+        var c = state["counters"]!;
+        Counters.Restore(c["bad_records"]!.GetValue<long>(), c["broken_images"]!.GetValue<long>(), c["too_long"]!.GetValue<long>(),
+            c["label_mismatch"]!.GetValue<long>(), c["nan_skipped"]!.GetValue<long>());
+        _lastCheckpoint = dir;
+        _log!.Info($"resumed from {dir} at iteration {_iteration} (optimizer step {_optimizerSteps})");
+    }
+
+    public void Dispose()
+    {
+        _log?.Dispose();
+        _optimizer?.Dispose();
+        _model?.Dispose();
+    }
+}
