@@ -67,6 +67,8 @@ public sealed record ServerOptions
         if (!(ImageFetchTimeoutSeconds > 0)) yield return $"image fetch timeout must be > 0 s (got {ImageFetchTimeoutSeconds}).";
         if (MaxImageRedirects < 0) yield return $"max image redirects must be ≥ 0 (got {MaxImageRedirects}).";
         if (ApiKey is { Length: 0 }) yield return "--api-key must not be empty.";
+        if (!string.IsNullOrWhiteSpace(ModelDir) && !Directory.Exists(ModelDir)) yield return $"--model {ModelDir}: folder not found.";
+        if (AdapterDir is not null && !Directory.Exists(AdapterDir)) yield return $"--adapter {AdapterDir}: folder not found.";
         if (AllowLocalImages is not null && !Directory.Exists(AllowLocalImages)) yield return $"--allow-local-images {AllowLocalImages}: folder not found.";
         foreach (var network in AllowedImageNetworks)
             if (!System.Net.IPNetwork.TryParse(network, out _)) yield return $"allowed image network '{network}' is not CIDR (e.g. 10.0.0.0/8).";

@@ -67,10 +67,8 @@ internal static class ServeCommand
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
         {
             Device = options.Device, DType = ChatCommand.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
-            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels },
+            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels }, AdapterDir = options.AdapterDir,
         });
-        if (options.AdapterDir is { } adapter)
-            throw new VlmTuneException($"--adapter {adapter}: loading LoRA adapters into a served model is not available in this build yet.");
         var client = VlmTuneServer.CreateChatClient(chat, options);
         using var engine = client.Engine;
         await using var app = VlmTuneServer.Build(options, client);

@@ -18,6 +18,8 @@ public sealed record ChatLoadOptions
     /// <summary>Most tiles per image (thumbnail excluded), as max_num of the official dynamic_preprocess.</summary>
     public int MaxTiles { get; init; } = 12;
     public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
+    /// <summary>LoRA adapter folder merged into the weights after loading (see <see cref="AdapterLoader"/>); null: none.</summary>
+    public string? AdapterDir { get; init; }
 }
 
 /// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
@@ -67,6 +69,11 @@ public sealed class InternVLChat : IDisposable
         var dtype = options.DType ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
         var tokenizer = InternLM2Tokenizer.Load(modelDir);
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
+        if (options.AdapterDir is { } adapter)
+        {
+            try { AdapterLoader.ApplyMerged(model, adapter); }
+            catch { model.Dispose(); throw; }
+        }
         var template = ConversationTemplate.Get(model.Config.Template);
         var images = new ImageProcessor(new ImageProcessorOptions
         {

@@ -31,9 +31,9 @@ public sealed class ServerFixture : IDisposable
     {
         options = (options ?? new ServerOptions()) with { ModelDir = Fixtures.TinyModel, ModelId = ModelId, Host = "127.0.0.1", Port = 0 };
         var client = VlmTuneServer.CreateChatClient(Chat, options);
-        var app = VlmTuneServer.Build(options, client);
-        await app.StartAsync();
-        return new TestServer(app, client, VlmTuneServer.Address(app));
+        var server = new TestServer(VlmTuneServer.Build(options, client), client);
+        await server.StartAsync();
+        return server;
     }
 
     public void Dispose()
@@ -42,11 +42,19 @@ public sealed class ServerFixture : IDisposable
     }
 }
 
-public sealed class TestServer(WebApplication app, InternVLChatClient client, Uri address) : IAsyncDisposable
+/// <summary>A server app with its own engine; <see cref="StartAsync"/> binds it, disposal stops it and the engine.</summary>
+public sealed class TestServer(WebApplication app, InternVLChatClient client) : IAsyncDisposable
 {
-    public Uri Address { get; } = address;
+    public Uri Address { get; private set; } = null!;
     public InternVLChatClient Client { get; } = client;
-    public HttpClient Http { get; } = new() { BaseAddress = address, Timeout = TimeSpan.FromMinutes(3) };
+    public HttpClient Http { get; private set; } = null!;
+
+    public async Task StartAsync()
+    {
+        await app.StartAsync();
+        Address = VlmTuneServer.Address(app);
+        Http = new HttpClient { BaseAddress = Address, Timeout = TimeSpan.FromMinutes(3) };
+    }
 
     public Task<HttpResponseMessage> PostJsonAsync(string json, string? key = null, CancellationToken cancellation = default)
     {
@@ -66,7 +74,7 @@ public sealed class TestServer(WebApplication app, InternVLChatClient client, Ur
 
     public async ValueTask DisposeAsync()
     {
-        Http.Dispose();
+        Http?.Dispose();
         await app.StopAsync();
         await app.DisposeAsync();
         Client.Engine.Dispose();
