@@ -190,11 +190,12 @@ public sealed class InferenceEngine : IDisposable
             bool alone = _batch.Count + _solo.Count + joining.Count == 0;
             if (!alone && CacheSlots(joining.Append(next)) > _options.MaxCacheTokens) break;
             _pending.TryDequeue(out _);
+            // Counted as running before it stops counting as queued, so Submit never sees a free slot that is not.
+            Interlocked.Increment(ref _running);
             Interlocked.Decrement(ref _queued);
             joining.Add(next);
         }
         if (joining.Count == 0) return;
-        Interlocked.Add(ref _running, joining.Count);
 
         EncodeImages(joining);
         var rows = new List<Sequence>();
