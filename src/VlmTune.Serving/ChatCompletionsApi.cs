@@ -129,6 +129,12 @@ public static class ChatCompletionsApi
                 any = await enumerator.MoveNextAsync();
             }
         }
+        catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
+        {
+            // The request timeout passed mid-answer: the status is long sent, so the error travels as an event.
+            await Event(response, new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout").Body);
+            return;
+        }
         catch (Exception e) when (e is not OperationCanceledException)
         {
             await Event(response, new ApiException(500, "Generation failed.", null, "internal_error").Body);

@@ -129,6 +129,13 @@ public sealed class BadInputTests(ServerFixture fixture) : IClassFixture<ServerF
         await ErrorAssert.IsError(await server.PostAsync(TestServer.UserRequest("long", maxTokens: 4000)), 504);
         for (int i = 0; i < 200 && server.Client.Engine.Stats.Running > 0; i++) await Task.Delay(25);
         Assert.Equal(0, server.Client.Engine.Stats.Running);
+
+        // Streaming: the status went out with the first token, so the timeout arrives as an error event.
+        var streamed = await server.PostAsync(TestServer.UserRequest("long", maxTokens: 4000, stream: true));
+        Assert.Equal(200, (int)streamed.StatusCode);
+        var last = (await streamed.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries)[^1];
+        using var error = JsonDocument.Parse(last["data: ".Length..]);
+        Assert.Equal("timeout", error.RootElement.GetProperty("error").GetProperty("code").GetString());
     }
 
     [FixtureFact]
