@@ -2,7 +2,10 @@ using static TorchSharp.torch;
 
 namespace VlmTune.Inference;
 
-/// <summary>Picks next tokens from last-position logits, on the logits' device, with a seeded generator for sampling.</summary>
+/// <summary>
+/// Picks next tokens from last-position logits. Sampling draws on the CPU with a seeded generator (TorchSharp's
+/// generators are CPU-only), which also makes a seed give the same tokens on every device.
+/// </summary>
 public sealed class Sampler : IDisposable
 {
     private readonly SamplingOptions _options;
@@ -13,7 +16,7 @@ public sealed class Sampler : IDisposable
         _options = options;
         if (!options.Greedy)
         {
-            _generator = new Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), device);
+            _generator = new Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()), CPU);
         }
     }
 
@@ -46,8 +49,8 @@ public sealed class Sampler : IDisposable
             drop[.., ^1] = tensor(false);
             scores = scores.masked_fill(drop.scatter(1, order, drop), float.NegativeInfinity);
         }
-        var probs = scores.softmax(-1);
-        return probs.multinomial(1, false, _generator).squeeze(-1).MoveToOuterDisposeScope();
+        var probs = scores.softmax(-1).cpu();
+        return probs.multinomial(1, false, _generator).squeeze(-1).to(logits.device).MoveToOuterDisposeScope();
     }
 
     public void Dispose() => _generator?.Dispose();

@@ -140,7 +140,7 @@ public sealed class InternLM2Attention : nn.Module
         {
             // Decoding: fold each KV head's query group into the query axis, so K/V are read once and never repeated.
             var qg = q.view(b, kvh, groups, d);                                                  // (B, kvh, groups, d)
-            o = Attention.Compute(qg, k, v, _kind, causalOffset: null, keyMask: inputs.KeyMask).view(b, heads, 1, d);
+            o = Attention.Compute(qg, k, v, _kind, causalOffset: null, keyMask: inputs.KeyMask).reshape(b, heads, 1, d);
         }
         else
         {

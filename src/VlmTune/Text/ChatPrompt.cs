@@ -42,14 +42,14 @@ public sealed record ChatPrompt(string Text, int[] InputIds)
         if (imageTiles.Count > 0 && history.Count == 0 && !question.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal))
             question = ImagePlaceholders.Placeholder + "\n" + question;
 
-        var messages = new List<ChatMessage>(2 * history.Count + 2);
+        var messages = new List<ConversationMessage>(2 * history.Count + 2);
         foreach (var turn in history)
         {
-            messages.Add(new ChatMessage(ChatRole.User, turn.User));
-            messages.Add(new ChatMessage(ChatRole.Assistant, turn.Assistant));
+            messages.Add(new ConversationMessage(ConversationRole.User, turn.User));
+            messages.Add(new ConversationMessage(ConversationRole.Assistant, turn.Assistant));
         }
-        messages.Add(new ChatMessage(ChatRole.User, question));
-        messages.Add(new ChatMessage(ChatRole.Assistant, null));
+        messages.Add(new ConversationMessage(ConversationRole.User, question));
+        messages.Add(new ConversationMessage(ConversationRole.Assistant, null));
 
         var prompt = template.Render(messages, systemMessage);
         return ImagePlaceholders.Expand(prompt, imageTiles, numImageToken, "the chat prompt (system message, history and question)");

@@ -3,14 +3,14 @@ using System.Text;
 namespace VlmTune.Text;
 
 /// <summary>Who speaks a message of a conversation.</summary>
-public enum ChatRole
+public enum ConversationRole
 {
     User,
     Assistant,
 }
 
 /// <summary>One message of a conversation; a null or empty <see cref="Text"/> on the last assistant message opens the reply.</summary>
-public readonly record struct ChatMessage(ChatRole Role, string? Text);
+public readonly record struct ConversationMessage(ConversationRole Role, string? Text);
 
 /// <summary>
 /// A chat prompt format, as InternVL's <c>conversation.py</c> templates of the MPT separator style:
@@ -76,7 +76,7 @@ public sealed record ConversationTemplate(
     }
 
     /// <summary>The role prefix of <paramref name="role"/>.</summary>
-    public string RolePrefix(ChatRole role) => role == ChatRole.User ? UserRole : AssistantRole;
+    public string RolePrefix(ConversationRole role) => role == ConversationRole.User ? UserRole : AssistantRole;
 
     /// <summary>The system prompt and separator that open every conversation.</summary>
     public string RenderSystem(string? systemMessage = null) =>
@@ -86,13 +86,13 @@ public sealed record ConversationTemplate(
     /// The conversation as text (<c>get_prompt()</c>). Messages must alternate user, assistant, user, …; end with an
     /// assistant message whose text is null to get a prompt for generation.
     /// </summary>
-    public string Render(IReadOnlyList<ChatMessage> messages, string? systemMessage = null)
+    public string Render(IReadOnlyList<ConversationMessage> messages, string? systemMessage = null)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var text = new StringBuilder(RenderSystem(systemMessage));
         for (var i = 0; i < messages.Count; i++)
         {
-            var expected = i % 2 == 0 ? ChatRole.User : ChatRole.Assistant;
+            var expected = i % 2 == 0 ? ConversationRole.User : ConversationRole.Assistant;
             if (messages[i].Role != expected)
                 throw new VlmTuneException($"Conversation message {i} is from the {messages[i].Role.ToString().ToLowerInvariant()}, " +
                                            $"but messages must alternate user/assistant starting with the user (expected {expected.ToString().ToLowerInvariant()}).");

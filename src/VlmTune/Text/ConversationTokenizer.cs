@@ -162,7 +162,7 @@ public sealed class ConversationTokenizer
     private bool IsImageToken(int id) => id == _tokenizer.ImgContextId || id == _tokenizer.ImgStartId || id == _tokenizer.ImgEndId;
 
     /// <summary>Validates the turns and turns them into template messages; reports every problem at once.</summary>
-    private (string? SystemMessage, List<ChatMessage> Messages) ToMessages(IReadOnlyList<ConversationTurn> conversation,
+    private (string? SystemMessage, List<ConversationMessage> Messages) ToMessages(IReadOnlyList<ConversationTurn> conversation,
         int imageCount, string where)
     {
         var problems = new List<string>();
@@ -179,7 +179,7 @@ public sealed class ConversationTokenizer
         if (imageCount == 1 && turns.Count > 0 && turns[0]?.Value is { } first && !first.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal))
             turns[0] = turns[0] with { Value = ImagePlaceholders.Placeholder + "\n" + first };
 
-        var messages = new List<ChatMessage>(turns.Count);
+        var messages = new List<ConversationMessage>(turns.Count);
         for (var i = 0; i < turns.Count; i++)
         {
             var turn = turns[i];
@@ -188,7 +188,7 @@ public sealed class ConversationTokenizer
             if (turn.From != expected)
                 problems.Add($"turn {i} is from '{turn.From}' but turns must alternate '{ConversationTurn.Human}'/'{ConversationTurn.Gpt}' (expected '{expected}')");
             if (turn.Value is null) problems.Add($"turn {i} has no value");
-            messages.Add(new ChatMessage(i % 2 == 0 ? ChatRole.User : ChatRole.Assistant, PythonStrip(turn.Value ?? "")));
+            messages.Add(new ConversationMessage(i % 2 == 0 ? ConversationRole.User : ConversationRole.Assistant, PythonStrip(turn.Value ?? "")));
         }
         if (turns.Count == 0) problems.Add("it has no human/gpt turns");
         else if (turns.Count % 2 != 0 || turns[^1]?.From != ConversationTurn.Gpt)

@@ -1,5 +1,4 @@
 using System.Text;
-using System.Text.Json;
 using System.Text.RegularExpressions;
 using Microsoft.ML.Tokenizers;
 
@@ -146,14 +145,17 @@ public sealed partial class InternLM2Tokenizer
         if (sentencePiece.Vocabulary.Count != model.Pieces.Count)
             throw new VlmTuneException($"'{modelPath}': {model.Pieces.Count} pieces in the file, but {sentencePiece.Vocabulary.Count} loaded.");
         foreach (var (content, id) in config.AddedTokens)
-            if (id < model.Pieces.Count && model.Pieces[id].Type is PieceType.Normal or PieceType.Byte)
+            if (id < model.Pieces.Count && model.Pieces[id].Type is PieceType.Normal or PieceType.Byte && model.Pieces[id].Piece != content)
                 throw new VlmTuneException($"Added token '{content}' of '{modelDir}' has id {id}, which is an ordinary piece " +
                                            $"('{model.Pieces[id].Piece}') of tokenizer.model: the tokenizer files do not belong together.");
         return new InternLM2Tokenizer(modelDir, sentencePiece, model, config);
     }
 
     /// <summary>Token ids of <paramref name="text"/>; added tokens written in the text become their single ids.</summary>
-    /// <param name="addBos">Prepend BOS when the tokenizer's <c>add_bos_token</c> is on (it is for InternLM2).</param>
+    /// <param name="addBos">
+    /// Add the tokenizer's own special tokens, as HF's <c>add_special_tokens=True</c>: BOS when <c>add_bos_token</c> (on for
+    /// InternLM2), EOS when <c>add_eos_token</c> (off). False gives the bare ids of the text.
+    /// </param>
     public int[] Encode(string text, bool addBos = true)
     {
         ArgumentNullException.ThrowIfNull(text);

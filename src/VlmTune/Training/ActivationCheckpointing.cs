@@ -58,6 +58,8 @@ public static class ActivationCheckpointing
                     gradX = x.grad!.detach().MoveToOuterDisposeScope();
                 }
             }
+            // Our handles only: the engine keeps its own references. Left to the GC, they held gigabytes at a time.
+            gradOutput.Dispose();
             BackwardScratch.Keep(gradX);
             foreach (var t in saved) t.Dispose();
             return [gradX, null!, null!, null!, null!];

@@ -245,6 +245,8 @@ public static class Nf4
                 var w = call.Weight.Dequantize(gradOutput.dtype);                      // (out, in)
                 gradX = matmul(gradOutput, w).MoveToOuterDisposeScope();              // (…, in)
             }
+            // The engine keeps its own reference; ours would otherwise hold the gradient until the GC finalises it.
+            gradOutput.Dispose();
             BackwardScratch.Keep(gradX);
             return [gradX, null!];
         }

@@ -74,15 +74,24 @@ public static class DynamicPreprocess
     /// with the same tile count keep the iteration order of the Python set they came from; that order decides exact
     /// ties between them (possible only when min_num &gt; 1), so it is reproduced by <see cref="PythonSetOrder"/>.
     /// </summary>
-    public static IReadOnlyList<(int Columns, int Rows)> TargetRatios(int minNum, int maxNum)
+    public static IReadOnlyList<(int Columns, int Rows)> TargetRatios(int minNum, int maxNum) =>
+        RatioCache.GetOrAdd((minNum, maxNum), key => BuildTargetRatios(key.Min, key.Max));
+
+    // Data validation calls CountTiles for every image of a data set; the candidates depend only on (min, max).
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int Min, int Max), IReadOnlyList<(int Columns, int Rows)>> RatioCache = new();
+
+    private static IReadOnlyList<(int Columns, int Rows)> BuildTargetRatios(int minNum, int maxNum)
     {
-        var generated = new List<(int, int)>();
-        for (int n = minNum; n <= maxNum; n++)
-            for (int i = 1; i <= n; i++)
-                for (int j = 1; j <= n; j++)
-                    if (i * j <= maxNum && i * j >= minNum) generated.Add((i, j));
-        var ordered = PythonSetOrder.Iterate(generated);
+        // The official comprehension loops n = min..max, i, j = 1..n and adds (i, j) when min <= i*j <= max; the set
+        // keeps the first insertion, which happens at n = max(min, i, j), in (i, j) order within one n. Listing each
+        // grid once in that order gives the same set without the cubic loop.
+        var generated = new List<(int N, int I, int J)>();
+        for (int i = 1; i <= maxNum; i++)
+            for (int j = Math.Max(1, (minNum + i - 1) / i); i * j <= maxNum; j++)
+                generated.Add((Math.Max(minNum, Math.Max(i, j)), i, j));
+        generated.Sort();
+        var ordered = PythonSetOrder.Iterate(generated.Select(g => (g.I, g.J)));
         // OrderBy is stable, like Python's sorted.
-        return ordered.OrderBy(r => r.Item1 * r.Item2).ToList();
+        return ordered.OrderBy(r => r.Item1 * r.Item2).ToList().AsReadOnly();
     }
 }

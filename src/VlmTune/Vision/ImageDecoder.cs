@@ -29,15 +29,22 @@ public static class ImageDecoder
         using var codec = OpenCodec(data, sourceName);
         var size = codec.Info;
         (limits ?? ImageLimits.Default).Check(size.Width, size.Height, sourceName);
+        if ((long)size.Width * size.Height * 4 > Array.MaxLength)
+            throw new ImageException($"{sourceName}: image is {size.Width}x{size.Height}, too large to decode in memory.");
+
+        if (codec.EncodedFormat == SKEncodedImageFormat.Png && PngGrey16.Matches(data))
+            return PngGrey16.Decode(data, sourceName);
 
         // No colour space on the target: Skia then converts no colours, as PIL ignores ICC profiles.
         var target = new SKImageInfo(size.Width, size.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
-        var rgba = GC.AllocateUninitializedArray<byte>(checked(size.Width * size.Height * 4));
+        // Zeroed, and Skia told so: pixels a decoder does not write (e.g. canvas outside a GIF's first frame) must read
+        // as transparent for the GIF fix-up below.
+        var rgba = new byte[size.Width * size.Height * 4];
         SKCodecResult result;
         unsafe
         {
             fixed (byte* p = rgba)
-                result = codec.GetPixels(target, (IntPtr)p, new SKCodecOptions(0));
+                result = codec.GetPixels(target, (IntPtr)p, new SKCodecOptions(SKZeroInitialized.Yes));
         }
         if (result != SKCodecResult.Success)
             throw new ImageException($"{sourceName}: cannot decode {FormatName(codec.EncodedFormat)} image ({size.Width}x{size.Height}): {Describe(result)}.");

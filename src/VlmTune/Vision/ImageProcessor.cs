@@ -30,9 +30,20 @@ public sealed class ProcessedImage(Tensor pixelValues, TileGrid grid, int origin
 /// <c>dynamic_preprocess</c>, <c>build_transform</c>) in one pass: tiles are normalised straight out of the resized
 /// image into one float buffer, and the tensor is created once.
 /// </summary>
-public sealed class ImageProcessor(ImageProcessorOptions? options = null)
+public sealed class ImageProcessor
 {
-    public ImageProcessorOptions Options { get; } = options ?? new ImageProcessorOptions();
+    public ImageProcessorOptions Options { get; }
+
+    public ImageProcessor(ImageProcessorOptions? options = null)
+    {
+        Options = options ?? new ImageProcessorOptions();
+        var problems = new List<string>();
+        if (Options.ImageSize < 1) problems.Add($"ImageSize must be positive, got {Options.ImageSize}");
+        if (Options.MinTiles < 1) problems.Add($"MinTiles must be at least 1, got {Options.MinTiles}");
+        if (Options.MaxTiles < Options.MinTiles) problems.Add($"MaxTiles ({Options.MaxTiles}) must be at least MinTiles ({Options.MinTiles})");
+        if (Options.Limits is null) problems.Add("Limits must be set");
+        if (problems.Count > 0) throw new VlmTuneException("Invalid image processing options: " + string.Join("; ", problems) + ".");
+    }
 
     public ProcessedImage Process(string path) => Process(ImageDecoder.Decode(path, Options.Limits));
 

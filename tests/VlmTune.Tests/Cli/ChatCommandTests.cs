@@ -22,7 +22,7 @@ public sealed class ChatCommandTests
             args.Add("--image");
             args.Add(Path.Combine(Fixtures.TinyDir, Fixtures.Golden.GetProperty("images").GetProperty(name).GetProperty("file").GetString()!));
         }
-        var r = CliRunner.Run(args, null);
+        var r = Run(args);
         Assert.True(r.ExitCode == 0, r.Stderr);
         using var json = JsonDocument.Parse(r.Stdout);
         Assert.Equal(expected, json.RootElement.GetProperty("token_ids").EnumerateArray().Select(e => e.GetInt32()));
@@ -89,10 +89,13 @@ public sealed class ChatCommandTests
         AssertFails(Chat(Fixtures.TinyModel, "--image", "/nonexistent/cat.png"), "/nonexistent/cat.png");
     }
 
-    private static CliRunner.Result Chat(string model, params string[] extra) =>
-        CliRunner.Run(new[] { "chat", "--model", model, "--prompt", "hi", "--max-new-tokens", "2" }.Concat(extra), null);
+    private static (int ExitCode, string Stdout, string Stderr) Run(IEnumerable<string> args) =>
+        CliProcess.RunAsync(args, timeoutSeconds: 300).GetAwaiter().GetResult();
 
-    private static void AssertFails(CliRunner.Result r, params string[] mentions)
+    private static (int ExitCode, string Stdout, string Stderr) Chat(string model, params string[] extra) =>
+        Run(new[] { "chat", "--model", model, "--prompt", "hi", "--max-new-tokens", "2" }.Concat(extra));
+
+    private static void AssertFails((int ExitCode, string Stdout, string Stderr) r, params string[] mentions)
     {
         Assert.NotEqual(0, r.ExitCode);
         Assert.StartsWith("error:", r.Stderr.TrimStart());

@@ -76,3 +76,24 @@ public sealed class TinyModelFixture : IDisposable
         if (_model.IsValueCreated) _model.Value.Dispose();
     }
 }
+
+/// <summary>The long two-image case: 6,720 tokens (dynamic-NTK RoPE), pixels from the real image pipeline.</summary>
+public sealed class LongPromptParityTests(TinyModelFixture tiny) : IClassFixture<TinyModelFixture>
+{
+    [FixtureFact]
+    public void TwoImageLogitsMatchGolden()
+    {
+        using var scope = NewDisposeScope();
+        var c = Fixtures.Golden.GetProperty("cases").GetProperty("two_images");
+        var ids = c.GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt64()).ToArray();
+        var processor = new VlmTune.Vision.ImageProcessor();
+        var pixels = cat(c.GetProperty("images").EnumerateArray()
+            .Select(n => processor.Process(Path.Combine(Fixtures.TinyDir, "images", n.GetString() + ".png")).PixelValues).ToList(), 0);
+        Tensor features;
+        using (no_grad()) features = tiny.Model.ExtractFeatures(pixels);
+        var (logits, lse, argmax) = tiny.FullLogits(ids, features);
+        ModelParityTests.AssertClose(Fixtures.GoldenTensors.Read("logits_last.two_images"), logits[^4..], 2e-3);
+        ModelParityTests.AssertClose(Fixtures.GoldenTensors.Read("lse.two_images"), lse, 2e-3);
+        Assert.Equal(Fixtures.GoldenTensors.Read("argmax.two_images").data<long>().ToArray(), argmax.data<long>().ToArray());
+    }
+}

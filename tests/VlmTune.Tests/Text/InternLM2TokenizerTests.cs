@@ -99,3 +99,44 @@ public class InternLM2TokenizerTests
         Assert.Equal("user\nhi", Tokenizer.Decode(ids));
     }
 }
+
+public class InternLM2TokenizerFilesTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vlmtune-tok-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private void CopyModel() => File.Copy(Path.Combine(Fixtures.TinyModel, "tokenizer.model"), Path.Combine(_dir, "tokenizer.model"));
+
+    [Fact]
+    public void MissingModelFileIsAClearError()
+    {
+        var e = Assert.Throws<VlmTuneException>(() => InternLM2Tokenizer.Load(_dir));
+        Assert.Contains("tokenizer.model", e.Message);
+    }
+
+    [FixtureFact]
+    public void FollowsAddBosTokenOfTheConfig()
+    {
+        CopyModel();
+        File.WriteAllText(Path.Combine(_dir, "tokenizer_config.json"), """{"add_bos_token": false, "added_tokens_decoder": {"92544": {"content": "<img>", "special": true}}}""");
+        var t = InternLM2Tokenizer.Load(_dir);
+        Assert.Equal([92544, 9843], t.Encode("<img>Hello"));
+        Assert.Equal("Hello", t.Decode([92544, 9843]));
+        var missing = Assert.Throws<VlmTuneException>(() => t.ImEndId);
+        Assert.Contains("<|im_end|>", missing.Message);
+    }
+
+    [FixtureFact]
+    public void ReportsEveryInconsistentAddedTokenAtOnce()
+    {
+        CopyModel();
+        File.WriteAllText(Path.Combine(_dir, "tokenizer_config.json"), """{"added_tokens_decoder": {"92544": {"content": "<img>"}, "x": {"content": "<a>"}}, "add_bos_token": "yes"}""");
+        File.WriteAllText(Path.Combine(_dir, "added_tokens.json"), """{"<img>": 92545, "<b>": -3}""");
+        var e = Assert.Throws<VlmTuneException>(() => InternLM2Tokenizer.Load(_dir));
+        Assert.Contains("added_tokens_decoder.x", e.Message);
+        Assert.Contains("add_bos_token", e.Message);
+        Assert.Contains("'<img>' has id 92545", e.Message);
+        Assert.Contains("\"<b>\"", e.Message);
+    }
+}

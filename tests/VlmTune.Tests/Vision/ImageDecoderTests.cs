@@ -37,6 +37,36 @@ public class ImageDecoderTests
         Assert.Equal(Palette, image.Pixels);
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Grey16PngClipsSamplesToAByteLikePil(bool interlaced)
+    {
+        const int w = 13, h = 11; // odd sizes leave some Adam7 passes ragged
+        var rnd = new Random(5);
+        var samples = new ushort[w * h];
+        for (int i = 0; i < samples.Length; i++) samples[i] = (ushort)(i % 3 == 0 ? rnd.Next(256) : rnd.Next(65536));
+
+        // The hand-made encoder (filters 0..4, Adam7) is first checked against Skia on 8-bit data...
+        var eight = samples.Select(v => (ushort)(v & 0xFF)).ToArray();
+        var decoded8 = ImageDecoder.Decode(TestImages.GreyPng(w, h, 8, eight, interlaced), "grey8.png");
+        Assert.Equal(eight.SelectMany(v => new[] { (byte)v, (byte)v, (byte)v }).ToArray(), decoded8.Pixels);
+
+        // ...then 16-bit samples must come out as PIL's I;16 → RGB gives them: the value if below 256, else 255.
+        var decoded16 = ImageDecoder.Decode(TestImages.GreyPng(w, h, 16, samples, interlaced), "grey16.png");
+        var expected = samples.Select(v => v < 256 ? (byte)v : (byte)255).SelectMany(v => new[] { v, v, v }).ToArray();
+        Assert.Equal(expected, decoded16.Pixels);
+    }
+
+    [Fact]
+    public void TruncatedGrey16PngNamesTheFile()
+    {
+        var samples = Enumerable.Range(0, 64 * 64).Select(i => (ushort)(i * 17)).ToArray();
+        var png = TestImages.GreyPng(64, 64, 16, samples, interlaced: false);
+        var e = Assert.Throws<ImageException>(() => ImageDecoder.Decode(png[..(png.Length / 2)], "cut16.png"));
+        Assert.Contains("cut16.png", e.Message);
+    }
+
     [Fact]
     public void NoColourManagementIsApplied()
     {
@@ -55,6 +85,26 @@ public class ImageDecoderTests
         byte[] expected = [.. Palette, .. Palette[9..12], .. Palette[6..9], .. Palette[3..6], .. Palette[0..3]];
         Assert.Equal(expected, image.Pixels);
         Assert.Equal("GIF", ImageDecoder.ReadInfo(gif, "anim.gif").Format);
+    }
+
+    [Theory]
+    [InlineData(null, 0)] // PIL starts frame 0 from a zeroed palette image: index 0
+    [InlineData(3, 3)]    // ... or from one filled with the transparent index
+    public void GifCanvasOutsideTheFirstFrameShowsThePaletteColourPilFillsWith(int? transparentIndex, int fillIndex)
+    {
+        var gif = TestImages.Gif(4, 2, Palette, [1, 2], transparentIndex, (1, 1, 2, 1));
+        var image = ImageDecoder.Decode(gif, "partial.gif");
+        var fill = Palette[(fillIndex * 3)..(fillIndex * 3 + 3)];
+        byte[] expected = [.. fill, .. fill, .. fill, .. fill, .. fill, .. Palette[3..6], .. Palette[6..9], .. fill];
+        Assert.Equal(expected, image.Pixels);
+    }
+
+    [Fact]
+    public void RgbPngWithAColourKeyKeepsTheKeyColour()
+    {
+        // tRNS on a truecolour PNG marks (10, 20, 30) transparent; PIL's convert('RGB') still returns (10, 20, 30).
+        var png = TestImages.Png(2, 1, 2, [10, 20, 30, 40, 50, 60], ("tRNS", [0, 10, 0, 20, 0, 30]));
+        Assert.Equal(new byte[] { 10, 20, 30, 40, 50, 60 }, ImageDecoder.Decode(png, "key.png").Pixels);
     }
 
     [Fact]
@@ -153,12 +203,12 @@ public class ImageDecoderTests
         finally { File.Delete(file); }
     }
 
-    private static byte[] Encode(int width, int height, byte[] rgba, Func<SKPixmap, SKData> encode)
+    private static byte[] Encode(int width, int height, byte[] rgba, Func<SKPixmap, SKData?> encode)
     {
         using var bitmap = new SKBitmap(new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Unpremul));
         Marshal.Copy(rgba, 0, bitmap.GetPixels(), rgba.Length);
         using var pixmap = bitmap.PeekPixels();
-        using var data = encode(pixmap);
+        using var data = encode(pixmap) ?? throw new InvalidOperationException("Skia could not encode the test image.");
         return data.ToArray();
     }
 }

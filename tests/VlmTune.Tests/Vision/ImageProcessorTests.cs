@@ -61,4 +61,12 @@ public class ImageProcessorTests
         var limited = new ImageProcessor(new ImageProcessorOptions { Limits = new ImageLimits { MaxPixels = 1000 } });
         Assert.Contains("wide.png", Assert.Throws<ImageException>(() => limited.Process(png, "wide.png")).Message);
     }
+
+    [Fact]
+    public void InvalidOptionsAreReportedTogether()
+    {
+        var e = Assert.Throws<VlmTuneException>(() => new ImageProcessor(new ImageProcessorOptions { ImageSize = 0, MinTiles = 3, MaxTiles = 2 }));
+        Assert.Contains("ImageSize", e.Message);
+        Assert.Contains("MaxTiles (2)", e.Message);
+    }
 }

@@ -21,6 +21,55 @@ internal static class TestImages
         return PngFile(Ihdr(width, height, colourType), extraChunks, compressed.ToArray());
     }
 
+    /// <summary>
+    /// A greyscale PNG of bit depth 8 or 16 (samples big-endian for 16) that exercises the decoder: row filter types
+    /// cycle through 0..4 and, when <paramref name="interlaced"/>, pixels are stored in Adam7 passes.
+    /// </summary>
+    public static byte[] GreyPng(int width, int height, int bitDepth, ushort[] samples, bool interlaced)
+    {
+        int bpp = bitDepth / 8;
+        (int X, int Y, int Dx, int Dy)[] passes = interlaced
+            ? [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+            : [(0, 0, 1, 1)];
+        var raw = new MemoryStream();
+        int rowIndex = 0;
+        foreach (var (px, py, dx, dy) in passes)
+        {
+            int pw = width > px ? (width - px + dx - 1) / dx : 0, ph = height > py ? (height - py + dy - 1) / dy : 0;
+            if (pw == 0 || ph == 0) continue;
+            byte[] prev = new byte[pw * bpp];
+            for (int r = 0; r < ph; r++)
+            {
+                var cur = new byte[pw * bpp];
+                for (int c = 0; c < pw; c++)
+                {
+                    ushort v = samples[(py + r * dy) * width + px + c * dx];
+                    if (bpp == 2) { cur[2 * c] = (byte)(v >> 8); cur[2 * c + 1] = (byte)v; } else cur[c] = (byte)v;
+                }
+                byte filter = (byte)(rowIndex++ % 5);
+                raw.WriteByte(filter);
+                for (int i = 0; i < cur.Length; i++)
+                {
+                    int a = i >= bpp ? cur[i - bpp] : 0, b = r > 0 ? prev[i] : 0, cc = i >= bpp && r > 0 ? prev[i - bpp] : 0;
+                    int predictor = filter switch
+                    {
+                        0 => 0, 1 => a, 2 => b, 3 => (a + b) >> 1,
+                        _ => Math.Abs(b - cc) <= Math.Abs(a - cc) && Math.Abs(b - cc) <= Math.Abs(a + b - 2 * cc) ? a
+                            : Math.Abs(a - cc) <= Math.Abs(a + b - 2 * cc) ? b : cc,
+                    };
+                    raw.WriteByte((byte)(cur[i] - predictor));
+                }
+                prev = cur;
+            }
+        }
+        var compressed = new MemoryStream();
+        using (var z = new ZLibStream(compressed, CompressionLevel.Optimal, leaveOpen: true)) raw.WriteTo(z);
+        var ihdr = Ihdr(width, height, 0);
+        ihdr[8] = (byte)bitDepth;
+        ihdr[12] = (byte)(interlaced ? 1 : 0);
+        return PngFile(ihdr, [], compressed.ToArray());
+    }
+
     /// <summary>A PNG whose header claims width × height but whose image data is a few bytes.</summary>
     public static byte[] PngHeaderOnly(int width, int height) =>
         PngFile(Ihdr(width, height, 2), [], [0x78, 0x9C, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
@@ -81,14 +130,19 @@ internal static class TestImages
     /// A GIF89a with a 4-colour global palette, one full-canvas frame of palette <paramref name="indices"/>, and optionally
     /// a transparent index. LZW is written without compression: a clear code before every two pixels keeps codes 3 bits.
     /// </summary>
-    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex)
+    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex) =>
+        Gif(width, height, palette12, indices, transparentIndex, (0, 0, width, height));
+
+    /// <summary>As above, with the first frame covering only <paramref name="frame"/> (left, top, width, height) of the canvas.</summary>
+    public static byte[] Gif(int width, int height, byte[] palette12, byte[] indices, int? transparentIndex, (int Left, int Top, int Width, int Height) frame)
     {
         var s = new MemoryStream();
         s.Write("GIF89a"u8);
         s.Write([(byte)width, (byte)(width >> 8), (byte)height, (byte)(height >> 8), 0x81, 0, 0]);
         s.Write(palette12);
         if (transparentIndex is { } t) s.Write([0x21, 0xF9, 4, 1, 0, 0, (byte)t, 0]);
-        s.Write([0x2C, 0, 0, 0, 0, (byte)width, (byte)(width >> 8), (byte)height, (byte)(height >> 8), 0]);
+        s.Write([0x2C, (byte)frame.Left, (byte)(frame.Left >> 8), (byte)frame.Top, (byte)(frame.Top >> 8),
+                 (byte)frame.Width, (byte)(frame.Width >> 8), (byte)frame.Height, (byte)(frame.Height >> 8), 0]);
         s.WriteByte(2); // LZW minimum code size
         const int clear = 4, end = 5;
         var codes = new List<int>();

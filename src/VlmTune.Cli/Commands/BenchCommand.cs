@@ -1,0 +1,212 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using TorchSharp;
+using VlmTune.Diagnostics;
+using VlmTune.Inference;
+using VlmTune.Checkpoints;
+using VlmTune.Models;
+using VlmTune.Training;
+using static TorchSharp.torch;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary>
+/// <c>vlmtune bench decode</c>: shape-true decoding throughput with random weights built from a config.json
+/// (e.g. the released InternVL2-2B's). Prints one JSON line per result.
+/// </summary>
+internal static class BenchCommand
+{
+    private static readonly Option<string> Config = new("--config") { Description = "config.json giving the model shapes.", Required = true };
+    private static readonly Option<string> Device = new("--device") { DefaultValueFactory = _ => "cuda" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = "Default: bfloat16 on CUDA, float32 on CPU." };
+    private static readonly Option<int[]> Batch = new("--batch") { Description = "Batch sizes to measure.", DefaultValueFactory = _ => [1], AllowMultipleArgumentsPerToken = true };
+    private static readonly Option<int> PromptTokens = new("--prompt-tokens") { DefaultValueFactory = _ => 3400 };
+    private static readonly Option<int> Tiles = new("--tiles") { Description = "Image tiles in the prompt (256 tokens each).", DefaultValueFactory = _ => 13 };
+    private static readonly Option<int> NewTokens = new("--new-tokens") { DefaultValueFactory = _ => 128 };
+    private static readonly Option<int> Warmup = new("--warmup") { DefaultValueFactory = _ => 8 };
+
+    public static Command Create()
+    {
+        var decode = new Command("decode", "Prefill an image prompt, then time greedy decoding.")
+        {
+            Config, Device, DType, Batch, PromptTokens, Tiles, NewTokens, Warmup,
+        };
+        decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse))));
+        var train = new Command("train", "Time LoRA / QLoRA / full training steps on a synthetic batch.")
+        {
+            Config, Device, DType, Mode, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
+        };
+        train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse))));
+        return new Command("bench", "Performance benchmarks with random shape-true weights.") { decode, train };
+    }
+
+    private static readonly Option<string[]> Mode = new("--mode") { Description = "lora, qlora and/or full.", DefaultValueFactory = _ => ["lora"], AllowMultipleArgumentsPerToken = true };
+    private static readonly Option<int> TrainBatch = new("--batch-size") { DefaultValueFactory = _ => 8 };
+    private static readonly Option<int> Tiles7 = new("--tiles-per-sample") { DefaultValueFactory = _ => 7 };
+    private static readonly Option<int> SeqLen = new("--seq-len") { Description = "Tokens per sample (image tokens included).", DefaultValueFactory = _ => 1900 };
+    private static readonly Option<int> LoraR = new("--lora-r") { DefaultValueFactory = _ => 128 };
+    private static readonly Option<int> Steps = new("--steps") { DefaultValueFactory = _ => 10 };
+    private static readonly Option<int> TrainWarmup = new("--warmup-steps") { DefaultValueFactory = _ => 3 };
+    private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { DefaultValueFactory = _ => true };
+
+    /// <summary>
+    /// The XTuner QLoRA recipe's step on random InternVL2 weights: vision frozen (no graph), projector trained, LoRA on
+    /// every LLM linear and the output head, LLM layers checkpointed, chunked fp32 loss, AdamW, clipping.
+    /// </summary>
+    private static int Train(ParseResult parse)
+    {
+        var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
+        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var config = InternVLConfig.Load(parse.GetValue(Config)!);
+        int batch = parse.GetValue(TrainBatch), tiles = parse.GetValue(Tiles7), seq = parse.GetValue(SeqLen), r = parse.GetValue(LoraR);
+        int imageTokens = tiles * config.NumImageToken;
+        if (seq < imageTokens + 16) throw new VlmTuneException($"--seq-len must exceed the {imageTokens} image tokens of {tiles} tiles.");
+        foreach (var modeName in parse.GetValue(Mode)!)
+        {
+            var mode = modeName switch { "lora" => TrainMode.Lora, "qlora" => TrainMode.Qlora, "full" => TrainMode.Full, _ => throw new VlmTuneException($"--mode '{modeName}' is not lora, qlora or full.") };
+            using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
+            using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
+            RandomInit.Apply(model, seed: 0);
+            long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.model.tok_embeddings.weight.numel();
+            long vitParams = model.vision_model.parameters().Sum(p => p.numel());
+            foreach (var p in model.parameters()) p.requires_grad_(false);
+            if (mode == TrainMode.Qlora) Qlora.QuantizeLanguageModel(model.language_model);
+            if (mode != TrainMode.Full)
+                PeftAdapter.Attach(model.language_model, new PeftAdapterConfig
+                {
+                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = ["wqkv", "wo", "w1", "w2", "w3", "output"],
+                }, dtype);
+            else foreach (var p in model.language_model.parameters()) p.requires_grad_(true);
+            foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
+            foreach (var (name, p) in model.named_parameters()) if (name.Contains(".lora_")) p.requires_grad_(true);
+            ActivationCheckpointing.Apply(model.language_model.model, parse.GetValue(Checkpointing), new DropoutSeeds(0));
+            model.eval();
+            model.language_model.train();
+            var trainable = model.parameters().Where(p => p.requires_grad).ToList();
+            using var optimizer = optim.AdamW(trainable, lr: 1e-5, weight_decay: 0.05);
+
+            var rng = new Random(1);
+            var ids = new long[batch * seq];
+            var labels = new long[batch * seq];
+            for (int b = 0; b < batch; b++)
+                for (int i = 0; i < seq; i++)
+                {
+                    long id = i >= 16 && i < 16 + imageTokens ? 92546 : rng.Next(1000, 90000);
+                    ids[b * seq + i] = id;
+                    labels[b * seq + i] = i < Math.Min(16 + imageTokens + 40, seq - 16) ? -100 : id;   // prompt and image unsupervised
+                }
+            using var inputIds = tensor(ids, device: device).view(batch, seq);
+            using var targets = tensor(labels, device: device).view(batch, seq);
+            using var pixels = randn(new long[] { batch * tiles, 3, 448, 448 }, dtype, device);
+
+            double Step()
+            {
+                using var scope = NewDisposeScope();
+                Tensor vit;
+                using (no_grad()) vit = model.vision_model.Forward(pixels, config.SelectLayer)[.., 1.., ..];
+                long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1]));
+                var shuffled = InternVLChatModel.PixelShuffle(vit.reshape(n, g, g, vit.shape[2]), config.DownsampleRatio);
+                var features = model.mlp1.forward(shuffled.reshape(n, -1, shuffled.shape[^1]));
+                var embeds = model.EmbedWithImages(inputIds, features, 92546);
+                var hidden = model.language_model.Forward(embeds, new DecoderInputs());
+                var (loss, _) = CausalLmLoss.Compute(hidden, targets, model.language_model.output);
+                loss.backward();
+                BackwardScratch.Release();
+                nn.utils.clip_grad_norm_(trainable, 1.0);
+                optimizer.step();
+                optimizer.zero_grad();
+                return loss.item<float>();
+            }
+
+            for (int i = 0; i < parse.GetValue(TrainWarmup); i++) Step();
+            Sync(device);
+            memory.Reset();
+            var clock = Stopwatch.StartNew();
+            int steps = parse.GetValue(Steps);
+            double lastLoss = 0;
+            for (int i = 0; i < steps; i++) lastLoss = Step();
+            Sync(device);
+            double perStep = clock.Elapsed.TotalSeconds / steps;
+            double tokensPerS = batch * (double)seq / perStep;
+            // Model FLOPs per token: 6·N for the LLM (forward + backward), 2·N for the frozen ViT's forward per image token.
+            double flops = 6.0 * llmParams * batch * seq + 2.0 * vitParams * batch * tiles * 1025;
+            Console.WriteLine(JsonSerializer.Serialize(new
+            {
+                bench = "train", mode = modeName, device = device.ToString(), dtype = dtype.ToString(), batch_size = batch, tiles_per_sample = tiles,
+                seq_len = seq, lora_r = mode == TrainMode.Full ? 0 : r, gradient_checkpointing = parse.GetValue(Checkpointing),
+                s_per_step = Math.Round(perStep, 4), tokens_per_s = Math.Round(tokensPerS, 1), samples_per_s = Math.Round(batch / perStep, 2),
+                mfu_h100_bf16 = Math.Round(flops / perStep / 989e12, 4), loss = Math.Round(lastLoss, 4),
+                trainable_params = trainable.Sum(p => p.numel()),
+                peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
+            }));
+        }
+        return 0;
+    }
+
+    private static int Decode(ParseResult parse)
+    {
+        var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
+        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var config = InternVLConfig.Load(parse.GetValue(Config)!);
+        using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
+        using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
+        RandomInit.Apply(model, seed: 0);
+        model.eval();
+        int tiles = parse.GetValue(Tiles), promptTokens = parse.GetValue(PromptTokens), newTokens = parse.GetValue(NewTokens);
+        int imageTokens = tiles * config.NumImageToken;
+        if (promptTokens < imageTokens + 8) throw new VlmTuneException($"--prompt-tokens must exceed the {imageTokens} image tokens of {tiles} tiles.");
+        const int imgContext = 92546;
+
+        foreach (int batch in parse.GetValue(Batch)!)
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            var rng = new Random(batch);
+            var ids = Enumerable.Range(0, promptTokens).Select(i => i >= 40 && i < 40 + imageTokens ? imgContext : (long)rng.Next(1000, 90000)).ToArray();
+            var input = tensor(ids, device: device).unsqueeze(0).expand(batch, promptTokens).contiguous();
+            var pixels = randn(new long[] { tiles * batch, 3, 448, 448 }, dtype, device);
+
+            Sync(device);
+            var clock = Stopwatch.StartNew();
+            var features = model.ExtractFeatures(pixels);
+            Sync(device);
+            double visionS = clock.Elapsed.TotalSeconds;
+            clock.Restart();
+            using var cache = new KvCache(config.Llm, batch, promptTokens + newTokens + parse.GetValue(Warmup), dtype, device);
+            var embeds = model.EmbedWithImages(input, features, imgContext);
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Cache = cache });
+            var next = model.language_model.Logits(hidden[.., ^1..]).argmax(-1);               // (B, 1)
+            Sync(device);
+            double prefillS = clock.Elapsed.TotalSeconds;
+
+            // Greedy steps stay on the device: no host synchronisation inside the loop.
+            Tensor Step(Tensor token)
+            {
+                using var stepScope = NewDisposeScope();
+                var h = model.language_model.Forward(model.language_model.Embed(token), new DecoderInputs { Cache = cache });
+                return model.language_model.Logits(h).argmax(-1).MoveToOuterDisposeScope();
+            }
+            for (int i = 0; i < parse.GetValue(Warmup); i++) next = Step(next);
+            Sync(device);
+            clock.Restart();
+            for (int i = 0; i < newTokens; i++) next = Step(next);
+            Sync(device);
+            double decodeS = clock.Elapsed.TotalSeconds;
+            Console.WriteLine(JsonSerializer.Serialize(new
+            {
+                bench = "decode", device = device.ToString(), dtype = dtype.ToString(), batch, prompt_tokens = promptTokens, tiles,
+                new_tokens = newTokens, vision_s = Math.Round(visionS, 4), prefill_s = Math.Round(prefillS, 4),
+                decode_step_ms = Math.Round(decodeS / newTokens * 1000, 3),
+                decode_tokens_per_s = Math.Round(batch * newTokens / decodeS, 1),
+                peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
+            }));
+        }
+        return 0;
+    }
+
+    private static void Sync(Device device)
+    {
+        if (device.type == DeviceType.CUDA) cuda.synchronize(device);
+    }
+}
