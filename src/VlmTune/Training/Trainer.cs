@@ -238,6 +238,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var losses = new List<double>();
         bool interrupted = false;
         bool cuda = _device.type == DeviceType.CUDA;
+        using var gpuMemory = cuda ? new VlmTune.Diagnostics.GpuMemoryMonitor(_device.index < 0 ? 0 : _device.index) : null;
         double? peak = Config.PeakTflops ?? (cuda ? 989.0 : null);
         int imageContextId = _tokenizer!.ImgContextId;
         long start = _iteration;
@@ -294,9 +295,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     double tokensPerSecond = window.Tokens / Math.Max(window.Time, 1e-9);
                     double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12) : null;
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
-                        DeviceMemory.UsedMb(cuda), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
+                        MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
                     log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
                     window = new Window();
+                    gpuMemory?.Reset();
                 }
                 if (stepNow && Config.SaveSteps > 0 && _iteration % Config.SaveSteps == 0 && _iteration < TotalIterations)
                     SaveCheckpoint();
@@ -324,6 +326,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             LastCheckpoint = _lastCheckpoint, Counters = Counters, Interrupted = interrupted,
         };
     }
+
+    /// <summary>
+    /// The log's memory column (MiB): on CUDA the peak device memory in use since the last log line (NVML: the caching
+    /// allocator's reserve included, as TorchSharp exposes no max_memory_allocated); on CPU the process's peak working set.
+    /// </summary>
+    private static long MemoryMb(VlmTune.Diagnostics.GpuMemoryMonitor? gpu) =>
+        (gpu?.PeakBytes ?? Process.GetCurrentProcess().PeakWorkingSet64) / (1024 * 1024);
 
     private sealed class Window
     {

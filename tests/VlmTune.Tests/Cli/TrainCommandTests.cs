@@ -8,7 +8,7 @@ namespace VlmTune.Tests.Cli;
 public sealed class TrainCommandTests
 {
     [Fact]
-    public void ConfigProblemsAreAllListedAndNothingStarts()
+    public async Task ConfigProblemsAreAllListedAndNothingStarts()
     {
         string dir = Path.Combine(Path.GetTempPath(), "vlmtune-traincli-" + Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(dir);
@@ -16,7 +16,7 @@ public sealed class TrainCommandTests
         {
             string config = Path.Combine(dir, "bad.yaml");
             File.WriteAllText(config, "model: m\ndata: d.jsonl\nbatch_sise: 2\nlr: fast\n");
-            var r = CliRunner.Run("train", config, "--set", "mode=half", "--set", $"work_dir={dir}/w");
+            var r = await CliProcess.RunAsync(["train", config, "--set", "mode=half", "--set", $"work_dir={dir}/w"]);
             Assert.Equal(1, r.ExitCode);
             Assert.Contains("error:", r.Stderr);
             Assert.Contains("'batch_sise': unknown key (did you mean 'batch_size'?)", r.Stderr);
