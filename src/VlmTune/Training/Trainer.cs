@@ -94,7 +94,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         Directory.CreateDirectory(WorkDir);
         _log = new TrainLog(WorkDir, Config.ToYaml()) { Echo = _options.Echo };
-        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {_dtype}); run folder {_log.RunDir}");
+        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);

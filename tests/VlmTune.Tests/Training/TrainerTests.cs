@@ -173,4 +173,20 @@ public sealed class TrainerTests
             Assert.DoesNotContain("loss: 0.0000", log);
         }
     }
+
+    [FixtureFact]
+    public void VisionLoraIsTrainedAndSavedAsItsOwnPeftAdapter()
+    {
+        using var data = new TrainTestData(samples: 4);
+        using var trainer = new Trainer(data.Config("vision_lora_r=4", "max_steps=2", "freeze_projector=true"));
+        var result = trainer.Train();
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
+        string adapter = Path.Combine(result.LastCheckpoint!, Trainer.VisionAdapterDir);
+        using (var file = SafetensorsFile.Open(Path.Combine(adapter, PeftAdapter.WeightsFile)))
+            Assert.Contains("base_model.model.encoder.layers.0.attn.qkv.lora_A.weight", file.Entries.Keys);
+        Assert.False(File.Exists(Path.Combine(result.LastCheckpoint!, Trainer.TrainableFile)));   // projector frozen: nothing else trained
+        using var model = GoldenSample.FreshModel();
+        PeftAdapter.Load(model.vision_model, adapter);
+        Assert.Equal(8, PeftAdapter.LoraLinears(model.vision_model).Count());
+    }
 }
