@@ -189,4 +189,18 @@ public sealed class TrainerTests
         PeftAdapter.Load(model.vision_model, adapter);
         Assert.Equal(8, PeftAdapter.LoraLinears(model.vision_model).Count());
     }
+
+    [FixtureFact]
+    public void SamplesWhoseImageTokensWouldBeCutAreDroppedAndCounted()
+    {
+        using var data = new TrainTestData(samples: 6);
+        // 256 image tokens per tile cannot fit in 200 tokens: the four image samples go, the two text-only ones stay.
+        using var trainer = new Trainer(data.Config("max_length=200", "max_steps=2"));
+        var result = trainer.Train();
+        Assert.Equal(4, result.Counters.TooLong);
+        Assert.Equal(2, trainer.Dataset.Samples.Count);
+        Assert.All(trainer.Dataset.Lengths, l => Assert.True(l < 0));   // text-only
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
+        Assert.Contains("too long: 4", File.ReadAllText(Directory.GetFiles(result.RunDir, "*.log").Single()));
+    }
 }
