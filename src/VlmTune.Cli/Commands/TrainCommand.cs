@@ -96,7 +96,9 @@ internal static class TrainCommand
     private static int Report(TrainResult result)
     {
         Console.WriteLine(result.Interrupted
-            ? $"interrupted after {result.Iterations} iterations; resume with --resume auto (checkpoint {result.LastCheckpoint})"
+            ? result.LastCheckpoint is null
+                ? "interrupted before the first optimizer step; nothing to resume"
+                : $"interrupted after {result.Iterations} iterations; resume with --resume auto (checkpoint {result.LastCheckpoint})"
             : $"done: {result.Iterations} iterations; checkpoint {result.LastCheckpoint}; logs {result.RunDir}");
         return result.Interrupted ? 130 : 0;
     }

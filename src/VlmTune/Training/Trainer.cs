@@ -93,7 +93,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
-        _log = new TrainLog(WorkDir, Config.ToYaml()) { Echo = _options.Echo };
+        _log = new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo };
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
@@ -132,6 +132,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         else if (!File.Exists(Path.Combine(Config.Model, "config.json"))) problems.Add($"'model': {Path.GetFullPath(Config.Model)} has no config.json (not an InternVL2 model folder)");
         foreach (var file in Config.Data)
             if (!File.Exists(file)) problems.Add($"'data': file not found: {Path.GetFullPath(file)}");
+        if (!ConversationTemplate.KnownNames.Contains(Config.Template))
+            problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
         if (Config.Device.StartsWith("cuda", StringComparison.Ordinal) && !cuda.is_available())
             problems.Add($"'device': {Config.Device} but CUDA is not available to TorchSharp (CPU libtorch, or no GPU); use --set device=cpu");
@@ -317,7 +319,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         else
         {
-            SaveCheckpoint();
+            // A resume of a finished run has nothing new to save; any run that trained writes its final state.
+            if (_iteration > start || _lastCheckpoint is null) SaveCheckpoint();
             log.Info($"training finished: {_iteration} iterations, {_optimizerSteps} optimizer steps; skipped: {Counters}");
         }
         return new TrainResult
@@ -451,12 +454,20 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     ["bad_records"] = Counters.BadRecords, ["broken_images"] = Counters.BrokenImages, ["too_long"] = Counters.TooLong,
                     ["label_mismatch"] = Counters.LabelMismatch, ["nan_skipped"] = Counters.NanSkipped,
                 },
-                ["config"] = Config.ToYaml(),
+                ["config"] = Config.Resolved().ToYaml(),
             };
             // The state file is written last: its presence marks the folder complete.
             AtomicFile.WriteAllText(Path.Combine(temp, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+            // Replacing a checkpoint of the same iteration (a rerun in the same work dir): move the old one aside first,
+            // so one complete copy exists at every moment.
+            string? old = null;
+            if (Directory.Exists(final))
+            {
+                old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
+                Directory.Move(final, old);
+            }
             Directory.Move(temp, final);
+            if (old is not null) Directory.Delete(old, recursive: true);
         }
         catch
         {

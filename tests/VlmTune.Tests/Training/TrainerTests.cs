@@ -119,7 +119,12 @@ public sealed class TrainerTests
 
         // The resolved config reads back as the same config.
         string yaml = File.ReadAllText(Path.Combine(result.RunDir, "vis_data", "config.yaml"));
-        Assert.Equal(trainer.Config.ToYaml(), TrainConfig.Parse(yaml, "config.yaml").ToYaml());
+        var reread = TrainConfig.Parse(yaml, "config.yaml");
+        Assert.Equal(trainer.Config.Resolved().ToYaml(), reread.ToYaml());
+        Assert.Equal(data.WorkDir, reread.ResolvedWorkDir);
+        Assert.Equal("test", reread.RunName);
+        Assert.Contains("freeze_llm: true", yaml);
+        Assert.Contains("dtype: 'fp32'", yaml);
 
         // Checkpoints: iter_8 and iter_12 kept (limit 2), each a PEFT adapter + projector weights + optimizer + state.
         var dirs = Directory.GetDirectories(data.WorkDir, "iter_*").Select(Path.GetFileName).Order().ToList();
