@@ -7,7 +7,8 @@ namespace VlmTune.Inference;
 /// <summary>
 /// Applies a trained LoRA adapter folder for inference: the LLM adapter (PEFT files at the top of the folder) and, if
 /// present, the vision adapter in <c>vision_lora/</c> (the layout <c>vlmtune train</c> writes) are loaded and merged into
-/// the base weights, as PEFT's merge_and_unload, so decoding costs what the base model costs.
+/// the base weights, as PEFT's merge_and_unload, so decoding costs what the base model costs; trained non-LoRA weights
+/// of a checkpoint (<c>trainable.safetensors</c>, e.g. the projector) replace the base ones.
 /// </summary>
 public static class AdapterLoader
 {
@@ -23,6 +24,8 @@ public static class AdapterLoader
         if (!llm && !vision)
             throw new CheckpointException($"{dir}: no {PeftAdapter.ConfigFile} (LLM adapter) or {VisionAdapterDir}/{PeftAdapter.ConfigFile} (vision adapter) found.");
         int merged = 0;
+        // A vlmtune checkpoint also carries the non-LoRA weights it trained (the projector by default).
+        TrainedWeights.LoadIfPresent(model, dir);
         if (llm)
         {
             PeftAdapter.Load(model.language_model, dir, ScalarType.Float32);

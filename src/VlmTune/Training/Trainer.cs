@@ -50,7 +50,7 @@ public sealed class TrainingDivergedException(string message) : VlmTuneException
 public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) : IDisposable
 {
     public const string StateFile = "trainer_state.json";
-    public const string TrainableFile = "trainable.safetensors";
+    public const string TrainableFile = TrainedWeights.FileName;
     public const string OptimizerFile = "optimizer.bin";
     public const string VisionAdapterDir = "vision_lora";
     public const string LastCheckpointFile = "last_checkpoint";
@@ -209,7 +209,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             _visionLora = new PeftAdapterConfig
             {
                 R = Config.VisionLoraR, LoraAlpha = Config.VisionLoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.VisionLoraTargets,
-                BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = "FEATURE_EXTRACTION",
+                BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = null,
             };
             PeftAdapter.Attach(model.vision_model, _visionLora);
         }
@@ -435,7 +435,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
             if (_visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
             var full = _trainable.Where(t => !t.Name.Contains(".lora_")).Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Param)).ToList();
-            if (full.Count > 0) SafetensorsWriter.Write(Path.Combine(temp, TrainableFile), full);
+            if (full.Count > 0) TrainedWeights.Save(temp, full);
             _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             var state = new JsonObject
             {
@@ -520,17 +520,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.language_model, file);
         if (_visionLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.vision_model, file);
-        var full = _trainable.Where(t => !t.Name.Contains(".lora_")).ToList();
-        if (full.Count > 0)
-        {
-            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
-            using var noGrad = no_grad();
-            foreach (var (name, p) in full)
-            {
-                using var value = file.Read(name);
-                p.copy_(value);
-            }
-        }
+        if (_trainable.Any(t => !t.Name.Contains(".lora_")) && TrainedWeights.LoadIfPresent(model, dir) == 0)
+            throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
         _optimizer!.load_state_dict(Path.Combine(dir, OptimizerFile));
         _iteration = state["iteration"]!.GetValue<long>();
         _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();

@@ -148,10 +148,11 @@ public sealed class TrainerTests
         File.Delete(Path.Combine(data.WorkDir, Trainer.LastCheckpointFile));
         Assert.Equal(last, Trainer.LatestCheckpoint(data.WorkDir));
 
-        // The saved adapter loads into a fresh model.
+        // The checkpoint applies to a fresh model for inference: adapter merged, trained projector loaded.
         using var model = GoldenSample.FreshModel();
-        PeftAdapter.Load(model.language_model, last);
-        Assert.Equal(11, PeftAdapter.LoraLinears(model.language_model).Count());
+        Assert.Equal(11, VlmTune.Inference.AdapterLoader.ApplyMerged(model, last));
+        Assert.True(model.mlp1.named_parameters().All(p => p.parameter.allclose(trainer.Model.mlp1.get_parameter(p.name)!, 0, 0)));
+        Assert.False(model.mlp1.named_parameters().All(p => p.parameter.allclose(GoldenSample.FreshModel().mlp1.get_parameter(p.name)!, 0, 0)));
     }
 
     [FixtureTheory]
