@@ -131,7 +131,15 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!Directory.Exists(Config.Model)) problems.Add($"'model': folder not found: {Path.GetFullPath(Config.Model)}");
         else if (!File.Exists(Path.Combine(Config.Model, "config.json"))) problems.Add($"'model': {Path.GetFullPath(Config.Model)} has no config.json (not an InternVL2 model folder)");
         foreach (var file in Config.Data)
-            if (!File.Exists(file)) problems.Add($"'data': file not found: {Path.GetFullPath(file)}");
+        {
+            if (!File.Exists(file)) { problems.Add($"'data': file not found: {Path.GetFullPath(file)}"); continue; }
+            try
+            {
+                if (Config.ImageRoot is not null && VlmTune.Data.TrainingData.DetectFormat(file) == VlmTune.Data.DataFileFormat.Meta)
+                    problems.Add($"'image_root': {file} is an InternVL meta file whose datasets name their own 'root'; leave image_root out");
+            }
+            catch (VlmTuneException e) { problems.Add($"'data': {e.Message}"); }
+        }
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
