@@ -43,7 +43,8 @@ internal static class OogiriBench
         var report = DataValidator.Validate(TrainingData.ReadEntries(output), new ValidationOptions());
         clock.Stop();
         Console.WriteLine($"validate (decode every image, no tokenizer): {report.Samples} samples, {report.ErrorCount} errors in " +
-                          $"{clock.Elapsed.TotalSeconds:F2} s; peak working set {PeakWorkingSetMiB():F0} MiB");
+                          $"{clock.Elapsed.TotalSeconds:F2} s; peak working set {PeakWorkingSetMiB():F0} MiB " +
+                          $"(managed heap after a full GC: {GC.GetTotalMemory(forceFullCollection: true) / 1048576.0:F0} MiB, report still alive: {report.Records})");
         return 0;
     }
 
@@ -66,10 +67,10 @@ internal static class OogiriBench
         for (var i = 0; i < lines; i++)
         {
             var id = (1_000_000 + i).ToString();
-            if (i % 2000 == 1999) { writer.WriteLine("{\"type\": \"I2T\", \"question\": null, \"image\": "); continue; }
+            if (i % 2000 == 1000) { writer.WriteLine("{\"type\": \"I2T\", \"question\": null, \"image\": "); continue; }
             var type = i % 50 == 49 ? "T2T" : "I2T";
-            if (i % 400 != 399) File.WriteAllBytes(Path.Combine(images, id + ".jpg"), jpegs[random.Next(jpegs.Length)]);
-            var text = i % 500 == 499 ? "" : $"第{i}个梗：当你以为周末可以休息的时候，老板发来了消息 😂 \\\"Are you free?\\\"";
+            if (i % 400 != 123) File.WriteAllBytes(Path.Combine(images, id + ".jpg"), jpegs[random.Next(jpegs.Length)]);
+            var text = i % 500 == 234 ? "" : $"第{i}个梗：当你以为周末可以休息的时候，老板发来了消息 😂 \\\"Are you free?\\\"";
             var question = i % 3 == 0 ? "null" : "\"\"";
             writer.WriteLine($"{{\"type\": \"{type}\", \"question\": {question}, \"image\": \"{id}\", \"text\": \"{text}\", \"star\": {i % 6}}}");
         }

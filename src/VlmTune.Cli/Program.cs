@@ -5,6 +5,7 @@ using VlmTune.Cli.Commands;
 var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal models from .NET.")
 {
     ChatCommand.Create(),
+    ServeCommand.Create(),
     BenchCommand.Create(),
     DownloadCommand.Create(),
     DataCommand.Create(),

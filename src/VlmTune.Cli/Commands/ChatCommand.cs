@@ -56,7 +56,7 @@ internal static class ChatCommand
         using var chat = InternVLChat.Load(parse.GetValue(Model)!, new ChatLoadOptions
         {
             Device = parse.GetValue(Device)!, DType = ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
-            AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base),
+            AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base), MergeAdapter = false,
         });
         string? system = parse.GetValue(System);
         string? prompt = parse.GetValue(Prompt);

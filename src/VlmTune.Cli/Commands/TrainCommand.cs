@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using Spectre.Console;
 using VlmTune.Training;
 
@@ -31,13 +32,31 @@ internal static class TrainCommand
         var config = TrainConfig.Load(parse.GetValue(ConfigPath)!, parse.GetValue(Set) ?? []);
         string? resume = parse.GetValue(Resume);
 
-        // Train on a foreground thread: when Ctrl-C arrives, System.CommandLine returns after a short grace period, but
-        // the process stays alive until this thread has written its checkpoint.
+        // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint; a second
+        // signal is left to its default action (terminate now).
+        var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        int signals = 0;
+        void OnSignal(PosixSignalContext context)
+        {
+            if (Interlocked.Increment(ref signals) > 1) return;
+            context.Cancel = true;
+            Console.Error.WriteLine("stopping: finishing the current iteration and saving a checkpoint (signal again to quit now)");
+            stop.Cancel();
+        }
+        var registrations = new[] { PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal), PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal) };
+
+        // Train on a foreground thread: should System.CommandLine return early on the signal, the process still stays
+        // alive until this thread has written its checkpoint.
         var done = new TaskCompletionSource<int>();
         var thread = new Thread(() =>
         {
-            try { done.SetResult(Train(config, resume, ct)); }
+            try { done.SetResult(Train(config, resume, stop.Token)); }
             catch (Exception e) { done.SetException(e); }
+            finally
+            {
+                foreach (var r in registrations) r.Dispose();
+                stop.Dispose();
+            }
         }) { IsBackground = false, Name = "vlmtune-train" };
         thread.Start();
         return done.Task;
@@ -77,7 +96,9 @@ internal static class TrainCommand
     private static int Report(TrainResult result)
     {
         Console.WriteLine(result.Interrupted
-            ? $"interrupted after {result.Iterations} iterations; resume with --resume auto (checkpoint {result.LastCheckpoint})"
+            ? result.LastCheckpoint is null
+                ? "interrupted before the first optimizer step; nothing to resume"
+                : $"interrupted after {result.Iterations} iterations; resume with --resume auto (checkpoint {result.LastCheckpoint})"
             : $"done: {result.Iterations} iterations; checkpoint {result.LastCheckpoint}; logs {result.RunDir}");
         return result.Interrupted ? 130 : 0;
     }

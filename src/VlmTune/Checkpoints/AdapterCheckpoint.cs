@@ -81,7 +81,7 @@ public sealed class AdapterCheckpoint : IDisposable
                 var part = OpenLora(adapterDir, baseShapes, problems);
                 if (part is not null) loras.Add(part);
             }
-            string fullPath = Path.Combine(dir, TrainableFile);
+            string fullPath = Path.Combine(dir, TrainedWeights.FileName);
             if (File.Exists(fullPath))
             {
                 full = SafetensorsFile.Open(fullPath);
@@ -94,7 +94,7 @@ public sealed class AdapterCheckpoint : IDisposable
                 }
             }
             if (loras.Count == 0 && full is null && problems.Count == 0)
-                problems.Add($"{dir}: no {PeftAdapter.ConfigFile}, {VisionAdapterDir}/ or {TrainableFile} found; pass a PEFT LoRA adapter folder, an iter_<n> checkpoint of a training run, or its work dir");
+                problems.Add($"{dir}: no {PeftAdapter.ConfigFile}, {VisionAdapterDir}/ or {TrainedWeights.FileName} found; pass a PEFT LoRA adapter folder, an iter_<n> checkpoint of a training run, or its work dir");
             if (problems.Count > 0)
                 throw new CheckpointException($"{dir}: the adapter does not fit the base model:\n  " + string.Join("\n  ", problems));
         }
@@ -112,7 +112,7 @@ public sealed class AdapterCheckpoint : IDisposable
     {
         if (!Directory.Exists(dir)) throw new CheckpointException($"{Path.GetFullPath(dir)}: adapter folder not found.");
         bool isCheckpoint = File.Exists(Path.Combine(dir, StateFile)) || File.Exists(Path.Combine(dir, PeftAdapter.ConfigFile))
-            || File.Exists(Path.Combine(dir, TrainableFile));
+            || File.Exists(Path.Combine(dir, TrainedWeights.FileName));
         if (isCheckpoint) return dir;
         if (File.Exists(Path.Combine(dir, LastCheckpointFile)) || Directory.EnumerateDirectories(dir, "iter_*").Any())
             return LatestCheckpoint(dir)

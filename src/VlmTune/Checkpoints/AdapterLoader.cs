@@ -22,6 +22,9 @@ public sealed record AdapterApplyOptions
     public ScalarType LoraDType { get; init; } = ScalarType.Float32;
 }
 
+/// <summary>What <see cref="AdapterLoader.Apply"/> did: a one-line description, LoRA layers attached (or merged) and trained tensors loaded.</summary>
+public sealed record AppliedAdapter(string Description, int LoraLayers, int TrainedTensors, bool Merged);
+
 /// <summary>
 /// Runs a fine-tuned adapter on a loaded base model (<c>vlmtune chat --adapter</c>, the server), unmerged or merged in memory:
 /// trained full weights replace the base ones, then each LoRA adapter gets its branches on the LLM, the vision
@@ -29,27 +32,18 @@ public sealed record AdapterApplyOptions
 /// </summary>
 public static class AdapterLoader
 {
-    /// <summary>Applies the adapter in <paramref name="dir"/> to <paramref name="model"/>; returns a one-line description.</summary>
-    public static string Apply(InternVLChatModel model, string dir, AdapterApplyOptions? options = null)
+    /// <summary>Applies the adapter in <paramref name="dir"/> to <paramref name="model"/>; every problem is reported before the model changes.</summary>
+    public static AppliedAdapter Apply(InternVLChatModel model, string dir, AdapterApplyOptions? options = null)
     {
         options ??= new AdapterApplyOptions();
         if (options.MergeIntoWeights && options.Nf4Base)
             throw new VlmTuneException($"{dir}: an adapter cannot be both merged into the weights and run on an NF4 base; merge into NF4 weights with vlmtune merge --merge-into-nf4 instead.");
         if (PeftAdapter.LoraLinears(model).Any())
             throw new VlmTuneException($"{dir}: the model already has LoRA branches; apply one adapter to a freshly loaded base model.");
-        var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
-        var shapes = parameters.ToDictionary(p => p.Key, p => p.Value.shape);
+        var shapes = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.shape);
         using var adapter = AdapterCheckpoint.Open(dir, shapes);
 
-        if (adapter.FullWeights is { } full)
-        {
-            using var noGrad = no_grad();
-            foreach (var name in full.Entries.Keys)
-            {
-                using var value = full.Read(name);
-                parameters[name].copy_(value);
-            }
-        }
+        int trained = TrainedWeights.LoadIfPresent(model, adapter.Dir);
         if (options.Nf4Base) Qlora.QuantizeLanguageModel(model.language_model);
         foreach (var part in adapter.Loras)
         {
@@ -63,6 +57,7 @@ public static class AdapterLoader
             PeftAdapter.LoadWeights(scope, part.Weights);
         }
         if (options.MergeIntoWeights) LoraMerge.MergeInto(model);
-        return adapter.Describe() + (options.MergeIntoWeights ? " (merged into the loaded weights)" : "");
+        return new AppliedAdapter(adapter.Describe() + (options.MergeIntoWeights ? " (merged into the loaded weights)" : ""),
+            adapter.LoraModuleCount, trained, options.MergeIntoWeights);
     }
 }

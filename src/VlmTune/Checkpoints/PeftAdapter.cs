@@ -21,7 +21,8 @@ public sealed record PeftAdapterConfig
     /// <summary>Set when the config gave target_modules as one string (a regex, or "all-linear").</summary>
     public string? TargetModulesPattern { get; init; }
     public string? BaseModelNameOrPath { get; init; }
-    public string TaskType { get; init; } = "CAUSAL_LM";
+    /// <summary>PEFT's task_type: CAUSAL_LM for the LLM; null for a ViT adapter, as InternVL's wrap_backbone_lora writes.</summary>
+    public string? TaskType { get; init; } = "CAUSAL_LM";
 
     public double Scaling => LoraAlpha / R;
 
@@ -86,7 +87,7 @@ public sealed record PeftAdapterConfig
         {
             R = r, LoraAlpha = Num("lora_alpha", 8), LoraDropout = Num("lora_dropout", 0),
             TargetModules = targets, TargetModulesPattern = pattern,
-            BaseModelNameOrPath = Str("base_model_name_or_path"), TaskType = Str("task_type") ?? "CAUSAL_LM",
+            BaseModelNameOrPath = Str("base_model_name_or_path"), TaskType = Str("task_type"),
         };
     }
 

@@ -27,6 +27,8 @@ public sealed record ValidationOptions
     public bool UseThumbnail { get; init; } = true;
     /// <summary>Problems kept with full detail in the report; all are counted.</summary>
     public int MaxListedProblems { get; init; } = 200;
+    /// <summary>Image checks remembered by path (images shared by many samples are decoded once); bounds memory.</summary>
+    public int ImageCacheSize { get; init; } = 100_000;
 }
 
 public sealed class ValidationReport
@@ -67,9 +69,9 @@ public static class DataValidator
         var imageCache = new ConcurrentDictionary<string, ImageCheck>(StringComparer.Ordinal);
         foreach (var batch in entries.Chunk(BatchSize))
         {
+            if (imageCache.Count > options.ImageCacheSize) imageCache.Clear();
             var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
-            if (imageCache.Count > 100_000) imageCache.Clear(); // bound memory on huge image sets
-            Parallel.ForEach(paths, path => imageCache[path] = CheckImage(path));
+            Parallel.ForEach(paths, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, path => imageCache[path] = CheckImage(path));
             foreach (var entry in batch)
             {
                 report.Records++;
@@ -101,18 +103,26 @@ public static class DataValidator
         var tiles = new List<int>(sample.Images.Count);
         // As InternVL: several images share the tile budget, at least one tile each.
         var maxTiles = Math.Max(1, (sample.MaxDynamicPatch ?? options.MaxTiles) / Math.Max(1, sample.Images.Count));
+        if (sample.Images.Count > 0 && options.MinTiles > maxTiles)
+            problems.Add(new DataProblem(DataProblemKind.BadRecord, source,
+                $"{sample.Images.Count} images leave {maxTiles} tile(s) each, below min_dynamic_patch {options.MinTiles}"));
         foreach (var path in sample.Images)
         {
             var check = images[path];
             if (check.Problem is { } kind) problems.Add(new DataProblem(kind, source, $"image {path}: {check.Message}"));
-            else tiles.Add(options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail));
+            else if (options.MinTiles <= maxTiles) tiles.Add(options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail));
         }
 
         // Only a sample that is otherwise sound can be rendered the way training will.
         length = null;
         if (options.Length is not null && problems.Count == 0)
         {
-            length = options.Length.Count(sample.Conversations, tiles);
+            try { length = options.Length.Count(sample.Conversations, tiles); }
+            catch (VlmTuneException e)
+            {
+                problems.Add(new DataProblem(DataProblemKind.BadRecord, source, e.Message));
+                return problems;
+            }
             if (options.MaxLength is { } max && length > max)
                 problems.Add(new DataProblem(DataProblemKind.TooLong, source, $"{length} tokens, over the maximum length {max} (it would be truncated)"));
         }

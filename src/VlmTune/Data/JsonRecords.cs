@@ -112,7 +112,29 @@ internal static class JsonRecords
                 continue;
             }
             start += consumed;
-            if (step == Step.End) yield break;
+            if (step == Step.End)
+            {
+                // Only whitespace may follow the closing bracket: anything else is data that would be silently lost.
+                var (trailing, newlines) = TrailingContent(buffer.AsSpan(start, end - start), stream);
+                if (trailing is not null) yield return new RawRecord(line + newlines, index, null, $"content after the closing ']' of the array: '{trailing}'");
+                yield break;
+            }
+        }
+    }
+
+    /// <summary>The first non-whitespace bytes after the array (null if none) and the newlines before them.</summary>
+    private static (string? Text, long Newlines) TrailingContent(ReadOnlySpan<byte> rest, Stream stream)
+    {
+        var chunk = new byte[4096];
+        long newlines = 0;
+        while (true)
+        {
+            var i = rest.IndexOfAnyExcept(" \t\r\n"u8);
+            if (i >= 0) return (Encoding.UTF8.GetString(rest[i..Math.Min(rest.Length, i + 20)]), newlines + rest[..i].Count((byte)'\n'));
+            newlines += rest.Count((byte)'\n');
+            var n = stream.Read(chunk, 0, chunk.Length);
+            if (n == 0) return (null, newlines);
+            rest = chunk.AsSpan(0, n);
         }
     }
 

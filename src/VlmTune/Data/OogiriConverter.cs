@@ -97,36 +97,44 @@ public static class OogiriConverter
         }
         using (doc)
         {
-            var root = doc.RootElement;
-            if (root.ValueKind != JsonValueKind.Object) return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, "not a JSON object");
-            var type = root.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String ? t.GetString()! : null;
-            if (type is null) return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, "no 'type' string");
-            if (!options.Types.Contains(type)) return new OogiriSkip(lineNumber, OogiriSkipReason.Type, $"type {type}");
-
-            var stem = root.TryGetProperty("image", out var img) ? img.ValueKind switch
+            try { return ConvertRecord(doc.RootElement, lineNumber, folder, options, writer, id); }
+            catch (InvalidOperationException e) // System.Text.Json refuses strings such as a lone "\ud83d" escape: not text
             {
-                JsonValueKind.String => img.GetString(),
-                JsonValueKind.Number => img.GetRawText(),
-                _ => null,
-            } : null;
-            if (string.IsNullOrEmpty(stem) || stem.Contains('/') || stem.Contains('\\') || stem.Contains(".."))
-                return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, stem is null ? "no 'image' name" : $"image name '{stem}' is not a plain file name");
-            var relative = $"images/{stem}.jpg";
-            var imagePath = Path.Combine(folder, "images", stem + ".jpg");
-            if (!File.Exists(imagePath)) return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} not found");
-            ImageInfo size;
-            try { size = ImageDecoder.ReadInfo(imagePath); }
-            catch (ImageException e) { return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} has no readable image header: {e.Message}"); }
-
-            var text = root.TryGetProperty("text", out var x) && x.ValueKind == JsonValueKind.String ? x.GetString() : null;
-            if (string.IsNullOrWhiteSpace(text)) return new OogiriSkip(lineNumber, OogiriSkipReason.EmptyText, "empty text");
-
-            var question = root.TryGetProperty("question", out var q) && q.ValueKind == JsonValueKind.String ? q.GetString() : null;
-            if (string.IsNullOrEmpty(question)) question = options.Prompt;
-
-            writer.Write(id, relative, size.Width, size.Height, question, text);
-            return null;
+                return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, $"a string is not valid text: {e.Message}");
+            }
         }
+    }
+
+    private static OogiriSkip? ConvertRecord(JsonElement root, long lineNumber, string folder, OogiriOptions options, RecordWriter writer, long id)
+    {
+        if (root.ValueKind != JsonValueKind.Object) return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, "not a JSON object");
+        var type = root.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String ? t.GetString()! : null;
+        if (type is null) return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, "no 'type' string");
+        if (!options.Types.Contains(type)) return new OogiriSkip(lineNumber, OogiriSkipReason.Type, $"type {type}");
+
+        var stem = root.TryGetProperty("image", out var img) ? img.ValueKind switch
+        {
+            JsonValueKind.String => img.GetString(),
+            JsonValueKind.Number => img.GetRawText(),
+            _ => null,
+        } : null;
+        if (string.IsNullOrEmpty(stem) || stem.Contains('/') || stem.Contains('\\') || stem.Contains(".."))
+            return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, stem is null ? "no 'image' name" : $"image name '{stem}' is not a plain file name");
+        var relative = $"images/{stem}.jpg";
+        var imagePath = Path.Combine(folder, "images", stem + ".jpg");
+        if (!File.Exists(imagePath)) return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} not found");
+        ImageInfo size;
+        try { size = ImageDecoder.ReadInfo(imagePath); }
+        catch (ImageException e) { return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} has no readable image header: {e.Message}"); }
+
+        var text = root.TryGetProperty("text", out var x) && x.ValueKind == JsonValueKind.String ? x.GetString() : null;
+        if (string.IsNullOrWhiteSpace(text)) return new OogiriSkip(lineNumber, OogiriSkipReason.EmptyText, "empty text");
+
+        var question = root.TryGetProperty("question", out var q) && q.ValueKind == JsonValueKind.String ? q.GetString() : null;
+        if (string.IsNullOrEmpty(question)) question = options.Prompt;
+
+        writer.Write(id, relative, size.Width, size.Height, question, text);
+        return null;
     }
 
     /// <summary>

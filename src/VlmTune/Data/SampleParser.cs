@@ -46,6 +46,10 @@ internal static class SampleParser
         {
             return DataEntry.Of(new DataProblem(DataProblemKind.BadRecord, source, e.Message));
         }
+        catch (InvalidOperationException e) // System.Text.Json refuses strings such as a lone "\ud83d" escape: not text
+        {
+            return DataEntry.Of(new DataProblem(DataProblemKind.BadRecord, source, $"a string is not valid text: {e.Message}"));
+        }
     }
 
     /// <summary>InternVL: <c>image</c> is a string, a list, or absent/empty for text-only; turns are from/value.</summary>

@@ -19,14 +19,17 @@ public sealed record ChatLoadOptions
     public int MaxTiles { get; init; } = 12;
     public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
     /// <summary>
-    /// A fine-tuned adapter to run unmerged on the base model: a training checkpoint (iter_&lt;n&gt;/ or its work dir)
-    /// or a PEFT LoRA adapter folder (see <see cref="Checkpoints.AdapterLoader"/>).
+    /// A fine-tuned adapter to apply after loading: a training checkpoint (iter_&lt;n&gt;/ or its work dir) or a PEFT
+    /// LoRA adapter folder (see <see cref="Checkpoints.AdapterLoader"/>); null: none.
     /// </summary>
     public string? AdapterDir { get; init; }
-    /// <summary>Run the adapter on NF4-quantised LLM decoder weights, as QLoRA trained it (default: the original weights).</summary>
+    /// <summary>
+    /// Fold the adapter's LoRA branches into the loaded weights (fp32, rounded once to the compute dtype) so decoding
+    /// costs what the base model costs (the server); false keeps them as separate branches (<c>vlmtune chat</c>).
+    /// </summary>
+    public bool MergeAdapter { get; init; } = true;
+    /// <summary>Run the adapter, unmerged, on NF4-quantised LLM decoder weights, as QLoRA trained it (default: the original weights).</summary>
     public bool AdapterNf4Base { get; init; }
-    /// <summary>Fold the adapter's LoRA branches into the loaded weights (decoding at base-model cost, e.g. serving); default: unmerged.</summary>
-    public bool MergeAdapter { get; init; }
 }
 
 /// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
@@ -78,7 +81,7 @@ public sealed class InternVLChat : IDisposable
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
         if (options.AdapterDir is { } adapter)
         {
-            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base, MergeIntoWeights = options.MergeAdapter }); }
+            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base, MergeIntoWeights = options.MergeAdapter && !options.AdapterNf4Base }); }
             catch
             {
                 model.Dispose();
@@ -142,20 +145,37 @@ public sealed class InternVLChat : IDisposable
         finally { foreach (var p in processed) p.Dispose(); }
     }
 
+    private readonly Lock _engineLock = new();
+    private InferenceEngine? _engine;
+
+    /// <summary>
+    /// The continuous-batching engine <see cref="Chat"/> runs on, started on first use; several threads may chat at
+    /// once and batch together. (The server builds its own engine with its limits.)
+    /// </summary>
+    public InferenceEngine Engine
+    {
+        get { lock (_engineLock) return _engine ??= new InferenceEngine(Model, Tokenizer.ImgContextId); }
+    }
+
     /// <summary>Answers one turn; <paramref name="onText"/> receives the text as it is generated.</summary>
     public ChatReply Chat(ChatRequest request, Action<string>? onText = null, CancellationToken cancellation = default)
     {
         using var prompt = Prepare(request);
-        using var scope = NewDisposeScope();
-        Tensor? features = null;
-        if (prompt.Pixels is not null)
-            using (no_grad()) features = Model.ExtractFeatures(prompt.Pixels.to(Model.Options.DType, Model.Options.Device));
-        var stream = onText is null ? null : Tokenizer.CreateStreamDecoder();
-        Action<int>? onToken = stream is null ? null : id => { var delta = stream.Push(id); if (delta.Length > 0) onText!(delta); };
-        var result = TokenGenerator.Generate(Model, prompt.InputIds, features, Tokenizer.ImgContextId, request.Sampling, StopIds, onToken, cancellation);
-        if (stream is not null) { var rest = stream.Flush(); if (rest.Length > 0) onText!(rest); }
+        var stream = Engine.Submit(new GenerationRequest
+        {
+            PromptIds = prompt.InputIds, Pixels = prompt.Pixels, Sampling = request.Sampling, StopIds = StopIds,
+        }, cancellation);
+        var decoder = onText is null ? null : Tokenizer.CreateStreamDecoder();
+        foreach (var id in stream.ReadTokensAsync().ToBlockingEnumerable())
+            if (decoder?.Push(id) is { Length: > 0 } delta) onText!(delta);
+        var result = stream.Completion.GetAwaiter().GetResult();
+        if (decoder?.Flush() is { Length: > 0 } rest) onText!(rest);
         return new ChatReply(Tokenizer.Decode(result.TokenIds), result.TokenIds, result.PromptTokens, prompt.Tiles, result.FinishReason);
     }
 
-    public void Dispose() => Model.Dispose();
+    public void Dispose()
+    {
+        lock (_engineLock) _engine?.Dispose();
+        Model.Dispose();
+    }
 }

@@ -32,6 +32,65 @@ public sealed class KvCache : IDisposable
         _positions = zeros(new long[] { batch, capacity }, ScalarType.Int64, device).DetachFromDisposeScope();
     }
 
+    private KvCache(Tensor[] keys, Tensor[] values, Tensor positions, long length, double theta)
+    {
+        _keys = keys; _values = values; _positions = positions; Length = length; _theta = theta;
+    }
+
+    /// <summary>
+    /// A new cache whose rows are the newest <see cref="KvRow.Length"/> entries of the given rows of other caches,
+    /// right-aligned: every row's last entry sits in the result's last used column, and the columns before a shorter
+    /// row's entries are zero padding that a KeyMask must hide. This is how a continuous batch adds and drops sequences
+    /// without recomputing them. All sources must share one RoPE base (the keys are stored rotated).
+    /// </summary>
+    public static KvCache Stack(IReadOnlyList<KvRow> rows, long capacity)
+    {
+        if (rows.Count == 0) throw new ArgumentException("Stack needs at least one row.", nameof(rows));
+        var first = rows[0].Source;
+        double theta = rows.Select(r => r.Source._theta).FirstOrDefault(t => !double.IsNaN(t), double.NaN);
+        if (rows.Any(r => !double.IsNaN(r.Source._theta) && r.Source._theta != theta))
+            throw new InvalidOperationException("Cannot stack caches rotated with different RoPE bases.");
+        long length = rows.Max(r => r.Length);
+        capacity = Math.Max(capacity, Math.Max(length, 1));
+        long n = rows.Count;
+        var keys = new Tensor[first._keys.Length];
+        var values = new Tensor[first._keys.Length];
+        for (int layer = 0; layer < keys.Length; layer++)
+        {
+            var k0 = first._keys[layer];
+            var shape = new[] { n, k0.shape[1], capacity, k0.shape[3] };
+            keys[layer] = zeros(shape, k0.dtype, k0.device).DetachFromDisposeScope();
+            values[layer] = zeros(shape, k0.dtype, k0.device).DetachFromDisposeScope();
+        }
+        var positions = zeros(new[] { n, capacity }, ScalarType.Int64, first._positions.device).DetachFromDisposeScope();
+
+        // Copy runs of consecutive rows of one source at once: one gather per run and layer, not per row.
+        using var scope = NewDisposeScope();
+        int start = 0;
+        while (start < rows.Count)
+        {
+            var source = rows[start].Source;
+            int end = start + 1;
+            while (end < rows.Count && ReferenceEquals(rows[end].Source, source)) end++;
+            long take = rows.Skip(start).Take(end - start).Max(r => r.Length);
+            if (take > source.Length) throw new ArgumentException($"Row length {take} exceeds its cache's length {source.Length}.", nameof(rows));
+            var index = tensor(rows.Skip(start).Take(end - start).Select(r => r.Row).ToArray(), device: source._positions.device);
+            // Source rows end at source.Length; the result's rows end at `length`. Taking `take` columns may bring along a
+            // shorter row's padding (or stale entries): they land before that row's start and stay masked.
+            for (int layer = 0; layer < keys.Length; layer++)
+            {
+                keys[layer].narrow(0, start, end - start).narrow(2, length - take, take)
+                    .copy_(source._keys[layer].index_select(0, index).narrow(2, source.Length - take, take));
+                values[layer].narrow(0, start, end - start).narrow(2, length - take, take)
+                    .copy_(source._values[layer].index_select(0, index).narrow(2, source.Length - take, take));
+            }
+            positions.narrow(0, start, end - start).narrow(1, length - take, take)
+                .copy_(source._positions.index_select(0, index).narrow(1, source.Length - take, take));
+            start = end;
+        }
+        return new KvCache(keys, values, positions, length, theta);
+    }
+
     /// <summary>Writes this pass's keys/values after the cached ones; returns views of everything so far, (B, kvh, S, d).</summary>
     public (Tensor Keys, Tensor Values) Append(int layer, Tensor k, Tensor v)
     {
@@ -94,3 +153,6 @@ public sealed class KvCache : IDisposable
         _positions.Dispose();
     }
 }
+
+/// <summary>The newest <paramref name="Length"/> entries of row <paramref name="Row"/> of <paramref name="Source"/>.</summary>
+public readonly record struct KvRow(KvCache Source, long Row, long Length);

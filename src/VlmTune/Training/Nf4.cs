@@ -35,7 +35,7 @@ public sealed class Nf4Tensor : IDisposable
         if (Absmax2 is null) return Absmax.alias();
         using var scope = NewDisposeScope();
         var code = Nf4.DynamicMap(Absmax.device);
-        var q = code.index_select(0, Absmax.to_type(ScalarType.Int64));                  // (blocks)
+        var q = code.index_select(0, Absmax.to_type(ScalarType.Int32));                  // (blocks)
         long blocks = q.shape[0], padded = (blocks + Nf4.StatisticsBlockSize - 1) / Nf4.StatisticsBlockSize * Nf4.StatisticsBlockSize;
         var scaled = nn.functional.pad(q, [0, padded - blocks]).view(-1, Nf4.StatisticsBlockSize) * Absmax2!.unsqueeze(1);
         return (scaled.view(-1)[..(int)blocks] + Offset).MoveToOuterDisposeScope();
@@ -47,7 +47,7 @@ public sealed class Nf4Tensor : IDisposable
         using var scope = NewDisposeScope();
         var high = Packed.bitwise_right_shift(4);
         var low = Packed.bitwise_and(15);
-        var codes = stack([high, low], 1).view(-1)[..(int)Count].to_type(ScalarType.Int64);  // (n) element order restored
+        var codes = stack([high, low], 1).view(-1)[..(int)Count].to_type(ScalarType.Int32);  // (n) element order restored
         var values = Nf4.Codebook(Packed.device).index_select(0, codes);                      // (n) in [-1, 1]
         long blocks = (Count + Nf4.BlockSize - 1) / Nf4.BlockSize;
         var absmax = BlockAbsmax();

@@ -241,7 +241,19 @@ public sealed class TrainConfig
 
     private string ModeName => Mode.ToString().ToLowerInvariant();
 
-    /// <summary>The resolved config as YAML (every key, in the documented order).</summary>
+    /// <summary>A copy with the defaults that depend on other keys written out (name, work_dir, freeze_llm, dtype).</summary>
+    public TrainConfig Resolved()
+    {
+        var c = (TrainConfig)MemberwiseClone();
+        c.Name = RunName;
+        c.WorkDir = ResolvedWorkDir;
+        c.FreezeLlm = LlmFrozen;
+        if (Dtype == "auto") c.Dtype = Device == "cpu" ? "fp32" : "bf16";
+        c.Data = [.. Data]; c.LoraTargets = [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
+        return c;
+    }
+
+    /// <summary>The config as YAML (every key, in the documented order).</summary>
     public string ToYaml()
     {
         var sb = new StringBuilder();

@@ -1,6 +1,4 @@
-using System.Diagnostics;
 using System.Globalization;
-using System.Runtime.InteropServices;
 using System.Text.Json;
 
 namespace VlmTune.Training;
@@ -86,31 +84,5 @@ public sealed class TrainLog : IDisposable
     public void Dispose()
     {
         lock (_gate) { _log.Dispose(); _scalars.Dispose(); }
-    }
-}
-
-/// <summary>Memory in use for the log's <c>memory</c> column (MiB).</summary>
-public static class DeviceMemory
-{
-    [DllImport("libcudart.so", EntryPoint = "cudaMemGetInfo")]
-    private static extern int CudaMemGetInfo(out nuint free, out nuint total);
-
-    private static bool _cudaUnavailable;
-
-    /// <summary>
-    /// On CUDA: memory used on the device (total − free, as nvidia-smi reports it: the caching allocator's reserve
-    /// included; TorchSharp exposes no max_memory_allocated). On CPU: the process's peak working set.
-    /// </summary>
-    public static long UsedMb(bool cuda)
-    {
-        if (cuda && !_cudaUnavailable)
-        {
-            try
-            {
-                if (CudaMemGetInfo(out var free, out var total) == 0) return (long)((total - free) / (1024 * 1024));
-            }
-            catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { _cudaUnavailable = true; }
-        }
-        return Process.GetCurrentProcess().PeakWorkingSet64 / (1024 * 1024);
     }
 }

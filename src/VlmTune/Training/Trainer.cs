@@ -50,7 +50,7 @@ public sealed class TrainingDivergedException(string message) : VlmTuneException
 public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) : IDisposable
 {
     public const string StateFile = "trainer_state.json";
-    public const string TrainableFile = "trainable.safetensors";
+    public const string TrainableFile = TrainedWeights.FileName;
     public const string OptimizerFile = "optimizer.bin";
     public const string VisionAdapterDir = "vision_lora";
     public const string LastCheckpointFile = "last_checkpoint";
@@ -93,8 +93,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
-        _log = new TrainLog(WorkDir, Config.ToYaml()) { Echo = _options.Echo };
-        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {_dtype}); run folder {_log.RunDir}");
+        _log = new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo };
+        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);
@@ -131,7 +131,17 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!Directory.Exists(Config.Model)) problems.Add($"'model': folder not found: {Path.GetFullPath(Config.Model)}");
         else if (!File.Exists(Path.Combine(Config.Model, "config.json"))) problems.Add($"'model': {Path.GetFullPath(Config.Model)} has no config.json (not an InternVL2 model folder)");
         foreach (var file in Config.Data)
-            if (!File.Exists(file)) problems.Add($"'data': file not found: {Path.GetFullPath(file)}");
+        {
+            if (!File.Exists(file)) { problems.Add($"'data': file not found: {Path.GetFullPath(file)}"); continue; }
+            try
+            {
+                if (Config.ImageRoot is not null && VlmTune.Data.TrainingData.DetectFormat(file) == VlmTune.Data.DataFileFormat.Meta)
+                    problems.Add($"'image_root': {file} is an InternVL meta file whose datasets name their own 'root'; leave image_root out");
+            }
+            catch (VlmTuneException e) { problems.Add($"'data': {e.Message}"); }
+        }
+        if (!ConversationTemplate.KnownNames.Contains(Config.Template))
+            problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
         if (Config.Device.StartsWith("cuda", StringComparison.Ordinal) && !cuda.is_available())
             problems.Add($"'device': {Config.Device} but CUDA is not available to TorchSharp (CPU libtorch, or no GPU); use --set device=cpu");
@@ -207,7 +217,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             _visionLora = new PeftAdapterConfig
             {
                 R = Config.VisionLoraR, LoraAlpha = Config.VisionLoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.VisionLoraTargets,
-                BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = "FEATURE_EXTRACTION",
+                BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = null,
             };
             PeftAdapter.Attach(model.vision_model, _visionLora);
         }
@@ -238,6 +248,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var losses = new List<double>();
         bool interrupted = false;
         bool cuda = _device.type == DeviceType.CUDA;
+        using var gpuMemory = cuda ? new VlmTune.Diagnostics.GpuMemoryMonitor(_device.index < 0 ? 0 : _device.index) : null;
         double? peak = Config.PeakTflops ?? (cuda ? 989.0 : null);
         int imageContextId = _tokenizer!.ImgContextId;
         long start = _iteration;
@@ -294,9 +305,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     double tokensPerSecond = window.Tokens / Math.Max(window.Time, 1e-9);
                     double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12) : null;
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
-                        DeviceMemory.UsedMb(cuda), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
+                        MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
                     log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
                     window = new Window();
+                    gpuMemory?.Reset();
                 }
                 if (stepNow && Config.SaveSteps > 0 && _iteration % Config.SaveSteps == 0 && _iteration < TotalIterations)
                     SaveCheckpoint();
@@ -315,7 +327,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         else
         {
-            SaveCheckpoint();
+            // A resume of a finished run has nothing new to save; any run that trained writes its final state.
+            if (_iteration > start || _lastCheckpoint is null) SaveCheckpoint();
             log.Info($"training finished: {_iteration} iterations, {_optimizerSteps} optimizer steps; skipped: {Counters}");
         }
         return new TrainResult
@@ -324,6 +337,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             LastCheckpoint = _lastCheckpoint, Counters = Counters, Interrupted = interrupted,
         };
     }
+
+    /// <summary>
+    /// The log's memory column (MiB): on CUDA the peak device memory in use since the last log line (NVML: the caching
+    /// allocator's reserve included, as TorchSharp exposes no max_memory_allocated); on CPU the process's peak working set.
+    /// </summary>
+    private static long MemoryMb(VlmTune.Diagnostics.GpuMemoryMonitor? gpu) =>
+        (gpu?.PeakBytes ?? Process.GetCurrentProcess().PeakWorkingSet64) / (1024 * 1024);
 
     private sealed class Window
     {
@@ -423,7 +443,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
             if (_visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
             var full = _trainable.Where(t => !t.Name.Contains(".lora_")).Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Param)).ToList();
-            if (full.Count > 0) SafetensorsWriter.Write(Path.Combine(temp, TrainableFile), full);
+            if (full.Count > 0) TrainedWeights.Save(temp, full);
             _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             var state = new JsonObject
             {
@@ -442,12 +462,20 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     ["bad_records"] = Counters.BadRecords, ["broken_images"] = Counters.BrokenImages, ["too_long"] = Counters.TooLong,
                     ["label_mismatch"] = Counters.LabelMismatch, ["nan_skipped"] = Counters.NanSkipped,
                 },
-                ["config"] = Config.ToYaml(),
+                ["config"] = Config.Resolved().ToYaml(),
             };
             // The state file is written last: its presence marks the folder complete.
             AtomicFile.WriteAllText(Path.Combine(temp, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+            // Replacing a checkpoint of the same iteration (a rerun in the same work dir): move the old one aside first,
+            // so one complete copy exists at every moment.
+            string? old = null;
+            if (Directory.Exists(final))
+            {
+                old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
+                Directory.Move(final, old);
+            }
             Directory.Move(temp, final);
+            if (old is not null) Directory.Delete(old, recursive: true);
         }
         catch
         {
@@ -500,17 +528,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.language_model, file);
         if (_visionLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.vision_model, file);
-        var full = _trainable.Where(t => !t.Name.Contains(".lora_")).ToList();
-        if (full.Count > 0)
-        {
-            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
-            using var noGrad = no_grad();
-            foreach (var (name, p) in full)
-            {
-                using var value = file.Read(name);
-                p.copy_(value);
-            }
-        }
+        if (_trainable.Any(t => !t.Name.Contains(".lora_")) && TrainedWeights.LoadIfPresent(model, dir) == 0)
+            throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
         _optimizer!.load_state_dict(Path.Combine(dir, OptimizerFile));
         _iteration = state["iteration"]!.GetValue<long>();
         _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();

@@ -65,7 +65,7 @@ public sealed class MergeTests : IDisposable
         }
         using (var unmerged = LoadExact(Fixtures.TinyModel))
         {
-            string description = AdapterLoader.Apply(unmerged, Fixtures.Adapter);
+            string description = AdapterLoader.Apply(unmerged, Fixtures.Adapter).Description;
             Assert.Contains("LLM LoRA r=8", description);
             Assert.Equal(10, PeftAdapter.LoraLinears(unmerged).Count());
             var logits = SampleLogits(unmerged);

@@ -1,4 +1,3 @@
-using System.Reflection;
 using SkiaSharp;
 
 namespace VlmTune.Tests.Data;
@@ -46,38 +45,4 @@ public static class DataTestFiles
         using var data = image.Encode(SKEncodedImageFormat.Jpeg, 90);
         return data.ToArray();
     }
-
-    /// <summary>
-    /// Runs the <c>vlmtune</c> entry point in-process and returns its exit code. Output goes to a string (the tests
-    /// check exit codes and files, not wording).
-    /// </summary>
-    public static (int ExitCode, string Output) RunCli(params string[] args)
-    {
-        var entry = Assembly.Load("VlmTune.Cli").EntryPoint!;
-        lock (ConsoleLock)
-        {
-            var (stdout, stderr) = (Console.Out, Console.Error);
-            var captured = new StringWriter();
-            Console.SetOut(captured);
-            Console.SetError(captured);
-            try
-            {
-                var result = entry.Invoke(null, [args]);
-                var code = result switch
-                {
-                    int i => i,
-                    Task<int> t => t.GetAwaiter().GetResult(),
-                    _ => throw new InvalidOperationException("unexpected entry point result"),
-                };
-                return (code, captured.ToString());
-            }
-            finally
-            {
-                Console.SetOut(stdout);
-                Console.SetError(stderr);
-            }
-        }
-    }
-
-    private static readonly object ConsoleLock = new();
 }

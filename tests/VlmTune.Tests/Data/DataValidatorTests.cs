@@ -109,6 +109,38 @@ public class DataValidatorTests
     }
 
     [Fact]
+    public void ImageCacheIsBoundedAndRefilled()
+    {
+        using var dir = new TempDir();
+        for (var i = 0; i < 3; i++) dir.Jpeg($"{i}.jpg", 8 + i, 8);
+        dir.Write("d.jsonl", string.Join("\n", Enumerable.Range(0, 600).Select(i =>
+            $$"""{"image": "{{i % 3}}.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""")));
+        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]), new ValidationOptions { ImageCacheSize = 1 });
+        Assert.Equal(600, report.Samples);
+        Assert.Equal(0, report.ErrorCount);
+    }
+
+    private sealed class Refusing : ISampleLengthCounter
+    {
+        public int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles) =>
+            throw new VlmTuneException("cannot render this");
+    }
+
+    [Fact]
+    public void ProblemsFoundWhileMeasuringAreReportedNotThrown()
+    {
+        using var dir = new TempDir();
+        dir.Jpeg("x.jpg", 8, 8);
+        dir.Write("d.jsonl", """{"image": ["x.jpg", "x.jpg", "x.jpg"], "conversations": [{"from": "human", "value": "<image><image><image>"}, {"from": "gpt", "value": "a"}]}""" + "\n" +
+                             """{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}""");
+        var report = DataValidator.Validate(TrainingData.ReadEntries(dir["d.jsonl"]),
+            new ValidationOptions { Length = new Refusing(), MinTiles = 2, MaxTiles = 4 });
+        Assert.Equal(2, report.ErrorsByKind[DataProblemKind.BadRecord]);
+        Assert.Contains("below min_dynamic_patch 2", report.Problems[0].Message);
+        Assert.Contains("cannot render this", report.Problems[1].Message);
+    }
+
+    [Fact]
     public void RoleRules()
     {
         ConversationTurn T(string from) => new(from, "x");
@@ -124,16 +156,16 @@ public class DataValidatorTests
     {
         using var dir = MakePlantedDefects();
         var good = dir.Write("root/good.jsonl", """{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}""" + "\n");
-        var (code, output) = DataTestFiles.RunCli("data", "validate", "--data", good);
+        var (code, output) = Cli("data", "validate", "--data", good);
         Assert.Equal(0, code);
         Assert.Contains("no errors", output);
 
-        (code, output) = DataTestFiles.RunCli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"]);
+        (code, output) = Cli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"]);
         Assert.Equal(1, code);
         Assert.Contains("data.jsonl:5", output);
 
-        Assert.Equal(1, DataTestFiles.RunCli("data", "validate", "--data", good, "--max-length", "10").ExitCode); // needs --model
-        Assert.Equal(1, DataTestFiles.RunCli("data", "validate", "--data", dir["nope.jsonl"]).ExitCode);
+        Assert.Equal(1, Cli("data", "validate", "--data", good, "--max-length", "10").ExitCode); // needs --model
+        Assert.Equal(1, Cli("data", "validate", "--data", dir["nope.jsonl"]).ExitCode);
     }
 
     [FixtureFact]
@@ -149,8 +181,14 @@ public class DataValidatorTests
         Assert.True(report.Lengths[0] > 3 * 256 + 2);
         Assert.Equal(1, report.TooLong);
 
-        var (code, _) = DataTestFiles.RunCli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"],
+        var (code, _) = Cli("data", "validate", "--data", dir["data.jsonl"], "--image-root", dir["root"],
                                              "--model", Fixtures.TinyModel, "--max-length", "4096");
         Assert.Equal(1, code);
+    }
+
+    private static (int ExitCode, string Output) Cli(params string[] args)
+    {
+        var (code, stdout, stderr) = CliProcess.RunAsync(args, timeoutSeconds: 120).GetAwaiter().GetResult();
+        return (code, stdout + stderr);
     }
 }

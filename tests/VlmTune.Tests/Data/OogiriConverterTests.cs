@@ -143,7 +143,7 @@ public class OogiriConverterTests
     public void CliWritesTheReportAndReturnsExitCodes()
     {
         using var dir = MakeDataset();
-        var (code, output) = DataTestFiles.RunCli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["ex_cn.json"], "--report", dir["skipped.tsv"]);
+        var (code, output) = Cli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["ex_cn.json"], "--report", dir["skipped.tsv"]);
         Assert.Equal(0, code);
         Assert.Contains("kept 3", output);
         Assert.Equal(ExpectedJson, File.ReadAllText(dir["ex_cn.json"]));
@@ -151,10 +151,25 @@ public class OogiriConverterTests
         Assert.Equal(new[] { "2\ttype", "5\tmissing image", "6\tempty text", "7\tbad line", "8\ttype", "10\tbad line" }, report);
         Assert.Contains("images/missing.jpg not found", File.ReadAllText(dir["skipped.tsv"]));
 
-        Assert.Equal(1, DataTestFiles.RunCli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["s.json"], "--strict").ExitCode);
-        Assert.Equal(1, DataTestFiles.RunCli("data", "convert-oogiri", "--input", dir["nope.jsonl"], "--output", dir["s.json"]).ExitCode);
-        Assert.Equal(0, DataTestFiles.RunCli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["t.json"], "--types", "I2T,IT2T").ExitCode);
+        Assert.Equal(1, Cli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["s.json"], "--strict").ExitCode);
+        Assert.Equal(1, Cli("data", "convert-oogiri", "--input", dir["nope.jsonl"], "--output", dir["s.json"]).ExitCode);
+        Assert.Equal(0, Cli("data", "convert-oogiri", "--input", dir["cn.jsonl"], "--output", dir["t.json"], "--types", "I2T,IT2T").ExitCode);
         Assert.Equal(4, JsonDocument.Parse(File.ReadAllText(dir["t.json"])).RootElement.GetArrayLength());
+    }
+
+    [Fact]
+    public void UnpairedSurrogateEscapesAreBadLines()
+    {
+        using var dir = new TempDir();
+        dir.Jpeg("images/a.jpg", 8, 8);
+        dir.Write("cn.jsonl", """
+            {"type": "I2T", "question": null, "image": "a", "text": "broken \ud83d emoji"}
+            {"type": "I2T", "question": null, "image": "a", "text": "whole \ud83d\ude02 emoji"}
+            """);
+        var result = OogiriConverter.Convert(dir["cn.jsonl"], dir["ex.json"]);
+        Assert.Equal(1, result.Kept);
+        Assert.Equal((1L, OogiriSkipReason.BadLine), (result.Skipped.Single().Line, result.Skipped.Single().Reason));
+        Assert.Contains("whole 😂 emoji", File.ReadAllText(dir["ex.json"]));
     }
 
     [FixtureFact]
@@ -171,5 +186,11 @@ public class OogiriConverterTests
         Assert.Equal("images/5651380.jpg", record.GetProperty("image").GetString());
         Assert.Equal((450, 444), (record.GetProperty("width").GetInt32(), record.GetProperty("height").GetInt32()));
         Assert.Equal("It wasn't on purpose, I'm sorry!", record.GetProperty("conversations")[1].GetProperty("value").GetString());
+    }
+
+    private static (int ExitCode, string Output) Cli(params string[] args)
+    {
+        var (code, stdout, stderr) = CliProcess.RunAsync(args, timeoutSeconds: 120).GetAwaiter().GetResult();
+        return (code, stdout + stderr);
     }
 }

@@ -171,6 +171,11 @@ public class TrainingDataTests
         Assert.Equal(3, arrayEntries.Length);
         Assert.Equal(DataProblemKind.BadJson, arrayEntries[2].Problem!.Kind);
         Assert.Equal(3, arrayEntries[2].Problem!.Source.Line);
+        dir.Write("tail.json", "[" + record + "]\n\n" + record + "\n");
+        var tail = TrainingData.ReadEntries(dir["tail.json"]).ToArray();
+        Assert.Equal(2, tail.Length);
+        Assert.Contains("after the closing ']'", tail[1].Problem!.Message);
+        Assert.Equal(3, tail[1].Problem!.Source.Line);
         var lineEntries = TrainingData.ReadEntries(dir["a.jsonl"]).ToArray();
         Assert.Equal(3, lineEntries[2].Problem!.Source.Line);
     }
@@ -202,7 +207,8 @@ public class TrainingDataTests
             """{"image": 5, "conversations": [{"from": "human", "value": "q"}]}""",
             """{"question": "q"}""",
             """{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}]}]}""",
-            """{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v.mp4"}}]}]}"""));
+            """{"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v.mp4"}}]}]}""",
+            """{"conversations": [{"from": "human", "value": "half an emoji \ud83d"}, {"from": "gpt", "value": "a"}]}"""));
         var problems = TrainingData.ReadEntries(dir["d.jsonl"]).Select(e => e.Problem!).ToArray();
         Assert.All(problems, p => Assert.Equal(DataProblemKind.BadRecord, p.Kind));
         Assert.Contains("conversations[0].from is 'user'", problems[0].Message);
@@ -211,6 +217,7 @@ public class TrainingDataTests
         Assert.Contains("needs 'conversations'", problems[3].Message);
         Assert.Contains("not a local file", problems[4].Message);
         Assert.Contains("only 'text' and 'image_url'", problems[5].Message);
+        Assert.Contains("not valid text", problems[6].Message);
     }
 
     [FixtureTheory]

@@ -119,7 +119,12 @@ public sealed class TrainerTests
 
         // The resolved config reads back as the same config.
         string yaml = File.ReadAllText(Path.Combine(result.RunDir, "vis_data", "config.yaml"));
-        Assert.Equal(trainer.Config.ToYaml(), TrainConfig.Parse(yaml, "config.yaml").ToYaml());
+        var reread = TrainConfig.Parse(yaml, "config.yaml");
+        Assert.Equal(trainer.Config.Resolved().ToYaml(), reread.ToYaml());
+        Assert.Equal(data.WorkDir, reread.ResolvedWorkDir);
+        Assert.Equal("test", reread.RunName);
+        Assert.Contains("freeze_llm: true", yaml);
+        Assert.Contains("dtype: 'fp32'", yaml);
 
         // Checkpoints: iter_8 and iter_12 kept (limit 2), each a PEFT adapter + projector weights + optimizer + state.
         var dirs = Directory.GetDirectories(data.WorkDir, "iter_*").Select(Path.GetFileName).Order().ToList();
@@ -143,10 +148,14 @@ public sealed class TrainerTests
         File.Delete(Path.Combine(data.WorkDir, Trainer.LastCheckpointFile));
         Assert.Equal(last, Trainer.LatestCheckpoint(data.WorkDir));
 
-        // The saved adapter loads into a fresh model.
+        // The checkpoint applies to a fresh model for inference: adapter merged, trained projector loaded.
         using var model = GoldenSample.FreshModel();
-        PeftAdapter.Load(model.language_model, last);
-        Assert.Equal(11, PeftAdapter.LoraLinears(model.language_model).Count());
+        var applied = AdapterLoader.Apply(model, last, new AdapterApplyOptions { MergeIntoWeights = true });
+        Assert.Equal(11, applied.LoraLayers);
+        Assert.Equal(6, applied.TrainedTensors);
+        Assert.Empty(PeftAdapter.LoraLinears(model));
+        Assert.True(model.mlp1.named_parameters().All(p => p.parameter.allclose(trainer.Model.mlp1.get_parameter(p.name)!, 0, 0)));
+        Assert.False(model.mlp1.named_parameters().All(p => p.parameter.allclose(GoldenSample.FreshModel().mlp1.get_parameter(p.name)!, 0, 0)));
     }
 
     [FixtureTheory]
@@ -172,5 +181,35 @@ public sealed class TrainerTests
             string log = File.ReadAllText(Directory.GetFiles(result.RunDir, "*.log").Single());
             Assert.DoesNotContain("loss: 0.0000", log);
         }
+    }
+
+    [FixtureFact]
+    public void VisionLoraIsTrainedAndSavedAsItsOwnPeftAdapter()
+    {
+        using var data = new TrainTestData(samples: 4);
+        using var trainer = new Trainer(data.Config("vision_lora_r=4", "max_steps=2", "freeze_projector=true"));
+        var result = trainer.Train();
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
+        string adapter = Path.Combine(result.LastCheckpoint!, Trainer.VisionAdapterDir);
+        using (var file = SafetensorsFile.Open(Path.Combine(adapter, PeftAdapter.WeightsFile)))
+            Assert.Contains("base_model.model.encoder.layers.0.attn.qkv.lora_A.weight", file.Entries.Keys);
+        Assert.False(File.Exists(Path.Combine(result.LastCheckpoint!, Trainer.TrainableFile)));   // projector frozen: nothing else trained
+        using var model = GoldenSample.FreshModel();
+        PeftAdapter.Load(model.vision_model, adapter);
+        Assert.Equal(8, PeftAdapter.LoraLinears(model.vision_model).Count());
+    }
+
+    [FixtureFact]
+    public void SamplesWhoseImageTokensWouldBeCutAreDroppedAndCounted()
+    {
+        using var data = new TrainTestData(samples: 6);
+        // 256 image tokens per tile cannot fit in 200 tokens: the four image samples go, the two text-only ones stay.
+        using var trainer = new Trainer(data.Config("max_length=200", "max_steps=2"));
+        var result = trainer.Train();
+        Assert.Equal(4, result.Counters.TooLong);
+        Assert.Equal(2, trainer.Dataset.Samples.Count);
+        Assert.All(trainer.Dataset.Lengths, l => Assert.True(l < 0));   // text-only
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
+        Assert.Contains("too long: 4", File.ReadAllText(Directory.GetFiles(result.RunDir, "*.log").Single()));
     }
 }

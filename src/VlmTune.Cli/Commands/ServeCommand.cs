@@ -1,0 +1,82 @@
+using System.CommandLine;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.Extensions.Configuration;
+using VlmTune.Inference;
+using VlmTune.Serving;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary><c>vlmtune serve</c>: the OpenAI-compatible server, the chat page, continuous batching.</summary>
+internal static class ServeCommand
+{
+    private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder.", Required = true };
+    private static readonly Option<string?> Adapter = new("--adapter") { Description = "LoRA adapter folder (PEFT format) to apply." };
+    private static readonly Option<string?> Host = new("--host") { Description = "Address to listen on (default 127.0.0.1; 0.0.0.0 for all)." };
+    private static readonly Option<int?> Port = new("--port") { Description = "Port (default 23333)." };
+    private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
+    private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = "Requests decoded together (default 32)." };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded (default 12)." };
+    private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
+    private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
+    private static readonly Option<string[]> AllowImageNetwork = new("--allow-image-network") { Description = "CIDR network remote images may come from although private/loopback (repeatable)." };
+    private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use (default: the model folder's name)." };
+    private static readonly Option<string?> Device = new("--device") { Description = "cpu or cuda (default cpu)." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+
+    public static Command Create()
+    {
+        var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
+        {
+            Model, Adapter, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType,
+        };
+        command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, ct)));
+        return command;
+    }
+
+    /// <summary>Flags override VLMTUNE_Serve__* environment variables, which override the defaults.</summary>
+    internal static ServerOptions Bind(ParseResult parse)
+    {
+        var flags = new Dictionary<string, string?>();
+        void Set<T>(string key, T? value) { if (value is not null) flags[$"{ServerOptions.Section}:{key}"] = Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture); }
+        Set(nameof(ServerOptions.ModelDir), parse.GetValue(Model));
+        Set(nameof(ServerOptions.AdapterDir), parse.GetValue(Adapter));
+        Set(nameof(ServerOptions.Host), parse.GetValue(Host));
+        Set(nameof(ServerOptions.Port), parse.GetValue(Port));
+        Set(nameof(ServerOptions.ApiKey), parse.GetValue(ApiKey));
+        Set(nameof(ServerOptions.MaxBatch), parse.GetValue(MaxBatch));
+        Set(nameof(ServerOptions.MaxTiles), parse.GetValue(MaxTiles));
+        Set(nameof(ServerOptions.AllowLocalImages), parse.GetValue(AllowLocalImages));
+        if (parse.GetValue(AllowRemoteImages)) Set(nameof(ServerOptions.AllowRemoteImages), true);
+        Set(nameof(ServerOptions.ModelId), parse.GetValue(ModelId));
+        Set(nameof(ServerOptions.Device), parse.GetValue(Device));
+        var networks = parse.GetValue(AllowImageNetwork) ?? [];
+        for (int i = 0; i < networks.Length; i++) Set($"{nameof(ServerOptions.AllowedImageNetworks)}:{i}", networks[i]);
+        var configuration = new ConfigurationBuilder()
+            .AddEnvironmentVariables("VLMTUNE_")
+            .AddInMemoryCollection(flags)
+            .Build();
+        var options = configuration.GetSection(ServerOptions.Section).Get<ServerOptions>() ?? new ServerOptions();
+        var problems = options.Validate().ToList();
+        if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
+        return options;
+    }
+
+    private static async Task<int> RunAsync(ParseResult parse, CancellationToken ct)
+    {
+        var options = Bind(parse);
+        using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
+        {
+            Device = options.Device, DType = ChatCommand.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
+            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels }, AdapterDir = options.AdapterDir,
+        });
+        var client = VlmTuneServer.CreateChatClient(chat, options);
+        using var engine = client.Engine;
+        await using var app = VlmTuneServer.Build(options, client);
+        await app.StartAsync(ct);
+        Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
+        try { await Task.Delay(Timeout.Infinite, ct); }
+        catch (OperationCanceledException) { }
+        await app.StopAsync(CancellationToken.None);
+        return 0;
+    }
+}

@@ -1,0 +1,170 @@
+using System.Text.Json;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+using Microsoft.Extensions.AI;
+using VlmTune.Inference;
+using ChatMessage = Microsoft.Extensions.AI.ChatMessage;
+
+namespace VlmTune.Serving;
+
+/// <summary><c>POST /v1/chat/completions</c>: OpenAI's chat API, plain JSON or server-sent events.</summary>
+public static class ChatCompletionsApi
+{
+    public static IEndpointRouteBuilder MapChatCompletionsApi(this IEndpointRouteBuilder app)
+    {
+        app.MapPost("/v1/chat/completions", Handle);
+        return app;
+    }
+
+    private static async Task Handle(HttpContext context, ServingState state)
+    {
+        var aborted = context.RequestAborted;
+        JsonDocument document;
+        try { document = await JsonDocument.ParseAsync(context.Request.Body, new JsonDocumentOptions { MaxDepth = 32 }, aborted); }
+        catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
+        ChatCompletionRequest request;
+        using (document) request = ChatCompletionRequest.Parse(document.RootElement);
+        if (request.Model != state.ModelId)
+            throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
+        if (request.MaxTokens > state.Options.MaxTokens)
+            throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+
+        using var slot = state.Enter();
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted);
+        deadline.CancelAfter(TimeSpan.FromSeconds(state.Options.RequestTimeoutSeconds));
+        try
+        {
+            var messages = await ToMessagesAsync(request, state, deadline.Token);
+            var options = new ChatOptions
+            {
+                Temperature = (float?)request.Temperature, TopP = (float?)request.TopP, TopK = request.TopK,
+                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
+            };
+            if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+            PreparedChat prepared;
+            try { prepared = state.Client.Prepare(messages, options); }
+            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+            catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+            using (prepared)
+            {
+                IAsyncEnumerable<ChatChunk> chunks;
+                try { chunks = state.Client.GenerateAsync(prepared, deadline.Token); }
+                catch (EngineBusyException e) { throw new ApiException(429, e.Message, null, "rate_limit_exceeded"); }
+                catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+                var id = "chatcmpl-" + Guid.NewGuid().ToString("N")[..24];
+                long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+                if (request.Stream) await StreamAsync(context, state, request, chunks, id, created);
+                else await AnswerAsync(context, state, chunks, id, created);
+            }
+        }
+        catch (OperationCanceledException) when (deadline.IsCancellationRequested && !aborted.IsCancellationRequested)
+        {
+            if (context.Response.HasStarted) return;
+            throw new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout");
+        }
+    }
+
+    /// <summary>Messages for the chat client: text as is, every image read from its source into bytes.</summary>
+    private static async Task<List<ChatMessage>> ToMessagesAsync(ChatCompletionRequest request, ServingState state, CancellationToken cancellation)
+    {
+        int images = request.Messages.Sum(m => m.Parts.Count(p => p is ImagePart));
+        if (images > state.Options.MaxImagesPerRequest)
+            throw ApiException.BadRequest($"The request has {images} images; at most {state.Options.MaxImagesPerRequest} are allowed.", "image_url", "too_many_images");
+        var messages = new List<ChatMessage>();
+        foreach (var m in request.Messages)
+        {
+            var contents = new List<AIContent>();
+            foreach (var part in m.Parts)
+            {
+                if (part is string text) contents.Add(new TextContent(text));
+                else if (part is ImagePart image)
+                {
+                    var bytes = await state.Images.ReadAsync(image.Url, cancellation);
+                    var data = new DataContent(bytes, "image/*");
+                    if (image.Detail is not null) data.AdditionalProperties = new() { ["detail"] = image.Detail };
+                    contents.Add(data);
+                }
+            }
+            messages.Add(new ChatMessage(m.Role, contents));
+        }
+        return messages;
+    }
+
+    private static async Task AnswerAsync(HttpContext context, ServingState state, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    {
+        var text = new System.Text.StringBuilder();
+        ChatChunk? last = null;
+        await foreach (var chunk in chunks)
+        {
+            text.Append(chunk.Text);
+            last = chunk;
+        }
+        await TypedResults.Json(new
+        {
+            id, @object = "chat.completion", created, model = state.ModelId,
+            choices = new[] { new { index = 0, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null, finish_reason = Finish(last?.FinishReason) } },
+            usage = Usage(last),
+        }).ExecuteAsync(context);
+    }
+
+    private static async Task StreamAsync(HttpContext context, ServingState state, ChatCompletionRequest request, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    {
+        await using var enumerator = chunks.GetAsyncEnumerator();
+        // The first piece comes before any byte is sent, so errors up to the first token still get their status code.
+        bool any = await enumerator.MoveNextAsync();
+        var response = context.Response;
+        response.ContentType = "text/event-stream; charset=utf-8";
+        response.Headers.CacheControl = "no-cache";
+        response.Headers["X-Accel-Buffering"] = "no";
+        await Event(response, Chunk(id, created, state.ModelId, new { role = "assistant", content = "" }, null));
+        ChatChunk? last = null;
+        try
+        {
+            while (any)
+            {
+                var chunk = enumerator.Current;
+                last = chunk;
+                if (chunk.Text.Length > 0) await Event(response, Chunk(id, created, state.ModelId, new { content = chunk.Text }, null));
+                any = await enumerator.MoveNextAsync();
+            }
+        }
+        catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
+        {
+            // The request timeout passed mid-answer: the status is long sent, so the error travels as an event.
+            await Event(response, new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout").Body);
+            return;
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            await Event(response, new ApiException(500, "Generation failed.", null, "internal_error").Body);
+            return;
+        }
+        await Event(response, Chunk(id, created, state.ModelId, new { }, Finish(last?.FinishReason)));
+        if (request.IncludeUsage)
+            await Event(response, new { id, @object = "chat.completion.chunk", created, model = state.ModelId, choices = Array.Empty<object>(), usage = Usage(last) });
+        await response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
+        await response.Body.FlushAsync(context.RequestAborted);
+    }
+
+    private static object Chunk(string id, long created, string model, object delta, string? finish) => new
+    {
+        id, @object = "chat.completion.chunk", created, model,
+        choices = new[] { new { index = 0, delta, logprobs = (object?)null, finish_reason = finish } },
+    };
+
+    private static async Task Event(HttpResponse response, object payload)
+    {
+        var json = JsonSerializer.Serialize(payload);
+        await response.WriteAsync("data: " + json + "\n\n", response.HttpContext.RequestAborted);
+        await response.Body.FlushAsync(response.HttpContext.RequestAborted);
+    }
+
+    private static string Finish(FinishReason? reason) => reason == FinishReason.Length ? "length" : "stop";
+
+    private static object Usage(ChatChunk? last)
+    {
+        int prompt = last?.PromptTokens ?? 0, completion = last?.CompletionTokens ?? 0;
+        return new { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion };
+    }
+}

@@ -1,0 +1,76 @@
+namespace VlmTune.Serving;
+
+/// <summary>
+/// Everything <c>vlmtune serve</c> can be told, bound from configuration (section <c>Serve</c>: command-line flags,
+/// then <c>VLMTUNE_Serve__*</c> environment variables). Defaults are safe: loopback only, no local or remote image
+/// fetching, bounded sizes everywhere.
+/// </summary>
+public sealed record ServerOptions
+{
+    public const string Section = "Serve";
+
+    public string ModelDir { get; init; } = "";
+    public string? AdapterDir { get; init; }
+    /// <summary>The model name clients send; default: the model folder's name.</summary>
+    public string? ModelId { get; init; }
+    public string Host { get; init; } = "127.0.0.1";
+    public int Port { get; init; } = 23333;
+    /// <summary>When set, every endpoint but /health (and the static page) needs <c>Authorization: Bearer KEY</c>.</summary>
+    public string? ApiKey { get; init; }
+    public string Device { get; init; } = "cpu";
+
+    public int MaxBatch { get; init; } = 32;
+    /// <summary>Most tiles per image (thumbnail excluded), as max_num of dynamic_preprocess.</summary>
+    public int MaxTiles { get; init; } = 12;
+    public int MaxTilesPerRequest { get; init; } = 64;
+    public int MaxImagesPerRequest { get; init; } = 8;
+    public long MaxImagePixels { get; init; } = 50_000_000;
+    public long MaxImageBytes { get; init; } = 20 * 1024 * 1024;
+    public long MaxRequestBytes { get; init; } = 64 * 1024 * 1024;
+    public int MaxTokens { get; init; } = 4096;
+    public int DefaultMaxTokens { get; init; } = 512;
+    /// <summary>Requests in flight (running or waiting) before new ones get 429.</summary>
+    public int MaxConcurrentRequests { get; init; } = 128;
+    public double RequestTimeoutSeconds { get; init; } = 600;
+    /// <summary>Longest prompt + max_tokens; null: the engine's default for the model.</summary>
+    public int? MaxContextTokens { get; init; }
+    /// <summary>KV-cache budget of the engine, in token slots.</summary>
+    public long KvCacheTokens { get; init; } = 1 << 18;
+
+    /// <summary>Folder whose images requests may name by path (file:// URLs or paths); null: none.</summary>
+    public string? AllowLocalImages { get; init; }
+    /// <summary>Whether http(s) image URLs are fetched at all.</summary>
+    public bool AllowRemoteImages { get; init; }
+    /// <summary>
+    /// Networks (CIDR, e.g. 10.1.0.0/16) remote images may come from although they are loopback, private or link-local.
+    /// Everything else of that kind is refused, checked on the address actually connected to.
+    /// </summary>
+    public string[] AllowedImageNetworks { get; init; } = [];
+    public double ImageFetchTimeoutSeconds { get; init; } = 15;
+    public int MaxImageRedirects { get; init; } = 3;
+
+    public IEnumerable<string> Validate()
+    {
+        if (string.IsNullOrWhiteSpace(ModelDir)) yield return "--model is required.";
+        if (Port is < 0 or > 65535) yield return $"--port must be 0..65535 (got {Port}).";
+        if (MaxBatch < 1) yield return $"--max-batch must be ≥ 1 (got {MaxBatch}).";
+        if (MaxTiles < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
+        if (MaxTilesPerRequest < 1) yield return $"max tiles per request must be ≥ 1 (got {MaxTilesPerRequest}).";
+        if (MaxImagesPerRequest < 0) yield return $"max images per request must be ≥ 0 (got {MaxImagesPerRequest}).";
+        if (MaxImagePixels < 4) yield return $"max image pixels must be ≥ 4 (got {MaxImagePixels}).";
+        if (MaxImageBytes < 1) yield return $"max image bytes must be ≥ 1 (got {MaxImageBytes}).";
+        if (MaxRequestBytes < 1024) yield return $"max request bytes must be ≥ 1024 (got {MaxRequestBytes}).";
+        if (MaxTokens < 1) yield return $"max tokens must be ≥ 1 (got {MaxTokens}).";
+        if (DefaultMaxTokens < 1) yield return $"default max tokens must be ≥ 1 (got {DefaultMaxTokens}).";
+        if (MaxConcurrentRequests < 1) yield return $"max concurrent requests must be ≥ 1 (got {MaxConcurrentRequests}).";
+        if (!(RequestTimeoutSeconds > 0)) yield return $"request timeout must be > 0 s (got {RequestTimeoutSeconds}).";
+        if (!(ImageFetchTimeoutSeconds > 0)) yield return $"image fetch timeout must be > 0 s (got {ImageFetchTimeoutSeconds}).";
+        if (MaxImageRedirects < 0) yield return $"max image redirects must be ≥ 0 (got {MaxImageRedirects}).";
+        if (ApiKey is { Length: 0 }) yield return "--api-key must not be empty.";
+        if (!string.IsNullOrWhiteSpace(ModelDir) && !Directory.Exists(ModelDir)) yield return $"--model {ModelDir}: folder not found.";
+        if (AdapterDir is not null && !Directory.Exists(AdapterDir)) yield return $"--adapter {AdapterDir}: folder not found.";
+        if (AllowLocalImages is not null && !Directory.Exists(AllowLocalImages)) yield return $"--allow-local-images {AllowLocalImages}: folder not found.";
+        foreach (var network in AllowedImageNetworks)
+            if (!System.Net.IPNetwork.TryParse(network, out _)) yield return $"allowed image network '{network}' is not CIDR (e.g. 10.0.0.0/8).";
+    }
+}

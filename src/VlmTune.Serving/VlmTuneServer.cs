@@ -1,0 +1,200 @@
+using System.Net;
+using System.Security.Cryptography;
+using System.Text;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using VlmTune.Inference;
+
+namespace VlmTune.Serving;
+
+/// <summary>What the endpoints share: the options, the chat client over the engine, the image sources and the in-flight count.</summary>
+public sealed class ServingState(ServerOptions options, InternVLChatClient client, ImageSources images)
+{
+    private int _inFlight;
+
+    public ServerOptions Options { get; } = options;
+    public InternVLChatClient Client { get; } = client;
+    public ImageSources Images { get; } = images;
+    public string ModelId => Client.Options.ModelId;
+    public DateTimeOffset Started { get; } = DateTimeOffset.UtcNow;
+    public int InFlight => Volatile.Read(ref _inFlight);
+
+    /// <summary>Takes a request slot, or throws 429 when <see cref="ServerOptions.MaxConcurrentRequests"/> are in flight.</summary>
+    public IDisposable Enter()
+    {
+        if (Interlocked.Increment(ref _inFlight) > Options.MaxConcurrentRequests)
+        {
+            Interlocked.Decrement(ref _inFlight);
+            throw new ApiException(429, $"Too many requests in flight (limit {Options.MaxConcurrentRequests}); retry shortly.", null, "rate_limit_exceeded");
+        }
+        return new Slot(this);
+    }
+
+    private sealed class Slot(ServingState state) : IDisposable
+    {
+        private int _done;
+        public void Dispose() { if (Interlocked.Exchange(ref _done, 1) == 0) Interlocked.Decrement(ref state._inFlight); }
+    }
+}
+
+/// <summary>
+/// The OpenAI-compatible HTTP server over an <see cref="InternVLChatClient"/>: Kestrel with minimal APIs, one
+/// endpoint group per static class, errors in OpenAI's shape, Bearer auth when an API key is set.
+/// </summary>
+public static class VlmTuneServer
+{
+    /// <summary>Builds (does not start) the app. The caller keeps owning the client, its engine and model.</summary>
+    public static WebApplication Build(ServerOptions options, InternVLChatClient client, Action<ILoggingBuilder>? logging = null)
+    {
+        var problems = options.Validate().ToList();
+        if (problems.Count > 0) throw new VlmTuneException("Server options: " + string.Join(" ", problems));
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
+        builder.Logging.ClearProviders();
+        if (logging is null) builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; }).SetMinimumLevel(LogLevel.Warning);
+        else logging(builder.Logging);
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            k.AddServerHeader = false;
+            k.Limits.MaxRequestBodySize = options.MaxRequestBytes;
+            k.Limits.MaxRequestHeadersTotalSize = 64 * 1024;
+            k.Limits.RequestHeadersTimeout = TimeSpan.FromSeconds(30);
+            if (options.Host == "localhost") k.ListenLocalhost(options.Port);
+            else if (IPAddress.TryParse(options.Host, out var ip)) k.Listen(ip, options.Port);
+            else throw new VlmTuneException($"--host '{options.Host}' must be an IP address (e.g. 127.0.0.1, 0.0.0.0) or localhost.");
+        });
+        var fetcher = new RemoteImageFetcher(options);
+        builder.Services.AddSingleton(fetcher);
+        builder.Services.AddSingleton(new ServingState(options, client, new ImageSources(options, fetcher)));
+
+        var app = builder.Build();
+        app.Lifetime.ApplicationStopped.Register(fetcher.Dispose);
+        app.Use(ErrorsAsOpenAi);
+        if (options.ApiKey is { } key) app.Use(RequireApiKey(key));
+        app.MapHealthApi();
+        app.MapModelsApi();
+        app.MapChatCompletionsApi();
+        app.MapChatPage();
+        app.MapFallback(() => Results.Json(new ApiException(404, "Unknown endpoint.", null, "not_found").Body, statusCode: 404));
+        return app;
+    }
+
+    /// <summary>The engine and chat client the server's options describe, over a loaded model (the caller disposes the engine).</summary>
+    public static InternVLChatClient CreateChatClient(InternVLChat chat, ServerOptions options)
+    {
+        var engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
+        {
+            MaxBatch = options.MaxBatch,
+            MaxCacheTokens = options.KvCacheTokens,
+            MaxQueue = options.MaxConcurrentRequests,
+            MaxContextTokens = options.MaxContextTokens,
+        });
+        return new InternVLChatClient(chat, engine, new ChatClientOptions
+        {
+            ModelId = options.ModelId ?? DefaultModelId(options.ModelDir),
+            DefaultMaxTokens = options.DefaultMaxTokens,
+            MaxTokensLimit = options.MaxTokens,
+            MaxImagesPerRequest = options.MaxImagesPerRequest,
+            MaxTilesPerRequest = options.MaxTilesPerRequest,
+            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels },
+        });
+    }
+
+    /// <summary>The model folder's name (e.g. InternVL2-2B), what clients put in "model".</summary>
+    public static string DefaultModelId(string modelDir) =>
+        Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(modelDir))) is { Length: > 0 } name ? name : "internvl2";
+
+    /// <summary>The address the started app listens on (e.g. http://127.0.0.1:41234 when port 0 was asked for).</summary>
+    public static Uri Address(WebApplication app) =>
+        new(app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First());
+
+    private static async Task ErrorsAsOpenAi(HttpContext context, RequestDelegate next)
+    {
+        try
+        {
+            await next(context);
+        }
+        catch (ApiException e) when (!context.Response.HasStarted)
+        {
+            await WriteError(context, e);
+        }
+        catch (BadHttpRequestException e) when (!context.Response.HasStarted)
+        {
+            await WriteError(context, e.StatusCode == StatusCodes.Status413PayloadTooLarge
+                ? new ApiException(413, "The request body is larger than this server accepts.", null, "request_too_large")
+                : new ApiException(e.StatusCode, "The request could not be read."));
+        }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+            // The client went away; nothing to answer.
+        }
+        catch (Exception e) when (!context.Response.HasStarted)
+        {
+            context.RequestServices.GetRequiredService<ILoggerFactory>().CreateLogger("VlmTune.Serving").LogError(e, "Request failed");
+            await WriteError(context, new ApiException(500, "The server failed to process the request.", null, "internal_error"));
+        }
+    }
+
+    internal static Task WriteError(HttpContext context, ApiException e)
+    {
+        context.Response.StatusCode = e.Status;
+        if (e.Status == 401) context.Response.Headers.WWWAuthenticate = "Bearer";
+        return context.Response.WriteAsJsonAsync(e.Body);
+    }
+
+    /// <summary>Bearer auth on everything but /health and the static chat page (which holds no data and sends the key itself).</summary>
+    private static Func<HttpContext, RequestDelegate, Task> RequireApiKey(string key)
+    {
+        var expected = SHA256.HashData(Encoding.UTF8.GetBytes(key));
+        return (context, next) =>
+        {
+            var path = context.Request.Path.Value ?? "/";
+            bool open = path == "/health" || (HttpMethods.IsGet(context.Request.Method) && ChatPage.Paths.Contains(path));
+            if (open) return next(context);
+            var header = context.Request.Headers.Authorization.ToString();
+            const string scheme = "Bearer ";
+            bool ok = header.StartsWith(scheme, StringComparison.OrdinalIgnoreCase)
+                && CryptographicOperations.FixedTimeEquals(SHA256.HashData(Encoding.UTF8.GetBytes(header[scheme.Length..].Trim())), expected);
+            if (ok) return next(context);
+            throw new ApiException(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", null, "invalid_api_key");
+        };
+    }
+}
+
+public static class HealthApi
+{
+    public static IEndpointRouteBuilder MapHealthApi(this IEndpointRouteBuilder app)
+    {
+        app.MapGet("/health", (ServingState s) =>
+        {
+            var stats = s.Client.Engine.Stats;
+            return TypedResults.Ok(new { status = "ok", running = stats.Running, queued = stats.Queued, in_flight = s.InFlight });
+        });
+        return app;
+    }
+}
+
+public static class ModelsApi
+{
+    public static IEndpointRouteBuilder MapModelsApi(this IEndpointRouteBuilder app)
+    {
+        app.MapGet("/v1/models", (ServingState s) => TypedResults.Ok(new
+        {
+            @object = "list",
+            data = new[] { Model(s) },
+        }));
+        app.MapGet("/v1/models/{id}", (string id, ServingState s) => id == s.ModelId
+            ? Results.Ok(Model(s))
+            : throw new ApiException(404, $"The model '{Clip(id)}' does not exist; this server serves '{s.ModelId}'.", "model", "model_not_found"));
+        return app;
+    }
+
+    private static object Model(ServingState s) => new { id = s.ModelId, @object = "model", created = s.Started.ToUnixTimeSeconds(), owned_by = "vlmtune" };
+
+    internal static string Clip(string s) => s.Length <= 64 ? s : s[..64] + "…";
+}

@@ -1,0 +1,51 @@
+using VlmTune.Models;
+
+namespace VlmTune.Inference;
+
+/// <summary>Limits of an <see cref="InferenceEngine"/>: how many sequences decode together and how much KV cache they may hold.</summary>
+public sealed record EngineOptions
+{
+    /// <summary>Sequences decoded together in one step; more wait in the queue.</summary>
+    public int MaxBatch { get; init; } = 32;
+
+    /// <summary>
+    /// KV-cache budget in token slots (rows × columns of every cache the engine holds; one slot costs
+    /// 2 · layers · kv_heads · head_dim · dtype bytes). A request that cannot fit alone is refused; others wait.
+    /// </summary>
+    public long MaxCacheTokens { get; init; } = 1 << 18;
+
+    /// <summary>Requests that may wait for a batch slot before <see cref="InferenceEngine.Submit"/> refuses with <see cref="EngineBusyException"/>.</summary>
+    public int MaxQueue { get; init; } = 256;
+
+    /// <summary>Image tiles encoded in one vision pass (the newly joined requests' tiles are batched up to this).</summary>
+    public int MaxVisionTiles { get; init; } = 32;
+
+    /// <summary>Longest prompt + max_new_tokens accepted; null: <see cref="DefaultContext"/>.</summary>
+    public int? MaxContextTokens { get; init; }
+
+    public IEnumerable<string> Validate()
+    {
+        if (MaxBatch < 1) yield return $"max batch must be ≥ 1 (got {MaxBatch}).";
+        if (MaxCacheTokens < 1) yield return $"KV cache budget must be ≥ 1 token (got {MaxCacheTokens}).";
+        if (MaxQueue < 0) yield return $"max queue must be ≥ 0 (got {MaxQueue}).";
+        if (MaxVisionTiles < 1) yield return $"max vision tiles must be ≥ 1 (got {MaxVisionTiles}).";
+        if (MaxContextTokens is < 1) yield return $"max context must be ≥ 1 token (got {MaxContextTokens}).";
+    }
+
+    /// <summary>
+    /// max_position_embeddings, or with dynamic-NTK RoPE (which extrapolates by design) 4× that and at least 16384:
+    /// InternVL2 prompts with several 13-tile images run to thousands of tokens.
+    /// </summary>
+    public static int DefaultContext(LlmConfig c) =>
+        c.RopeScaling is { Type: "dynamic" } ? Math.Max(4 * c.MaxPositionEmbeddings, 16384) : c.MaxPositionEmbeddings;
+}
+
+/// <summary>The engine's queue is full: try again later (HTTP 429).</summary>
+public sealed class EngineBusyException(string message) : VlmTuneException(message);
+
+/// <summary>A request the engine can never run as given (too long for the context or the cache budget, bad options).</summary>
+public class InvalidGenerationRequestException(string message, string? param = null) : VlmTuneException(message)
+{
+    /// <summary>The request field at fault, named as the OpenAI API names it (e.g. max_tokens), if one is.</summary>
+    public string? Param { get; } = param;
+}

@@ -1,0 +1,50 @@
+using System.Runtime.CompilerServices;
+using System.Threading.Channels;
+using static TorchSharp.torch;
+
+namespace VlmTune.Inference;
+
+/// <summary>One prompt to complete: token ids (with &lt;IMG_CONTEXT&gt; slots), the images' tiles, sampling and stop ids.</summary>
+public sealed record GenerationRequest
+{
+    public required IReadOnlyList<int> PromptIds { get; init; }
+
+    /// <summary>
+    /// Tiles of every image in prompt order, (N, 3, 448, 448) float; 256 &lt;IMG_CONTEXT&gt; ids per tile in the prompt.
+    /// The engine takes ownership and disposes it once encoded.
+    /// </summary>
+    public Tensor? Pixels { get; init; }
+
+    public SamplingOptions Sampling { get; init; } = new();
+
+    /// <summary>Ids that end the answer (not part of it), e.g. &lt;|im_end|&gt; and &lt;/s&gt;.</summary>
+    public IReadOnlySet<int> StopIds { get; init; } = new HashSet<int>();
+}
+
+/// <summary>
+/// A running request: its tokens as they are produced, and how it ended. Reading is optional; the token channel is
+/// unbounded so a slow reader never stalls the batch.
+/// </summary>
+public sealed class GenerationStream
+{
+    private readonly ChannelReader<int> _tokens;
+
+    internal GenerationStream(ChannelReader<int> tokens, Task<GenerationResult> completion, int promptTokens)
+    {
+        _tokens = tokens;
+        Completion = completion;
+        PromptTokens = promptTokens;
+    }
+
+    public int PromptTokens { get; }
+
+    /// <summary>Completes when the request ends: stop id, token limit, cancellation (FinishReason.Cancelled), or faults on an engine error.</summary>
+    public Task<GenerationResult> Completion { get; }
+
+    /// <summary>Token ids in order as they are generated; ends when the request ends.</summary>
+    public async IAsyncEnumerable<int> ReadTokensAsync([EnumeratorCancellation] CancellationToken cancellation = default)
+    {
+        while (await _tokens.WaitToReadAsync(cancellation).ConfigureAwait(false))
+            while (_tokens.TryRead(out var id)) yield return id;
+    }
+}

@@ -1,0 +1,467 @@
+using System.Collections.Concurrent;
+using System.Threading.Channels;
+using VlmTune.Models;
+using static TorchSharp.torch;
+
+namespace VlmTune.Inference;
+
+/// <summary>
+/// Continuous batching over one model. A single background thread owns the model and loops: drop cancelled
+/// sequences, admit waiting requests (vision encoding batched across them, then one exact prefill each), and run one
+/// decode step for every running sequence at once. Each sequence keeps its own RoPE positions; the batch's KV cache is
+/// one dense tensor per layer whose rows are right-aligned (a KeyMask hides each row's left padding), rebuilt only when
+/// sequences join or leave. So a sequence's tokens equal what it would get alone.
+///
+/// With dynamic-NTK RoPE the base depends on the sequence length once it exceeds max_position_embeddings; such long
+/// sequences decode in their own batch of one, so their rotation is that of a solo run.
+/// </summary>
+public sealed class InferenceEngine : IDisposable
+{
+    private readonly InternVLChatModel _model;
+    private readonly int _imageContextId;
+    private readonly EngineOptions _options;
+    private readonly int _contextLimit;
+    private readonly long _dynamicThreshold;   // a sequence this long or longer decodes alone (long.MaxValue: never)
+    private readonly ConcurrentQueue<Sequence> _pending = new();
+    private readonly SemaphoreSlim _wake = new(0);
+    private readonly Thread _thread;
+    private volatile bool _stopping;
+    private int _queued;
+
+    // Owned by the loop thread.
+    private readonly List<Sequence> _batch = [];
+    private KvCache? _batchCache;
+    private readonly List<Sequence> _solo = [];
+
+    private int _running;
+    private int _peakBatch;
+    private long _steps;
+
+    public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null)
+    {
+        _options = options ?? new EngineOptions();
+        var problems = _options.Validate().ToList();
+        if (problems.Count > 0) throw new VlmTuneException("Engine options: " + string.Join(" ", problems));
+        _model = model;
+        _imageContextId = imageContextId;
+        var llm = model.Config.Llm;
+        _contextLimit = _options.MaxContextTokens ?? EngineOptions.DefaultContext(llm);
+        _dynamicThreshold = llm.RopeScaling is { Type: "dynamic" } ? llm.MaxPositionEmbeddings : long.MaxValue;
+        _thread = new Thread(Loop) { IsBackground = true, Name = "vlmtune-engine" };
+        _thread.Start();
+    }
+
+    public InternVLChatModel Model => _model;
+
+    /// <summary>Longest prompt + max_new_tokens this engine accepts.</summary>
+    public int ContextLimit => _contextLimit;
+
+    public EngineOptions Options => _options;
+
+    /// <summary>Sequences decoding now, waiting requests, the largest batch seen, and decode steps run.</summary>
+    public EngineStats Stats => new(Volatile.Read(ref _running), Volatile.Read(ref _queued), Volatile.Read(ref _peakBatch), Interlocked.Read(ref _steps));
+
+    /// <summary>
+    /// Queues a request and returns its stream at once. Throws <see cref="InvalidGenerationRequestException"/> for a
+    /// request that can never run (bad sampling, too long, image slots not matching the tiles) and
+    /// <see cref="EngineBusyException"/> when the queue is full. Cancelling <paramref name="cancellation"/> removes the
+    /// request from the batch at the next step and frees its cache.
+    /// </summary>
+    public GenerationStream Submit(GenerationRequest request, CancellationToken cancellation = default)
+    {
+        ObjectDisposedException.ThrowIf(_stopping, this);
+        Validate(request);
+        if (Interlocked.Increment(ref _queued) + Volatile.Read(ref _running) > _options.MaxQueue + _options.MaxBatch)
+        {
+            Interlocked.Decrement(ref _queued);
+            throw new EngineBusyException($"The server is busy ({_options.MaxBatch} requests running, {_options.MaxQueue} waiting); retry later.");
+        }
+        var seq = new Sequence(request);
+        if (cancellation.CanBeCanceled)
+            seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
+        _pending.Enqueue(seq);
+        _wake.Release();
+        return new GenerationStream(seq.Tokens.Reader, seq.Done.Task, request.PromptIds.Count);
+    }
+
+    /// <summary>Runs a request to its end.</summary>
+    public async Task<GenerationResult> GenerateAsync(GenerationRequest request, CancellationToken cancellation = default)
+    {
+        var stream = Submit(request, cancellation);
+        return await stream.Completion.ConfigureAwait(false);
+    }
+
+    private void Validate(GenerationRequest r)
+    {
+        var problems = r.Sampling.Validate().ToList();
+        if (problems.Count > 0) throw new InvalidGenerationRequestException(string.Join(" ", problems));
+        if (r.PromptIds.Count == 0) throw new InvalidGenerationRequestException("The prompt is empty.", "messages");
+        long total = (long)r.PromptIds.Count + r.Sampling.MaxNewTokens;
+        if (total > _contextLimit)
+            throw new InvalidGenerationRequestException(
+                $"The prompt ({r.PromptIds.Count} tokens) plus max_tokens ({r.Sampling.MaxNewTokens}) is {total} tokens, beyond the context of {_contextLimit}; shorten the prompt or lower max_tokens.", "max_tokens");
+        if (total > _options.MaxCacheTokens)
+            throw new InvalidGenerationRequestException(
+                $"The prompt ({r.PromptIds.Count} tokens) plus max_tokens ({r.Sampling.MaxNewTokens}) needs {total} KV-cache slots, beyond this server's budget of {_options.MaxCacheTokens}; shorten the prompt or lower max_tokens.", "max_tokens");
+        int vocab = _model.Config.Llm.VocabSize;
+        if (r.PromptIds.Any(id => id < 0 || id >= vocab))
+            throw new InvalidGenerationRequestException($"The prompt holds token ids outside the vocabulary [0, {vocab}).", "messages");
+        long slots = r.PromptIds.Count(id => id == _imageContextId);
+        long tiles = r.Pixels is null ? 0 : r.Pixels.shape[0];
+        int perTile = _model.Config.NumImageToken;
+        if (slots != tiles * perTile)
+            throw new InvalidGenerationRequestException($"The prompt has {slots} image-context tokens but the images have {tiles} tiles ({perTile} tokens each).", "messages");
+        if (r.Pixels is { } p && (p.dim() != 4 || p.shape[1] != 3 || p.shape[2] != _model.Config.ForceImageSize || p.shape[3] != _model.Config.ForceImageSize))
+            throw new InvalidGenerationRequestException($"Image tiles must be (N, 3, {_model.Config.ForceImageSize}, {_model.Config.ForceImageSize}); got ({string.Join(", ", p.shape)}).", "messages");
+    }
+
+    // ---------------------------------------------------------------- loop
+
+    private void Loop()
+    {
+        using var noGrad = no_grad();
+        while (true)
+        {
+            if (_stopping) { FailAll(); return; }
+            try
+            {
+                DropCancelled();
+                Admit();
+                if (_batch.Count + _solo.Count == 0)
+                {
+                    _wake.Wait();
+                    continue;
+                }
+                DecodeStep();
+            }
+            catch (Exception e)
+            {
+                // An engine failure (e.g. out of memory) ends the sequences it touched, never the loop.
+                FailRunning(e);
+            }
+        }
+    }
+
+    private void DropCancelled()
+    {
+        bool dropped = false;
+        foreach (var seq in _batch.Where(s => s.Cancelled).ToList())
+        {
+            _batch.Remove(seq);
+            seq.Finish(FinishReason.Cancelled);
+            dropped = true;
+        }
+        foreach (var seq in _solo.Where(s => s.Cancelled).ToList())
+        {
+            _solo.Remove(seq);
+            seq.Finish(FinishReason.Cancelled);
+        }
+        if (dropped) Restack([]);
+        PublishRunning();
+    }
+
+    /// <summary>Dense KV slots (rows × columns) the running sequences hold, if <paramref name="joining"/> joined too.</summary>
+    private long CacheSlots(IEnumerable<Sequence> joining)
+    {
+        long rows = 0, length = 0, remaining = 0, solo = 0;
+        foreach (var s in _batch.Concat(joining))
+        {
+            rows++;
+            length = Math.Max(length, s.Length);
+            remaining = Math.Max(remaining, s.Remaining);
+        }
+        foreach (var s in _solo) solo += s.Length + s.Remaining;
+        return rows * (length + remaining) + solo;
+    }
+
+    private void Admit()
+    {
+        var joining = new List<Sequence>();
+        while (_batch.Count + _solo.Count + joining.Count < _options.MaxBatch && _pending.TryPeek(out var next))
+        {
+            if (next.Cancelled)
+            {
+                _pending.TryDequeue(out _);
+                Interlocked.Decrement(ref _queued);
+                next.Finish(FinishReason.Cancelled);
+                continue;
+            }
+            // First come, first served: when the head does not fit the cache budget, later requests wait behind it.
+            bool alone = _batch.Count + _solo.Count + joining.Count == 0;
+            if (!alone && CacheSlots(joining.Append(next)) > _options.MaxCacheTokens) break;
+            _pending.TryDequeue(out _);
+            // Counted as running before it stops counting as queued, so Submit never sees a free slot that is not.
+            Interlocked.Increment(ref _running);
+            Interlocked.Decrement(ref _queued);
+            joining.Add(next);
+        }
+        if (joining.Count == 0) return;
+
+        EncodeImages(joining);
+        var rows = new List<Sequence>();
+        foreach (var seq in joining)
+        {
+            try
+            {
+                Prefill(seq);
+                if (seq.IsFinished) continue;
+                if (seq.Length >= _dynamicThreshold) _solo.Add(seq);
+                else rows.Add(seq);
+            }
+            catch (Exception e)
+            {
+                seq.Fail(e);
+            }
+        }
+        // The one-row prefill caches become rows of the batch cache.
+        if (rows.Count > 0) Restack(rows);
+        PublishRunning();
+    }
+
+    /// <summary>Vision encoding of every joining request's tiles, in passes of at most MaxVisionTiles tiles.</summary>
+    private void EncodeImages(List<Sequence> joining)
+    {
+        var withImages = joining.Where(s => s.Request.Pixels is not null).ToList();
+        int i = 0;
+        while (i < withImages.Count)
+        {
+            var group = new List<Sequence>();
+            long tiles = 0;
+            while (i < withImages.Count && (group.Count == 0 || tiles + withImages[i].Request.Pixels!.shape[0] <= _options.MaxVisionTiles))
+            {
+                tiles += withImages[i].Request.Pixels!.shape[0];
+                group.Add(withImages[i++]);
+            }
+            try
+            {
+                using var scope = NewDisposeScope();
+                var pixels = cat(group.Select(s => s.Request.Pixels!.to(_model.Options.DType, _model.Options.Device)).ToArray(), 0);
+                var features = _model.ExtractFeatures(pixels);                                        // (tiles, 256, D)
+                long offset = 0;
+                foreach (var s in group)
+                {
+                    long n = s.Request.Pixels!.shape[0];
+                    s.Features = features.narrow(0, offset, n).clone().DetachFromDisposeScope();
+                    offset += n;
+                }
+            }
+            catch (Exception e)
+            {
+                foreach (var s in group) s.Fail(e);
+            }
+            foreach (var s in group) s.Request.Pixels!.Dispose();
+        }
+        joining.RemoveAll(s => s.IsFinished);
+    }
+
+    /// <summary>One pass over the prompt into a one-row cache (exactly what a solo run does), then the first token.</summary>
+    private void Prefill(Sequence seq)
+    {
+        var lm = _model.language_model;
+        var device = _model.Options.Device;
+        int promptLength = seq.Request.PromptIds.Count;
+        // A sequence that will decode alone keeps this cache for good, so it gets its full size now.
+        long capacity = promptLength >= _dynamicThreshold ? promptLength + seq.Request.Sampling.MaxNewTokens : promptLength;
+        seq.Cache = new KvCache(lm.Config, 1, capacity, _model.Options.DType, device);
+        seq.Sampler = new Sampler(seq.Request.Sampling, device);
+        using var scope = NewDisposeScope();
+        var ids = tensor(seq.Request.PromptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0);   // (1, T)
+        var embeds = _model.EmbedWithImages(ids, seq.Features, _imageContextId);
+        seq.Features?.Dispose();
+        seq.Features = null;
+        var hidden = lm.Forward(embeds, new DecoderInputs { Cache = seq.Cache });
+        var logits = lm.Logits(hidden[.., ^1..])[.., 0];                                             // (1, V)
+        seq.Length = promptLength;
+        Accept(seq, (int)seq.Sampler.Next(logits, seq.Seen(device)).item<long>());
+    }
+
+    private void DecodeStep()
+    {
+        // Sequences about to pass the dynamic-NTK threshold leave the batch for a cache of their own.
+        var leaving = _batch.Where(s => s.Length >= _dynamicThreshold).ToList();
+        foreach (var seq in leaving)
+        {
+            seq.Cache = KvCache.Stack([new KvRow(_batchCache!, seq.Row, seq.Length)], seq.Length + seq.Remaining);
+        }
+        if (leaving.Count > 0)
+        {
+            _batch.RemoveAll(leaving.Contains);
+            _solo.AddRange(leaving);
+            Restack([]);
+        }
+
+        if (_batch.Count > 0) StepBatch();
+        foreach (var seq in _solo.ToList()) StepSolo(seq);
+        Interlocked.Increment(ref _steps);
+
+        if (_batch.Any(s => s.IsFinished)) { _batch.RemoveAll(s => s.IsFinished); Restack([]); }
+        _solo.RemoveAll(s => s.IsFinished);
+        PublishRunning();
+    }
+
+    private void StepBatch()
+    {
+        var lm = _model.language_model;
+        var device = _model.Options.Device;
+        var cache = _batchCache!;
+        int b = _batch.Count;
+        _peakBatch = Math.Max(_peakBatch, b);
+        using var scope = NewDisposeScope();
+        var ids = tensor(_batch.Select(s => (long)s.LastToken).ToArray(), device: device).view(b, 1);       // (B, 1)
+        var positions = tensor(_batch.Select(s => s.Length).ToArray(), device: device).view(b, 1);          // (B, 1)
+        Tensor? keyMask = null;
+        if (_batch.Any(s => s.Length != cache.Length))
+        {
+            // Row r's entries are the last Length_r cached columns; the new token's column is always usable.
+            var starts = tensor(_batch.Select(s => cache.Length - s.Length).ToArray(), device: device).view(b, 1);
+            keyMask = arange(cache.Length + 1, device: device).unsqueeze(0) >= starts;                    // (B, S+1)
+        }
+        var hidden = lm.Forward(lm.Embed(ids), new DecoderInputs { PositionIds = positions, Cache = cache, KeyMask = keyMask });
+        var logits = lm.Logits(hidden)[.., 0];                                                              // (B, V)
+        foreach (var s in _batch) s.Length++;
+        SampleAndAccept(_batch, logits);
+    }
+
+    private void StepSolo(Sequence seq)
+    {
+        var lm = _model.language_model;
+        var device = _model.Options.Device;
+        using var scope = NewDisposeScope();
+        var ids = tensor(new long[] { seq.LastToken }, device: device).view(1, 1);
+        var hidden = lm.Forward(lm.Embed(ids), new DecoderInputs { Cache = seq.Cache });
+        seq.Length++;
+        SampleAndAccept([seq], lm.Logits(hidden)[.., 0]);
+    }
+
+    /// <summary>Greedy rows share one argmax; rows that sample or penalise repeats use their own seeded sampler.</summary>
+    private void SampleAndAccept(IReadOnlyList<Sequence> rows, Tensor logits)
+    {
+        var device = logits.device;
+        long[]? argmax = null;
+        for (int i = 0; i < rows.Count; i++)
+        {
+            var seq = rows[i];
+            int id;
+            var sampling = seq.Request.Sampling;
+            if (sampling.Greedy && sampling.RepetitionPenalty == 1.0)
+            {
+                argmax ??= logits.argmax(-1).cpu().data<long>().ToArray();
+                id = (int)argmax[i];
+            }
+            else id = (int)seq.Sampler!.Next(logits.narrow(0, i, 1), seq.Seen(device)).item<long>();
+            Accept(seq, id);
+        }
+    }
+
+    /// <summary>The stop id ends a sequence without being part of it; the token limit ends it after the token.</summary>
+    private static void Accept(Sequence seq, int id)
+    {
+        if (seq.Cancelled) { seq.Finish(FinishReason.Cancelled); return; }
+        if (seq.Request.StopIds.Contains(id)) { seq.Finish(FinishReason.Stop); return; }
+        seq.Generated.Add(id);
+        seq.LastToken = id;
+        seq.Tokens.Writer.TryWrite(id);
+        if (seq.Generated.Count >= seq.Request.Sampling.MaxNewTokens) seq.Finish(FinishReason.Length);
+    }
+
+    /// <summary>Rebuilds the batch cache from the running rows plus <paramref name="joining"/> (whose one-row caches it consumes).</summary>
+    private void Restack(List<Sequence> joining)
+    {
+        var rows = _batch.Select(s => new KvRow(_batchCache!, s.Row, s.Length))
+            .Concat(joining.Select(s => new KvRow(s.Cache!, 0, s.Length))).ToList();
+        _batch.AddRange(joining);
+        KvCache? stacked = null;
+        if (_batch.Count > 0)
+        {
+            // Room for the longest answer still to come, so no row needs the cache to grow while decoding.
+            long length = _batch.Max(s => s.Length), remaining = _batch.Max(s => s.Remaining);
+            stacked = KvCache.Stack(rows, length + remaining);
+        }
+        _batchCache?.Dispose();
+        _batchCache = stacked;
+        for (int i = 0; i < _batch.Count; i++) _batch[i].Row = i;
+        foreach (var seq in joining) { seq.Cache!.Dispose(); seq.Cache = null; }
+    }
+
+    private void PublishRunning() => Volatile.Write(ref _running, _batch.Count + _solo.Count);
+
+    private void FailRunning(Exception e)
+    {
+        foreach (var s in _batch.Concat(_solo)) s.Fail(e);
+        _batch.Clear();
+        _solo.Clear();
+        _batchCache?.Dispose();
+        _batchCache = null;
+        PublishRunning();
+    }
+
+    private void FailAll()
+    {
+        var closed = new ObjectDisposedException(nameof(InferenceEngine), "The inference engine was shut down.");
+        FailRunning(closed);
+        while (_pending.TryDequeue(out var s)) { s.Request.Pixels?.Dispose(); s.Fail(closed); }
+    }
+
+    private void Wake()
+    {
+        try { _wake.Release(); }
+        catch (ObjectDisposedException) { }
+    }
+
+    public void Dispose()
+    {
+        if (_stopping) return;
+        _stopping = true;
+        _wake.Release();
+        _thread.Join();
+        _wake.Dispose();
+    }
+
+    /// <summary>A request while it runs: its place in the batch, its cache (while prefilling or decoding alone), its output.</summary>
+    private sealed class Sequence(GenerationRequest request)
+    {
+        public GenerationRequest Request { get; } = request;
+        public Channel<int> Tokens { get; } = Channel.CreateUnbounded<int>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
+        public TaskCompletionSource<GenerationResult> Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public List<int> Generated { get; } = [];
+        public CancellationTokenRegistration Registration { get; set; }
+        public volatile bool Cancelled;
+        public Tensor? Features { get; set; }
+        public KvCache? Cache { get; set; }
+        public Sampler? Sampler { get; set; }
+        public long Length { get; set; } = request.PromptIds.Count;   // tokens in the cache (the prompt until it is prefilled)
+        public int Row { get; set; }
+        public int LastToken { get; set; }
+        public bool IsFinished => Done.Task.IsCompleted;
+        public long Remaining => Request.Sampling.MaxNewTokens - Generated.Count;
+
+        /// <summary>Prompt + generated ids, (1, S), for the repetition penalty; null when it is off.</summary>
+        public Tensor? Seen(Device device) => Request.Sampling.RepetitionPenalty == 1.0
+            ? null
+            : tensor(Request.PromptIds.Select(i => (long)i).Concat(Generated.Select(i => (long)i)).ToArray(), device: device).unsqueeze(0);
+
+        public void Finish(FinishReason reason)
+        {
+            Release();
+            Tokens.Writer.TryComplete();
+            Done.TrySetResult(new GenerationResult(Generated.ToArray(), reason, Request.PromptIds.Count));
+        }
+
+        public void Fail(Exception e)
+        {
+            Release();
+            Tokens.Writer.TryComplete(e);
+            Done.TrySetException(e);
+        }
+
+        private void Release()
+        {
+            Registration.Dispose();
+            Features?.Dispose(); Features = null;
+            Cache?.Dispose(); Cache = null;
+            Sampler?.Dispose(); Sampler = null;
+        }
+    }
+}
+
+public readonly record struct EngineStats(int Running, int Queued, int PeakBatch, long Steps);
