@@ -278,6 +278,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 double lr = _schedule.At(it);
                 foreach (var group in _optimizer!.ParamGroups) group.LearningRate = lr;
                 _seeds!.StartMicroBatch(it);
+                manual_seed(_seeds.ForMicroBatch());   // dropout outside checkpointed layers: same masks after a resume
 
                 using var batch = loader.Next();
                 double dataTime = clock.Elapsed.TotalSeconds;
@@ -327,7 +328,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             _masters!.ZeroModelGradients();
             _iteration = _iteration / accum * accum;
             log.Warning($"interrupted; saving a checkpoint at iteration {_iteration}");
-            if (_iteration > 0 && !File.Exists(Path.Combine(WorkDir, $"iter_{_iteration}", StateFile))) SaveCheckpoint();
+            // Nothing to save before the first step, or when this session's last checkpoint is already at that step.
+            if (_iteration > 0 && _lastCheckpoint != Path.Combine(WorkDir, $"iter_{_iteration}")) SaveCheckpoint();
         }
         else
         {
