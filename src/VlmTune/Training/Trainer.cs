@@ -108,7 +108,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         };
         _encoder = new SampleEncoder(tokenizer, images, Counters, m => _log.Warning(m));
 
-        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m));
+        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
         if (_dataset.Samples.Count == 0)
             throw new VlmTuneException($"no usable training sample in {string.Join(", ", Config.Data)} ({Counters}); see the warnings above.");
         _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength);
