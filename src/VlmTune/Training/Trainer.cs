@@ -138,7 +138,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (!File.Exists(file)) { problems.Add($"'data': file not found: {Path.GetFullPath(file)}"); continue; }
             try
             {
-                if (Config.ImageRoot is not null && VlmTune.Data.TrainingData.DetectFormat(file) == VlmTune.Data.DataFileFormat.Meta)
+                var format = VlmTune.Data.TrainingData.DetectFormat(file);
+                if (Config.ImageRoot is not null && format == VlmTune.Data.DataFileFormat.Meta)
                     problems.Add($"'image_root': {file} is an InternVL meta file whose datasets name their own 'root'; leave image_root out");
             }
             catch (VlmTuneException e) { problems.Add($"'data': {e.Message}"); }
