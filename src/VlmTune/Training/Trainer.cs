@@ -63,6 +63,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private BatchPlan? _plan;
     private OptimizerHelper? _optimizer;
     private List<(string Name, Parameter Param)> _trainable = [];
+    private MasterWeights? _masters;
     private LrSchedule? _schedule;
     private TrainLog? _log;
     private DropoutSeeds? _seeds;
@@ -107,7 +108,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         };
         _encoder = new SampleEncoder(tokenizer, images, Counters, m => _log.Warning(m));
 
-        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m));
+        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
         if (_dataset.Samples.Count == 0)
             throw new VlmTuneException($"no usable training sample in {string.Join(", ", Config.Data)} ({Counters}); see the warnings above.");
         _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength);
@@ -119,7 +120,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         _seeds = new DropoutSeeds(Config.Seed);
         ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds);
-        _optimizer = optim.AdamW(_trainable.Select(t => t.Param), Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
+        _masters = MasterWeights.Create(_trainable);
+        if (_masters.Any) _log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
+        _optimizer = optim.AdamW(_masters.OptimizerParameters, Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
 
         if (resumeDir is not null) Resume(resumeDir);
     }
@@ -135,7 +138,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (!File.Exists(file)) { problems.Add($"'data': file not found: {Path.GetFullPath(file)}"); continue; }
             try
             {
-                if (Config.ImageRoot is not null && VlmTune.Data.TrainingData.DetectFormat(file) == VlmTune.Data.DataFileFormat.Meta)
+                var format = VlmTune.Data.TrainingData.DetectFormat(file);
+                if (Config.ImageRoot is not null && format == VlmTune.Data.DataFileFormat.Meta)
                     problems.Add($"'image_root': {file} is an InternVL meta file whose datasets name their own 'root'; leave image_root out");
             }
             catch (VlmTuneException e) { problems.Add($"'data': {e.Message}"); }
@@ -275,6 +279,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 double lr = _schedule.At(it);
                 foreach (var group in _optimizer!.ParamGroups) group.LearningRate = lr;
                 _seeds!.StartMicroBatch(it);
+                manual_seed(_seeds.ForMicroBatch());   // dropout outside checkpointed layers: same masks after a resume
 
                 using var batch = loader.Next();
                 double dataTime = clock.Elapsed.TotalSeconds;
@@ -321,9 +326,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             // Gradients of an unfinished accumulation cycle are dropped: the checkpoint is at the last optimizer step,
             // and resuming replays that cycle from its first micro-batch.
             _optimizer!.zero_grad();
+            _masters!.ZeroModelGradients();
             _iteration = _iteration / accum * accum;
             log.Warning($"interrupted; saving a checkpoint at iteration {_iteration}");
-            if (_iteration > 0 && !File.Exists(Path.Combine(WorkDir, $"iter_{_iteration}", StateFile))) SaveCheckpoint();
+            // Nothing to save before the first step, or when this session's last checkpoint is already at that step.
+            if (_iteration > 0 && _lastCheckpoint != Path.Combine(WorkDir, $"iter_{_iteration}")) SaveCheckpoint();
         }
         else
         {
@@ -408,7 +415,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     /// <summary>Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping.</summary>
     private double? OptimizerStep(long it, List<string> samples)
     {
-        var withGrad = _trainable.Select(t => t.Param).Where(p => p.grad is not null).ToList();
+        _masters!.GradientsToMasters();
+        var withGrad = _masters.OptimizerParameters.Where(p => p.grad is not null).ToList();
         if (withGrad.Count == 0) { _optimizer!.zero_grad(); return null; }
         double norm = nn.utils.clip_grad_norm_(withGrad, Config.MaxNorm);
         if (!double.IsFinite(norm))
@@ -423,6 +431,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         _optimizer!.step();
         _optimizer.zero_grad();
+        _masters.MastersToModel();
         _optimizerSteps++;
         return norm;
     }
@@ -442,7 +451,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         {
             if (_llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
             if (_visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
-            var full = _trainable.Where(t => !t.Name.Contains(".lora_")).Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Param)).ToList();
+            // Trained non-LoRA weights, from the fp32 masters where there are some (so a resume continues exactly).
+            var full = _masters!.Pairs.Where(p => !p.Name.Contains(".lora_")).Select(p => new KeyValuePair<string, Tensor>(p.Name, p.Master)).ToList();
             if (full.Count > 0) TrainedWeights.Save(temp, full);
             _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             var state = new JsonObject
@@ -528,8 +538,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.language_model, file);
         if (_visionLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.vision_model, file);
-        if (_trainable.Any(t => !t.Name.Contains(".lora_")) && TrainedWeights.LoadIfPresent(model, dir) == 0)
-            throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
+        if (_trainable.Any(t => !t.Name.Contains(".lora_")))
+        {
+            if (TrainedWeights.LoadIfPresent(model, dir) == 0)
+                throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
+            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
+            _masters!.Load(file);
+        }
         _optimizer!.load_state_dict(Path.Combine(dir, OptimizerFile));
         _iteration = state["iteration"]!.GetValue<long>();
         _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();
@@ -544,6 +559,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         _log?.Dispose();
         _optimizer?.Dispose();
+        _masters?.Dispose();
         _model?.Dispose();
     }
 }

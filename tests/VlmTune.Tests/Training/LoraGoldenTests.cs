@@ -159,4 +159,22 @@ public sealed class LoraGoldenTests
         }
         finally { Directory.Delete(dir, true); }
     }
+
+    [FixtureTheory]
+    [InlineData("[\"wqkv\", \"output\"]", 3)]                       // suffix match: 2 layers' wqkv + the head
+    [InlineData("\"model\\\\.layers\\\\.1\\\\..*\"", 5)]       // a string is a regex over the whole name
+    [InlineData("\"all-linear\"", 10)]                                 // every linear but the output head
+    public void TargetModulesFollowPeftMatching(string targets, int expected)
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "vlmtune-peft-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, PeftAdapter.ConfigFile), $$"""{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":{{targets}}}""");
+            var config = PeftAdapterConfig.Load(Path.Combine(dir, PeftAdapter.ConfigFile));
+            using var model = GoldenSample.FreshModel();
+            Assert.Equal(expected, PeftAdapter.Attach(model.language_model, config).Count);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
 }

@@ -212,4 +212,20 @@ public sealed class TrainerTests
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
         Assert.Contains("too long: 4", File.ReadAllText(Directory.GetFiles(result.RunDir, "*.log").Single()));
     }
+
+    [FixtureFact]
+    public void InputProblemsAreReportedTogetherBeforeTheModelLoads()
+    {
+        using var data = new TrainTestData(samples: 2);
+        string notData = Path.Combine(data.Dir, "notes.txt");
+        File.WriteAllText(notData, "hello");
+        var e = Assert.Throws<ConfigException>(() => new Trainer(data.Config(
+            $"data=[{data.DataFile}, {notData}, {Path.Combine(data.Dir, "missing.jsonl")}]", "model=/nonexistent/model", "template=chatml")).Setup());
+        Assert.Contains(e.Problems, p => p.StartsWith("'model'"));
+        Assert.Contains(e.Problems, p => p.StartsWith("'data'") && p.Contains("notes.txt"));
+        Assert.Contains(e.Problems, p => p.StartsWith("'data'") && p.Contains("missing.jsonl"));
+        Assert.Contains(e.Problems, p => p.StartsWith("'template'"));
+        Assert.Equal(4, e.Problems.Count);
+        Assert.False(Directory.Exists(data.WorkDir));
+    }
 }

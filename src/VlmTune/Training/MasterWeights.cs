@@ -1,0 +1,86 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using VlmTune.Checkpoints;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+/// <summary>
+/// fp32 master copies of trainable parameters that the model holds in a lower precision (bf16 full fine-tuning), as
+/// mixed-precision optimizers keep them: the optimizer updates the masters with the model's gradients widened to fp32,
+/// then the model's weights are rounded from the masters once per step. Small updates therefore accumulate instead of
+/// vanishing under bf16 rounding. fp32 parameters (LoRA, CPU runs) are their own master.
+/// </summary>
+public sealed class MasterWeights : IDisposable
+{
+    public sealed record Pair(string Name, Parameter Model, Parameter Master)
+    {
+        public bool Distinct => !ReferenceEquals(Model, Master);
+    }
+
+    public IReadOnlyList<Pair> Pairs { get; }
+
+    private MasterWeights(IReadOnlyList<Pair> pairs) => Pairs = pairs;
+
+    public static MasterWeights Create(IEnumerable<(string Name, Parameter Param)> trainable)
+    {
+        var pairs = new List<Pair>();
+        foreach (var (name, p) in trainable)
+        {
+            if (p.dtype == ScalarType.Float32) { pairs.Add(new Pair(name, p, p)); continue; }
+            Parameter master;
+            using (no_grad())
+                master = new Parameter(p.detach().to_type(ScalarType.Float32).DetachFromDisposeScope(), requires_grad: true);
+            master.DetachFromDisposeScope();
+            pairs.Add(new Pair(name, p, master));
+        }
+        return new MasterWeights(pairs);
+    }
+
+    /// <summary>What the optimizer updates.</summary>
+    public IEnumerable<Parameter> OptimizerParameters => Pairs.Select(p => p.Master);
+
+    public bool Any => Pairs.Any(p => p.Distinct);
+
+    /// <summary>Adds each model gradient, widened to fp32, to its master's gradient and clears the model's.</summary>
+    public void GradientsToMasters()
+    {
+        foreach (var pair in Pairs.Where(p => p.Distinct))
+        {
+            if (pair.Model.grad is not { } g) continue;
+            using (var wide = g.to_type(ScalarType.Float32))
+                pair.Master.backward([wide]);      // a leaf's backward accumulates into its .grad
+            using (no_grad()) g.zero_();
+        }
+    }
+
+    /// <summary>Rounds the masters into the model's weights (after an optimizer step or a resume).</summary>
+    public void MastersToModel()
+    {
+        using var noGrad = no_grad();
+        foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Model.copy_(pair.Master);
+    }
+
+    public void ZeroModelGradients()
+    {
+        using var noGrad = no_grad();
+        foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Model.grad?.zero_();
+    }
+
+    /// <summary>Reads the masters (saved in fp32) from a checkpoint's trained weights and rounds them into the model.</summary>
+    public void Load(SafetensorsFile file)
+    {
+        using (no_grad())
+            foreach (var pair in Pairs.Where(p => p.Distinct && file.Contains(p.Name)))
+            {
+                using var value = file.Read(pair.Name);
+                pair.Master.copy_(value);
+            }
+        MastersToModel();
+    }
+
+    public void Dispose()
+    {
+        foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Master.Dispose();
+    }
+}
