@@ -103,11 +103,7 @@ internal static class BenchCommand
             double Step()
             {
                 using var scope = NewDisposeScope();
-                Tensor vit;
-                using (no_grad()) vit = model.vision_model.Forward(pixels, config.SelectLayer)[.., 1.., ..];
-                long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1]));
-                var shuffled = InternVLChatModel.PixelShuffle(vit.reshape(n, g, g, vit.shape[2]), config.DownsampleRatio);
-                var features = model.mlp1.forward(shuffled.reshape(n, -1, shuffled.shape[^1]));
+                var features = model.ExtractFeatures(pixels, visionGrad: false, projectorGrad: true);
                 var embeds = model.EmbedWithImages(inputIds, features, 92546);
                 var hidden = model.language_model.Forward(embeds, new DecoderInputs());
                 var (loss, _) = CausalLmLoss.Compute(hidden, targets, model.language_model.output);

@@ -31,15 +31,20 @@ public sealed class InternVLChatModel : nn.Module
     }
 
     /// <summary>Image tiles (N, 3, 448, 448) → LLM-space image embeddings (N, 256, D).</summary>
-    public Tensor ExtractFeatures(Tensor pixels)
+    /// <param name="visionGrad">Build the autograd graph through the ViT (false: it runs under no_grad, as a frozen ViT should).</param>
+    /// <param name="projectorGrad">Build the graph through mlp1.</param>
+    public Tensor ExtractFeatures(Tensor pixels, bool visionGrad = true, bool projectorGrad = true)
     {
         using var scope = NewDisposeScope();
-        var vit = vision_model.Forward(pixels.to(Options.Device), Config.SelectLayer);
+        Tensor vit;
+        using (visionGrad ? null : no_grad())
+            vit = vision_model.Forward(pixels.to(Options.Device), Config.SelectLayer);
         vit = vit[.., 1.., ..];                                                       // drop CLS: (N, G·G, C)
         long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1])), c = vit.shape[2];
         var shuffled = PixelShuffle(vit.reshape(n, g, g, c), Config.DownsampleRatio);
         shuffled = shuffled.reshape(n, -1, shuffled.shape[^1]);                       // (N, 256, 4C)
-        return mlp1.forward(shuffled).MoveToOuterDisposeScope();
+        using (projectorGrad ? null : no_grad())
+            return mlp1.forward(shuffled).MoveToOuterDisposeScope();
     }
 
     /// <summary>Pixel shuffle v2: (N, W, H, C) → (N, W·r, H·r, C/r²), merging r⁻¹×r⁻¹ neighbours into channels.</summary>

@@ -372,7 +372,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         using var scope = NewDisposeScope();
         var ids = batch.InputIds.to(_device);
         var labels = batch.Labels.to(_device);
-        Tensor? features = batch.Pixels is null ? null : ImageFeatures(batch.Pixels.to(_device).to_type(_dtype));
+        Tensor? features = batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
         var embeds = model.EmbedWithImages(ids, features, imageContextId);
         var hidden = model.language_model.Forward(embeds, new DecoderInputs());
         var (loss, tokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
@@ -394,22 +394,6 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         (loss / cycleSize).backward();
         BackwardScratch.Release();
         return value;
-    }
-
-    /// <summary>Image tiles → LLM-space features; the frozen ViT runs without building a graph.</summary>
-    private Tensor ImageFeatures(Tensor pixels)
-    {
-        var model = Model;
-        Tensor vit;
-        if (VisionTrainable) vit = model.vision_model.Forward(pixels, model.Config.SelectLayer);
-        else using (no_grad()) vit = model.vision_model.Forward(pixels, model.Config.SelectLayer);
-        vit = vit[.., 1.., ..];                                                        // drop CLS: (N, G·G, C)
-        long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1])), c = vit.shape[2];
-        var shuffled = InternVLChatModel.PixelShuffle(vit.reshape(n, g, g, c), model.Config.DownsampleRatio);
-        shuffled = shuffled.reshape(n, -1, shuffled.shape[^1]);                        // (N, 256, 4C)
-        if (Config.FreezeProjector)
-            using (no_grad()) return model.mlp1.forward(shuffled);
-        return model.mlp1.forward(shuffled);
     }
 
     /// <summary>Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping.</summary>
