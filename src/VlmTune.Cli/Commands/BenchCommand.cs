@@ -38,7 +38,33 @@ internal static class BenchCommand
             Config, Device, DType, Mode, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
         };
         train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse))));
-        return new Command("bench", "Performance benchmarks with random shape-true weights.") { decode, train };
+        var makeModel = new Command("make-model", "Write a model folder with random weights in the official layout (for end-to-end runs without a download).")
+        {
+            Config, TokenizerFrom, Out, Seed,
+        };
+        makeModel.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(MakeModel(parse))));
+        return new Command("bench", "Performance benchmarks with random shape-true weights.") { decode, train, makeModel };
+    }
+
+    private static readonly Option<string> TokenizerFrom = new("--tokenizer-from") { Description = "Folder whose tokenizer and generation files are copied.", Required = true };
+    private static readonly Option<string> Out = new("--out") { Required = true };
+    private static readonly Option<long> Seed = new("--seed") { DefaultValueFactory = _ => 0 };
+
+    private static int MakeModel(ParseResult parse)
+    {
+        string configPath = parse.GetValue(Config)!, from = parse.GetValue(TokenizerFrom)!, outDir = parse.GetValue(Out)!;
+        var config = InternVLConfig.Load(configPath);
+        if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
+            throw new VlmTuneException($"{outDir}: not empty.");
+        Directory.CreateDirectory(outDir);
+        File.Copy(Directory.Exists(configPath) ? Path.Combine(configPath, "config.json") : configPath, Path.Combine(outDir, "config.json"));
+        foreach (var name in new[] { "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json" })
+            if (File.Exists(Path.Combine(from, name))) File.Copy(Path.Combine(from, name), Path.Combine(outDir, name));
+        using var model = new InternVLChatModel(config, new ModelOptions { DType = ScalarType.BFloat16 });
+        RandomInit.Apply(model, parse.GetValue(Seed));
+        SafetensorsWriter.Write(Path.Combine(outDir, CheckpointFolder.SingleFile), model.named_parameters().Select(p => new KeyValuePair<string, Tensor>(p.name, p.parameter)));
+        Console.WriteLine($"wrote {outDir} ({model.parameters().Sum(p => p.numel()):N0} parameters, bf16)");
+        return 0;
     }
 
     private static readonly Option<string[]> Mode = new("--mode") { Description = "lora, qlora and/or full.", DefaultValueFactory = _ => ["lora"], AllowMultipleArgumentsPerToken = true };
