@@ -7,7 +7,7 @@ namespace VlmTune.Checkpoints;
 /// The weights of an HF-layout model folder: <c>model.safetensors</c>, or shards listed by
 /// <c>model.safetensors.index.json</c>. Every file is memory-mapped and validated on open; tensors are read on demand.
 /// </summary>
-public sealed class CheckpointFolder : IDisposable
+public sealed class CheckpointFolder : ITensorSource, IDisposable
 {
     public const string SingleFile = "model.safetensors";
     public const string IndexFile = "model.safetensors.index.json";
@@ -17,6 +17,9 @@ public sealed class CheckpointFolder : IDisposable
 
     public string Directory { get; }
     public IReadOnlyCollection<string> Names => _owner.Keys;
+
+    string ITensorSource.Location => Directory;
+    IEnumerable<string> ITensorSource.Names => _owner.Keys;
 
     private CheckpointFolder(string directory, List<SafetensorsFile> files, Dictionary<string, SafetensorsFile> owner)
     {

@@ -192,28 +192,13 @@ public static class PeftAdapter
     /// <summary>Copies every LoRA tensor of the file into the matching branch; all missing, unexpected or misshapen tensors are reported at once.</summary>
     public static void LoadWeights(nn.Module scope, SafetensorsFile file)
     {
-        var expected = new Dictionary<string, TorchSharp.Modules.Parameter>(StringComparer.Ordinal);
+        var targets = new Dictionary<string, TorchSharp.Modules.Parameter>(StringComparer.Ordinal);
         foreach (var (name, linear) in LoraLinears(scope))
         {
-            expected[$"{Prefix}{name}.lora_A.weight"] = linear.lora_A!.weight;
-            expected[$"{Prefix}{name}.lora_B.weight"] = linear.lora_B!.weight;
+            targets[$"{Prefix}{name}.lora_A.weight"] = linear.lora_A!.weight;
+            targets[$"{Prefix}{name}.lora_B.weight"] = linear.lora_B!.weight;
         }
-        var problems = new List<string>();
-        var missing = expected.Keys.Where(k => !file.Contains(k)).OrderBy(k => k).ToList();
-        var unexpected = file.Entries.Keys.Where(k => !expected.ContainsKey(k)).OrderBy(k => k).ToList();
-        if (missing.Count > 0) problems.Add($"missing: {Names(missing)}");
-        if (unexpected.Count > 0) problems.Add($"not part of this model with these target_modules: {Names(unexpected)}");
-        foreach (var (name, p) in expected)
-            if (file.Entries.TryGetValue(name, out var e) && !e.Shape.SequenceEqual(p.shape))
-                problems.Add($"'{name}' has shape [{string.Join(", ", e.Shape)}], the model needs [{string.Join(", ", p.shape)}] (r from adapter_config.json)");
-        if (problems.Count > 0)
-            throw new CheckpointException($"{file.Path}: the adapter does not fit the model:\n  " + string.Join("\n  ", problems));
-        using var noGrad = no_grad();
-        foreach (var (name, p) in expected)
-        {
-            using var value = file.Read(name);
-            p.copy_(value);
-        }
+        WeightLoader.Copy(targets, file, requireAll: true, "the adapter does not fit the model (check r and target_modules in adapter_config.json)");
     }
 
     /// <summary>Writes <paramref name="scope"/>'s LoRA branches as a PEFT adapter folder (each file atomically).</summary>
@@ -233,8 +218,6 @@ public static class PeftAdapter
 
     private static bool IsOutputHead(nn.Module scope, string name) => scope is InternLM2ForCausalLM && name == "output";
 
-    private static string Names(List<string> names) =>
-        string.Join(", ", names.Take(8).Select(n => $"'{n}'")) + (names.Count > 8 ? $" and {names.Count - 8} more" : "");
 }
 
 /// <summary>Small files written to a temporary sibling and renamed, so readers never see a partial file.</summary>

@@ -17,7 +17,7 @@ public sealed record SafetensorsEntry(string Name, string DType, long[] Shape, l
 /// (size bounds, UTF-8 JSON, contiguous offsets from 0, shape × dtype size equal to the byte span, nothing left over);
 /// tensor bytes are copied straight from the mapping into native tensor memory when asked for, never into managed arrays.
 /// </summary>
-public sealed class SafetensorsFile : IDisposable
+public sealed class SafetensorsFile : ITensorSource, IDisposable
 {
     public const long MaxHeaderSize = 100_000_000;
 
@@ -167,6 +167,11 @@ public sealed class SafetensorsFile : IDisposable
     };
 
     public bool Contains(string name) => Entries.ContainsKey(name);
+
+    string ITensorSource.Location => Path;
+    IEnumerable<string> ITensorSource.Names => Entries.Keys;
+    SafetensorsEntry ITensorSource.Entry(string name) => Entries[name];
+    string ITensorSource.FileOf(string name) => Path;
 
     /// <summary>Reads one tensor into new CPU memory, in its stored dtype.</summary>
     public Tensor Read(string name)

@@ -25,21 +25,6 @@ public static class TrainedWeights
         if (!File.Exists(path)) return 0;
         using var file = SafetensorsFile.Open(path);
         var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
-        var problems = new List<string>();
-        foreach (var (name, entry) in file.Entries)
-        {
-            if (!parameters.TryGetValue(name, out var p)) problems.Add($"'{name}' is not a parameter of this model");
-            else if (!entry.Shape.SequenceEqual(p.shape))
-                problems.Add($"'{name}' has shape [{string.Join(", ", entry.Shape)}], the model needs [{string.Join(", ", p.shape)}]");
-        }
-        if (problems.Count > 0)
-            throw new CheckpointException($"{path}: the trained weights do not fit the model:\n  " + string.Join("\n  ", problems));
-        using var noGrad = no_grad();
-        foreach (var name in file.Entries.Keys)
-        {
-            using var value = file.Read(name);
-            parameters[name].copy_(value);
-        }
-        return file.Entries.Count;
+        return WeightLoader.Copy(parameters, file, requireAll: false, "the trained weights do not fit the model");
     }
 }

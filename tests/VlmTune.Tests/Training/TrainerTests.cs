@@ -7,6 +7,7 @@ using VlmTune.Training;
 namespace VlmTune.Tests.Training;
 
 /// <summary>End-to-end training runs of the tiny model on CPU (fp32) on small generated data.</summary>
+[Collection(GlobalTorchRng.Name)]
 public sealed class TrainerTests
 {
     [FixtureTheory]
