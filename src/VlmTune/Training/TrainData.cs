@@ -173,7 +173,7 @@ public sealed class TrainDataset
                 if (problem.Kind is DataProblemKind.ImageMissing or DataProblemKind.ImageUndecodable) counters.AddBrokenImage();
                 else counters.AddBadRecord();
                 warn($"skipping {problem}");
-                return (Sample: (TrainingSample?)null, Length: (long?)null);
+                return ((TrainingSample?)null, (long?)null);
             }
             return (entry.Sample, encoder.MeasureLength(entry.Sample!));
         });
