@@ -63,26 +63,28 @@ public sealed class TcpRendezvous : IDisposable
         {
             throw new DistributedException($"rank 0 cannot listen on port {port} (MASTER_PORT) of {address}: {e.Message}. Pick a free port.", e);
         }
-        var handshakes = new List<Task>();
+        DistributedException? bad = null;
         try
         {
-            while (peers.Skip(1).Any(p => p is null))
+            while (bad is null && peers.Skip(1).Any(p => p is null))
             {
-                TcpClient client;
-                try { client = await listener.AcceptTcpClientAsync(cts.Token); }
+                Socket socket;
+                try { socket = await listener.AcceptSocketAsync(cts.Token); }
                 catch (OperationCanceledException) { break; }
-                client.NoDelay = true;
-                handshakes.Add(HandshakeAsync(client.GetStream(), peers, worldSize, cts.Token));
-                // A handshake that fails (bad rank) is reported below; keep accepting the rest.
+                socket.NoDelay = true;
+                // ownsSocket: disposing the stream must close the connection, which is how peers learn we are gone.
+                // Handshakes run one at a time: every rank sends its hello right after connecting.
+                try { await HandshakeAsync(new NetworkStream(socket, ownsSocket: true), peers, worldSize, cts.Token); }
+                catch (OperationCanceledException) { break; }
+                catch (Exception e) when (e is IOException or SocketException) { } // a connection that went away before saying who it is
+                catch (DistributedException e) { bad = e; }
             }
-            await Task.WhenAll(handshakes.Select(h => h.ContinueWith(_ => { }, TaskScheduler.Default)));
-            var bad = handshakes.Where(h => h.IsFaulted).Select(h => h.Exception!.InnerException!).FirstOrDefault();
             var missing = Enumerable.Range(1, worldSize - 1).Where(r => peers[r] is null).ToList();
             if (bad is not null || missing.Count > 0)
             {
-                var message = bad is DistributedException d ? d.Message
-                    : $"rendezvous on {address}:{port} timed out after {timeout.TotalSeconds:0.#} s: rank(s) {string.Join(", ", missing)} of {worldSize} never connected. " +
-                      "Check that every rank was started with the same MASTER_ADDR/MASTER_PORT/WORLD_SIZE and can reach rank 0.";
+                var message = bad?.Message ??
+                    $"rendezvous on {address}:{port} timed out after {timeout.TotalSeconds:0.#} s: rank(s) {string.Join(", ", missing)} of {worldSize} never connected. " +
+                    "Check that every rank was started with the same MASTER_ADDR/MASTER_PORT/WORLD_SIZE and can reach rank 0.";
                 var partial = new TcpRendezvous(0, worldSize, timeout, peers, null);
                 partial.AbortAll(message);
                 partial.Dispose();
@@ -121,12 +123,12 @@ public sealed class TcpRendezvous : IDisposable
         Exception? last = null;
         while (DateTime.UtcNow < deadline)
         {
-            var client = new TcpClient { NoDelay = true };
+            var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
             try
             {
                 using var attempt = new CancellationTokenSource(TimeSpan.FromSeconds(2));
-                await client.ConnectAsync(address, port, attempt.Token);
-                var stream = client.GetStream();
+                await socket.ConnectAsync(address, port, attempt.Token);
+                var stream = new NetworkStream(socket, ownsSocket: true);
                 var hello = new byte[8];
                 BinaryPrimitives.WriteInt32LittleEndian(hello, rank);
                 BinaryPrimitives.WriteInt32LittleEndian(hello.AsSpan(4), worldSize);
@@ -136,7 +138,7 @@ public sealed class TcpRendezvous : IDisposable
             catch (Exception e) when (e is SocketException or OperationCanceledException or IOException)
             {
                 last = e;
-                client.Dispose();
+                socket.Dispose();
                 await Task.Delay(100); // rank 0 may not be listening yet
             }
         }
@@ -199,7 +201,7 @@ public sealed class TcpRendezvous : IDisposable
             var done = await Task.WhenAny(pending.Keys);
             var rank = pending[done];
             pending.Remove(done);
-            if (done.IsCanceled || (done.IsFaulted && cts.IsCancellationRequested && done.Exception!.InnerException is OperationCanceledException))
+            if (done.IsCanceled || (done.IsFaulted && cts.IsCancellationRequested))
             {
                 var late = pending.Values.Append(rank).Order();
                 throw new DistributedException($"{what} timed out after {Timeout.TotalSeconds:0.#} s: rank(s) {string.Join(", ", late)} of {WorldSize} did not arrive (hung or too slow).");
