@@ -56,7 +56,11 @@ public sealed class TcpRendezvous : IDisposable
     {
         var peers = new NetworkStream?[worldSize];
         using var cts = new CancellationTokenSource(timeout);
-        var listener = new TcpListener(IPAddress.Any, port);
+        // All interfaces, IPv4 and IPv6 where the host has it: MASTER_ADDR names this host as the others see it
+        // (e.g. "localhost" may resolve to ::1 first), so binding to one of its addresses would be fragile.
+        TcpListener listener;
+        try { listener = TcpListener.Create(port); }
+        catch (SocketException) { listener = new TcpListener(IPAddress.Any, port); }
         listener.Server.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         try { listener.Start(worldSize); }
         catch (SocketException e)

@@ -42,6 +42,25 @@ public class DistSelftestProcessTests
     }
 
     [Fact]
+    public async Task SlurmLaunchedRanksFindTheMasterFromTheNodeList()
+    {
+        var port = TcpRendezvousTests.FreePort();
+        var ranks = Enumerable.Range(0, 2).Select(r => CliProcess.Start(["dist-selftest", "--timeout-seconds", "20"], new Dictionary<string, string>
+        {
+            ["SLURM_PROCID"] = r.ToString(), ["SLURM_NTASKS"] = "2", ["SLURM_LOCALID"] = r.ToString(), ["SLURM_NODEID"] = "0",
+            ["SLURM_NNODES"] = "1", ["SLURM_JOB_NODELIST"] = "localhost", ["MASTER_PORT"] = port.ToString(),
+        })).ToList();
+        try
+        {
+            foreach (var p in ranks)
+                Assert.True(await p.WaitAsync(60) == 0, $"stdout:\n{p.Stdout}\nstderr:\n{p.Stderr}");
+            Assert.Contains("rank 1/2 local 1", ranks[1].Stdout);
+            Assert.Contains("done", ranks[1].Stdout);
+        }
+        finally { foreach (var p in ranks) p.Dispose(); }
+    }
+
+    [Fact]
     public async Task KilledRankEndsTheOthersWithItsName()
     {
         const int world = 3;

@@ -21,10 +21,10 @@ public class TcpRendezvousTests
         Task.Factory.StartNew(body, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     /// <summary>Runs <paramref name="body"/> for each listed rank on its own thread, after joining the rendezvous.</summary>
-    private static Task<T>[] Ranks<T>(int port, int world, TimeSpan timeout, IEnumerable<int> ranks, Func<TcpRendezvous, T> body) =>
+    private static Task<T>[] Ranks<T>(int port, int world, TimeSpan timeout, IEnumerable<int> ranks, Func<TcpRendezvous, T> body, string host = "127.0.0.1") =>
         ranks.Select(r => OnThread(() =>
         {
-            using var rdv = TcpRendezvous.Connect("127.0.0.1", port, r, world, timeout);
+            using var rdv = TcpRendezvous.Connect(host, port, r, world, timeout);
             return body(rdv);
         })).ToArray();
 
@@ -48,6 +48,14 @@ public class TcpRendezvousTests
         Assert.Equal([0, 1, 2, 3], results.Select(r => r.Rank));
         Assert.All(results, r => Assert.Equal(id, r.got));
         Assert.All(results, r => Assert.Equal(new byte[] { 42 }, r.second));
+    }
+
+    [Fact]
+    public async Task MasterReachableByHostName()
+    {
+        // "localhost" may resolve to ::1 before 127.0.0.1: rank 0 must accept either.
+        var tasks = Ranks(FreePort(), 2, TimeSpan.FromSeconds(20), [0, 1], rdv => rdv.Broadcast(rdv.Rank == 0 ? [9] : null), host: "localhost");
+        Assert.All(await Task.WhenAll(tasks), got => Assert.Equal(new byte[] { 9 }, got));
     }
 
     [Fact]
