@@ -59,6 +59,20 @@ public class TcpRendezvousTests
     }
 
     [Fact]
+    public void PortInUseIsNamed()
+    {
+        var busy = new TcpListener(IPAddress.Any, 0);
+        busy.Start();
+        try
+        {
+            var port = ((IPEndPoint)busy.LocalEndpoint).Port;
+            var e = Assert.Throws<DistributedException>(() => TcpRendezvous.Connect("127.0.0.1", port, 0, 2, TimeSpan.FromSeconds(5)));
+            Assert.Contains($"cannot listen on port {port} (MASTER_PORT)", e.Message);
+        }
+        finally { busy.Stop(); }
+    }
+
+    [Fact]
     public void OneProcessNeedsNoSockets()
     {
         using var rdv = TcpRendezvous.Connect("unreachable.invalid", 1, 0, 1, TimeSpan.FromSeconds(1));
