@@ -7,7 +7,7 @@ namespace VlmTune.Distributed;
 /// The raw data pointer of a tensor (device memory for CUDA tensors), which NCCL needs. TorchSharp exposes no
 /// data_ptr, but its native LibTorchSharp exports THSTensor_data(handle) → tensor.data_ptr().
 /// </summary>
-public static partial class TensorPointers
+public static class TensorPointers
 {
     [DllImport("LibTorchSharp")]
     private static extern IntPtr THSTensor_data(IntPtr tensorHandle);
