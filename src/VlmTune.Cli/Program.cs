@@ -11,5 +11,6 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
     DataCommand.Create(),
     MergeCommand.Create(),
     TrainCommand.Create(),
+    DistSelftestCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();
