@@ -38,7 +38,7 @@ public sealed class Sampler : IDisposable
         if (_options.TopK > 0 && _options.TopK < scores.shape[^1])
         {
             var kth = scores.topk(_options.TopK, -1).values[.., ^1..];                 // (B, 1)
-            scores = scores.masked_fill(scores < kth, float.NegativeInfinity);
+            scores = scores.masked_fill(scores < kth, VlmTune.Models.Init.NegativeInfinity);
         }
         if (_options.TopP < 1.0)
         {
@@ -47,7 +47,7 @@ public sealed class Sampler : IDisposable
             var cumulative = sorted.softmax(-1).cumsum(-1);
             var drop = cumulative <= (1 - _options.TopP);
             drop[.., ^1] = tensor(false);
-            scores = scores.masked_fill(drop.scatter(1, order, drop), float.NegativeInfinity);
+            scores = scores.masked_fill(drop.scatter(1, order, drop), VlmTune.Models.Init.NegativeInfinity);
         }
         var probs = scores.softmax(-1).cpu();
         return probs.multinomial(1, false, _generator).squeeze(-1).to(logits.device).MoveToOuterDisposeScope();

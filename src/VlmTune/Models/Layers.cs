@@ -23,6 +23,12 @@ public enum AttentionKind
 
 internal static class Init
 {
+    /// <summary>
+    /// −∞ as a long-lived Scalar. An implicit float→Scalar temporary passed to a native call can be finalised by the GC
+    /// while the call still reads it (TorchSharp does not keep it alive), which showed up as a corrupt Scalar under load.
+    /// </summary>
+    public static readonly Scalar NegativeInfinity = float.NegativeInfinity.ToScalar();
+
     /// <summary>An uninitialised parameter: weights always come from a checkpoint (or an explicit initialiser).</summary>
     public static Parameter Empty(ModelOptions o, params long[] shape) =>
         Owned(empty(shape, o.DType, o.Device), requiresGrad: false);
@@ -215,7 +221,7 @@ internal static class Attention
 
         var scores = matmul(q, k.transpose(2, 3)) / Math.Sqrt(q.shape[^1]);
         if (allowed is not null)
-            scores = scores.masked_fill(allowed.logical_not(), float.NegativeInfinity);
+            scores = scores.masked_fill(allowed.logical_not(), Init.NegativeInfinity);
         var probs = scores.softmax(-1, ScalarType.Float32).to_type(q.dtype);
         return matmul(probs, v).MoveToOuterDisposeScope();
     }
