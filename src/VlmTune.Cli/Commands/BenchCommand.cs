@@ -83,7 +83,7 @@ internal static class BenchCommand
     private static int Train(ParseResult parse)
     {
         var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
-        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
         int batch = parse.GetValue(TrainBatch), tiles = parse.GetValue(Tiles7), seq = parse.GetValue(SeqLen), r = parse.GetValue(LoraR);
         int imageTokens = tiles * config.NumImageToken;
@@ -169,7 +169,7 @@ internal static class BenchCommand
     private static int Decode(ParseResult parse)
     {
         var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
-        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
         using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
         using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });

@@ -43,7 +43,7 @@ public static class MergeVerifier
     public static MergeVerifyResult Verify(string baseDir, string adapterDir, string mergedDir, AdapterApplyOptions apply, MergeVerifyOptions options)
     {
         var device = InternVLChat.ParseDevice(options.Device);
-        var dtype = options.DType ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var dtype = options.DType ?? ModelOptions.DefaultDType(device);
         var modelOptions = new ModelOptions { Device = device, DType = dtype };
 
         using var scope = NewDisposeScope();

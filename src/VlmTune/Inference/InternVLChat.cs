@@ -76,7 +76,7 @@ public sealed class InternVLChat : IDisposable
     {
         options ??= new ChatLoadOptions();
         var device = ParseDevice(options.Device);
-        var dtype = options.DType ?? (device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var dtype = options.DType ?? ModelOptions.DefaultDType(device);
         var tokenizer = InternLM2Tokenizer.Load(modelDir);
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
         if (options.AdapterDir is { } adapter)

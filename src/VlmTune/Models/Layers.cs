@@ -11,6 +11,9 @@ public sealed record ModelOptions
     /// <summary>Dtype of weights and activations. Float32 on CPU (exact parity), BFloat16 on CUDA by default.</summary>
     public ScalarType DType { get; init; } = ScalarType.Float32;
     public AttentionKind Attention { get; init; } = AttentionKind.Sdpa;
+
+    /// <summary>The compute dtype when none is asked for: bfloat16 on CUDA, float32 (exact parity) on the CPU.</summary>
+    public static ScalarType DefaultDType(Device device) => device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
 }
 
 public enum AttentionKind

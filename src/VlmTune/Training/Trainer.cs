@@ -90,7 +90,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         var resumeDir = CheckInputs();
         _device = torch.device(Config.Device);
-        _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => _device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32 };
+        _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => ModelOptions.DefaultDType(_device) };
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
