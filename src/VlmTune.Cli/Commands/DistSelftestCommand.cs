@@ -7,7 +7,7 @@ namespace VlmTune.Cli.Commands;
 /// <summary>
 /// Hidden <c>vlmtune dist-selftest</c>: one rank of a CPU-only distributed check, started N times with the launcher
 /// variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT or Slurm's). It joins the TCP rendezvous, receives rank 0's
-/// 128-byte id, passes a barrier, and prints its sampler shard and ZeRO-1 parameters so a test can check them together.
+/// 128-byte id, sums a value over ranks, passes a barrier, and prints its sampler shard and ZeRO-1 parameters so a test can check them together.
 /// </summary>
 internal static class DistSelftestCommand
 {
@@ -39,8 +39,11 @@ internal static class DistSelftestCommand
         // Every rank derives the same global order from the same seed, as the trainer will.
         var order = Enumerable.Range(0, parse.GetValue(Samples)).Select(i => (long)i).ToArray();
         new Random(1234).Shuffle(order);
-        var shard = DistributedSampler.Shard(order, env.Rank, env.WorldSize, parse.GetValue(Batch));
+        int batch = parse.GetValue(Batch);
+        var shard = Enumerable.Range(0, (int)DistributedSampler.StepCount(order.Length, env.WorldSize, batch))
+            .SelectMany(step => DistributedSampler.RankBatch(order, step, env.Rank, env.WorldSize, batch));
         Console.WriteLine($"shard {string.Join(",", shard)}");
+        Console.WriteLine($"allreduce {rdv.AllReduceSum([env.Rank + 1.0, 0.5])[0]}");
 
         var parameters = Enumerable.Range(0, 10).Select(i => ($"p{i}", (long)(i + 1) * 100)).ToList();
         var plan = ZeroPartition.Plan(parameters, env.WorldSize);

@@ -15,12 +15,17 @@ internal static class TrainCommand
         AllowMultipleArgumentsPerToken = false,
     };
     private static readonly Option<string?> Resume = new("--resume") { Description = "auto: continue from the latest checkpoint of the work dir; or a checkpoint folder (iter_<n>)." };
+    private static readonly Option<int?> NprocPerNode = new("--nproc-per-node")
+    {
+        Description = "Data-parallel processes (GPUs) on this node (default: NPROC_PER_NODE, else 1). Across nodes set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for torchrun.",
+    };
+    private static readonly Option<int?> Zero = new("--zero") { Description = "ZeRO stage: 1 shards the optimizer state over the processes (same as --set zero_stage=1)." };
 
     public static Command Create()
     {
         var command = new Command("train", "Fine-tune an InternVL2 model from a YAML config (full, LoRA or QLoRA). Ctrl-C saves a checkpoint.")
         {
-            ConfigPath, Set, Resume,
+            ConfigPath, Set, Resume, NprocPerNode, Zero,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => Run(parse, ct)));
         return command;
@@ -29,8 +34,18 @@ internal static class TrainCommand
     private static Task<int> Run(ParseResult parse, CancellationToken ct)
     {
         // Validate the whole config before anything heavy starts; every problem is listed.
-        var config = TrainConfig.Load(parse.GetValue(ConfigPath)!, parse.GetValue(Set) ?? []);
+        var overrides = (parse.GetValue(Set) ?? []).ToList();
+        if (parse.GetValue(Zero) is { } zero) overrides.Add($"zero_stage={zero}");
+        var config = TrainConfig.Load(parse.GetValue(ConfigPath)!, overrides);
         string? resume = parse.GetValue(Resume);
+
+        // Not started as a rank (torchrun / Slurm / our own launcher set RANK or SLURM_PROCID) but asked for several
+        // processes: become the launcher. The config was checked once, here, before any rank starts.
+        int nproc = parse.GetValue(NprocPerNode) ?? NprocFromEnvironment();
+        if (nproc < 1) throw new VlmTune.VlmTuneException($"--nproc-per-node must be at least 1 (got {nproc})");
+        bool isRank = Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } || Environment.GetEnvironmentVariable("SLURM_PROCID") is { Length: > 0 };
+        if (nproc > 1 && !isRank)
+            return Task.FromResult(VlmTune.Distributed.Launcher.Run(nproc, Environment.GetCommandLineArgs()[1..], line => Console.Error.WriteLine(line)));
 
         // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint; a second
         // signal is left to its default action (terminate now).
@@ -62,9 +77,18 @@ internal static class TrainCommand
         return done.Task;
     }
 
+    private static int NprocFromEnvironment()
+    {
+        var raw = Environment.GetEnvironmentVariable("NPROC_PER_NODE");
+        if (string.IsNullOrWhiteSpace(raw)) return 1;
+        return int.TryParse(raw, out var n) && n >= 1 ? n : throw new VlmTune.VlmTuneException($"NPROC_PER_NODE='{raw}' is not a positive integer");
+    }
+
     private static int Train(TrainConfig config, string? resume, CancellationToken ct)
     {
-        bool interactive = !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+        // One progress bar for a data-parallel job: rank 0's; the other ranks print only warnings and errors.
+        bool otherRank = Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } r && r != "0";
+        bool interactive = !otherRank && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         if (!interactive)
         {
             using var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = Console.WriteLine });
@@ -95,6 +119,7 @@ internal static class TrainCommand
 
     private static int Report(TrainResult result)
     {
+        if (Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } rank && rank != "0") return result.Interrupted ? 130 : 0;   // rank 0 reports
         Console.WriteLine(result.Interrupted
             ? result.LastCheckpoint is null
                 ? "interrupted before the first optimizer step; nothing to resume"

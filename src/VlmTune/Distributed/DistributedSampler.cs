@@ -1,36 +1,40 @@
 namespace VlmTune.Distributed;
 
 /// <summary>
-/// Splits one global sample order (already length-grouped and shuffled the same way on every rank, from the same seed)
-/// between data-parallel ranks, so that each optimizer step sees the same global batch as a single process would.
+/// Splits one global sample order (length-grouped and shuffled identically on every rank, from the same seed, with the
+/// mega-batch size of the global batch) between data-parallel ranks, so every optimizer step sees the global batch a
+/// single process with batch_size × world_size would see.
 /// </summary>
 public static class DistributedSampler
 {
     /// <summary>
-    /// Rank <paramref name="rank"/>'s indices: for each optimizer step, the global batch is the next
-    /// worldSize × perRankBatch consecutive indices of <paramref name="globalOrder"/>, and rank r takes the contiguous
-    /// slice [r·perRankBatch, (r+1)·perRankBatch) of it, which keeps length-grouped neighbours together on one rank.
-    /// The tail that does not fill a whole global batch is dropped, so every rank runs the same number of steps
-    /// (a rank with one step more would hang the others in all-reduce).
+    /// Rank <paramref name="rank"/>'s micro-batch of global batch <paramref name="step"/>: the global batch is the next
+    /// worldSize × perRankBatch indices of <paramref name="globalOrder"/>, dealt round-robin as XTuner's sampler deals
+    /// them (rank r takes positions r, r + worldSize, ...). The order is sorted by length within mega-batches, so dealing
+    /// gives every rank samples of similar length and no rank waits at the all-reduce for a rank holding all the long
+    /// ones. The last global batch of an epoch may be short, leaving a rank fewer samples (or none); the trainer weighs
+    /// gradients by the global token count, so the step equals the single-process one.
     /// </summary>
-    public static long[] Shard(long[] globalOrder, int rank, int worldSize, int perRankBatch)
+    public static long[] RankBatch(long[] globalOrder, long step, int rank, int worldSize, int perRankBatch)
     {
         ArgumentNullException.ThrowIfNull(globalOrder);
         if (worldSize < 1) throw new ArgumentOutOfRangeException(nameof(worldSize), worldSize, "must be >= 1");
         if (rank < 0 || rank >= worldSize) throw new ArgumentOutOfRangeException(nameof(rank), rank, $"must be in [0, {worldSize})");
         if (perRankBatch < 1) throw new ArgumentOutOfRangeException(nameof(perRankBatch), perRankBatch, "must be >= 1");
+        long steps = StepCount(globalOrder.LongLength, worldSize, perRankBatch);
+        if (step < 0 || step >= steps) throw new ArgumentOutOfRangeException(nameof(step), step, $"must be in [0, {steps})");
 
-        var globalBatch = (long)worldSize * perRankBatch;
-        var steps = StepCount(globalOrder.LongLength, worldSize, perRankBatch);
-        var shard = new long[steps * perRankBatch];
-        for (long step = 0; step < steps; step++)
-            Array.Copy(globalOrder, step * globalBatch + (long)rank * perRankBatch, shard, step * perRankBatch, perRankBatch);
-        return shard;
+        long start = step * worldSize * perRankBatch;
+        long end = Math.Min(start + (long)worldSize * perRankBatch, globalOrder.LongLength);
+        var batch = new List<long>(perRankBatch);
+        for (long i = start + rank; i < end; i += worldSize) batch.Add(globalOrder[i]);
+        return batch.ToArray();
     }
 
-    /// <summary>Optimizer steps per epoch: whole global batches only.</summary>
-    public static long StepCount(long sampleCount, int worldSize, int perRankBatch) => sampleCount / ((long)worldSize * perRankBatch);
-
-    /// <summary>Samples dropped at the end of each epoch because they do not fill a global batch.</summary>
-    public static long DroppedCount(long sampleCount, int worldSize, int perRankBatch) => sampleCount % ((long)worldSize * perRankBatch);
+    /// <summary>Global batches per epoch, the last one possibly short.</summary>
+    public static long StepCount(long sampleCount, int worldSize, int perRankBatch)
+    {
+        long global = (long)worldSize * perRankBatch;
+        return (sampleCount + global - 1) / global;
+    }
 }

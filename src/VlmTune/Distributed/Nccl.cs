@@ -27,6 +27,8 @@ public sealed unsafe class NcclLibrary
     internal readonly delegate* unmanaged<IntPtr, int> CommDestroy;
     internal readonly delegate* unmanaged<IntPtr, int> CommAbort;
     internal readonly delegate* unmanaged<IntPtr, int*, int> CommGetAsyncError;
+    internal readonly delegate* unmanaged<int> GroupStart;
+    internal readonly delegate* unmanaged<int> GroupEnd;
     private readonly delegate* unmanaged<int, IntPtr> _getErrorString;
 
     private NcclLibrary(string path, IntPtr handle)
@@ -42,6 +44,8 @@ public sealed unsafe class NcclLibrary
         CommAbort = (delegate* unmanaged<IntPtr, int>)Export("ncclCommAbort");
         CommGetAsyncError = (delegate* unmanaged<IntPtr, int*, int>)Export("ncclCommGetAsyncError");
         _getErrorString = (delegate* unmanaged<int, IntPtr>)Export("ncclGetErrorString");
+        GroupStart = (delegate* unmanaged<int>)Export("ncclGroupStart");
+        GroupEnd = (delegate* unmanaged<int>)Export("ncclGroupEnd");
     }
 
     /// <summary>
@@ -144,19 +148,27 @@ public sealed unsafe class NcclCommunicator : IDisposable
         _comm = comm;
     }
 
-    /// <summary>In-place all-reduce of a contiguous CUDA tensor.</summary>
-    public void AllReduce(torch.Tensor tensor, NcclReduceOp op = NcclReduceOp.Sum)
+    /// <summary>In-place all-reduce of a contiguous CUDA tensor, queued on <paramref name="stream"/> (default: stream 0).</summary>
+    public void AllReduce(torch.Tensor tensor, NcclReduceOp op = NcclReduceOp.Sum, IntPtr stream = default)
     {
         var p = Buffer(tensor, "AllReduce");
-        _nccl.Check(_nccl.AllReduce(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), (int)op, Comm, IntPtr.Zero), "ncclAllReduce");
+        _nccl.Check(_nccl.AllReduce(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), (int)op, Comm, stream), "ncclAllReduce");
     }
 
     /// <summary>In-place broadcast of <paramref name="root"/>'s tensor into every rank's tensor of the same shape.</summary>
-    public void Broadcast(torch.Tensor tensor, int root)
+    public void Broadcast(torch.Tensor tensor, int root, IntPtr stream = default)
     {
         if (root < 0 || root >= WorldSize) throw new ArgumentOutOfRangeException(nameof(root), root, $"must be in [0, {WorldSize})");
         var p = Buffer(tensor, "Broadcast");
-        _nccl.Check(_nccl.Broadcast(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), root, Comm, IntPtr.Zero), "ncclBroadcast");
+        _nccl.Check(_nccl.Broadcast(p, p, (nuint)tensor.numel(), DataType(tensor.dtype), root, Comm, stream), "ncclBroadcast");
+    }
+
+    /// <summary>Collectives issued inside <paramref name="body"/> are launched together (one NCCL group): many small broadcasts cost one.</summary>
+    public void Group(Action body)
+    {
+        _nccl.Check(_nccl.GroupStart(), "ncclGroupStart");
+        try { body(); }
+        finally { _nccl.Check(_nccl.GroupEnd(), "ncclGroupEnd"); }
     }
 
     /// <summary>Throws if NCCL reported an asynchronous failure (e.g. a peer died); poll while waiting on collectives.</summary>

@@ -14,9 +14,12 @@ namespace VlmTune.Distributed;
 /// </summary>
 public sealed class TcpRendezvous : IDisposable
 {
-    private enum Kind : byte { Hello = 1, Payload = 2, BarrierArrive = 3, BarrierRelease = 4, Abort = 5 }
+    private enum Kind : byte { Hello = 1, Payload = 2, BarrierArrive = 3, BarrierRelease = 4, Abort = 5, Contribute = 6, Gathered = 7 }
 
     private const int MaxMessageBytes = 64 << 20;
+
+    /// <summary>The most one rank may contribute to one <see cref="AllGather"/> of the whole world (rank 0 relays all parts in one message).</summary>
+    public const int MaxPayloadBytes = (MaxMessageBytes >> 1) - 1024;
 
     /// <summary>
     /// Extra time a non-master rank waits beyond <see cref="Timeout"/>, so rank 0's verdict naming the culprit
@@ -186,6 +189,72 @@ public sealed class TcpRendezvous : IDisposable
         }
     }
 
+    /// <summary>
+    /// Every rank's <paramref name="mine"/>, indexed by rank, delivered to every rank (rank 0 collects and relays). For the
+    /// small host-side values a step agrees on (token counts, losses, a NaN verdict) and for CPU-only gradient reduction.
+    /// </summary>
+    public byte[][] AllGather(byte[] mine)
+    {
+        ArgumentNullException.ThrowIfNull(mine);
+        ThrowIfFailed();
+        if (WorldSize == 1) return [mine];
+        if (Rank == 0)
+        {
+            return Guard(async () =>
+            {
+                var all = await GatherAsync(Kind.Contribute, "all-gather");
+                all[0] = mine;
+                await SendToAllAsync(Kind.Gathered, Pack(all));
+                return all;
+            });
+        }
+        return Guard(async () =>
+        {
+            await WriteAsync(_master!, Kind.Contribute, mine, CancellationToken.None);
+            return Unpack(await ReceiveFromMasterAsync(Kind.Gathered), WorldSize);
+        });
+    }
+
+    /// <summary>Element-wise sum over ranks, added in rank order on every rank so all get the bit-identical result.</summary>
+    public double[] AllReduceSum(ReadOnlySpan<double> values)
+    {
+        var parts = AllGather(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values).ToArray());
+        var sum = new double[values.Length];
+        foreach (var part in parts)
+        {
+            var v = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, double>(part);
+            if (v.Length != sum.Length) throw new DistributedException($"all-reduce: ranks contributed {v.Length} and {sum.Length} values; every rank must make the same calls.");
+            for (int i = 0; i < sum.Length; i++) sum[i] += v[i];
+        }
+        return sum;
+    }
+
+    private static byte[] Pack(byte[][] parts)
+    {
+        var packed = new byte[parts.Sum(p => 4 + p.Length)];
+        int at = 0;
+        foreach (var p in parts)
+        {
+            BinaryPrimitives.WriteInt32LittleEndian(packed.AsSpan(at), p.Length);
+            p.CopyTo(packed, at + 4);
+            at += 4 + p.Length;
+        }
+        return packed;
+    }
+
+    private static byte[][] Unpack(byte[] packed, int count)
+    {
+        var parts = new byte[count][];
+        int at = 0;
+        for (int r = 0; r < count; r++)
+        {
+            int length = BinaryPrimitives.ReadInt32LittleEndian(packed.AsSpan(at));
+            parts[r] = packed.AsSpan(at + 4, length).ToArray();
+            at += 4 + length;
+        }
+        return parts;
+    }
+
     /// <summary>Ends the job on every rank with <paramref name="reason"/> (e.g. this rank's own fatal error).</summary>
     public void Abort(string reason)
     {
@@ -196,8 +265,11 @@ public sealed class TcpRendezvous : IDisposable
         else try { WriteAsync(_master!, Kind.Abort, System.Text.Encoding.UTF8.GetBytes(message), CancellationToken.None).Wait(1000); } catch { }
     }
 
-    private async Task GatherAsync(Kind expected, string what)
+    /// <summary>Each other rank's next message body, indexed by rank ([0] empty for the caller to fill).</summary>
+    private async Task<byte[][]> GatherAsync(Kind expected, string what)
     {
+        var bodies = new byte[WorldSize][];
+        bodies[0] = [];
         using var cts = new CancellationTokenSource(Timeout);
         var pending = Enumerable.Range(1, WorldSize - 1).ToDictionary(r => ReadAsync(_peers[r]!, cts.Token), r => r);
         while (pending.Count > 0)
@@ -215,7 +287,9 @@ public sealed class TcpRendezvous : IDisposable
             var (kind, body) = done.Result;
             if (kind == Kind.Abort) throw new DistributedException(System.Text.Encoding.UTF8.GetString(body));
             if (kind != expected) throw new DistributedException($"rank {rank} is out of step: sent {kind} during {what}; every rank must make the same collective calls in the same order.");
+            bodies[rank] = body;
         }
+        return bodies;
     }
 
     private async Task SendToAllAsync(Kind kind, byte[] body)

@@ -11,8 +11,12 @@ namespace VlmTune.Training;
 /// </summary>
 public static class ActivationCheckpointing
 {
-    /// <summary>Sets <see cref="InternLM2Model.LayerRunner"/> to a checkpointing runner (or clears it).</summary>
-    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds)
+    /// <summary>
+    /// Sets <see cref="InternLM2Model.LayerRunner"/> to a checkpointing runner (or clears it).
+    /// <paramref name="layerBackwardDone"/> is told (on autograd's thread) when a layer's backward has produced its
+    /// weights' gradients: data parallelism starts reducing them then, while the layers below still run.
+    /// </summary>
+    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds, Action<int>? layerBackwardDone = null)
     {
         if (!enabled) { model.LayerRunner = null; return; }
         model.LayerRunner = (layer, x, rope, inputs) =>
@@ -22,11 +26,11 @@ public static class ActivationCheckpointing
             // layer's own trainable weights (LoRA) get gradients, as HF's enable_input_require_grads() arranges.
             if (!x.requires_grad) x = x.detach().requires_grad_(true);
             long seed = seeds.ForLayer(layer.Index);
-            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed));
+            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed, layerBackwardDone));
         };
     }
 
-    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed);
+    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed, Action<int>? BackwardDone);
 
     internal sealed class CheckpointedLayer : autograd.SingleTensorFunction<CheckpointedLayer>
     {
@@ -62,6 +66,7 @@ public static class ActivationCheckpointing
             gradOutput.Dispose();
             BackwardScratch.Keep(gradX);
             foreach (var t in saved) t.Dispose();
+            call.BackwardDone?.Invoke(call.Layer.Index);
             return [gradX, null!, null!, null!, null!];
         }
     }

@@ -63,6 +63,12 @@ public sealed class TrainConfig
     public string Dtype { get; set; } = "auto";
     public NanPolicy NanPolicy { get; set; } = NanPolicy.Stop;
 
+    // Data parallelism (several processes; see docs/distributed.md). batch_size stays per process.
+    /// <summary>0: every rank keeps the whole optimizer state; 1: ZeRO-1, each rank keeps (and updates) its share.</summary>
+    public int ZeroStage { get; set; }
+    /// <summary>Seconds a rank waits for the others (rendezvous, collectives, a step without progress) before the job ends.</summary>
+    public int DistTimeoutS { get; set; } = 900;
+
     // Outputs.
     public string? Name { get; set; }
     public string? WorkDir { get; set; }
@@ -123,6 +129,8 @@ public sealed class TrainConfig
         Str("device", (c, v) => c.Device = v, c => c.Device),
         Str("dtype", (c, v) => c.Dtype = v, c => c.Dtype),
         Enum<NanPolicy>("nan_policy", (c, v) => c.NanPolicy = v, c => c.NanPolicy),
+        Int("zero_stage", (c, v) => c.ZeroStage = v, c => c.ZeroStage),
+        Int("dist_timeout_s", (c, v) => c.DistTimeoutS = v, c => c.DistTimeoutS),
         OptStr("name", (c, v) => c.Name = v, c => c.Name),
         OptStr("work_dir", (c, v) => c.WorkDir = v, c => c.WorkDir),
         Int("log_interval", (c, v) => c.LogInterval = v, c => c.LogInterval),
@@ -227,6 +235,8 @@ public sealed class TrainConfig
             p.Add($"'device': '{Device}' is not cpu, cuda or cuda:N");
         if (Dtype is not ("auto" or "bf16" or "fp32")) p.Add($"'dtype': '{Dtype}' is not auto, bf16 or fp32");
         if (Device == "cpu" && Dtype == "bf16") p.Add("'dtype': bf16 training on CPU is not supported; use fp32 (or auto)");
+        if (ZeroStage is not (0 or 1)) p.Add($"'zero_stage': must be 0 or 1 (ZeRO-1: optimizer state sharded over ranks), got {ZeroStage}");
+        if (DistTimeoutS < 10) p.Add($"'dist_timeout_s': must be at least 10 seconds (got {DistTimeoutS})");
         if (LogInterval < 1) p.Add($"'log_interval': must be at least 1 (got {LogInterval})");
         if (SaveSteps < 0) p.Add($"'save_steps': must not be negative (got {SaveSteps})");
         if (SaveSteps > 0 && AccumulativeCounts > 0 && SaveSteps % AccumulativeCounts != 0)

@@ -15,8 +15,9 @@ public sealed record IterationStats(
 /// </summary>
 public sealed class TrainLog : IDisposable
 {
-    private readonly StreamWriter _log;
-    private readonly StreamWriter _scalars;
+    private readonly StreamWriter? _log;
+    private readonly StreamWriter? _scalars;
+    private readonly string? _prefix;
     private readonly object _gate = new();
 
     public string RunDir { get; }
@@ -37,14 +38,27 @@ public sealed class TrainLog : IDisposable
         _scalars = new StreamWriter(ScalarsPath, append: true) { AutoFlush = true };
     }
 
+    /// <summary>
+    /// The log of a data-parallel rank other than 0: no files (rank 0 writes the run folder), and only warnings reach
+    /// the console, tagged with the rank, since every rank's output shares one terminal.
+    /// </summary>
+    private TrainLog(int rank)
+    {
+        RunDir = LogPath = ScalarsPath = "";
+        _prefix = $"[rank {rank}] ";
+    }
+
+    public static TrainLog ForOtherRank(int rank, Action<string>? echo) => new(rank) { Echo = echo };
+
     public void Info(string message) => Write("INFO", message);
 
     public void Warning(string message) => Write("WARNING", message);
 
     private void Write(string level, string message)
     {
-        string line = $"{DateTime.Now:yyyy/MM/dd HH:mm:ss} - vlmtune - {level} - {message}";
-        lock (_gate) _log.WriteLine(line);
+        if (_prefix is not null && level == "INFO") return;
+        string line = $"{_prefix}{DateTime.Now:yyyy/MM/dd HH:mm:ss} - vlmtune - {level} - {message}";
+        if (_log is not null) lock (_gate) _log.WriteLine(line);
         Echo?.Invoke(line);
     }
 
@@ -68,7 +82,7 @@ public sealed class TrainLog : IDisposable
             ["iter"] = s.Iter, ["memory"] = s.MemoryMb, ["step"] = s.Iter, ["grad_norm"] = s.GradNorm,
             ["tokens_per_s"] = s.TokensPerSecond, ["optimizer_step"] = s.OptimizerStep,
         };
-        lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
+        if (_scalars is not null) lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
     }
 
     private static string FormatLoss(double loss) => double.IsNaN(loss) ? "skipped" : loss.ToString("F4", CultureInfo.InvariantCulture);
@@ -83,6 +97,6 @@ public sealed class TrainLog : IDisposable
 
     public void Dispose()
     {
-        lock (_gate) { _log.Dispose(); _scalars.Dispose(); }
+        lock (_gate) { _log?.Dispose(); _scalars?.Dispose(); }
     }
 }

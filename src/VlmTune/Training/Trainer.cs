@@ -4,6 +4,7 @@ using System.Text.Json.Nodes;
 using TorchSharp;
 using TorchSharp.Modules;
 using VlmTune.Checkpoints;
+using VlmTune.Distributed;
 using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Vision;
@@ -19,6 +20,8 @@ public sealed record TrainerOptions
     public Action<string>? Echo { get; init; }
     /// <summary>Called after every iteration (progress bars).</summary>
     public Action<TrainProgress>? Progress { get; init; }
+    /// <summary>This process's place in a data-parallel job; null: read from the launcher's variables (RANK, WORLD_SIZE, ...).</summary>
+    public DistributedEnvironment? Distributed { get; init; }
 }
 
 public sealed record TrainProgress(long Iteration, long TotalIterations, double Loss, double Lr);
@@ -74,6 +77,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private long _llmParams, _vitParams;
     private PeftAdapterConfig? _llmLora, _visionLora;
     private string? _lastCheckpoint;
+    private DistributedEnvironment _env = DistributedEnvironment.Single;
+    private DataParallel? _dp;
+    private ZeroPartition? _zero;
+    private bool _stopAgreed;
 
     public TrainConfig Config { get; } = config;
     public DataCounters Counters { get; } = new();
@@ -83,19 +90,41 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     public long Iteration => _iteration;
     public string WorkDir => Path.GetFullPath(Config.ResolvedWorkDir);
     public string RunDir => _log?.RunDir ?? "";
+    public int Rank => _env.Rank;
+    public int WorldSize => _env.WorldSize;
+    private bool IsMaster => _env.IsMaster;
 
     private bool VisionTrainable => !Config.FreezeVision || Config.VisionLoraR > 0;
 
     public void Setup()
     {
+        _env = _options.Distributed ?? DistributedEnvironment.FromProcess();
+        // Each rank sees only its own GPU, before anything initialises CUDA (CheckInputs asks whether CUDA is there).
+        if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env);
         var resumeDir = CheckInputs();
         _device = torch.device(Config.Device);
         _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => ModelOptions.DefaultDType(_device) };
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
-        _log = new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo };
+        _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
+        if (_env.IsDistributed)
+        {
+            _dp = DataParallel.Start(_env, _device, TimeSpan.FromSeconds(Config.DistTimeoutS));
+            _log.Info($"data parallel: {WorldSize} ranks ({_env.Source}, {_env.NodeCount} node(s)), {_dp.Backend}, " +
+                      $"ZeRO stage {Config.ZeroStage}; global batch {Config.BatchSize} × {WorldSize} ranks × accumulation {Config.AccumulativeCounts}");
+        }
+        try { SetupModelAndData(resumeDir); }
+        catch (Exception e) when (_dp is not null && e is not DistributedException)
+        {
+            _dp.Abort($"setup failed: {e.Message}");
+            throw;
+        }
+    }
+
+    private void SetupModelAndData(string? resumeDir)
+    {
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);
@@ -111,16 +140,37 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
         if (_dataset.Samples.Count == 0)
             throw new VlmTuneException($"no usable training sample in {string.Join(", ", Config.Data)} ({Counters}); see the warnings above.");
-        _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength);
+        _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength, Rank, WorldSize);
         TotalIterations = Config.MaxSteps ?? Config.MaxEpochs!.Value * _plan.BatchesPerEpoch;
         _log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
                   $"{TotalIterations} iterations, {(TotalIterations + Config.AccumulativeCounts - 1) / Config.AccumulativeCounts} optimizer steps; skipped so far: {Counters}");
 
         PrepareModel();
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
-        _seeds = new DropoutSeeds(Config.Seed);
-        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds);
-        _masters = MasterWeights.Create(_trainable);
+        // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
+        _seeds = new DropoutSeeds(Config.Seed + Rank * 1_000_003L);
+        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady);
+        var optimized = _trainable;
+        if (_dp is not null)
+        {
+            // Initial trainable weights (LoRA's random A, ...) are rank 0's everywhere.
+            _dp.BroadcastFromOwners(_trainable.Select(t => ((Tensor)t.Param, 0)).ToList());
+            _dp.Prepare(_trainable);
+            if (Config.ZeroStage == 1)
+            {
+                _zero = ZeroPartition.Plan(_trainable.Select(t => (t.Name, t.Param.numel())).ToList(), WorldSize);
+                optimized = _trainable.Where(t => _zero.Owner[t.Name] == Rank).ToList();
+                _log.Info($"zero-1: rank {Rank} keeps the optimizer state of {optimized.Count} of {_trainable.Count} tensors " +
+                          $"({optimized.Sum(t => t.Param.numel()):N0} parameters; load imbalance {_zero.Imbalance:F2})");
+                if (optimized.Count == 0)
+                    throw new VlmTuneException($"zero_stage 1: rank {Rank} owns no trainable tensor ({_trainable.Count} tensors over {WorldSize} ranks); use zero_stage: 0.");
+            }
+            string overlap = _dp.Backend != "nccl" ? "summed after the backward pass (CPU tensors)"
+                : Config.GradientCheckpointing ? "each all-reduced during the backward pass as soon as its layer is done"
+                : "all-reduced after the backward pass (overlap needs gradient_checkpointing)";
+            _log.Info($"gradients reduced in {_dp.BucketCount} buckets (one per decoder layer, one for the rest), {overlap}");
+        }
+        _masters = MasterWeights.Create(optimized);
         if (_masters.Any) _log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
         _optimizer = optim.AdamW(_masters.OptimizerParameters, Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
 
@@ -147,6 +197,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        if (_env.IsDistributed && Config.Device.StartsWith("cuda:", StringComparison.Ordinal))
+            problems.Add($"'device': {Config.Device} with {_env.WorldSize} processes; each rank uses its own GPU (LOCAL_RANK), so set device: cuda");
         if (Config.Device.StartsWith("cuda", StringComparison.Ordinal) && !cuda.is_available())
             problems.Add($"'device': {Config.Device} but CUDA is not available to TorchSharp (CPU libtorch, or no GPU); use --set device=cpu");
         string? resume = null;
@@ -261,13 +313,17 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         double? lastGradNorm = null;
         var cycleSamples = new List<string>();
 
-        log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
+        log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize}{(WorldSize > 1 ? $" × {WorldSize} ranks" : "")} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
         using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers);
         try
         {
             while (_iteration < TotalIterations)
             {
-                if (cancel.IsCancellationRequested)
+                _dp?.Heartbeat();
+                InjectedFault.At(Rank, _iteration);
+                // Ranks stop together, at the iteration after any of them was asked to (the request travels with the
+                // per-iteration agreement), or the others would wait in a collective for it.
+                if (_dp is null ? cancel.IsCancellationRequested : _stopAgreed)
                 {
                     interrupted = true;
                     break;
@@ -283,16 +339,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
                 using var batch = loader.Next();
                 double dataTime = clock.Elapsed.TotalSeconds;
-                double loss = double.NaN;
-                if (batch.IsEmpty)
-                    log.Warning($"iteration {it + 1}: every sample of the batch was skipped; nothing to learn");
-                else
-                {
-                    cycleSamples.AddRange(batch.SampleIds);
-                    loss = ForwardBackward(batch, imageContextId, cycleSize, it);
-                }
-
                 bool stepNow = it + 1 == cycleStart + cycleSize;
+                if (batch.IsEmpty && _dp is null)
+                    log.Warning($"iteration {it + 1}: every sample of the batch was skipped; nothing to learn");
+                cycleSamples.AddRange(batch.SampleIds);
+                var (loss, tokens, tiles) = ForwardBackward(batch, imageContextId, cycleSize, it, stepNow, cancel);
+
                 if (stepNow)
                 {
                     lastGradNorm = OptimizerStep(it, cycleSamples);
@@ -301,14 +353,15 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 _iteration++;
                 losses.Add(loss);
                 double time = clock.Elapsed.TotalSeconds;
-                window.Add(time, dataTime, loss, batch.Tokens, batch.Tiles);
+                window.Add(time, dataTime, loss, tokens, tiles);
                 progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
 
                 if (_iteration % Config.LogInterval == 0 || _iteration == TotalIterations)
                 {
                     double eta = runClock.Elapsed.TotalSeconds / (_iteration - start) * (TotalIterations - _iteration);
                     double tokensPerSecond = window.Tokens / Math.Max(window.Time, 1e-9);
-                    double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12) : null;
+                    // Tokens and tiles are the whole job's; MFU is per device.
+                    double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12 * WorldSize) : null;
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
                         MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
                     log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
@@ -319,13 +372,19 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     SaveCheckpoint();
             }
         }
+        catch (Exception e) when (_dp is not null && e is not DistributedException)
+        {
+            // This rank cannot go on: end the job on every rank now rather than after their timeout.
+            _dp.Abort($"{e.GetType().Name}: {e.Message}");
+            throw;
+        }
         finally { BackwardScratch.Release(); }
 
         if (interrupted)
         {
             // Gradients of an unfinished accumulation cycle are dropped: the checkpoint is at the last optimizer step,
             // and resuming replays that cycle from its first micro-batch.
-            _optimizer!.zero_grad();
+            ClearGradients();
             _masters!.ZeroModelGradients();
             _iteration = _iteration / accum * accum;
             log.Warning($"interrupted; saving a checkpoint at iteration {_iteration}");
@@ -365,43 +424,77 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         public double MeanLoss => LossCount == 0 ? double.NaN : LossSum / LossCount;
     }
 
-    /// <summary>One micro-batch: loss (fp32, chunked) and its backward pass scaled for accumulation; returns the loss.</summary>
-    private double ForwardBackward(TrainBatch batch, int imageContextId, long cycleSize, long it)
+    /// <summary>
+    /// One micro-batch: loss (fp32, chunked) and its backward pass scaled for accumulation. Returns the loss and the
+    /// batch's tokens and tiles — over all ranks when data-parallel: ranks first agree on the supervised-token count,
+    /// and each weighs its loss by its share of it, so the summed gradients are the token mean over the global batch
+    /// (what one process with the whole batch computes). The same agreement carries NaN verdicts and stop requests,
+    /// so every rank takes the same branch.
+    /// </summary>
+    private (double Loss, long Tokens, long Tiles) ForwardBackward(TrainBatch batch, int imageContextId, long cycleSize, long it, bool stepNow, CancellationToken cancel)
     {
         var model = Model;
         using var scope = NewDisposeScope();
-        var ids = batch.InputIds.to(_device);
-        var labels = batch.Labels.to(_device);
-        Tensor? features = batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
-        var embeds = model.EmbedWithImages(ids, features, imageContextId);
-        var hidden = model.language_model.Forward(embeds, new DecoderInputs());
-        var (loss, tokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
+        Tensor? loss = null;
+        long localTokens = 0;
+        double value = double.NaN;
+        if (!batch.IsEmpty)
+        {
+            var ids = batch.InputIds.to(_device);
+            var labels = batch.Labels.to(_device);
+            Tensor? features = batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
+            var embeds = model.EmbedWithImages(ids, features, imageContextId);
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs());
+            (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
+            if (localTokens > 0) value = loss.item<float>();
+        }
+        bool localBad = localTokens > 0 && !double.IsFinite(value);
+        double tokens = localTokens, lossSum = localTokens > 0 && !localBad ? value * localTokens : 0, bad = localBad ? 1 : 0;
+        long batchTokens = batch.Tokens, tiles = batch.Tiles;
+        if (_dp is not null)
+        {
+            var sums = _dp.SumOverRanks(tokens, lossSum, bad, cancel.IsCancellationRequested ? 1 : 0, batchTokens, tiles);
+            (tokens, lossSum, bad) = (sums[0], sums[1], sums[2]);
+            _stopAgreed |= sums[3] > 0;
+            (batchTokens, tiles) = ((long)sums[4], (long)sums[5]);
+        }
+        _dp?.BeginBackward(reduce: stepNow);
         if (tokens == 0)
         {
-            _log!.Warning($"iteration {it + 1}: samples {string.Join(", ", batch.SampleIds)} have no supervised token; nothing to learn");
-            return double.NaN;
+            if (!batch.IsEmpty || _dp is not null)
+                _log!.Warning($"iteration {it + 1}: {(batch.IsEmpty ? "no usable sample" : $"samples {string.Join(", ", batch.SampleIds)} have no supervised token")}{(_dp is null ? "" : " on any rank")}; nothing to learn");
+            return (double.NaN, batchTokens, tiles);
         }
-        double value = loss.item<float>();
-        if (!double.IsFinite(value))
+        if (bad > 0)
         {
-            string what = $"iteration {it + 1} (optimizer step {_optimizerSteps + 1}): the loss is {value} on samples {string.Join(", ", batch.SampleIds)}";
+            string where = localBad ? $"the loss is {value} on samples {string.Join(", ", batch.SampleIds)}" : "the loss is not finite on another rank";
+            string what = $"iteration {it + 1} (optimizer step {_optimizerSteps + 1}): {where}";
             if (Config.NanPolicy == NanPolicy.Stop)
                 throw new TrainingDivergedException($"{what}; stopping (set nan_policy: skip to skip such micro-batches).");
             Counters.AddNanSkipped();
             _log!.Warning($"{what}; micro-batch skipped ({Counters.NanSkipped} so far)");
-            return double.NaN;
+            return (double.NaN, batchTokens, tiles);
         }
-        (loss / cycleSize).backward();
+        if (localTokens > 0)
+        {
+            var scaled = _dp is null ? loss! / cycleSize : loss! * (localTokens / tokens / cycleSize);
+            scaled.backward();
+        }
         BackwardScratch.Release();
-        return value;
+        return (lossSum / tokens, batchTokens, tiles);
     }
 
     /// <summary>Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping.</summary>
     private double? OptimizerStep(long it, List<string> samples)
     {
+        _dp?.FinishGradients();   // every rank now holds the global batch's gradient
         _masters!.GradientsToMasters();
-        var withGrad = _masters.OptimizerParameters.Where(p => p.grad is not null).ToList();
-        if (withGrad.Count == 0) { _optimizer!.zero_grad(); return null; }
+        // The norm covers every trainable tensor; under ZeRO-1 the ones another rank updates count through their
+        // (identical, reduced) model gradients.
+        var withGrad = _masters.OptimizerParameters
+            .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != Rank).Select(t => t.Param))
+            .Where(p => p.grad is not null).ToList();
+        if (withGrad.Count == 0) { ClearGradients(); return null; }
         double norm = nn.utils.clip_grad_norm_(withGrad, Config.MaxNorm);
         if (!double.IsFinite(norm))
         {
@@ -410,14 +503,25 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 throw new TrainingDivergedException($"{what}; stopping (set nan_policy: skip to skip such steps).");
             Counters.AddNanSkipped();
             _log!.Warning($"{what}; optimizer step skipped ({Counters.NanSkipped} so far)");
-            _optimizer!.zero_grad();
+            ClearGradients();
             return norm;
         }
         _optimizer!.step();
-        _optimizer.zero_grad();
+        ClearGradients();
         _masters.MastersToModel();
+        // ZeRO-1: each tensor's owner updated it; everyone takes the owner's new value.
+        if (_zero is not null) _dp!.BroadcastFromOwners(_trainable.Select(t => ((Tensor)t.Param, _zero.Owner[t.Name])).ToList());
         _optimizerSteps++;
         return norm;
+    }
+
+    private void ClearGradients()
+    {
+        _optimizer!.zero_grad();
+        if (_zero is null) return;
+        using var noGrad = no_grad();
+        foreach (var (name, p) in _trainable)
+            if (_zero.Owner[name] != Rank) p.grad?.zero_();
     }
 
     /// <summary>
@@ -427,60 +531,106 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     /// </summary>
     public string SaveCheckpoint()
     {
+        // Data-parallel: every rank calls this at the same iteration. Rank 0 writes the folder; under ZeRO-1 each rank
+        // adds its optimizer shard (a shared filesystem across nodes, as DeepSpeed needs); the rename happens only
+        // once every part is in, so an interrupted save never leaves a checkpoint that looks complete.
+        _dp?.Heartbeat();
         var model = Model;
         string final = Path.Combine(WorkDir, $"iter_{_iteration}");
         string temp = Path.Combine(WorkDir, $".iter_{_iteration}.tmp-{Guid.NewGuid():N}");
-        Directory.CreateDirectory(temp);
+        if (_dp is not null) temp = _dp.Broadcast(temp);
+        if (IsMaster) Directory.CreateDirectory(temp);
+        _dp?.Barrier();
+        var gathered = new List<Tensor>();
         try
         {
-            if (_llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
-            if (_visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
+            if (IsMaster && _llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
+            if (IsMaster && _visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
             // Trained non-LoRA weights, from the fp32 masters where there are some (so a resume continues exactly).
-            var full = _masters!.Pairs.Where(p => !p.Name.Contains(".lora_")).Select(p => new KeyValuePair<string, Tensor>(p.Name, p.Master)).ToList();
-            if (full.Count > 0) TrainedWeights.Save(temp, full);
-            _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
-            var state = new JsonObject
-            {
-                ["iteration"] = _iteration,
-                ["optimizer_steps"] = _optimizerSteps,
-                ["total_iterations"] = TotalIterations,
-                ["samples"] = Dataset.Samples.Count,
-                ["mode"] = Config.Mode.ToString().ToLowerInvariant(),
-                ["lora_r"] = Config.LoraR,
-                ["batch_size"] = Config.BatchSize,
-                ["accumulative_counts"] = Config.AccumulativeCounts,
-                ["seed"] = Config.Seed,
-                ["trainable"] = new JsonArray(_trainable.Select(t => (JsonNode?)JsonValue.Create(t.Name)).ToArray()),
-                ["counters"] = new JsonObject
-                {
-                    ["bad_records"] = Counters.BadRecords, ["broken_images"] = Counters.BrokenImages, ["too_long"] = Counters.TooLong,
-                    ["label_mismatch"] = Counters.LabelMismatch, ["nan_skipped"] = Counters.NanSkipped,
-                },
-                ["config"] = Config.Resolved().ToYaml(),
-            };
-            // The state file is written last: its presence marks the folder complete.
-            AtomicFile.WriteAllText(Path.Combine(temp, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-            // Replacing a checkpoint of the same iteration (a rerun in the same work dir): move the old one aside first,
-            // so one complete copy exists at every moment.
-            string? old = null;
-            if (Directory.Exists(final))
-            {
-                old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
-                Directory.Move(final, old);
-            }
-            Directory.Move(temp, final);
-            if (old is not null) Directory.Delete(old, recursive: true);
+            var full = TrainedMasters(gathered);
+            if (IsMaster && full.Count > 0) TrainedWeights.Save(temp, full);
+            if (_zero is not null) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerShardFile(Rank)));
+            else if (IsMaster) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
+            _dp?.Barrier();
+            if (IsMaster) CommitCheckpoint(temp, final);
         }
         catch
         {
-            try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
+            if (IsMaster) try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
             throw;
         }
-        AtomicFile.WriteAllText(Path.Combine(WorkDir, LastCheckpointFile), final);
+        finally { foreach (var t in gathered) t.Dispose(); }
+        _dp?.Barrier();
+        _dp?.Heartbeat();
         _lastCheckpoint = final;
-        _log?.Info($"saved checkpoint {final}");
-        Prune();
+        if (IsMaster)
+        {
+            AtomicFile.WriteAllText(Path.Combine(WorkDir, LastCheckpointFile), final);
+            _log?.Info($"saved checkpoint {final}");
+            Prune();
+        }
         return final;
+    }
+
+    public static string OptimizerShardFile(int rank) => $"optimizer.rank{rank}.bin";
+
+    /// <summary>
+    /// Name → fp32 value of every trained non-LoRA tensor. Under ZeRO-1 a master lives on its owner only, so each is
+    /// broadcast from there (every rank takes part; the temporaries go into <paramref name="temporaries"/>).
+    /// </summary>
+    private List<KeyValuePair<string, Tensor>> TrainedMasters(List<Tensor> temporaries)
+    {
+        var masters = _masters!.Pairs.ToDictionary(p => p.Name, p => (Tensor)p.Master);
+        var result = new List<KeyValuePair<string, Tensor>>();
+        var transfers = new List<(Tensor, int)>();
+        foreach (var (name, param) in _trainable.Where(t => !t.Name.Contains(".lora_")))
+        {
+            if (masters.TryGetValue(name, out var master) && _zero is null) { result.Add(new(name, master)); continue; }
+            int owner = _zero!.Owner[name];
+            var value = owner == Rank ? masters[name] : empty(param.shape, ScalarType.Float32, param.device).DetachFromDisposeScope();
+            if (owner != Rank) temporaries.Add(value);
+            transfers.Add((value, owner));
+            result.Add(new(name, value));
+        }
+        if (transfers.Count > 0) _dp!.BroadcastFromOwners(transfers);
+        return result;
+    }
+
+    private void CommitCheckpoint(string temp, string final)
+    {
+        var state = new JsonObject
+        {
+            ["iteration"] = _iteration,
+            ["optimizer_steps"] = _optimizerSteps,
+            ["total_iterations"] = TotalIterations,
+            ["samples"] = Dataset.Samples.Count,
+            ["mode"] = Config.Mode.ToString().ToLowerInvariant(),
+            ["lora_r"] = Config.LoraR,
+            ["batch_size"] = Config.BatchSize,
+            ["accumulative_counts"] = Config.AccumulativeCounts,
+            ["seed"] = Config.Seed,
+            ["world_size"] = WorldSize,
+            ["zero_stage"] = _zero is null ? 0 : 1,
+            ["trainable"] = new JsonArray(_trainable.Select(t => (JsonNode?)JsonValue.Create(t.Name)).ToArray()),
+            ["counters"] = new JsonObject
+            {
+                ["bad_records"] = Counters.BadRecords, ["broken_images"] = Counters.BrokenImages, ["too_long"] = Counters.TooLong,
+                ["label_mismatch"] = Counters.LabelMismatch, ["nan_skipped"] = Counters.NanSkipped,
+            },
+            ["config"] = Config.Resolved().ToYaml(),
+        };
+        // The state file is written last: its presence marks the folder complete.
+        AtomicFile.WriteAllText(Path.Combine(temp, StateFile), state.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        // Replacing a checkpoint of the same iteration (a rerun in the same work dir): move the old one aside first,
+        // so one complete copy exists at every moment.
+        string? old = null;
+        if (Directory.Exists(final))
+        {
+            old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
+            Directory.Move(final, old);
+        }
+        Directory.Move(temp, final);
+        if (old is not null) Directory.Delete(old, recursive: true);
     }
 
     private void Prune()
@@ -511,6 +661,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         Same("accumulative_counts", Config.AccumulativeCounts);
         Same("seed", Config.Seed);
         Same("samples", Dataset.Samples.Count);
+        // Older checkpoints predate data parallelism: one process, no ZeRO.
+        int storedWorld = state["world_size"]?.GetValue<int>() ?? 1, storedZero = state["zero_stage"]?.GetValue<int>() ?? 0;
+        int zeroStage = _zero is null ? 0 : 1;
+        if (storedWorld != WorldSize)
+            problems.Add($"it was trained by {storedWorld} process(es) and this run has {WorldSize}: the global batch (batch_size × processes) would change; resume with --nproc-per-node {storedWorld}");
+        if (storedZero != zeroStage) problems.Add($"'zero_stage' is {zeroStage} but the checkpoint was written with zero_stage {storedZero}");
         var names = (state["trainable"] as JsonArray)?.Select(n => n?.GetValue<string>()).ToList() ?? [];
         if (!names.SequenceEqual(_trainable.Select(t => (string?)t.Name)))
             problems.Add("the trained parameters differ from the checkpoint's (freeze_* or lora_targets changed)");
@@ -529,7 +685,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
             _masters!.Load(file);
         }
-        _optimizer!.load_state_dict(Path.Combine(dir, OptimizerFile));
+        string optimizerFile = Path.Combine(dir, _zero is null ? OptimizerFile : OptimizerShardFile(Rank));
+        if (!File.Exists(optimizerFile)) throw new VlmTuneException($"--resume: {dir} has no {Path.GetFileName(optimizerFile)} (an incomplete checkpoint?)");
+        _optimizer!.load_state_dict(optimizerFile);
         _iteration = state["iteration"]!.GetValue<long>();
         _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();
         var c = state["counters"]!;
@@ -545,5 +703,34 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _optimizer?.Dispose();
         _masters?.Dispose();
         _model?.Dispose();
+        _dp?.Dispose();
     }
+}
+
+/// <summary>
+/// Test aid for the failure handling of data-parallel jobs: VLMTUNE_TEST_FAULT=exit|hang:RANK:ITERATION makes that rank
+/// die (exit code 7, no cleanup, as a crash would) or stop responding when it reaches that iteration.
+/// </summary>
+internal static partial class InjectedFault
+{
+    private static readonly (string Kind, int Rank, long Iteration)? Fault = Parse(Environment.GetEnvironmentVariable("VLMTUNE_TEST_FAULT"));
+
+    private static (string, int, long)? Parse(string? raw)
+    {
+        var parts = raw?.Split(':');
+        return parts is [var kind and ("exit" or "hang"), var r, var i] && int.TryParse(r, out var rank) && long.TryParse(i, out var it)
+            ? (kind, rank, it) : null;
+    }
+
+    public static void At(int rank, long iteration)
+    {
+        if (Fault is not { } f || f.Rank != rank || f.Iteration != iteration) return;
+        Console.Error.WriteLine($"VLMTUNE_TEST_FAULT: rank {rank} {(f.Kind == "exit" ? "dies" : "hangs")} at iteration {iteration}");
+        Console.Error.Flush();
+        if (f.Kind == "exit") _exit(7);
+        Thread.Sleep(Timeout.Infinite);
+    }
+
+    [System.Runtime.InteropServices.LibraryImport("libc")]
+    private static partial void _exit(int status);
 }

@@ -30,10 +30,11 @@ public class DistSelftestProcessTests
             var ids = ranks.Select(p => Line(p.Stdout, "rank ").Split(" id ")[1]).Distinct().ToList();
             Assert.Single(ids);
 
-            // 23 samples, 3 ranks × 2 per step: 3 steps of 6, 5 dropped; shards disjoint and equal.
+            // 23 samples, 3 ranks × 2 per step: 4 steps, the last one of 5 samples; shards disjoint, together all 23.
             var shards = ranks.Select(p => Line(p.Stdout, "shard ").Split(',').Select(long.Parse).ToList()).ToList();
-            Assert.All(shards, s => Assert.Equal(6, s.Count));
-            Assert.Equal(18, shards.SelectMany(s => s).Distinct().Count());
+            Assert.Equal([8, 8, 7], shards.Select(s => s.Count));
+            Assert.Equal(23, shards.SelectMany(s => s).Distinct().Count());
+            Assert.All(ranks, p => Assert.Equal("6", Line(p.Stdout, "allreduce ")));
 
             var owned = ranks.SelectMany(p => Line(p.Stdout, "zero ").Split(',', StringSplitOptions.RemoveEmptyEntries)).ToList();
             Assert.Equal(Enumerable.Range(0, 10).Select(i => $"p{i}").Order(), owned.Order());

@@ -31,6 +31,26 @@ public class TcpRendezvousTests
     private static async Task<DistributedException> Fails<T>(Task<T> task) => await Assert.ThrowsAsync<DistributedException>(() => task);
 
     [Fact]
+    public async Task AllGatherAndSumGiveEveryRankTheSameAnswer()
+    {
+        var port = FreePort();
+        var tasks = Ranks(port, 3, TimeSpan.FromSeconds(20), Enumerable.Range(0, 3), rdv =>
+        {
+            var parts = rdv.AllGather(Enumerable.Repeat((byte)(rdv.Rank + 1), rdv.Rank + 1).ToArray());
+            var sum = rdv.AllReduceSum([rdv.Rank + 1.0, 0.1 * rdv.Rank]);
+            return (Parts: parts.Select(p => Convert.ToHexString(p)).ToArray(), Sum: sum);
+        });
+        var results = await Task.WhenAll(tasks);
+        Assert.All(results, r =>
+        {
+            Assert.Equal(["01", "0202", "030303"], r.Parts);
+            Assert.Equal(6.0, r.Sum[0]);
+        });
+        // Added in rank order everywhere: bit-identical, not just close.
+        Assert.Single(results.Select(r => BitConverter.DoubleToInt64Bits(r.Sum[1])).Distinct());
+    }
+
+    [Fact]
     public async Task FourRanksReceiveRankZerosPayloadAndPassBarriers()
     {
         var port = FreePort();

@@ -1,0 +1,146 @@
+using System.Text.Json;
+using VlmTune.Checkpoints;
+using VlmTune.Tests.Support;
+using VlmTune.Tests.Training;
+using VlmTune.Training;
+
+namespace VlmTune.Tests.Distributed;
+
+/// <summary>
+/// Data-parallel training end to end on CPU: `vlmtune train --nproc-per-node 2` as real processes (the launcher, the
+/// TCP rendezvous, the distributed sampler, gradient reduction, ZeRO-1, rank-0 checkpoints, failure handling) against
+/// the same global batch in one process.
+/// </summary>
+public class DataParallelTrainingTests
+{
+    private static string WriteConfig(TrainTestData data, string name, params string[] overrides)
+    {
+        var config = data.Config(["max_steps=6", "log_interval=1", "warmup_ratio=0.0", "lr=0.01", .. overrides]);
+        string path = Path.Combine(data.Dir, name + ".yaml");
+        File.WriteAllText(path, config.Resolved().ToYaml());
+        return path;
+    }
+
+    private static async Task<(int Code, string Out, string Err)> Train(string config, string workDir, int nproc, params string[] extra)
+    {
+        var args = new List<string> { "train", config, "--set", $"work_dir={workDir}" };
+        if (nproc > 1) args.AddRange(["--nproc-per-node", nproc.ToString()]);
+        args.AddRange(extra);
+        return await CliProcess.RunAsync(args, timeoutSeconds: 180);
+    }
+
+    private static List<(double Loss, double? GradNorm)> Scalars(string workDir, int run = 0)
+    {
+        var file = Directory.GetFiles(workDir, "scalars.json", SearchOption.AllDirectories).Order().ElementAt(run);
+        return File.ReadAllLines(file).Select(l => JsonDocument.Parse(l).RootElement)
+            .Select(e => (e.GetProperty("loss").GetDouble(), e.GetProperty("grad_norm").ValueKind == JsonValueKind.Null ? (double?)null : e.GetProperty("grad_norm").GetDouble()))
+            .ToList();
+    }
+
+    private static void AssertClose(IReadOnlyList<(double Loss, double? GradNorm)> expected, IReadOnlyList<(double Loss, double? GradNorm)> actual, string what)
+    {
+        Assert.Equal(expected.Count, actual.Count);
+        for (int i = 0; i < expected.Count; i++)
+        {
+            Assert.True(Math.Abs(expected[i].Loss - actual[i].Loss) <= 1e-4 * Math.Abs(expected[i].Loss), $"{what}: iteration {i + 1} loss {actual[i].Loss} vs {expected[i].Loss}");
+            Assert.True(Math.Abs(expected[i].GradNorm!.Value - actual[i].GradNorm!.Value) <= 1e-3 * expected[i].GradNorm!.Value,
+                $"{what}: iteration {i + 1} grad norm {actual[i].GradNorm} vs {expected[i].GradNorm}");
+        }
+    }
+
+    private static double MaxAdapterDifference(string a, string b)
+    {
+        using var fa = SafetensorsFile.Open(Path.Combine(a, PeftAdapter.WeightsFile));
+        using var fb = SafetensorsFile.Open(Path.Combine(b, PeftAdapter.WeightsFile));
+        Assert.Equal(fa.Entries.Keys.Order(), fb.Entries.Keys.Order());
+        double max = 0;
+        foreach (var name in fa.Entries.Keys)
+        {
+            using var x = fa.Read(name);
+            using var y = fb.Read(name);
+            max = Math.Max(max, (x - y).abs().max().item<float>());
+        }
+        return max;
+    }
+
+    [FixtureFact]
+    public async Task TwoProcessesAndZeroOneFollowTheSingleProcessRunWithTheSameGlobalBatch()
+    {
+        using var data = new TrainTestData(samples: 12);
+        string single = WriteConfig(data, "single", "batch_size=4"), pair = WriteConfig(data, "pair", "batch_size=2");
+        string w1 = Path.Combine(data.Dir, "w1"), w2 = Path.Combine(data.Dir, "w2"), wz = Path.Combine(data.Dir, "wz");
+
+        var r1 = await Train(single, w1, 1);
+        Assert.True(r1.Code == 0, r1.Err + r1.Out);
+        var r2 = await Train(pair, w2, 2);
+        Assert.True(r2.Code == 0, r2.Err + r2.Out);
+        var rz = await Train(pair, wz, 2, "--zero", "1");
+        Assert.True(rz.Code == 0, rz.Err + rz.Out);
+
+        Assert.Contains("launching 2 processes", r2.Err);
+        Assert.Contains("data parallel: 2 ranks", r2.Out);
+        Assert.Contains("zero-1: rank 0 keeps the optimizer state of", rz.Out);
+        // One report for the job (rank 0's), not one per rank.
+        Assert.Single(r2.Out.Split('\n'), l => l.StartsWith("done:", StringComparison.Ordinal));
+
+        var expected = Scalars(w1);
+        Assert.Equal(6, expected.Count);
+        AssertClose(expected, Scalars(w2), "2 processes");
+        AssertClose(expected, Scalars(wz), "2 processes, ZeRO-1");
+        Assert.True(expected[^1].Loss < expected[0].Loss, "the run learns");
+        Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(w2, "iter_6")) < 1e-4);
+        Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(wz, "iter_6")) < 1e-4);
+        // ZeRO-1: one optimizer shard per rank, no unsharded one.
+        Assert.True(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerShardFile(0))));
+        Assert.True(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerShardFile(1))));
+        Assert.False(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerFile)));
+        // Only rank 0 writes the run folder.
+        Assert.Single(Directory.GetDirectories(w2).Where(d => !Path.GetFileName(d).StartsWith("iter_", StringComparison.Ordinal)));
+    }
+
+    [FixtureFact]
+    public async Task ARankThatDiesEndsTheJobAndItsLastCheckpointResumesUnderZeroOne()
+    {
+        using var data = new TrainTestData(samples: 12);
+        string config = WriteConfig(data, "zero", "batch_size=2", "save_steps=2", "save_total_limit=0", "zero_stage=1");
+        string full = Path.Combine(data.Dir, "full"), crash = Path.Combine(data.Dir, "crash");
+
+        var reference = await Train(config, full, 2);
+        Assert.True(reference.Code == 0, reference.Err + reference.Out);
+
+        var dead = await CliProcess.RunAsync(["train", config, "--set", $"work_dir={crash}", "--nproc-per-node", "2"],
+            new Dictionary<string, string> { ["VLMTUNE_TEST_FAULT"] = "exit:1:3" }, timeoutSeconds: 120);
+        Assert.Equal(7, dead.ExitCode);
+        Assert.Contains("rank 1 exited with code 7", dead.Stderr);
+        Assert.Contains("rank 1 disconnected", dead.Stderr);   // rank 0 noticed and named it
+        Assert.True(File.Exists(Path.Combine(crash, "iter_2", Trainer.StateFile)));
+        Assert.False(Directory.Exists(Path.Combine(crash, "iter_4")));
+        Assert.Empty(Directory.GetDirectories(crash, ".iter_*"));
+
+        var resumed = await Train(config, crash, 2, "--resume", "auto");
+        Assert.True(resumed.Code == 0, resumed.Err + resumed.Out);
+        Assert.Contains("resumed from", resumed.Out);
+        var expected = Scalars(full).Skip(2).ToList();
+        AssertClose(expected, Scalars(crash, run: 1), "resumed after a crash");
+        Assert.True(MaxAdapterDifference(Path.Combine(full, "iter_6"), Path.Combine(crash, "iter_6")) < 1e-5);
+
+        // Another world size would change the global batch: refused, naming it.
+        var other = await Train(config, crash, 1, "--resume", "auto");
+        Assert.NotEqual(0, other.Code);
+        Assert.Contains("trained by 2 process(es)", other.Err + other.Out);
+    }
+
+    [FixtureFact]
+    public async Task AHungRankEndsTheJobWithinTheTimeout()
+    {
+        using var data = new TrainTestData(samples: 12);
+        string config = WriteConfig(data, "hang", "batch_size=2", "save_steps=2", "dist_timeout_s=10");
+        string work = Path.Combine(data.Dir, "hang");
+        var hung = await CliProcess.RunAsync(["train", config, "--set", $"work_dir={work}", "--nproc-per-node", "2"],
+            new Dictionary<string, string> { ["VLMTUNE_TEST_FAULT"] = "hang:1:3" }, timeoutSeconds: 120);
+        Assert.NotEqual(0, hung.ExitCode);
+        Assert.Contains("rank(s) 1 of 2 did not arrive", hung.Stderr);
+        Assert.Contains("stopping the other ranks", hung.Stderr);
+        Assert.True(File.Exists(Path.Combine(work, "iter_2", Trainer.StateFile)));
+    }
+}
