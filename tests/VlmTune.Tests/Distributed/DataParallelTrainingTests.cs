@@ -64,11 +64,11 @@ public class DataParallelTrainingTests
     }
 
     [FixtureFact]
-    public async Task TwoProcessesAndZeroOneFollowTheSingleProcessRunWithTheSameGlobalBatch()
+    public async Task TwoAndFourProcessesAndZeroOneFollowTheSingleProcessRunWithTheSameGlobalBatch()
     {
         using var data = new TrainTestData(samples: 12);
-        string single = WriteConfig(data, "single", "batch_size=4"), pair = WriteConfig(data, "pair", "batch_size=2");
-        string w1 = Path.Combine(data.Dir, "w1"), w2 = Path.Combine(data.Dir, "w2"), wz = Path.Combine(data.Dir, "wz");
+        string single = WriteConfig(data, "single", "batch_size=4"), pair = WriteConfig(data, "pair", "batch_size=2"), quad = WriteConfig(data, "quad", "batch_size=1");
+        string w1 = Path.Combine(data.Dir, "w1"), w2 = Path.Combine(data.Dir, "w2"), wz = Path.Combine(data.Dir, "wz"), w4 = Path.Combine(data.Dir, "w4");
 
         var r1 = await Train(single, w1, 1);
         Assert.True(r1.Code == 0, r1.Err + r1.Out);
@@ -76,6 +76,8 @@ public class DataParallelTrainingTests
         Assert.True(r2.Code == 0, r2.Err + r2.Out);
         var rz = await Train(pair, wz, 2, "--zero", "1");
         Assert.True(rz.Code == 0, rz.Err + rz.Out);
+        var r4 = await Train(quad, w4, 4, "--zero", "1");
+        Assert.True(r4.Code == 0, r4.Err + r4.Out);
 
         Assert.Contains("launching 2 processes", r2.Err);
         Assert.Contains("data parallel: 2 ranks", r2.Out);
@@ -87,6 +89,7 @@ public class DataParallelTrainingTests
         Assert.Equal(6, expected.Count);
         AssertClose(expected, Scalars(w2), "2 processes");
         AssertClose(expected, Scalars(wz), "2 processes, ZeRO-1");
+        AssertClose(expected, Scalars(w4), "4 processes × batch 1, ZeRO-1");
         Assert.True(expected[^1].Loss < expected[0].Loss, "the run learns");
         Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(w2, "iter_6")) < 1e-4);
         Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(wz, "iter_6")) < 1e-4);
