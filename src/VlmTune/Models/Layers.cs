@@ -71,6 +71,14 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     /// </summary>
     public Func<Tensor, Tensor>? BaseForward { get; set; }
 
+    /// <summary>
+    /// false (PEFT): the LoRA branch runs in its weights' dtype (fp32 adapters: the input is widened to fp32).
+    /// true (torch.autocast / DeepSpeed bf16, what XTuner trains with): it runs in the input's dtype, the fp32 weights
+    /// cast down per call and their gradients accumulated in fp32. For bf16 training this keeps the activations and the
+    /// matmuls in bf16 (tensor cores) instead of fp32 copies of every LoRA input.
+    /// </summary>
+    public bool LoraAutocast { get; set; }
+
     public Linear(long inFeatures, long outFeatures, bool hasBias, ModelOptions o) : base(nameof(Linear))
     {
         InFeatures = inFeatures; OutFeatures = outFeatures;
@@ -116,6 +124,8 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         var y = BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
         if (lora_A is null) return y;
         var h = LoraDropout > 0 && training ? nn.functional.dropout(x, LoraDropout, true) : x;
+        if (LoraAutocast && h.dtype != lora_A.weight.dtype)
+            return y + nn.functional.linear(nn.functional.linear(h, lora_A.weight.to_type(h.dtype)), lora_B!.weight.to_type(h.dtype)) * LoraScaling;
         h = h.to_type(lora_A.weight.dtype);
         var delta = nn.functional.linear(nn.functional.linear(h, lora_A.weight), lora_B!.weight);
         return y + (delta * LoraScaling).to_type(y.dtype);

@@ -283,6 +283,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         foreach (var (name, p) in model.named_parameters())
             if (name.Contains(".lora_")) p.requires_grad_(true);
 
+        // bf16 training computes LoRA branches in bf16 with fp32 weights, as XTuner's DeepSpeed bf16 does.
+        if (_dtype != ScalarType.Float32)
+            foreach (var linear in model.modules().OfType<VlmTune.Models.Linear>().Where(l => l.HasLora)) linear.LoraAutocast = true;
+
         _trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter)).ToList();
         if (_trainable.Count == 0) throw new VlmTuneException($"{Config.Source}: the config trains nothing (every part is frozen).");
         long count = _trainable.Sum(t => t.Param.numel());
