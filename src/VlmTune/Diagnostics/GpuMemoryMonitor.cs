@@ -16,11 +16,22 @@ public sealed class GpuMemoryMonitor : IDisposable
 
     public bool Available { get; }
 
+    /// <summary>
+    /// NVML ignores CUDA_VISIBLE_DEVICES: cuda:N is the N-th GPU that variable lists (e.g. a data-parallel rank's one
+    /// GPU). Indices are taken as NVML's; a list of UUIDs falls back to N.
+    /// </summary>
+    public static int NvmlIndex(int cudaOrdinal, string? visibleDevices = null)
+    {
+        var list = (visibleDevices ?? Environment.GetEnvironmentVariable("CUDA_VISIBLE_DEVICES"))?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        return list is not null && cudaOrdinal < list.Length && int.TryParse(list[cudaOrdinal], out var physical) ? physical : cudaOrdinal;
+    }
+
+    /// <param name="deviceIndex">The CUDA ordinal (cuda:N) as this process sees it.</param>
     public GpuMemoryMonitor(int deviceIndex = 0, int intervalMs = 5)
     {
         try
         {
-            if (Nvml.nvmlInit_v2() != 0 || Nvml.nvmlDeviceGetHandleByIndex_v2((uint)deviceIndex, out _device) != 0) return;
+            if (Nvml.nvmlInit_v2() != 0 || Nvml.nvmlDeviceGetHandleByIndex_v2((uint)NvmlIndex(deviceIndex), out _device) != 0) return;
             Available = true;
             _thread = new Thread(() =>
             {

@@ -62,6 +62,9 @@ public sealed partial class DataParallel : IDisposable
             : throw new DistributedException($"LOCAL_RANK={env.LocalRank} but CUDA_VISIBLE_DEVICES='{visible}' lists only {list.Length} GPU(s).");
         if (setenv("CUDA_VISIBLE_DEVICES", mine, 1) != 0) throw new DistributedException("setenv(CUDA_VISIBLE_DEVICES) failed");
         setenv(IsolatedVariable, "1", 1);
+        // .NET keeps its own copy of the environment: update it too, for readers such as GpuMemoryMonitor.
+        Environment.SetEnvironmentVariable("CUDA_VISIBLE_DEVICES", mine);
+        Environment.SetEnvironmentVariable(IsolatedVariable, "1");
     }
 
     /// <summary>Set by the launcher (and by <see cref="BindLocalGpu"/>) when CUDA_VISIBLE_DEVICES already holds this rank's one GPU.</summary>

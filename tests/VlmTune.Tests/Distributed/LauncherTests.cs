@@ -52,3 +52,15 @@ public class LauncherTests
         Assert.Equal(["train", "c.yaml"], Launcher.WithoutLauncherOptions(["train", "--nproc-per-node=2", "c.yaml"]));
     }
 }
+
+public class GpuMemoryMonitorIndexTests
+{
+    [Theory]
+    [InlineData(0, null, 0)]
+    [InlineData(0, "3", 3)]
+    [InlineData(1, "2,5", 5)]
+    [InlineData(0, "GPU-8f3c", 0)]
+    [InlineData(2, "1", 2)]
+    public void CudaOrdinalMapsToTheVisibleGpusNvmlIndex(int ordinal, string? visible, int expected) =>
+        Assert.Equal(expected, VlmTune.Diagnostics.GpuMemoryMonitor.NvmlIndex(ordinal, visible ?? ""));
+}
