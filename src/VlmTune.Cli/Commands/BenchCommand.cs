@@ -244,7 +244,7 @@ internal static class BenchCommand
     /// <summary>
     /// Runs <paramref name="steps"/> steps of the TorchSharp decoder and of the fused one, each on its own copy of the
     /// prefilled cache, both fed the reference's greedy tokens. Rows after the first see a left-padded cache (their first
-    /// 13·r columns masked, positions shifted to match) as the engine's right-aligned batches do. Prints one JSON line.
+    /// r·L/(2B) columns masked, positions shifted to match) as the engine's right-aligned batches do. Prints one JSON line.
     /// </summary>
     private static void CheckFused(InternLM2ForCausalLM lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
     {
@@ -253,7 +253,7 @@ internal static class BenchCommand
         var rows = Enumerable.Range(0, batch).Select(r => new KvRow(prefilled, r, length)).ToList();
         using var reference = KvCache.Stack(rows, length + steps);
         using var candidate = KvCache.Stack(rows, length + steps);
-        var starts = Enumerable.Range(0, batch).Select(r => Math.Min(13L * r, length - 1)).ToArray();
+        var starts = Enumerable.Range(0, batch).Select(r => r * (length / (2 * batch))).ToArray();   // up to half the columns masked
         var firstColumn = tensor(starts.Select(s => (int)s).ToArray(), device: device);
         var startsTensor = tensor(starts, device: device).view(batch, 1);
         var token = first.view(batch, 1);

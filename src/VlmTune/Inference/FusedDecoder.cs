@@ -45,6 +45,20 @@ public static class FusedDecodePlan
     public static (uint X, uint Y, uint Z) GatedGrid(long outFeatures, int batch) =>
         ((uint)CeilDiv(outFeatures, GemvBlock / 32), (uint)CeilDiv(batch, BatchBucket(batch)), 1);
 
+    /// <summary>Warps of a tensor-core GEMV block (they split K between them).</summary>
+    public const int MmaWarps = 8;
+
+    /// <summary>
+    /// Whether a batch uses the tensor-core GEMV (mma.sync, sm_80+): from 8 rows on, where the CUDA-core kernel's
+    /// per-row FMAs and input unpacking start to cost more than streaming the weights. K must be a multiple of 32.
+    /// </summary>
+    public static bool UseTensorCores(int batch, (int Major, int Minor) arch, LlmConfig c) =>
+        BatchBucket(batch) >= 8 && arch.Major >= 8 && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
+
+    /// <summary>Grid of a tensor-core GEMV: one block per 16 output rows (per batch bucket).</summary>
+    public static (uint X, uint Y, uint Z) MmaGrid(long outFeatures, int batch) =>
+        ((uint)CeilDiv(outFeatures, 16), (uint)CeilDiv(batch, BatchBucket(batch)), 1);
+
     /// <summary>Attention splits over <paramref name="keys"/> cached keys (the new one included).</summary>
     public static int AttentionSplits(long keys) => (int)CeilDiv(keys, AttentionChunk);
 
@@ -56,6 +70,7 @@ public static class FusedDecodePlan
         ["MAXB"] = bucket,
         ["ROWS"] = RowsPerWarp(bucket),
         ["CHUNK"] = AttentionChunk,
+        ["MMA_WARPS"] = MmaWarps,
     };
 
     private static long CeilDiv(long a, long b) => (a + b - 1) / b;
@@ -88,7 +103,18 @@ public sealed class FusedDecoder
     private readonly Tensor _invFreq;        // (d/2) fp32, as Rotary.InvFreq computes it
     private readonly IntPtr _invFreqData;
     private readonly float _positionDivisor;
+    private readonly (int Major, int Minor) _arch;
     private Workspace? _workspace;
+
+    /// <summary>Diagnostics: VLMTUNE_FUSED_MMA=0 keeps the CUDA-core GEMV for every batch size.</summary>
+    internal static bool TensorCoresAllowed { get; set; } = Environment.GetEnvironmentVariable("VLMTUNE_FUSED_MMA") != "0";
+
+    /// <summary>
+    /// Diagnostics for timing: kernel groups to leave out (comma-separated: gemv, attention, norm, rope, all) via
+    /// VLMTUNE_FUSED_SKIP. The results are garbage; the step time then shows what the rest costs.
+    /// </summary>
+    internal static string[] SkipForProfiling { get; set; } =
+        (Environment.GetEnvironmentVariable("VLMTUNE_FUSED_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
     private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
 
@@ -115,6 +141,7 @@ public sealed class FusedDecoder
         _invFreq = m.Rotary.InvFreq(_c.RopeTheta, device).contiguous().DetachFromDisposeScope();
         _invFreqData = TensorPointers.DataPointer(_invFreq);
         _positionDivisor = _c.RopeScaling is { Type: "linear", Factor: var f } ? (float)f : 1f;
+        _arch = CudaDriver.Shared.ComputeCapability(_ordinal);
         // Compile the smallest variant now, so a missing or broken NVRTC shows up here and the caller falls back.
         Module(1);
     }
@@ -251,35 +278,46 @@ public sealed class FusedDecoder
             long first = firstColumn is null ? 0 : TensorPointers.DataPointer(firstColumn);
             long cachePositions = TensorPointers.DataPointer(cache.PositionsTensor);
 
-            IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"), plain = module.Function("gemv_plain"),
-                residual = module.Function("gemv_residual"), gated = module.Function("gemv_gated"), rope = module.Function("rope_append"),
+            bool mma = TensorCoresAllowed && FusedDecodePlan.UseTensorCores(batch, _arch, _c);
+            IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"),
+                plain = module.Function(mma ? "mma_plain" : "gemv_plain"), residual = module.Function(mma ? "mma_residual" : "gemv_residual"),
+                gated = module.Function(mma ? "mma_gated" : "gemv_gated"), rope = module.Function("rope_append"),
                 split = module.Function("attention_split"), combine = module.Function("attention_combine");
             uint rows = (uint)batch;
-            var qkvGrid = FusedDecodePlan.GemvGrid(qkvWidth, batch);
-            var hiddenGrid = FusedDecodePlan.GemvGrid(d, batch);
-            var gatedGrid = FusedDecodePlan.GatedGrid(inter, batch);
+            uint gemvBlock = (uint)(mma ? FusedDecodePlan.MmaWarps * 32 : FusedDecodePlan.GemvBlock);
+            (uint, uint, uint) Grid(long n) => mma ? FusedDecodePlan.MmaGrid(n, batch) : FusedDecodePlan.GemvGrid(n, batch);
+            var qkvGrid = Grid(qkvWidth);
+            var hiddenGrid = Grid(d);
+            var gatedGrid = mma ? FusedDecodePlan.MmaGrid(inter, batch) : FusedDecodePlan.GatedGrid(inter, batch);
             uint ropeThreads = (uint)((_c.KeyValueGroups + 2) * hd / 2);
+            bool all = SkipForProfiling.Contains("all"), skipGemv = all || SkipForProfiling.Contains("gemv"),
+                skipAttention = all || SkipForProfiling.Contains("attention"), skipNorm = all || SkipForProfiling.Contains("norm"),
+                skipRope = all || SkipForProfiling.Contains("rope");
 
-            driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
+            if (!all) driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
             for (int i = 0; i < _layers.Length; i++)
             {
                 var w = _layers[i];
                 long keys = TensorPointers.DataPointer(cache.KeysOf(i)), values = TensorPointers.DataPointer(cache.ValuesOf(i));
-                driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps)]);
-                driver.Launch(plain, qkvGrid, FusedDecodePlan.GemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
-                driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
-                    [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity]);
-                driver.Launch(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,
-                    [ws.Q, keys, values, first, ws.PartO, ws.PartMl, total, capacity, CudaDriver.Arg(scale)]);
-                driver.Launch(combine, ((uint)heads, rows, 1), (uint)hd, 0, [ws.PartO, ws.PartMl, ws.Attn, splits]);
-                driver.Launch(residual, hiddenGrid, FusedDecodePlan.GemvBlock, 0, [ws.Attn, w.Wo, x, x, batch, d, heads * hd]);
-                driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.FfnNorm, xn, d, CudaDriver.Arg(eps)]);
-                driver.Launch(gated, gatedGrid, FusedDecodePlan.GemvBlock, 0, [xn, w.W1, w.W3, ws.Act, batch, inter, d]);
-                driver.Launch(residual, hiddenGrid, FusedDecodePlan.GemvBlock, 0, [ws.Act, w.W2, x, x, batch, d, inter]);
+                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps)]);
+                if (!skipGemv) driver.Launch(plain, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
+                if (!skipRope)
+                    driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
+                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity]);
+                if (!skipAttention)
+                {
+                    driver.Launch(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,
+                        [ws.Q, keys, values, first, ws.PartO, ws.PartMl, total, capacity, CudaDriver.Arg(scale)]);
+                    driver.Launch(combine, ((uint)heads, rows, 1), (uint)hd, 0, [ws.PartO, ws.PartMl, ws.Attn, splits]);
+                }
+                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Attn, w.Wo, x, x, batch, d, heads * hd]);
+                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.FfnNorm, xn, d, CudaDriver.Arg(eps)]);
+                if (!skipGemv) driver.Launch(gated, gatedGrid, gemvBlock, 0, [xn, w.W1, w.W3, ws.Act, batch, inter, d]);
+                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Act, w.W2, x, x, batch, d, inter]);
             }
-            driver.Launch(norm, (rows, 1, 1), 256, 0, [x, _finalNorm, xn, d, CudaDriver.Arg(eps)]);
-            driver.Launch(plain, FusedDecodePlan.GemvGrid(_c.VocabSize, batch), FusedDecodePlan.GemvBlock, 0,
-                [xn, _outputHead, TensorPointers.DataPointer(logits), batch, _c.VocabSize, d]);
+            if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, _finalNorm, xn, d, CudaDriver.Arg(eps)]);
+            if (!skipGemv)
+                driver.Launch(plain, Grid(_c.VocabSize), gemvBlock, 0, [xn, _outputHead, TensorPointers.DataPointer(logits), batch, _c.VocabSize, d]);
             cache.AdvanceWritten(1, _c.RopeTheta);
             return logits;
         }

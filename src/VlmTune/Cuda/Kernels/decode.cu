@@ -5,6 +5,7 @@
 //   MAXB      batch rows one GEMV block handles (accumulators per lane); larger batches use gridDim.y
 //   ROWS      output rows per warp in the GEMV kernels
 //   CHUNK     keys per attention split (= attention block size, 128)
+//   MMA_WARPS warps of a tensor-core GEMV block
 // Rounding points follow the TorchSharp reference path: every op that yields a bf16 tensor there rounds here too.
 
 typedef unsigned short bf16;
@@ -222,6 +223,123 @@ extern "C" __global__ void __launch_bounds__(256) gemv_gated(const bf16* x, cons
 {
     gemv_body<MODE_GATED>(x, w_gate, w_up, nullptr, y, B, N, K);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core GEMV for batches of 8..32 rows: Yᵀ (N × B) = W (N × K) · Xᵀ (K × B) with mma.sync m16n8k16 (bf16 inputs,
+// fp32 accumulation). A block of MMA_WARPS warps owns one 16-row tile of W (two tiles, W1 and W3, when gated); its warps
+// take turns over 32-wide k blocks and their partial sums meet in shared memory for the epilogue. Each lane loads
+// 16 bytes of a weight row and of an input row at the same k: the mma's k slots only need A and B to agree on which
+// k each slot holds, and both use register pair .x/.y (then .z/.w) of the same load.
+#if MAXB >= 8
+
+#define NT (MAXB / 8)
+
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int MODE>
+__device__ __forceinline__ void mma_body(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ w_up,
+                                         const bf16* residual, bf16* y, int B, int N, int K)
+{
+    constexpr int T = MODE == MODE_GATED ? 2 : 1;
+    __shared__ float red[MMA_WARPS][T][16][MAXB];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = blockIdx.x * 16, b0 = blockIdx.y * MAXB;
+    long long ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);
+    const bf16* wa[T]; const bf16* wb[T];
+    wa[0] = w + ra * K; wb[0] = w + rb * K;
+    if (MODE == MODE_GATED) { wa[T - 1] = w_up + ra * K; wb[T - 1] = w_up + rb * K; }
+    const bf16* xs[NT]; bool xv[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+    {
+        int col = b0 + nt * 8 + g;
+        xv[nt] = col < B;
+        xs[nt] = x + (long long)(xv[nt] ? col : 0) * K;
+    }
+    float acc[T][NT][4];
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[tt][nt][e] = 0.f;
+
+#pragma unroll 2
+    for (int kb = warp * 32; kb < K; kb += MMA_WARPS * 32)
+    {
+        int k = kb + t * 8;
+        uint4 A0[T], A1[T], X[NT];
+#pragma unroll
+        for (int tt = 0; tt < T; tt++) { A0[tt] = __ldg((const uint4*)(wa[tt] + k)); A1[tt] = __ldg((const uint4*)(wb[tt] + k)); }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) X[nt] = xv[nt] ? __ldg((const uint4*)(xs[nt] + k)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int tt = 0; tt < T; tt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+            {
+                mma_bf16(acc[tt][nt], A0[tt].x, A1[tt].x, A0[tt].y, A1[tt].y, X[nt].x, X[nt].y);
+                mma_bf16(acc[tt][nt], A0[tt].z, A1[tt].z, A0[tt].w, A1[tt].w, X[nt].z, X[nt].w);
+            }
+    }
+    // Accumulator layout: c0, c1 = (row g, cols 2t, 2t+1); c2, c3 = (row g + 8, same cols) of each 8-column tile.
+#pragma unroll
+    for (int tt = 0; tt < T; tt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+        {
+            int c = nt * 8 + t * 2;
+            red[warp][tt][g][c] = acc[tt][nt][0];
+            red[warp][tt][g][c + 1] = acc[tt][nt][1];
+            red[warp][tt][g + 8][c] = acc[tt][nt][2];
+            red[warp][tt][g + 8][c + 1] = acc[tt][nt][3];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * MAXB; i += blockDim.x)
+    {
+        int r = i % 16, c = i / 16, n = row0 + r, b = b0 + c;
+        if (n >= N || b >= B) continue;
+        float s[T];
+#pragma unroll
+        for (int tt = 0; tt < T; tt++)
+        {
+            s[tt] = 0.f;
+#pragma unroll
+            for (int v = 0; v < MMA_WARPS; v++) s[tt] += red[v][tt][r][c];
+        }
+        long long o = (long long)b * N + n;
+        if (MODE == MODE_GATED)
+        {
+            float gte = round_bf(s[0]);
+            float silu = round_bf(gte / (1.f + expf(-gte)));
+            y[o] = f2bf(silu * round_bf(s[T - 1]));
+        }
+        else if (MODE == MODE_RESIDUAL) y[o] = f2bf(bf2f(residual[o]) + round_bf(s[0]));
+        else y[o] = f2bf(s[0]);
+    }
+}
+
+//                                                          grid (ceil(N/16), ceil(B/MAXB)), block MMA_WARPS·32
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_plain(const bf16* x, const bf16* w, bf16* y, int B, int N, int K)
+{
+    mma_body<MODE_PLAIN>(x, w, nullptr, nullptr, y, B, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_residual(const bf16* x, const bf16* w, const bf16* residual, bf16* y, int B, int N, int K)
+{
+    mma_body<MODE_RESIDUAL>(x, w, nullptr, residual, y, B, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gated(const bf16* x, const bf16* w_gate, const bf16* w_up, bf16* y, int B, int N, int K)
+{
+    mma_body<MODE_GATED>(x, w_gate, w_up, nullptr, y, B, N, K);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // RoPE on q and k of the packed wqkv output, and the new key/value written into the cache at column `col`.
