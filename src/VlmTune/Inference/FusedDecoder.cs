@@ -63,8 +63,11 @@ public static class FusedDecodePlan
     public static int AttentionSplits(long keys) => (int)CeilDiv(keys, AttentionChunk);
 
     /// <summary>Compile-time defines of the kernel module for a model's head shape and a batch bucket.</summary>
-    public static IReadOnlyDictionary<string, int> Defines(LlmConfig c, int bucket) => new Dictionary<string, int>
+    public static IReadOnlyDictionary<string, int> Defines(LlmConfig c, int bucket, int? gemvUnroll = null, int? mmaUnroll = null) => new Dictionary<string, int>
     {
+        // More weight loads in flight per lane where a lane holds few accumulators (small batches).
+        ["GEMV_UNROLL"] = gemvUnroll ?? (bucket <= 4 ? 4 : 1),
+        ["MMA_UNROLL"] = mmaUnroll ?? 2,
         ["HEAD_DIM"] = c.HeadDim,
         ["GROUPS"] = c.KeyValueGroups,
         ["MAXB"] = bucket,
@@ -341,7 +344,11 @@ public sealed class FusedDecoder
         return ids;
     }
 
-    private KernelModule Module(int bucket) => KernelModule.Get(Source, _ordinal, FusedDecodePlan.Defines(_c, bucket));
+    private KernelModule Module(int bucket) =>
+        KernelModule.Get(Source, _ordinal, FusedDecodePlan.Defines(_c, bucket, EnvironmentInt("VLMTUNE_FUSED_GEMV_UNROLL"), EnvironmentInt("VLMTUNE_FUSED_MMA_UNROLL")));
+
+    /// <summary>Diagnostics: unrolling overrides for tuning runs.</summary>
+    private static int? EnvironmentInt(string name) => int.TryParse(Environment.GetEnvironmentVariable(name), out var v) && v > 0 ? v : null;
 
     /// <summary>Activations of one step, kept between steps (reallocated when the batch or the split count grows).</summary>
     private Workspace WorkspaceFor(int batch, int splits)

@@ -6,6 +6,7 @@
 //   ROWS      output rows per warp in the GEMV kernels
 //   CHUNK     keys per attention split (= attention block size, 128)
 //   MMA_WARPS warps of a tensor-core GEMV block
+//   GEMV_UNROLL, MMA_UNROLL  k-loop unrolling of the GEMV kernels (loads in flight per lane)
 // Rounding points follow the TorchSharp reference path: every op that yields a bf16 tensor there rounds here too.
 
 typedef unsigned short bf16;
@@ -150,6 +151,7 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
 #pragma unroll
         for (int b = 0; b < MAXB; b++) acc[p][b] = 0.f;
 
+#pragma unroll GEMV_UNROLL
     for (int k = lane * 8; k < K; k += WARP * 8)
     {
         float wf[P][8];
@@ -269,7 +271,7 @@ __device__ __forceinline__ void mma_body(const bf16* __restrict__ x, const bf16*
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[tt][nt][e] = 0.f;
 
-#pragma unroll 2
+#pragma unroll MMA_UNROLL
     for (int kb = warp * 32; kb < K; kb += MMA_WARPS * 32)
     {
         int k = kb + t * 8;
@@ -413,31 +415,50 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
     __syncthreads();
 
     long long head = ((long long)b * kvh + kv) * capacity;
-    int j = split * CHUNK + tid;
-    float s[GROUPS];
-    bool valid = j >= begin && j < end;
-    if (valid)
+
+    // Scores: DV lanes share one key (one 16-byte slice each, so a warp reads whole key rows, coalesced), the query
+    // slices sit in registers, and the DV partial dot products meet by shuffles within their lane group.
     {
-        const uint4* kr = (const uint4*)(k_cache + (head + j) * HEAD_DIM);
+        constexpr int KEYS_PER_WARP = WARP / DV;
+        constexpr int WARPS = CHUNK / WARP;
+        int warp = tid / WARP, lane = tid % WARP, sub = lane / DV, dl = lane % DV;
+        float qr[GROUPS][8];
 #pragma unroll
-        for (int g = 0; g < GROUPS; g++) s[g] = 0.f;
+        for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) qr[g][e] = qs[g][dl * 8 + e];
 #pragma unroll 4
-        for (int v = 0; v < DV; v++)
+        for (int jj = warp * KEYS_PER_WARP + sub; jj < CHUNK; jj += WARPS * KEYS_PER_WARP)
         {
-            float kf[8]; unpack8(__ldg(kr + v), kf);
+            int jk = split * CHUNK + jj;
+            bool ok = jk >= begin && jk < end;
+            float dot[GROUPS];
 #pragma unroll
-            for (int g = 0; g < GROUPS; g++)
+            for (int g = 0; g < GROUPS; g++) dot[g] = 0.f;
+            if (ok)
+            {
+                float kf[8]; unpack8(__ldg((const uint4*)(k_cache + (head + jk) * HEAD_DIM) + dl), kf);
 #pragma unroll
-                for (int e = 0; e < 8; e++) s[g] = fmaf(qs[g][v * 8 + e], kf[e], s[g]);
+                for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) dot[g] = fmaf(qr[g][e], kf[e], dot[g]);
+            }
+#pragma unroll
+            for (int o = DV / 2; o > 0; o >>= 1)
+#pragma unroll
+                for (int g = 0; g < GROUPS; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+            if (dl == 0)
+#pragma unroll
+                for (int g = 0; g < GROUPS; g++) probs[g][jj] = ok ? dot[g] * scale : -INFINITY;
         }
-#pragma unroll
-        for (int g = 0; g < GROUPS; g++) s[g] *= scale;
     }
-    else
-    {
+    __syncthreads();
+    int j = split * CHUNK + tid;
+    bool valid = j >= begin && j < end;
+    float s[GROUPS];
 #pragma unroll
-        for (int g = 0; g < GROUPS; g++) s[g] = -INFINITY;
-    }
+    for (int g = 0; g < GROUPS; g++) s[g] = probs[g][tid];
+    __syncthreads();   // probs is overwritten with probabilities below
 
     float m[GROUPS], l[GROUPS];
 #pragma unroll
@@ -485,12 +506,14 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
         long long h = (long long)b * kvh * GROUPS + kv * GROUPS + g;
         part_o[(h * splits + split) * HEAD_DIM + d] = sum;
     }
-    if (tid < GROUPS)
-    {
-        long long h = (long long)b * kvh * GROUPS + kv * GROUPS + tid;
-        part_ml[(h * splits + split) * 2] = m[tid];
-        part_ml[(h * splits + split) * 2 + 1] = l[tid];
-    }
+#pragma unroll
+    for (int g = 0; g < GROUPS; g++)
+        if (tid == g)
+        {
+            long long h = (long long)b * kvh * GROUPS + kv * GROUPS + g;
+            part_ml[(h * splits + split) * 2] = m[g];
+            part_ml[(h * splits + split) * 2 + 1] = l[g];
+        }
 }
 
 // Combine pass: out[b, h·HEAD_DIM + d] = Σ_s e^(m_s − M) o_s[d] / Σ_s e^(m_s − M) l_s, rounded to bf16.
