@@ -246,6 +246,9 @@ internal static class BenchCommand
     /// prefilled cache, both fed the reference's greedy tokens. Rows after the first see a left-padded cache (their first
     /// r·L/(2B) columns masked, positions shifted to match) as the engine's right-aligned batches do. Prints one JSON line.
     /// </summary>
+    /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
+    private const double ClearMargin = 0.25;
+
     private static void CheckFused(InternLM2ForCausalLM lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
     {
         using var scope = NewDisposeScope();
@@ -258,7 +261,7 @@ internal static class BenchCommand
         var startsTensor = tensor(starts, device: device).view(batch, 1);
         var token = first.view(batch, 1);
         double maxDiff = 0, maxAbs = 0, firstDiff = 0;
-        long agree = 0;
+        long agree = 0, clearRows = 0, clearAgree = 0;
         for (int i = 0; i < steps; i++)
         {
             using var step = NewDisposeScope();
@@ -272,7 +275,13 @@ internal static class BenchCommand
             maxDiff = Math.Max(maxDiff, diff);
             maxAbs = Math.Max(maxAbs, want.to_type(ScalarType.Float32).abs().max().item<float>());
             var wantIds = want.argmax(-1);
-            agree += wantIds.eq(fused.Greedy(got).view(batch)).sum().item<long>();
+            var same = wantIds.eq(fused.Greedy(got).view(batch));
+            agree += same.sum().item<long>();
+            // Random weights give nearly flat logits, so near-ties flip on rounding noise; count the clear choices apart.
+            var top2 = want.to_type(ScalarType.Float32).topk(2, -1).values;                              // (B, 2)
+            var clear = (top2[.., 0] - top2[.., 1]) > ClearMargin;
+            clearRows += clear.sum().item<long>();
+            clearAgree += same.logical_and(clear).sum().item<long>();
             token = wantIds.view(batch, 1).contiguous().MoveToOuterDisposeScope();
         }
         Console.WriteLine(JsonSerializer.Serialize(new
@@ -280,6 +289,7 @@ internal static class BenchCommand
             check = "fused_decode", batch, steps, prompt_tokens = length, ragged_rows = batch > 1,
             first_step_max_abs_logit_diff = Math.Round(firstDiff, 5), max_abs_logit_diff = Math.Round(maxDiff, 5),
             max_abs_logit = Math.Round(maxAbs, 3), greedy_agreement = Math.Round(agree / (double)(steps * batch), 4),
+            clear_margin = ClearMargin, clear_choices = clearRows, clear_choice_agreement = clearRows == 0 ? (double?)null : Math.Round(clearAgree / (double)clearRows, 4),
         }));
     }
 

@@ -67,7 +67,7 @@ public static class FusedDecodePlan
     {
         // More weight loads in flight per lane where a lane holds few accumulators (small batches).
         ["GEMV_UNROLL"] = gemvUnroll ?? (bucket <= 4 ? 4 : 1),
-        ["MMA_UNROLL"] = mmaUnroll ?? 2,
+        ["MMA_UNROLL"] = mmaUnroll ?? 4,
         ["HEAD_DIM"] = c.HeadDim,
         ["GROUPS"] = c.KeyValueGroups,
         ["MAXB"] = bucket,
