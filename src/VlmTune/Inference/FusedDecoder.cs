@@ -216,11 +216,13 @@ public sealed class FusedDecoder
 
     /// <summary>
     /// Whether the next step over <paramref name="cache"/> can run fused: the model is unchanged since this decoder was
-    /// built, and the RoPE base is the configured one (a dynamic-NTK base change needs the TorchSharp path's re-rotation).
+    /// built, the cache is bf16 on CUDA, and the RoPE base is the configured one (a dynamic-NTK base change needs the TorchSharp path's re-rotation).
     /// </summary>
     public bool CanStep(KvCache cache)
     {
         if (!WeightsUnchanged()) return false;
+        var keys = cache.KeysOf(0);   // the kernels write bf16 keys/values in place
+        if (keys.dtype != ScalarType.BFloat16 || keys.device_type != DeviceType.CUDA || keys.shape[3] != _c.HeadDim) return false;
         double theta = _lm.model.Rotary.Theta(cache.Length + 1);
         if (theta != _c.RopeTheta) return false;
         return double.IsNaN(cache.Theta) || cache.Theta == theta;
