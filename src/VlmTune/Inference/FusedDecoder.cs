@@ -189,6 +189,7 @@ public sealed class FusedDecoder
         if (hd % 8 != 0 || hd > 256 || FusedDecodePlan.AttentionChunk % (hd / 8) != 0 || (c.KeyValueGroups + 2) * hd / 2 > 1024)
             problems.Add($"head_dim {hd} with {c.KeyValueGroups} query heads per KV head (needs head_dim in 8…256 dividing 1024, (groups + 2)·head_dim ≤ 2048)");
         if (c.NumAttentionHeads % c.NumKeyValueHeads != 0) problems.Add("num_attention_heads not a multiple of num_key_value_heads");
+        else if (c.KeyValueGroups > 8) problems.Add($"{c.KeyValueGroups} query heads per KV head (the attention kernel's shared memory holds at most 8)");
         if (c.RopeScaling is { Type: not ("linear" or "dynamic") } rs) problems.Add($"rope_scaling type {rs.Type}");
         return problems;
     }

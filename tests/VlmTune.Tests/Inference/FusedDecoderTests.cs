@@ -55,6 +55,14 @@ public class FusedDecoderTests
         Assert.Contains(problems, p => p.Contains("multiples of 8"));
     }
 
+    [Fact]
+    public void WideQueryGroupsAreReported()
+    {
+        var c = CudaLibraryTests.TinyConfig() with { HiddenSize = 256, NumAttentionHeads = 16, NumKeyValueHeads = 1 };   // 16 query heads per KV head
+        using var lm = new InternLM2ForCausalLM(c, new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains(FusedDecoder.Problems(lm), p => p.Contains("16 query heads per KV head"));
+    }
+
     [Theory]
     [InlineData(null, true)]
     [InlineData("1", true)]
