@@ -25,12 +25,14 @@ internal static class BenchCommand
     private static readonly Option<int> Tiles = new("--tiles") { Description = "Image tiles in the prompt (256 tokens each).", DefaultValueFactory = _ => 13 };
     private static readonly Option<int> NewTokens = new("--new-tokens") { DefaultValueFactory = _ => 128 };
     private static readonly Option<int> Warmup = new("--warmup") { DefaultValueFactory = _ => 8 };
+    private static readonly Option<bool?> Fused = new("--fused") { Description = "Decode with the fused CUDA kernels (default: where supported)." };
+    private static readonly Option<int> Check = new("--check") { Description = "Also run this many steps of both decoders from one prefilled cache and print how far their logits differ.", DefaultValueFactory = _ => 0 };
 
     public static Command Create()
     {
         var decode = new Command("decode", "Prefill an image prompt, then time greedy decoding.")
         {
-            Config, Device, DType, Batch, PromptTokens, Tiles, NewTokens, Warmup,
+            Config, Device, DType, Batch, PromptTokens, Tiles, NewTokens, Warmup, Fused, Check,
         };
         decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse))));
         var train = new Command("train", "Time LoRA / QLoRA / full training steps on a synthetic batch.")
@@ -179,6 +181,14 @@ internal static class BenchCommand
         int imageTokens = tiles * config.NumImageToken;
         if (promptTokens < imageTokens + 8) throw new VlmTuneException($"--prompt-tokens must exceed the {imageTokens} image tokens of {tiles} tiles.");
         const int imgContext = 92546;
+        int checkSteps = parse.GetValue(Check);
+        FusedDecoder? fused = null;
+        if (parse.GetValue(Fused) != false)
+        {
+            fused = FusedDecoder.TryGet(model.language_model, out var reason);
+            if (fused is null && parse.GetValue(Fused) == true) throw new VlmTuneException($"--fused true: the fused decoder is unavailable: {reason}");
+            if (fused is null) Console.Error.WriteLine($"fused decoding unavailable ({reason}); timing the TorchSharp path");
+        }
 
         foreach (int batch in parse.GetValue(Batch)!)
         {
@@ -202,10 +212,14 @@ internal static class BenchCommand
             Sync(device);
             double prefillS = clock.Elapsed.TotalSeconds;
 
+            if (checkSteps > 0 && fused is not null) CheckFused(model.language_model, fused, cache, next, checkSteps, batch, device);
+
             // Greedy steps stay on the device: no host synchronisation inside the loop.
             Tensor Step(Tensor token)
             {
                 using var stepScope = NewDisposeScope();
+                if (fused is not null && fused.CanStep(cache))
+                    return fused.Greedy(fused.Step(token, cache)).MoveToOuterDisposeScope();
                 var h = model.language_model.Forward(model.language_model.Embed(token), new DecoderInputs { Cache = cache });
                 return model.language_model.Logits(h).argmax(-1).MoveToOuterDisposeScope();
             }
@@ -217,7 +231,7 @@ internal static class BenchCommand
             double decodeS = clock.Elapsed.TotalSeconds;
             Console.WriteLine(JsonSerializer.Serialize(new
             {
-                bench = "decode", device = device.ToString(), dtype = dtype.ToString(), batch, prompt_tokens = promptTokens, tiles,
+                bench = "decode", device = device.ToString(), dtype = dtype.ToString(), fused = fused is not null, batch, prompt_tokens = promptTokens, tiles,
                 new_tokens = newTokens, vision_s = Math.Round(visionS, 4), prefill_s = Math.Round(prefillS, 4),
                 decode_step_ms = Math.Round(decodeS / newTokens * 1000, 3),
                 decode_tokens_per_s = Math.Round(batch * newTokens / decodeS, 1),
@@ -225,6 +239,58 @@ internal static class BenchCommand
             }));
         }
         return 0;
+    }
+
+    /// <summary>
+    /// Runs <paramref name="steps"/> steps of the TorchSharp decoder and of the fused one, each on its own copy of the
+    /// prefilled cache, both fed the reference's greedy tokens. Rows after the first see a left-padded cache (their first
+    /// r·L/(2B) columns masked, positions shifted to match) as the engine's right-aligned batches do. Prints one JSON line.
+    /// </summary>
+    /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
+    private const double ClearMargin = 0.25;
+
+    private static void CheckFused(InternLM2ForCausalLM lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
+    {
+        using var scope = NewDisposeScope();
+        long length = prefilled.Length;
+        var rows = Enumerable.Range(0, batch).Select(r => new KvRow(prefilled, r, length)).ToList();
+        using var reference = KvCache.Stack(rows, length + steps);
+        using var candidate = KvCache.Stack(rows, length + steps);
+        var starts = Enumerable.Range(0, batch).Select(r => r * (length / (2 * batch))).ToArray();   // up to half the columns masked
+        var firstColumn = tensor(starts.Select(s => (int)s).ToArray(), device: device);
+        var startsTensor = tensor(starts, device: device).view(batch, 1);
+        var token = first.view(batch, 1);
+        double maxDiff = 0, maxAbs = 0, firstDiff = 0;
+        long agree = 0, clearRows = 0, clearAgree = 0;
+        for (int i = 0; i < steps; i++)
+        {
+            using var step = NewDisposeScope();
+            var positions = (tensor(length + i, device: device) - startsTensor).contiguous();            // (B, 1)
+            var keyMask = arange(length + i + 1, device: device).unsqueeze(0) >= startsTensor;        // (B, S+1)
+            var h = lm.Forward(lm.Embed(token), new DecoderInputs { PositionIds = positions, Cache = reference, KeyMask = keyMask });
+            var want = lm.Logits(h)[.., 0];                                                             // (B, V)
+            var got = fused.Step(token, candidate, positions, firstColumn);
+            double diff = (want.to_type(ScalarType.Float32) - got.to_type(ScalarType.Float32)).abs().max().item<float>();
+            if (i == 0) firstDiff = diff;
+            maxDiff = Math.Max(maxDiff, diff);
+            maxAbs = Math.Max(maxAbs, want.to_type(ScalarType.Float32).abs().max().item<float>());
+            var wantIds = want.argmax(-1);
+            var same = wantIds.eq(fused.Greedy(got).view(batch));
+            agree += same.sum().item<long>();
+            // Random weights give nearly flat logits, so near-ties flip on rounding noise; count the clear choices apart.
+            var top2 = want.to_type(ScalarType.Float32).topk(2, -1).values;                              // (B, 2)
+            var clear = (top2[.., 0] - top2[.., 1]) > ClearMargin;
+            clearRows += clear.sum().item<long>();
+            clearAgree += same.logical_and(clear).sum().item<long>();
+            token = wantIds.view(batch, 1).contiguous().MoveToOuterDisposeScope();
+        }
+        Console.WriteLine(JsonSerializer.Serialize(new
+        {
+            check = "fused_decode", batch, steps, prompt_tokens = length, ragged_rows = batch > 1,
+            first_step_max_abs_logit_diff = Math.Round(firstDiff, 5), max_abs_logit_diff = Math.Round(maxDiff, 5),
+            max_abs_logit = Math.Round(maxAbs, 3), greedy_agreement = Math.Round(agree / (double)(steps * batch), 4),
+            clear_margin = ClearMargin, clear_choices = clearRows, clear_choice_agreement = clearRows == 0 ? (double?)null : Math.Round(clearAgree / (double)clearRows, 4),
+        }));
     }
 
     private static void Sync(Device device)

@@ -23,6 +23,12 @@ public sealed record EngineOptions
     /// <summary>Longest prompt + max_new_tokens accepted; null: <see cref="DefaultContext"/>.</summary>
     public int? MaxContextTokens { get; init; }
 
+    /// <summary>
+    /// Decode steps with the fused CUDA kernels (<see cref="FusedDecoder"/>) where the model allows; false keeps the
+    /// TorchSharp ops. VLMTUNE_FUSED_DECODE=0 turns them off for every engine.
+    /// </summary>
+    public bool FusedDecode { get; init; } = true;
+
     public IEnumerable<string> Validate()
     {
         if (MaxBatch < 1) yield return $"max batch must be ≥ 1 (got {MaxBatch}).";

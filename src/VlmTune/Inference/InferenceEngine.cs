@@ -1,3 +1,4 @@
+using TorchSharp;
 using System.Collections.Concurrent;
 using System.Threading.Channels;
 using VlmTune.Models;
@@ -32,6 +33,9 @@ public sealed class InferenceEngine : IDisposable
     private readonly List<Sequence> _batch = [];
     private KvCache? _batchCache;
     private readonly List<Sequence> _solo = [];
+
+    private FusedDecoder? _fused;
+    private bool _fusedResolved;
 
     private int _running;
     private int _peakBatch;
@@ -309,8 +313,18 @@ public sealed class InferenceEngine : IDisposable
         using var scope = NewDisposeScope();
         var ids = tensor(_batch.Select(s => (long)s.LastToken).ToArray(), device: device).view(b, 1);       // (B, 1)
         var positions = tensor(_batch.Select(s => s.Length).ToArray(), device: device).view(b, 1);          // (B, 1)
+        bool ragged = _batch.Any(s => s.Length != cache.Length);
+        if (Fused() is { } fused && fused.CanStep(cache))
+        {
+            // Row r's entries are its last Length_r columns: its first valid column is cache.Length − Length_r.
+            var first = ragged ? tensor(_batch.Select(s => (int)(cache.Length - s.Length)).ToArray(), device: device) : null;   // (B)
+            var fusedLogits = fused.Step(ids, cache, positions, first);                                                      // (B, V)
+            foreach (var s in _batch) s.Length++;
+            SampleAndAccept(_batch, fusedLogits);
+            return;
+        }
         Tensor? keyMask = null;
-        if (_batch.Any(s => s.Length != cache.Length))
+        if (ragged)
         {
             // Row r's entries are the last Length_r cached columns; the new token's column is always usable.
             var starts = tensor(_batch.Select(s => cache.Length - s.Length).ToArray(), device: device).view(b, 1);
@@ -328,9 +342,26 @@ public sealed class InferenceEngine : IDisposable
         var device = _model.Options.Device;
         using var scope = NewDisposeScope();
         var ids = tensor(new long[] { seq.LastToken }, device: device).view(1, 1);
+        if (Fused() is { } fused && fused.CanStep(seq.Cache!))
+        {
+            var fusedLogits = fused.Step(ids, seq.Cache!);
+            seq.Length++;
+            SampleAndAccept([seq], fusedLogits);
+            return;
+        }
         var hidden = lm.Forward(lm.Embed(ids), new DecoderInputs { Cache = seq.Cache });
         seq.Length++;
         SampleAndAccept([seq], lm.Logits(hidden)[.., 0]);
+    }
+
+    /// <summary>The model's fused decoder, looked up once (null: turned off, not supported, or CUDA libraries missing).</summary>
+    private FusedDecoder? Fused()
+    {
+        if (_fusedResolved) return _fused;
+        _fusedResolved = true;
+        if (_options.FusedDecode && _model.Options.Device.type == DeviceType.CUDA)
+            _fused = FusedDecoder.TryGet(_model.language_model, out _);
+        return _fused;
     }
 
     /// <summary>Greedy rows share one argmax; rows that sample or penalise repeats use their own seeded sampler.</summary>

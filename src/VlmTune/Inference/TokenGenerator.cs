@@ -1,3 +1,4 @@
+using TorchSharp;
 using VlmTune.Models;
 using static TorchSharp.torch;
 
@@ -26,6 +27,8 @@ public static class TokenGenerator
         using var noGrad = no_grad();
         using var cache = new KvCache(lm.Config, 1, promptIds.Count + sampling.MaxNewTokens, model.Options.DType, device);
         using var sampler = new Sampler(sampling, device);
+        // Decode steps use the fused CUDA kernels where the model allows (VLMTUNE_FUSED_DECODE=0 turns them off).
+        var fused = device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, out _) : null;
         Tensor? seen = sampling.RepetitionPenalty != 1.0
             ? tensor(promptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0).DetachFromDisposeScope()
             : null;
@@ -55,6 +58,11 @@ public static class TokenGenerator
                     var grown = cat([seen, next.view(1, 1)], 1).DetachFromDisposeScope();
                     seen.Dispose();
                     seen = grown;
+                }
+                if (fused is not null && fused.CanStep(cache))
+                {
+                    logits = fused.Step(next.view(1, 1).to_type(ScalarType.Int64).contiguous(), cache).MoveToOuterDisposeScope();   // (1, V)
+                    continue;
                 }
                 var hidden = lm.Forward(lm.Embed(next.view(1, 1)), new DecoderInputs { Cache = cache });
                 logits = lm.Logits(hidden)[.., 0].MoveToOuterDisposeScope();

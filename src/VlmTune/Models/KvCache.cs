@@ -122,6 +122,24 @@ public sealed class KvCache : IDisposable
         _theta = theta;
     }
 
+    // Direct access for kernels that read and write the cache themselves (the fused CUDA decoder).
+    internal Tensor KeysOf(int layer) => _keys[layer];
+    internal Tensor ValuesOf(int layer) => _values[layer];
+    /// <summary>(B, capacity) int64 positions of the cached entries.</summary>
+    internal Tensor PositionsTensor => _positions;
+    /// <summary>The RoPE base the cached keys are rotated with (NaN while empty).</summary>
+    internal double Theta => _theta;
+
+    /// <summary>Grows the cache so that <paramref name="more"/> entries fit after the current ones.</summary>
+    internal void Reserve(long more) => EnsureCapacity(Length + more);
+
+    /// <summary>Counts <paramref name="t"/> entries (keys, values and positions) that a kernel wrote after the cached ones.</summary>
+    internal void AdvanceWritten(long t, double theta)
+    {
+        Length += t;
+        _theta = theta;
+    }
+
     /// <summary>Drops everything after the first <paramref name="length"/> entries (e.g. to reuse a shared prefix).</summary>
     public void Truncate(long length) => Length = Math.Min(Length, Math.Max(0, length));
 

@@ -1,0 +1,391 @@
+using System.Runtime.CompilerServices;
+using TorchSharp;
+using VlmTune.Cuda;
+using VlmTune.Distributed;
+using VlmTune.Models;
+using static TorchSharp.torch;
+using Linear = VlmTune.Models.Linear;
+using Parameter = TorchSharp.Modules.Parameter;
+
+namespace VlmTune.Inference;
+
+/// <summary>
+/// Launch shapes of the fused decode kernels (src/VlmTune/Cuda/Kernels/decode.cu); pure arithmetic, so it is tested on the CPU.
+/// </summary>
+public static class FusedDecodePlan
+{
+    /// <summary>Threads per GEMV block (8 warps).</summary>
+    public const int GemvBlock = 256;
+    /// <summary>Keys per attention split; also the attention block size.</summary>
+    public const int AttentionChunk = 128;
+    /// <summary>Largest batch one GEMV block serves; bigger batches add grid rows.</summary>
+    public const int MaxBatchBucket = 32;
+
+    /// <summary>The batch rows one GEMV kernel variant is compiled for: the next power of two, at most 32.</summary>
+    public static int BatchBucket(int batch)
+    {
+        if (batch < 1) throw new ArgumentOutOfRangeException(nameof(batch), batch, "must be ≥ 1");
+        int bucket = 1;
+        while (bucket < batch && bucket < MaxBatchBucket) bucket *= 2;
+        return bucket;
+    }
+
+    /// <summary>Output rows per warp: each lane holds rows × bucket fp32 accumulators, kept at ≤ 32 (4 rows for small batches).</summary>
+    public static int RowsPerWarp(int bucket) => Math.Clamp(32 / bucket, 1, 4);
+
+    /// <summary>Grid of a plain / residual GEMV with <paramref name="outFeatures"/> rows for <paramref name="batch"/> rows.</summary>
+    public static (uint X, uint Y, uint Z) GemvGrid(long outFeatures, int batch)
+    {
+        int bucket = BatchBucket(batch);
+        long warps = CeilDiv(outFeatures, RowsPerWarp(bucket));
+        return ((uint)CeilDiv(warps, GemvBlock / 32), (uint)CeilDiv(batch, bucket), 1);
+    }
+
+    /// <summary>Grid of the gated (w1, w3) GEMV: one warp per output feature.</summary>
+    public static (uint X, uint Y, uint Z) GatedGrid(long outFeatures, int batch) =>
+        ((uint)CeilDiv(outFeatures, GemvBlock / 32), (uint)CeilDiv(batch, BatchBucket(batch)), 1);
+
+    /// <summary>Warps of a tensor-core GEMV block (they split K between them).</summary>
+    public const int MmaWarps = 8;
+
+    /// <summary>
+    /// Whether a batch uses the tensor-core GEMV (mma.sync, sm_80+): from 8 rows on, where the CUDA-core kernel's
+    /// per-row FMAs and input unpacking start to cost more than streaming the weights. K must be a multiple of 32.
+    /// </summary>
+    public static bool UseTensorCores(int batch, (int Major, int Minor) arch, LlmConfig c) =>
+        BatchBucket(batch) >= 8 && arch.Major >= 8 && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
+
+    /// <summary>Grid of a tensor-core GEMV: one block per 16 output rows (per batch bucket).</summary>
+    public static (uint X, uint Y, uint Z) MmaGrid(long outFeatures, int batch) =>
+        ((uint)CeilDiv(outFeatures, 16), (uint)CeilDiv(batch, BatchBucket(batch)), 1);
+
+    /// <summary>Attention splits over <paramref name="keys"/> cached keys (the new one included).</summary>
+    public static int AttentionSplits(long keys) => (int)CeilDiv(keys, AttentionChunk);
+
+    /// <summary>Compile-time defines of the kernel module for a model's head shape and a batch bucket.</summary>
+    public static IReadOnlyDictionary<string, int> Defines(LlmConfig c, int bucket, int? gemvUnroll = null, int? mmaUnroll = null) => new Dictionary<string, int>
+    {
+        // More weight loads in flight per lane where a lane holds few accumulators (small batches).
+        ["GEMV_UNROLL"] = gemvUnroll ?? (bucket <= 4 ? 4 : 1),
+        ["MMA_UNROLL"] = mmaUnroll ?? 4,
+        ["HEAD_DIM"] = c.HeadDim,
+        ["GROUPS"] = c.KeyValueGroups,
+        ["MAXB"] = bucket,
+        ["ROWS"] = RowsPerWarp(bucket),
+        ["CHUNK"] = AttentionChunk,
+        ["MMA_WARPS"] = MmaWarps,
+    };
+
+    private static long CeilDiv(long a, long b) => (a + b - 1) / b;
+}
+
+/// <summary>
+/// One greedy/sampling decode step of InternLM2 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
+/// through the driver API, instead of ~40 TorchSharp ops per layer whose host overhead (60–80 µs each) dominates a
+/// decode step. Same numerics as the TorchSharp path: bf16 storage, fp32 accumulation, RMSNorm and softmax in fp32,
+/// bf16 rounding wherever the reference rounds. The TorchSharp path stays the reference and the fallback: models on the
+/// CPU, in fp32, with unmerged LoRA or NF4 weights, and sequences past the dynamic-NTK threshold are not handled here.
+/// </summary>
+public sealed class FusedDecoder
+{
+    /// <summary>Set to 0 to decode with TorchSharp ops only.</summary>
+    public const string DisableVariable = "VLMTUNE_FUSED_DECODE";
+    private const string Source = "decode.cu";
+
+    private static readonly ConditionalWeakTable<InternLM2ForCausalLM, Availability> Known = new();
+
+    private sealed record Availability(FusedDecoder? Decoder, string? Reason);
+
+    private readonly InternLM2ForCausalLM _lm;
+    private readonly LlmConfig _c;
+    private readonly int _ordinal;
+    private readonly object _gate = new();
+    private readonly Parameter[] _weights;   // the parameters whose pointers are cached, to notice a swap
+    private readonly LayerPointers[] _layers;
+    private readonly IntPtr _embedding, _finalNorm, _outputHead;
+    private readonly Tensor _invFreq;        // (d/2) fp32, as Rotary.InvFreq computes it
+    private readonly IntPtr _invFreqData;
+    private readonly float _positionDivisor;
+    private readonly (int Major, int Minor) _arch;
+    private Workspace? _workspace;
+
+    /// <summary>Diagnostics: VLMTUNE_FUSED_MMA=0 keeps the CUDA-core GEMV for every batch size.</summary>
+    internal static bool TensorCoresAllowed { get; set; } = Environment.GetEnvironmentVariable("VLMTUNE_FUSED_MMA") != "0";
+
+    /// <summary>
+    /// Diagnostics for timing: kernel groups to leave out (comma-separated: gemv, attention, norm, rope, all) via
+    /// VLMTUNE_FUSED_SKIP. The results are garbage; the step time then shows what the rest costs.
+    /// </summary>
+    internal static string[] SkipForProfiling { get; set; } =
+        (Environment.GetEnvironmentVariable("VLMTUNE_FUSED_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+
+    private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
+
+    private FusedDecoder(InternLM2ForCausalLM lm)
+    {
+        _lm = lm;
+        _c = lm.Config;
+        var device = lm.output.weight.device;
+        _ordinal = device.index < 0 ? 0 : device.index;
+        var m = lm.model;
+        _weights = [m.tok_embeddings.weight, m.norm.weight, lm.output.weight, .. m.layers.SelectMany(l => new[]
+        {
+            l.attention_norm.weight, l.attention.wqkv.weight, l.attention.wo.weight, l.ffn_norm.weight,
+            l.feed_forward.w1.weight, l.feed_forward.w3.weight, l.feed_forward.w2.weight,
+        })];
+        _embedding = TensorPointers.DataPointer(m.tok_embeddings.weight);
+        _finalNorm = TensorPointers.DataPointer(m.norm.weight);
+        _outputHead = TensorPointers.DataPointer(lm.output.weight);
+        _layers = m.layers.Select(l => new LayerPointers(
+            TensorPointers.DataPointer(l.attention_norm.weight), TensorPointers.DataPointer(l.attention.wqkv.weight),
+            TensorPointers.DataPointer(l.attention.wo.weight), TensorPointers.DataPointer(l.ffn_norm.weight),
+            TensorPointers.DataPointer(l.feed_forward.w1.weight), TensorPointers.DataPointer(l.feed_forward.w3.weight),
+            TensorPointers.DataPointer(l.feed_forward.w2.weight))).ToArray();
+        _invFreq = m.Rotary.InvFreq(_c.RopeTheta, device).contiguous().DetachFromDisposeScope();
+        _invFreqData = TensorPointers.DataPointer(_invFreq);
+        _positionDivisor = _c.RopeScaling is { Type: "linear", Factor: var f } ? (float)f : 1f;
+        _arch = CudaDriver.Shared.ComputeCapability(_ordinal);
+        // Compile the smallest variant now, so a missing or broken NVRTC shows up here and the caller falls back.
+        Module(1);
+    }
+
+    /// <summary>True unless VLMTUNE_FUSED_DECODE=0 (or false/off).</summary>
+    public static bool EnabledByEnvironment(string? value = null)
+    {
+        value ??= Environment.GetEnvironmentVariable(DisableVariable);
+        return value is null || !(value.Trim() is "0" or "false" or "False" or "FALSE" or "off" or "no");
+    }
+
+    /// <summary>Why this model cannot use the fused decoder (every reason at once); empty when it can.</summary>
+    public static IReadOnlyList<string> Problems(InternLM2ForCausalLM lm)
+    {
+        var problems = new List<string>();
+        var c = lm.Config;
+        var weight = lm.output.weight;
+        if (weight.device_type != DeviceType.CUDA) problems.Add($"the model is on {weight.device}, not CUDA");
+        var m = lm.model;
+        var linears = m.layers.SelectMany(l => new (string Name, Linear L)[]
+        {
+            ($"layers.{l.Index}.attention.wqkv", l.attention.wqkv), ($"layers.{l.Index}.attention.wo", l.attention.wo),
+            ($"layers.{l.Index}.feed_forward.w1", l.feed_forward.w1), ($"layers.{l.Index}.feed_forward.w3", l.feed_forward.w3),
+            ($"layers.{l.Index}.feed_forward.w2", l.feed_forward.w2),
+        }).Append((Name: "output", L: lm.output)).ToList();
+        var tensors = linears.Select(x => (Name: x.Name, T: (Tensor)x.L.weight))
+            .Append(("tok_embeddings", m.tok_embeddings.weight)).Append(("norm", m.norm.weight))
+            .Concat(m.layers.SelectMany(l => new[] { ($"layers.{l.Index}.attention_norm", (Tensor)l.attention_norm.weight), ($"layers.{l.Index}.ffn_norm", l.ffn_norm.weight) }));
+        var notBf16 = tensors.Where(t => t.Item2.dtype != ScalarType.BFloat16).Select(t => $"{t.Item1} ({t.Item2.dtype})").ToList();
+        if (notBf16.Count > 0) problems.Add($"weights are not bfloat16: {Summary(notBf16)}");
+        var notContiguous = tensors.Where(t => !t.Item2.is_contiguous()).Select(t => t.Item1).ToList();
+        if (notContiguous.Count > 0) problems.Add($"weights are not contiguous: {Summary(notContiguous)}");
+        var lora = linears.Where(x => x.L.HasLora).Select(x => x.Name).ToList();
+        if (lora.Count > 0) problems.Add($"unmerged LoRA on {Summary(lora)} (merge the adapter to decode fused)");
+        var custom = linears.Where(x => x.L.WeightProvider is not null || x.L.BaseForward is not null).Select(x => x.Name).ToList();
+        if (custom.Count > 0) problems.Add($"quantised or custom weights (e.g. NF4) on {Summary(custom)}");
+        if (linears.Any(x => x.L.bias is not null)) problems.Add("linear layers with bias");
+        if (c.HiddenAct != "silu") problems.Add($"hidden_act {c.HiddenAct} (silu only)");
+        if (c.HiddenSize % 8 != 0 || c.IntermediateSize % 8 != 0)
+            problems.Add($"hidden_size {c.HiddenSize} and intermediate_size {c.IntermediateSize} must be multiples of 8 (16-byte loads)");
+        int hd = c.HeadDim;
+        if (hd % 8 != 0 || hd > 256 || FusedDecodePlan.AttentionChunk % (hd / 8) != 0 || (c.KeyValueGroups + 2) * hd / 2 > 1024)
+            problems.Add($"head_dim {hd} with {c.KeyValueGroups} query heads per KV head (needs head_dim in 8…256 dividing 1024, (groups + 2)·head_dim ≤ 2048)");
+        if (c.NumAttentionHeads % c.NumKeyValueHeads != 0) problems.Add("num_attention_heads not a multiple of num_key_value_heads");
+        else if (c.KeyValueGroups > 8) problems.Add($"{c.KeyValueGroups} query heads per KV head (the attention kernel's shared memory holds at most 8)");
+        if (c.RopeScaling is { Type: not ("linear" or "dynamic") } rs) problems.Add($"rope_scaling type {rs.Type}");
+        return problems;
+    }
+
+    private static string Summary(List<string> names) => names.Count <= 3 ? string.Join(", ", names) : $"{string.Join(", ", names.Take(3))} and {names.Count - 3} more";
+
+    /// <summary>
+    /// The model's fused decoder (built and compiled once per model), or null with the reason: disabled by
+    /// <see cref="DisableVariable"/>, a model it does not handle, or CUDA libraries that are absent or fail.
+    /// A model that changes later (LoRA attached, weights replaced) is caught by <see cref="CanStep"/>.
+    /// </summary>
+    public static FusedDecoder? TryGet(InternLM2ForCausalLM lm, out string? reason)
+    {
+        if (!EnabledByEnvironment()) { reason = $"{DisableVariable}=0"; return null; }
+        var problems = Problems(lm);
+        if (problems.Count > 0) { reason = "not supported: " + string.Join("; ", problems); return null; }
+        var known = Known.GetValue(lm, model =>
+        {
+            try { return new Availability(new FusedDecoder(model), null); }
+            catch (CudaException e) { return new Availability(null, e.Message); }
+        });
+        reason = known.Reason;
+        return known.Decoder;
+    }
+
+    /// <summary>
+    /// Whether the next step over <paramref name="cache"/> can run fused: the model is unchanged since this decoder was
+    /// built, the cache is bf16 on CUDA, and the RoPE base is the configured one (a dynamic-NTK base change needs the TorchSharp path's re-rotation).
+    /// </summary>
+    public bool CanStep(KvCache cache)
+    {
+        if (!WeightsUnchanged()) return false;
+        var keys = cache.KeysOf(0);   // the kernels write bf16 keys/values in place
+        if (keys.dtype != ScalarType.BFloat16 || keys.device_type != DeviceType.CUDA || keys.shape[3] != _c.HeadDim) return false;
+        double theta = _lm.model.Rotary.Theta(cache.Length + 1);
+        if (theta != _c.RopeTheta) return false;
+        return double.IsNaN(cache.Theta) || cache.Theta == theta;
+    }
+
+    private bool WeightsUnchanged()
+    {
+        var m = _lm.model;
+        int i = 0;
+        bool Same(Parameter p) => ReferenceEquals(p, _weights[i++]);
+        if (!Same(m.tok_embeddings.weight) || !Same(m.norm.weight) || !Same(_lm.output.weight)) return false;
+        if (_lm.output.HasLora || _lm.output.WeightProvider is not null || _lm.output.BaseForward is not null) return false;
+        foreach (var l in m.layers)
+        {
+            if (!Same(l.attention_norm.weight) || !Same(l.attention.wqkv.weight) || !Same(l.attention.wo.weight) || !Same(l.ffn_norm.weight)
+                || !Same(l.feed_forward.w1.weight) || !Same(l.feed_forward.w3.weight) || !Same(l.feed_forward.w2.weight)) return false;
+            foreach (var lin in new[] { l.attention.wqkv, l.attention.wo, l.feed_forward.w1, l.feed_forward.w3, l.feed_forward.w2 })
+                if (lin.HasLora || lin.WeightProvider is not null || lin.BaseForward is not null) return false;
+        }
+        return true;
+    }
+
+    /// <summary>
+    /// Runs one decode step: embeds <paramref name="ids"/> (B, 1) int64, appends every layer's key/value at column
+    /// cache.Length, and returns the logits (B, V) in the model dtype. <paramref name="positions"/> (B, 1) int64 gives
+    /// each row's RoPE position (null: cache.Length for every row); <paramref name="firstColumn"/> (B) int32 each row's
+    /// first valid cache column (null: 0), for right-aligned batches whose shorter rows are left-padded.
+    /// Check <see cref="CanStep"/> first.
+    /// </summary>
+    public Tensor Step(Tensor ids, KvCache cache, Tensor? positions = null, Tensor? firstColumn = null)
+    {
+        int batch = (int)ids.shape[0];
+        if (ids.numel() != batch || ids.dtype != ScalarType.Int64 || ids.device_type != DeviceType.CUDA)
+            throw new ArgumentException($"ids must be (B, 1) int64 on CUDA, got ({string.Join(", ", ids.shape)}) {ids.dtype} on {ids.device}", nameof(ids));
+        if (cache.Batch != batch) throw new ArgumentException($"the cache holds {cache.Batch} rows, ids {batch}", nameof(cache));
+        if (positions is not null && (positions.numel() != batch || positions.dtype != ScalarType.Int64 || !positions.is_contiguous()))
+            throw new ArgumentException($"positions must be (B, 1) contiguous int64, got ({string.Join(", ", positions.shape)}) {positions.dtype}", nameof(positions));
+        if (firstColumn is not null && (firstColumn.numel() != batch || firstColumn.dtype != ScalarType.Int32 || !firstColumn.is_contiguous()))
+            throw new ArgumentException($"firstColumn must be (B) contiguous int32, got ({string.Join(", ", firstColumn.shape)}) {firstColumn.dtype}", nameof(firstColumn));
+        ids = ids.is_contiguous() ? ids : ids.contiguous();
+
+        lock (_gate)
+        {
+            var driver = CudaDriver.Shared;
+            driver.UsePrimaryContext(_ordinal);
+            cache.Reserve(1);
+            long col = cache.Length, total = col + 1, capacity = cache.Capacity;
+            int splits = FusedDecodePlan.AttentionSplits(total);
+            var ws = WorkspaceFor(batch, splits);
+            var module = Module(FusedDecodePlan.BatchBucket(batch));
+            var logits = empty(new long[] { batch, _c.VocabSize }, ScalarType.BFloat16, _lm.output.weight.device);
+
+            long d = _c.HiddenSize, hd = _c.HeadDim, kvh = _c.NumKeyValueHeads, heads = _c.NumAttentionHeads, inter = _c.IntermediateSize;
+            long qkvWidth = (heads + 2 * kvh) * hd;
+            float eps = (float)_c.RmsNormEps, scale = (float)(1.0 / Math.Sqrt(hd));
+            IntPtr x = ws.X, xn = ws.Xn;
+            long pos = positions is null ? 0 : TensorPointers.DataPointer(positions);
+            long first = firstColumn is null ? 0 : TensorPointers.DataPointer(firstColumn);
+            long cachePositions = TensorPointers.DataPointer(cache.PositionsTensor);
+
+            bool mma = TensorCoresAllowed && FusedDecodePlan.UseTensorCores(batch, _arch, _c);
+            IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"),
+                plain = module.Function(mma ? "mma_plain" : "gemv_plain"), residual = module.Function(mma ? "mma_residual" : "gemv_residual"),
+                gated = module.Function(mma ? "mma_gated" : "gemv_gated"), rope = module.Function("rope_append"),
+                split = module.Function("attention_split"), combine = module.Function("attention_combine");
+            uint rows = (uint)batch;
+            uint gemvBlock = (uint)(mma ? FusedDecodePlan.MmaWarps * 32 : FusedDecodePlan.GemvBlock);
+            (uint, uint, uint) Grid(long n) => mma ? FusedDecodePlan.MmaGrid(n, batch) : FusedDecodePlan.GemvGrid(n, batch);
+            var qkvGrid = Grid(qkvWidth);
+            var hiddenGrid = Grid(d);
+            var gatedGrid = mma ? FusedDecodePlan.MmaGrid(inter, batch) : FusedDecodePlan.GatedGrid(inter, batch);
+            uint ropeThreads = (uint)((_c.KeyValueGroups + 2) * hd / 2);
+            bool all = SkipForProfiling.Contains("all"), skipGemv = all || SkipForProfiling.Contains("gemv"),
+                skipAttention = all || SkipForProfiling.Contains("attention"), skipNorm = all || SkipForProfiling.Contains("norm"),
+                skipRope = all || SkipForProfiling.Contains("rope");
+
+            if (!all) driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
+            for (int i = 0; i < _layers.Length; i++)
+            {
+                var w = _layers[i];
+                long keys = TensorPointers.DataPointer(cache.KeysOf(i)), values = TensorPointers.DataPointer(cache.ValuesOf(i));
+                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps)]);
+                if (!skipGemv) driver.Launch(plain, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
+                if (!skipRope)
+                    driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
+                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity]);
+                if (!skipAttention)
+                {
+                    driver.Launch(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,
+                        [ws.Q, keys, values, first, ws.PartO, ws.PartMl, total, capacity, CudaDriver.Arg(scale)]);
+                    driver.Launch(combine, ((uint)heads, rows, 1), (uint)hd, 0, [ws.PartO, ws.PartMl, ws.Attn, splits]);
+                }
+                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Attn, w.Wo, x, x, batch, d, heads * hd]);
+                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.FfnNorm, xn, d, CudaDriver.Arg(eps)]);
+                if (!skipGemv) driver.Launch(gated, gatedGrid, gemvBlock, 0, [xn, w.W1, w.W3, ws.Act, batch, inter, d]);
+                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Act, w.W2, x, x, batch, d, inter]);
+            }
+            if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, _finalNorm, xn, d, CudaDriver.Arg(eps)]);
+            if (!skipGemv)
+                driver.Launch(plain, Grid(_c.VocabSize), gemvBlock, 0, [xn, _outputHead, TensorPointers.DataPointer(logits), batch, _c.VocabSize, d]);
+            cache.AdvanceWritten(1, _c.RopeTheta);
+            return logits;
+        }
+    }
+
+    /// <summary>Greedy ids (B, 1) int64 of logits (B, V) in the model dtype: the first maximum on ties, as argmax.</summary>
+    public Tensor Greedy(Tensor logits)
+    {
+        if (logits.dim() != 2 || logits.dtype != ScalarType.BFloat16 || !logits.is_contiguous())
+            throw new ArgumentException("logits must be (B, V) contiguous bfloat16", nameof(logits));
+        int batch = (int)logits.shape[0];
+        var ids = empty(new long[] { batch, 1 }, ScalarType.Int64, logits.device);
+        lock (_gate)
+        {
+            var driver = CudaDriver.Shared;
+            driver.UsePrimaryContext(_ordinal);
+            var module = Module(1);
+            driver.Launch(module.Function("argmax_rows"), ((uint)batch, 1, 1), 1024, 0,
+                [TensorPointers.DataPointer(logits), TensorPointers.DataPointer(ids), logits.shape[1]]);
+        }
+        return ids;
+    }
+
+    private KernelModule Module(int bucket) =>
+        KernelModule.Get(Source, _ordinal, FusedDecodePlan.Defines(_c, bucket, EnvironmentInt("VLMTUNE_FUSED_GEMV_UNROLL"), EnvironmentInt("VLMTUNE_FUSED_MMA_UNROLL")));
+
+    /// <summary>Diagnostics: unrolling overrides for tuning runs.</summary>
+    private static int? EnvironmentInt(string name) => int.TryParse(Environment.GetEnvironmentVariable(name), out var v) && v > 0 ? v : null;
+
+    /// <summary>Activations of one step, kept between steps (reallocated when the batch or the split count grows).</summary>
+    private Workspace WorkspaceFor(int batch, int splits)
+    {
+        if (_workspace is { } w && w.Batch == batch && w.Splits >= splits) return w;
+        _workspace?.Dispose();
+        // Room for more splits than needed now, so a growing sequence rarely reallocates.
+        _workspace = new Workspace(_c, batch, Math.Max(splits * 2, 16), _lm.output.weight.device);
+        return _workspace;
+    }
+
+    private sealed class Workspace : IDisposable
+    {
+        private readonly Tensor[] _tensors;
+        public int Batch { get; }
+        public int Splits { get; }
+        public IntPtr X, Xn, Qkv, Q, Attn, Act, PartO, PartMl;
+
+        public Workspace(LlmConfig c, int batch, int splits, Device device)
+        {
+            Batch = batch; Splits = splits;
+            long hd = c.HeadDim, heads = c.NumAttentionHeads;
+            Tensor Bf16(params long[] shape) => empty(shape, ScalarType.BFloat16, device).DetachFromDisposeScope();
+            Tensor F32(params long[] shape) => empty(shape, ScalarType.Float32, device).DetachFromDisposeScope();
+            _tensors =
+            [
+                Bf16(batch, c.HiddenSize), Bf16(batch, c.HiddenSize), Bf16(batch, (heads + 2 * c.NumKeyValueHeads) * hd),
+                Bf16(batch, heads, hd), Bf16(batch, heads * hd), Bf16(batch, c.IntermediateSize),
+                F32(batch, heads, splits, hd), F32(batch, heads, splits, 2),
+            ];
+            var p = _tensors.Select(TensorPointers.DataPointer).ToArray();
+            (X, Xn, Qkv, Q, Attn, Act, PartO, PartMl) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+        }
+
+        public void Dispose() { foreach (var t in _tensors) t.Dispose(); }
+    }
+}

@@ -1,0 +1,128 @@
+using TorchSharp;
+using VlmTune.Inference;
+using VlmTune.Models;
+using VlmTune.Tests.Cuda;
+using static TorchSharp.torch;
+
+namespace VlmTune.Tests.Inference;
+
+public class FusedDecoderTests
+{
+    private static InternLM2ForCausalLM Model(ScalarType dtype)
+    {
+        var lm = new InternLM2ForCausalLM(CudaLibraryTests.TinyConfig(), new ModelOptions { DType = dtype });
+        foreach (var p in lm.parameters()) { using var g = no_grad(); p.normal_(0, 0.02); }
+        return lm;
+    }
+
+    [Fact]
+    public void CpuFp32ModelIsNotSupportedAndSaysWhy()
+    {
+        using var lm = Model(ScalarType.Float32);
+        var problems = FusedDecoder.Problems(lm);
+        Assert.Contains(problems, p => p.Contains("not CUDA"));
+        Assert.Contains(problems, p => p.Contains("not bfloat16") && p.Contains("Float32"));
+        Assert.Null(FusedDecoder.TryGet(lm, out var reason));
+        Assert.StartsWith("not supported", reason);
+    }
+
+    [Fact]
+    public void Bf16ModelOnCpuFailsOnlyOnTheDevice()
+    {
+        using var lm = Model(ScalarType.BFloat16);
+        var problem = Assert.Single(FusedDecoder.Problems(lm));
+        Assert.Contains("not CUDA", problem);
+    }
+
+    [Fact]
+    public void UnmergedLoraAndQuantisedWeightsAreNotSupported()
+    {
+        using var lm = Model(ScalarType.BFloat16);
+        lm.model.layers[1].attention.wqkv.AddLora(4, 8, 0, ScalarType.BFloat16);
+        lm.model.layers[0].feed_forward.w2.WeightProvider = () => lm.model.layers[0].feed_forward.w2.weight;
+        var problems = FusedDecoder.Problems(lm);
+        Assert.Contains(problems, p => p.Contains("unmerged LoRA") && p.Contains("layers.1.attention.wqkv"));
+        Assert.Contains(problems, p => p.Contains("quantised") && p.Contains("layers.0.feed_forward.w2"));
+    }
+
+    [Fact]
+    public void UnsupportedHeadShapesAreReported()
+    {
+        var c = CudaLibraryTests.TinyConfig() with { HiddenSize = 60, NumAttentionHeads = 4, NumKeyValueHeads = 2 };   // head_dim 15
+        using var lm = new InternLM2ForCausalLM(c, new ModelOptions { DType = ScalarType.BFloat16 });
+        var problems = FusedDecoder.Problems(lm);
+        Assert.Contains(problems, p => p.Contains("head_dim 15"));
+        Assert.Contains(problems, p => p.Contains("multiples of 8"));
+    }
+
+    [Fact]
+    public void WideQueryGroupsAreReported()
+    {
+        var c = CudaLibraryTests.TinyConfig() with { HiddenSize = 256, NumAttentionHeads = 16, NumKeyValueHeads = 1 };   // 16 query heads per KV head
+        using var lm = new InternLM2ForCausalLM(c, new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains(FusedDecoder.Problems(lm), p => p.Contains("16 query heads per KV head"));
+    }
+
+    [Theory]
+    [InlineData(null, true)]
+    [InlineData("1", true)]
+    [InlineData("", true)]
+    [InlineData("0", false)]
+    [InlineData("false", false)]
+    [InlineData(" off ", false)]
+    public void EnvironmentSwitchTurnsItOff(string? value, bool enabled)
+    {
+        if (value is null) Assert.Equal(Environment.GetEnvironmentVariable(FusedDecoder.DisableVariable) is not ("0" or "false" or "off"), FusedDecoder.EnabledByEnvironment());
+        else Assert.Equal(enabled, FusedDecoder.EnabledByEnvironment(value));
+    }
+
+    [Fact]
+    public void EngineOptionDefaultsOn()
+    {
+        Assert.True(new EngineOptions().FusedDecode);
+        Assert.False((new EngineOptions() with { FusedDecode = false }).FusedDecode);
+    }
+
+    [Theory]
+    [InlineData(1, 1)]
+    [InlineData(2, 2)]
+    [InlineData(3, 4)]
+    [InlineData(8, 8)]
+    [InlineData(9, 16)]
+    [InlineData(32, 32)]
+    [InlineData(40, 32)]
+    public void BatchBuckets(int batch, int bucket) => Assert.Equal(bucket, FusedDecodePlan.BatchBucket(batch));
+
+    [Fact]
+    public void GemvGridsCoverEveryRowAndBatchRow()
+    {
+        // Batch 1: 4 rows per warp, 8 warps per block → 32 rows per block.
+        Assert.Equal(4, FusedDecodePlan.RowsPerWarp(1));
+        Assert.Equal((128u, 1u, 1u), FusedDecodePlan.GemvGrid(4096, 1));
+        // Batch 40: bucket 32 (1 row per warp), two bucket rows of the grid; the odd vocab rounds up.
+        Assert.Equal(1, FusedDecodePlan.RowsPerWarp(32));
+        Assert.Equal((11570u, 2u, 1u), FusedDecodePlan.GemvGrid(92553, 40));
+        Assert.Equal((1024u, 1u, 1u), FusedDecodePlan.GatedGrid(8192, 4));
+        Assert.Equal((5785u, 1u, 1u), FusedDecodePlan.MmaGrid(92553, 32));
+        Assert.Equal((128u, 2u, 1u), FusedDecodePlan.MmaGrid(2048, 33));
+        Assert.Throws<ArgumentOutOfRangeException>(() => FusedDecodePlan.BatchBucket(0));
+    }
+
+    [Fact]
+    public void TensorCoresFromBatch8OnAmpereAndLater()
+    {
+        var c = CudaLibraryTests.TinyConfig();
+        Assert.False(FusedDecodePlan.UseTensorCores(4, (9, 0), c));
+        Assert.True(FusedDecodePlan.UseTensorCores(5, (9, 0), c));    // bucket 8
+        Assert.True(FusedDecodePlan.UseTensorCores(32, (8, 0), c));
+        Assert.False(FusedDecodePlan.UseTensorCores(32, (7, 5), c));  // no bf16 mma before sm_80
+        Assert.False(FusedDecodePlan.UseTensorCores(32, (9, 0), c with { IntermediateSize = 168 }));   // K not a multiple of 32
+    }
+
+    [Theory]
+    [InlineData(1, 1)]
+    [InlineData(128, 1)]
+    [InlineData(129, 2)]
+    [InlineData(3401, 27)]
+    public void AttentionSplitsOf128Keys(long keys, int splits) => Assert.Equal(splits, FusedDecodePlan.AttentionSplits(keys));
+}
