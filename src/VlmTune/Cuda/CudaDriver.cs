@@ -28,6 +28,10 @@ public sealed unsafe class CudaDriver
     private readonly delegate* unmanaged<IntPtr, int, int, int> _funcSetAttribute;
     private readonly delegate* unmanaged<int, byte**, int> _getErrorName;
     private readonly delegate* unmanaged<int, byte**, int> _getErrorString;
+    private readonly delegate* unmanaged<IntPtr*, uint, int> _streamCreate;
+    private readonly delegate* unmanaged<IntPtr*, uint, int> _eventCreate;
+    private readonly delegate* unmanaged<IntPtr, IntPtr, int> _eventRecord;
+    private readonly delegate* unmanaged<IntPtr, IntPtr, uint, int> _streamWaitEvent;
 
     private readonly IntPtr[] _contexts = new IntPtr[64];
 
@@ -48,6 +52,10 @@ public sealed unsafe class CudaDriver
         _funcSetAttribute = (delegate* unmanaged<IntPtr, int, int, int>)Export("cuFuncSetAttribute");
         _getErrorName = (delegate* unmanaged<int, byte**, int>)Export("cuGetErrorName");
         _getErrorString = (delegate* unmanaged<int, byte**, int>)Export("cuGetErrorString");
+        _streamCreate = (delegate* unmanaged<IntPtr*, uint, int>)Export("cuStreamCreate");
+        _eventCreate = (delegate* unmanaged<IntPtr*, uint, int>)Export("cuEventCreate");
+        _eventRecord = (delegate* unmanaged<IntPtr, IntPtr, int>)Export("cuEventRecord");
+        _streamWaitEvent = (delegate* unmanaged<IntPtr, IntPtr, uint, int>)Export("cuStreamWaitEvent");
         Check(_init(0), "cuInit");
     }
 
@@ -148,6 +156,34 @@ public sealed unsafe class CudaDriver
             int r = _launchKernel(function, grid.X, grid.Y, grid.Z, block, 1, 1, sharedBytes, IntPtr.Zero, pointers, null);
             if (r != 0) Check(r, "cuLaunchKernel");
         }
+    }
+
+    /// <summary>The legacy default stream, where TorchSharp's kernels, ours and (given stream 0) NCCL's run.</summary>
+    public static IntPtr DefaultStream => IntPtr.Zero;
+
+    /// <summary>
+    /// A stream that does not implicitly wait for the legacy default stream (CU_STREAM_NON_BLOCKING), for work that
+    /// should run beside TorchSharp's kernels, e.g. gradient all-reduces; every hand-over is then an explicit event.
+    /// </summary>
+    public IntPtr CreateNonBlockingStream()
+    {
+        IntPtr stream;
+        Check(_streamCreate(&stream, 1), "cuStreamCreate");
+        return stream;
+    }
+
+    public IntPtr CreateEvent()
+    {
+        IntPtr e;
+        Check(_eventCreate(&e, 2 /* CU_EVENT_DISABLE_TIMING */), "cuEventCreate");
+        return e;
+    }
+
+    /// <summary>Work queued on <paramref name="waiter"/> from now on starts after what <paramref name="producer"/> has queued so far.</summary>
+    public void Order(IntPtr producer, IntPtr waiter, IntPtr scratchEvent)
+    {
+        Check(_eventRecord(scratchEvent, producer), "cuEventRecord");
+        Check(_streamWaitEvent(waiter, scratchEvent, 0), "cuStreamWaitEvent");
     }
 
     /// <summary>A float's bits in the low half of an argument slot.</summary>

@@ -18,7 +18,7 @@ namespace VlmTune.Distributed;
 public sealed partial class DataParallel : IDisposable
 {
     private readonly NcclCommunicator? _nccl;
-    private readonly CudaStreams? _cuda;
+    private readonly CudaDriver? _cuda;
     private readonly IntPtr _commStream, _event;
     private readonly Watchdog _watchdog;
     private readonly Action<string>? _log;
@@ -37,12 +37,13 @@ public sealed partial class DataParallel : IDisposable
     /// <summary>Buckets whose all-reduce was started during the last backward pass (overlapped), for the log.</summary>
     public int OverlappedBuckets { get; private set; }
 
-    private DataParallel(DistributedEnvironment env, TcpRendezvous rendezvous, NcclCommunicator? nccl, CudaStreams? cuda, TimeSpan timeout, Action<string>? log)
+    private DataParallel(DistributedEnvironment env, TcpRendezvous rendezvous, NcclCommunicator? nccl, CudaDriver? cuda, TimeSpan timeout, Action<string>? log)
     {
         Env = env; Rendezvous = rendezvous; _nccl = nccl; _cuda = cuda; _log = log;
         if (cuda is not null)
         {
-            _commStream = cuda.CreateStream();
+            cuda.UsePrimaryContext(0);
+            _commStream = cuda.CreateNonBlockingStream();
             _event = cuda.CreateEvent();
         }
         _watchdog = new Watchdog(this, timeout);
@@ -87,7 +88,7 @@ public sealed partial class DataParallel : IDisposable
             var library = NcclLibrary.Load();
             var id = rendezvous.Broadcast(env.IsMaster ? library.NewUniqueId() : null);
             var nccl = new NcclCommunicator(library, id, env.Rank, env.WorldSize);
-            return new DataParallel(env, rendezvous, nccl, CudaStreams.Load(0), timeout, log);
+            return new DataParallel(env, rendezvous, nccl, CudaDriver.Shared, timeout, log);
         }
         catch (Exception e) when (e is not DistributedException)
         {
@@ -156,7 +157,8 @@ public sealed partial class DataParallel : IDisposable
         _reduceInBackward = false;
         if (_nccl is null) { ReduceOverTcp(); return; }
         foreach (var b in _buckets.Where(b => !b.Launched)) Launch(b);
-        _cuda!.Order(_commStream, CudaStreams.DefaultStream, _event);   // stream 0 waits for every all-reduce
+        _cuda!.UsePrimaryContext(0);
+        _cuda.Order(_commStream, CudaDriver.DefaultStream, _event);   // stream 0 waits for every all-reduce
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         foreach (var b in _buckets) Unflatten(b.Flat!, b.Parameters);
@@ -176,7 +178,9 @@ public sealed partial class DataParallel : IDisposable
                 offset += n;
             }
         }
-        _cuda!.Order(CudaStreams.DefaultStream, _commStream, _event);   // the copies above are done before NCCL reads
+        // Possibly on autograd's thread: the driver needs the context current there.
+        _cuda!.UsePrimaryContext(0);
+        _cuda.Order(CudaDriver.DefaultStream, _commStream, _event);   // the copies above are done before NCCL reads
         _nccl!.AllReduce(bucket.Flat!, NcclReduceOp.Sum, _commStream);
         bucket.Launched = true;
     }
