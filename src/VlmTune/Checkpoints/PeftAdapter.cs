@@ -189,6 +189,9 @@ public static class PeftAdapter
         return config;
     }
 
+    /// <summary>The adapter file's name of the LoRA tensor named <paramref name="nameInScope"/> inside the adapted module.</summary>
+    public static string TensorName(string nameInScope) => Prefix + nameInScope;
+
     /// <summary>Copies every LoRA tensor of the file into the matching branch; all missing, unexpected or misshapen tensors are reported at once.</summary>
     public static void LoadWeights(nn.Module scope, SafetensorsFile file)
     {
@@ -201,15 +204,19 @@ public static class PeftAdapter
         WeightLoader.Copy(targets, file, requireAll: true, "the adapter does not fit the model (check r and target_modules in adapter_config.json)");
     }
 
-    /// <summary>Writes <paramref name="scope"/>'s LoRA branches as a PEFT adapter folder (each file atomically).</summary>
-    public static void Save(nn.Module scope, string dir, PeftAdapterConfig config)
+    /// <summary>
+    /// Writes <paramref name="scope"/>'s LoRA branches as a PEFT adapter folder (each file atomically).
+    /// <paramref name="exactValue"/> may supply, by the tensor's name inside <paramref name="scope"/>, a more precise
+    /// value than the module holds (the trainer's fp32 master of a bf16 weight); null keeps the module's.
+    /// </summary>
+    public static void Save(nn.Module scope, string dir, PeftAdapterConfig config, Func<string, Tensor?>? exactValue = null)
     {
         Directory.CreateDirectory(dir);
         var tensors = new List<KeyValuePair<string, Tensor>>();
         foreach (var (name, linear) in LoraLinears(scope).OrderBy(l => l.Name, StringComparer.Ordinal))
         {
-            tensors.Add(new($"{Prefix}{name}.lora_A.weight", linear.lora_A!.weight));
-            tensors.Add(new($"{Prefix}{name}.lora_B.weight", linear.lora_B!.weight));
+            tensors.Add(new($"{Prefix}{name}.lora_A.weight", exactValue?.Invoke($"{name}.lora_A.weight") ?? linear.lora_A!.weight));
+            tensors.Add(new($"{Prefix}{name}.lora_B.weight", exactValue?.Invoke($"{name}.lora_B.weight") ?? linear.lora_B!.weight));
         }
         if (tensors.Count == 0) throw new InvalidOperationException("the model has no LoRA branch to save.");
         SafetensorsWriter.Write(Path.Combine(dir, WeightsFile), tensors);

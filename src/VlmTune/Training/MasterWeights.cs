@@ -10,6 +10,8 @@ namespace VlmTune.Training;
 /// mixed-precision optimizers keep them: the optimizer updates the masters with the model's gradients widened to fp32,
 /// then the model's weights are rounded from the masters once per step. Small updates therefore accumulate instead of
 /// vanishing under bf16 rounding. fp32 parameters (LoRA, CPU runs) are their own master.
+/// With a master device (optimizer offload, QLoRA's paged optimizer done as ZeRO-Offload does it), every master lives
+/// in host memory: the GPU keeps only the model's weights and gradients, and AdamW runs on the CPU.
 /// </summary>
 public sealed class MasterWeights : IDisposable
 {
@@ -22,15 +24,15 @@ public sealed class MasterWeights : IDisposable
 
     private MasterWeights(IReadOnlyList<Pair> pairs) => Pairs = pairs;
 
-    public static MasterWeights Create(IEnumerable<(string Name, Parameter Param)> trainable)
+    public static MasterWeights Create(IEnumerable<(string Name, Parameter Param)> trainable, Device? masterDevice = null)
     {
         var pairs = new List<Pair>();
         foreach (var (name, p) in trainable)
         {
-            if (p.dtype == ScalarType.Float32) { pairs.Add(new Pair(name, p, p)); continue; }
+            if (p.dtype == ScalarType.Float32 && (masterDevice is null || masterDevice.type == p.device.type)) { pairs.Add(new Pair(name, p, p)); continue; }
             Parameter master;
             using (no_grad())
-                master = new Parameter(p.detach().to_type(ScalarType.Float32).DetachFromDisposeScope(), requires_grad: true);
+                master = new Parameter(p.detach().to_type(ScalarType.Float32).to(masterDevice ?? p.device).DetachFromDisposeScope(), requires_grad: true);
             master.DetachFromDisposeScope();
             pairs.Add(new Pair(name, p, master));
         }
@@ -48,7 +50,7 @@ public sealed class MasterWeights : IDisposable
         foreach (var pair in Pairs.Where(p => p.Distinct))
         {
             if (pair.Model.grad is not { } g) continue;
-            using (var wide = g.to_type(ScalarType.Float32))
+            using (var wide = g.to_type(ScalarType.Float32).to(pair.Master.device))
                 pair.Master.backward([wide]);      // a leaf's backward accumulates into its .grad
             using (no_grad()) g.zero_();
         }
@@ -67,13 +69,18 @@ public sealed class MasterWeights : IDisposable
         foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Model.grad?.zero_();
     }
 
-    /// <summary>Reads the masters (saved in fp32) from a checkpoint's trained weights and rounds them into the model.</summary>
-    public void Load(SafetensorsFile file)
+    /// <summary>
+    /// Reads the masters (saved in fp32) from a checkpoint file and rounds them into the model; <paramref name="nameInFile"/>
+    /// maps a parameter's name to the file's (PEFT adapters name tensors their own way), null for "not in this file".
+    /// </summary>
+    public void Load(SafetensorsFile file, Func<string, string?>? nameInFile = null)
     {
         using (no_grad())
-            foreach (var pair in Pairs.Where(p => p.Distinct && file.Contains(p.Name)))
+            foreach (var pair in Pairs.Where(p => p.Distinct))
             {
-                using var value = file.Read(pair.Name);
+                var key = nameInFile is null ? pair.Name : nameInFile(pair.Name);
+                if (key is null || !file.Contains(key)) continue;
+                using var value = file.Read(key);
                 pair.Master.copy_(value);
             }
         MastersToModel();

@@ -68,6 +68,11 @@ public sealed class TrainConfig
     public int ZeroStage { get; set; }
     /// <summary>Seconds a rank waits for the others (rendezvous, collectives, a step without progress) before the job ends.</summary>
     public int DistTimeoutS { get; set; } = 900;
+    /// <summary>
+    /// fp32 master weights and AdamW state in host memory, AdamW on the CPU (ZeRO-Offload; QLoRA's paged optimizer):
+    /// the GPU keeps only bf16 weights and gradients of what is trained.
+    /// </summary>
+    public bool OptimizerOffload { get; set; }
 
     // Outputs.
     public string? Name { get; set; }
@@ -131,6 +136,7 @@ public sealed class TrainConfig
         Enum<NanPolicy>("nan_policy", (c, v) => c.NanPolicy = v, c => c.NanPolicy),
         Int("zero_stage", (c, v) => c.ZeroStage = v, c => c.ZeroStage),
         Int("dist_timeout_s", (c, v) => c.DistTimeoutS = v, c => c.DistTimeoutS),
+        Bool("optimizer_offload", (c, v) => c.OptimizerOffload = v, c => c.OptimizerOffload),
         OptStr("name", (c, v) => c.Name = v, c => c.Name),
         OptStr("work_dir", (c, v) => c.WorkDir = v, c => c.WorkDir),
         Int("log_interval", (c, v) => c.LogInterval = v, c => c.LogInterval),
@@ -236,6 +242,8 @@ public sealed class TrainConfig
         if (Dtype is not ("auto" or "bf16" or "fp32")) p.Add($"'dtype': '{Dtype}' is not auto, bf16 or fp32");
         if (Device == "cpu" && Dtype == "bf16") p.Add("'dtype': bf16 training on CPU is not supported; use fp32 (or auto)");
         if (ZeroStage is not (0 or 1)) p.Add($"'zero_stage': must be 0 or 1 (ZeRO-1: optimizer state sharded over ranks), got {ZeroStage}");
+        if (OptimizerOffload && ZeroStage == 1) p.Add("'optimizer_offload': cannot be combined with zero_stage 1 (offloading already moves the whole optimizer state off the GPUs)");
+        if (OptimizerOffload && Device == "cpu") p.Add("'optimizer_offload': the optimizer already runs in host memory on device cpu");
         if (DistTimeoutS < 10) p.Add($"'dist_timeout_s': must be at least 10 seconds (got {DistTimeoutS})");
         if (LogInterval < 1) p.Add($"'log_interval': must be at least 1 (got {LogInterval})");
         if (SaveSteps < 0) p.Add($"'save_steps': must not be negative (got {SaveSteps})");

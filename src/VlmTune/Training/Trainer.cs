@@ -96,6 +96,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     private bool VisionTrainable => !Config.FreezeVision || Config.VisionLoraR > 0;
 
+    /// <summary>
+    /// LoRA weights are fp32 (PEFT), computed autocast in bf16 runs; with the optimizer offloaded they are held in the
+    /// model's dtype on the GPU and their fp32 masters in host memory.
+    /// </summary>
+    private ScalarType LoraDType => Config.OptimizerOffload ? _dtype : ScalarType.Float32;
+
     public void Setup()
     {
         _env = _options.Distributed ?? DistributedEnvironment.FromProcess();
@@ -170,8 +176,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 : "all-reduced after the backward pass (overlap needs gradient_checkpointing)";
             _log.Info($"gradients reduced in {_dp.BucketCount} buckets (one per decoder layer, one for the rest), {overlap}");
         }
-        _masters = MasterWeights.Create(optimized);
-        if (_masters.Any) _log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
+        _masters = MasterWeights.Create(optimized, Config.OptimizerOffload ? CPU : null);
+        if (Config.OptimizerOffload)
+            _log.Info($"optimizer offload: fp32 masters and AdamW state of {optimized.Sum(t => t.Param.numel()):N0} parameters in host memory, AdamW on the CPU");
+        else if (_masters.Any) _log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
         _optimizer = optim.AdamW(_masters.OptimizerParameters, Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
 
         if (resumeDir is not null) Resume(resumeDir);
@@ -265,7 +273,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 R = Config.LoraR, LoraAlpha = Config.LoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.LoraTargets,
                 BaseModelNameOrPath = Path.GetFullPath(Config.Model),
             };
-            var names = PeftAdapter.Attach(model.language_model, _llmLora);
+            var names = PeftAdapter.Attach(model.language_model, _llmLora, LoraDType);
             _log!.Info($"lora: r={Config.LoraR} alpha={Config.LoraAlpha} dropout={Config.LoraDropout} on {names.Count} LLM layers ({string.Join(", ", Config.LoraTargets)})");
         }
         if (Config.VisionLoraR > 0)
@@ -275,7 +283,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 R = Config.VisionLoraR, LoraAlpha = Config.VisionLoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.VisionLoraTargets,
                 BaseModelNameOrPath = Path.GetFullPath(Config.Model), TaskType = null,
             };
-            PeftAdapter.Attach(model.vision_model, _visionLora);
+            PeftAdapter.Attach(model.vision_model, _visionLora, LoraDType);
         }
         if (!Config.FreezeVision) foreach (var p in model.vision_model.parameters()) p.requires_grad_(true);
         if (!Config.FreezeProjector) foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
@@ -548,8 +556,10 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var gathered = new List<Tensor>();
         try
         {
-            if (IsMaster && _llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora);
-            if (IsMaster && _visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora);
+            // Adapters from the fp32 masters where the model holds a rounded copy (optimizer offload).
+            var exact = _masters!.Pairs.Where(p => p.Distinct).ToDictionary(p => p.Name, p => (Tensor)p.Master);
+            if (IsMaster && _llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora, n => exact.GetValueOrDefault("language_model." + n));
+            if (IsMaster && _visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora, n => exact.GetValueOrDefault("vision_model." + n));
             // Trained non-LoRA weights, from the fp32 masters where there are some (so a resume continues exactly).
             var full = TrainedMasters(gathered);
             if (IsMaster && full.Count > 0) TrainedWeights.Save(temp, full);
@@ -678,10 +688,19 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             throw new ConfigException(Config.Source, problems.Select(p => $"--resume {dir}: {p}").ToList());
 
         var model = Model;
+        static Func<string, string?> InAdapter(string part) => n => n.StartsWith(part, StringComparison.Ordinal) ? PeftAdapter.TensorName(n[part.Length..]) : null;
         if (_llmLora is not null)
-            using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.language_model, file);
+            using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile)))
+            {
+                PeftAdapter.LoadWeights(model.language_model, file);
+                _masters!.Load(file, InAdapter("language_model."));   // exact fp32 masters where the model rounds
+            }
         if (_visionLora is not null)
-            using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile))) PeftAdapter.LoadWeights(model.vision_model, file);
+            using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile)))
+            {
+                PeftAdapter.LoadWeights(model.vision_model, file);
+                _masters!.Load(file, InAdapter("vision_model."));
+            }
         if (_trainable.Any(t => !t.Name.Contains(".lora_")))
         {
             if (TrainedWeights.LoadIfPresent(model, dir) == 0)
