@@ -50,8 +50,10 @@ public sealed class MasterWeights : IDisposable
         foreach (var pair in Pairs.Where(p => p.Distinct))
         {
             if (pair.Model.grad is not { } g) continue;
-            using (var wide = g.to_type(ScalarType.Float32).to(pair.Master.device))
-                pair.Master.backward([wide]);      // a leaf's backward accumulates into its .grad
+            // Every temporary goes at once: left to the GC, a step's widened copies of 150M gradients stayed on the GPU.
+            // Moved first, widened after: an offloaded master gets half the bytes over PCIe.
+            using (var scope = NewDisposeScope())
+                pair.Master.backward([g.to(pair.Master.device).to_type(ScalarType.Float32)]);   // a leaf's backward accumulates into its .grad
             using (no_grad()) g.zero_();
         }
     }
@@ -60,6 +62,7 @@ public sealed class MasterWeights : IDisposable
     public void MastersToModel()
     {
         using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
         foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Model.copy_(pair.Master);
     }
 
