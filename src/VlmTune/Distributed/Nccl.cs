@@ -49,27 +49,14 @@ public sealed unsafe class NcclLibrary
     }
 
     /// <summary>
-    /// Where NCCL usually is: LD_LIBRARY_PATH; beside this app and its native runtimes; libtorch's folder
-    /// (LIBTORCH / TORCH_HOME style variables, and any LD_LIBRARY_PATH entry ending in torch/lib); PyTorch's wheel
-    /// layout site-packages/nvidia/nccl/lib next to site-packages/torch/lib.
+    /// Where NCCL usually is: the CUDA library search (LD_LIBRARY_PATH, beside this app, libtorch's folder and PyTorch's
+    /// wheel layout site-packages/nvidia/nccl/lib next to site-packages/torch/lib, CUDA_HOME, system folders), plus the
+    /// app's native runtimes folder.
     /// </summary>
-    public static IReadOnlyList<string> DefaultSearchDirectories(string? ldLibraryPath = null)
-    {
-        var dirs = new List<string>();
-        var ld = (ldLibraryPath ?? Environment.GetEnvironmentVariable("LD_LIBRARY_PATH") ?? "").Split(':', StringSplitOptions.RemoveEmptyEntries);
-        dirs.AddRange(ld);
-        dirs.Add(AppContext.BaseDirectory);
-        dirs.Add(System.IO.Path.Combine(AppContext.BaseDirectory, "runtimes", "linux-x64", "native"));
-        foreach (var v in new[] { "LIBTORCH", "LIBTORCH_PATH", "TORCH_INSTALL_PREFIX" })
-            if (Environment.GetEnvironmentVariable(v) is { Length: > 0 } root) { dirs.Add(root); dirs.Add(System.IO.Path.Combine(root, "lib")); }
-        foreach (var dir in ld.Append(AppContext.BaseDirectory))
-        {
-            var full = System.IO.Path.GetFullPath(dir).TrimEnd('/');
-            if (full.EndsWith("torch/lib", StringComparison.Ordinal))
-                dirs.Add(System.IO.Path.GetFullPath(System.IO.Path.Combine(full, "..", "..", "nvidia", "nccl", "lib")));
-        }
-        return dirs.Distinct().ToList();
-    }
+    public static IReadOnlyList<string> DefaultSearchDirectories(string? ldLibraryPath = null) =>
+        VlmTune.Cuda.NativeSearch.DefaultDirectories("nccl", ldLibraryPath)
+            .Append(System.IO.Path.Combine(AppContext.BaseDirectory, "runtimes", "linux-x64", "native"))
+            .Distinct().ToList();
 
     /// <summary>
     /// Loads NCCL from the first of <paramref name="searchDirectories"/> holding it, else (when
