@@ -21,7 +21,6 @@ public sealed partial class DataParallel : IDisposable
     private readonly CudaDriver? _cuda;
     private readonly IntPtr _commStream, _event;
     private readonly Watchdog _watchdog;
-    private readonly Action<string>? _log;
     private List<Bucket> _buckets = [];
     private Dictionary<int, Bucket> _layerBuckets = [];
     private volatile bool _reduceInBackward;
@@ -34,12 +33,10 @@ public sealed partial class DataParallel : IDisposable
     /// <summary>"nccl" or "tcp" (CPU tensors).</summary>
     public string Backend => _nccl is null ? "tcp" : "nccl";
     public int BucketCount => _buckets.Count;
-    /// <summary>Buckets whose all-reduce was started during the last backward pass (overlapped), for the log.</summary>
-    public int OverlappedBuckets { get; private set; }
 
-    private DataParallel(DistributedEnvironment env, TcpRendezvous rendezvous, NcclCommunicator? nccl, CudaDriver? cuda, TimeSpan timeout, Action<string>? log)
+    private DataParallel(DistributedEnvironment env, TcpRendezvous rendezvous, NcclCommunicator? nccl, CudaDriver? cuda, TimeSpan timeout)
     {
-        Env = env; Rendezvous = rendezvous; _nccl = nccl; _cuda = cuda; _log = log;
+        Env = env; Rendezvous = rendezvous; _nccl = nccl; _cuda = cuda;
         if (cuda is not null)
         {
             cuda.UsePrimaryContext(0);
@@ -78,17 +75,17 @@ public sealed partial class DataParallel : IDisposable
     private static partial void _exit(int status);
 
     /// <summary>Joins the job: rendezvous (every rank or a clear error), then NCCL on CUDA.</summary>
-    public static DataParallel Start(DistributedEnvironment env, Device device, TimeSpan timeout, Action<string>? log = null)
+    public static DataParallel Start(DistributedEnvironment env, Device device, TimeSpan timeout)
     {
         var rendezvous = TcpRendezvous.Connect(env, timeout);
         try
         {
-            if (device.type != DeviceType.CUDA) return new DataParallel(env, rendezvous, null, null, timeout, log);
+            if (device.type != DeviceType.CUDA) return new DataParallel(env, rendezvous, null, null, timeout);
             using (zeros(1, device: device)) { }   // the CUDA context exists before NCCL and the driver calls
             var library = NcclLibrary.Load();
             var id = rendezvous.Broadcast(env.IsMaster ? library.NewUniqueId() : null);
             var nccl = new NcclCommunicator(library, id, env.Rank, env.WorldSize);
-            return new DataParallel(env, rendezvous, nccl, CudaDriver.Shared, timeout, log);
+            return new DataParallel(env, rendezvous, nccl, CudaDriver.Shared, timeout);
         }
         catch (Exception e) when (e is not DistributedException)
         {
@@ -134,7 +131,6 @@ public sealed partial class DataParallel : IDisposable
     {
         _reduceInBackward = reduce && _nccl is not null;
         if (reduce) foreach (var b in _buckets) b.Launched = false;
-        OverlappedBuckets = 0;
     }
 
     /// <summary>
@@ -145,7 +141,6 @@ public sealed partial class DataParallel : IDisposable
     {
         if (!_reduceInBackward || !_layerBuckets.TryGetValue(layer, out var bucket) || bucket.Launched) return;
         Launch(bucket);
-        OverlappedBuckets++;
     }
 
     /// <summary>
