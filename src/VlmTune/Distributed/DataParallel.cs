@@ -43,7 +43,9 @@ public sealed partial class DataParallel : IDisposable
             _commStream = cuda.CreateNonBlockingStream();
             _event = cuda.CreateEvent();
         }
-        _watchdog = new Watchdog(this, timeout);
+        // Later than the rendezvous' own deadline: where a rank can still talk, rank 0's verdict naming the culprit
+        // comes first; the watchdog is the backstop for ranks stuck where nothing else can notice.
+        _watchdog = new Watchdog(this, timeout + TimeSpan.FromSeconds(Math.Max(15, timeout.TotalSeconds / 2)));
     }
 
     /// <summary>
@@ -307,7 +309,7 @@ public sealed partial class DataParallel : IDisposable
                 catch (DistributedException e) { why = e.Message; }
                 var idle = TimeSpan.FromMilliseconds(Environment.TickCount64 - Interlocked.Read(ref _lastBeat));
                 if (why is null && _armed && idle > _timeout)
-                    why = $"no training progress for {idle.TotalSeconds:0} s (dist_timeout_s {_timeout.TotalSeconds:0}): another rank is hung or died while this one waits in a collective";
+                    why = $"no training progress for {idle.TotalSeconds:0} s: this rank is stuck, most likely waiting in a collective for a rank that hung or died";
                 if (why is null) continue;
                 Console.Error.WriteLine($"error: rank {_owner.Rank}: {why}; ending the job (the last checkpoint is intact; resume with --resume auto)");
                 Console.Error.Flush();
