@@ -17,6 +17,9 @@ public static class Launcher
     /// <summary>How long the other ranks get to notice a failed rank and exit on their own (with their message) before they are killed.</summary>
     public static readonly TimeSpan FailureGrace = TimeSpan.FromSeconds(5);
 
+    /// <summary>Exit code of a rank (and of the job) stopped by a signal after saving its checkpoint.</summary>
+    public const int Interrupted = 130;
+
     /// <summary>The variables for local process <paramref name="localRank"/> (pure, for tests).</summary>
     public static Dictionary<string, string> ChildEnvironment(int localRank, int nprocPerNode, IReadOnlyDictionary<string, string?> parent, int freePort)
     {
@@ -121,7 +124,9 @@ public static class Launcher
             while (true)
             {
                 // The first rank (in rank order) seen to fail is reported, even if several ended between two looks.
-                var done = children.FirstOrDefault(c => c.HasExited && c.ExitCode != 0);
+                // After a stop signal, ranks that saved and exited as interrupted (130) have not failed.
+                bool stopping = Volatile.Read(ref signals) > 0;
+                var done = children.FirstOrDefault(c => c.HasExited && c.ExitCode != 0 && !(stopping && c.ExitCode == Interrupted));
                 if (done is not null)
                 {
                     int code = done.ExitCode;
@@ -133,7 +138,7 @@ public static class Launcher
                     foreach (var c in children) c.WaitForExit();
                     return code;
                 }
-                if (children.All(c => c.HasExited)) return 0;
+                if (children.All(c => c.HasExited)) return children.Any(c => c.ExitCode == Interrupted) ? Interrupted : 0;
                 Thread.Sleep(100);
             }
         }

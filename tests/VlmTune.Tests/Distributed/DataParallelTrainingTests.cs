@@ -134,6 +134,30 @@ public class DataParallelTrainingTests
     }
 
     [FixtureFact]
+    public async Task SigtermToTheLauncherStopsEveryRankAtTheSameIterationWithACheckpoint()
+    {
+        using var data = new TrainTestData(samples: 12);
+        string config = WriteConfig(data, "stop", "batch_size=2", "max_steps=400", "save_steps=0");
+        string work = Path.Combine(data.Dir, "stop");
+        using var job = CliProcess.Start(["train", config, "--set", $"work_dir={work}", "--nproc-per-node", "2"]);
+        Assert.True(await job.WaitForOutputAsync("Iter(train) [  3/400]", 120), job.Stdout + job.Stderr);
+        job.Signal(15);
+        int code = await job.WaitAsync(120);
+        Assert.True(code == 130, $"exit {code}\n{job.Stdout}\n{job.Stderr}");
+        Assert.DoesNotContain("error:", job.Stderr);
+        Assert.Contains("interrupted after", job.Stdout);
+        // Both ranks agreed on the stop: one checkpoint, complete, at an iteration both reached.
+        var checkpoint = Trainer.LatestCheckpoint(work);
+        Assert.NotNull(checkpoint);
+        Assert.True(File.Exists(Path.Combine(checkpoint, Trainer.StateFile)));
+        long stoppedAt = long.Parse(Path.GetFileName(checkpoint)["iter_".Length..]);
+        Assert.InRange(stoppedAt, 3, 399);
+        var resumed = await Train(config, work, 2, "--resume", "auto", "--set", $"max_steps={stoppedAt + 2}");
+        Assert.True(resumed.Code == 0, resumed.Err + resumed.Out);
+        Assert.Contains($"at iteration {stoppedAt}", resumed.Out);
+    }
+
+    [FixtureFact]
     public async Task AHungRankEndsTheJobWithinTheTimeout()
     {
         using var data = new TrainTestData(samples: 12);

@@ -74,6 +74,15 @@ public sealed class CliProcess : IDisposable
         _process.WaitForExit();
     }
 
+    /// <summary>Sends a POSIX signal (e.g. 15, SIGTERM) to the process.</summary>
+    public void Signal(int signal)
+    {
+        if (kill(_process.Id, signal) != 0) throw new InvalidOperationException($"kill({_process.Id}, {signal}) failed");
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc")]
+    private static extern int kill(int pid, int signal);
+
     /// <summary>Waits until the output contains <paramref name="text"/> (true) or the process exits or time runs out (false).</summary>
     public async Task<bool> WaitForOutputAsync(string text, int timeoutSeconds = 30)
     {
