@@ -73,9 +73,6 @@ public sealed partial class DataParallel : IDisposable
     [LibraryImport("libc", StringMarshalling = StringMarshalling.Utf8)]
     private static partial int setenv(string name, string value, int overwrite);
 
-    [LibraryImport("libc")]
-    private static partial void _exit(int status);
-
     /// <summary>Joins the job: rendezvous (every rank or a clear error), then NCCL on CUDA.</summary>
     public static DataParallel Start(DistributedEnvironment env, Device device, TimeSpan timeout)
     {
@@ -315,7 +312,7 @@ public sealed partial class DataParallel : IDisposable
                 Console.Error.Flush();
                 try { _owner.Rendezvous.Abort(why); } catch { }
                 try { _owner._nccl?.Abort(); } catch { }
-                _exit(3);
+                VlmTune.Diagnostics.ProcessExit.Now(3);
             }
         }
 

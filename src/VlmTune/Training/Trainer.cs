@@ -131,6 +131,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     private void SetupModelAndData(string? resumeDir)
     {
+        var log = _log!;
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);
@@ -141,14 +142,14 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         {
             ImageSize = _model.Config.ForceImageSize, MinTiles = Config.MinDynamicPatch, MaxTiles = Config.MaxDynamicPatch, UseThumbnail = Config.UseThumbnail,
         };
-        _encoder = new SampleEncoder(tokenizer, images, Counters, m => _log.Warning(m));
+        _encoder = new SampleEncoder(tokenizer, images, Counters, m => log.Warning(m));
 
-        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => _log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
+        _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
         if (_dataset.Samples.Count == 0)
             throw new VlmTuneException($"no usable training sample in {string.Join(", ", Config.Data)} ({Counters}); see the warnings above.");
         _plan = new BatchPlan(_dataset, Config.BatchSize, Config.Seed, Config.GroupByLength, Rank, WorldSize);
         TotalIterations = Config.MaxSteps ?? Config.MaxEpochs!.Value * _plan.BatchesPerEpoch;
-        _log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
+        log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
                   $"{TotalIterations} iterations, {(TotalIterations + Config.AccumulativeCounts - 1) / Config.AccumulativeCounts} optimizer steps; skipped so far: {Counters}");
 
         PrepareModel();
@@ -166,7 +167,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             {
                 _zero = ZeroPartition.Plan(_trainable.Select(t => (t.Name, t.Param.numel())).ToList(), WorldSize);
                 optimized = _trainable.Where(t => _zero.Owner[t.Name] == Rank).ToList();
-                _log.Info($"zero-1: rank {Rank} keeps the optimizer state of {optimized.Count} of {_trainable.Count} tensors " +
+                log.Info($"zero-1: rank {Rank} keeps the optimizer state of {optimized.Count} of {_trainable.Count} tensors " +
                           $"({optimized.Sum(t => t.Param.numel()):N0} parameters; load imbalance {_zero.Imbalance:F2})");
                 if (optimized.Count == 0)
                     throw new VlmTuneException($"zero_stage 1: rank {Rank} owns no trainable tensor ({_trainable.Count} tensors over {WorldSize} ranks); use zero_stage: 0.");
@@ -174,12 +175,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             string overlap = _dp.Backend != "nccl" ? "summed after the backward pass (CPU tensors)"
                 : Config.GradientCheckpointing ? "each all-reduced during the backward pass as soon as its layer is done"
                 : "all-reduced after the backward pass (overlap needs gradient_checkpointing)";
-            _log.Info($"gradients reduced in {_dp.BucketCount} buckets (one per decoder layer, one for the rest), {overlap}");
+            log.Info($"gradients reduced in {_dp.BucketCount} buckets (one per decoder layer, one for the rest), {overlap}");
         }
         _masters = MasterWeights.Create(optimized, Config.OptimizerOffload ? CPU : null);
         if (Config.OptimizerOffload)
-            _log.Info($"optimizer offload: fp32 masters and AdamW state of {optimized.Sum(t => t.Param.numel()):N0} parameters in host memory, AdamW on the CPU");
-        else if (_masters.Any) _log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
+            log.Info($"optimizer offload: fp32 masters and AdamW state of {optimized.Sum(t => t.Param.numel()):N0} parameters in host memory, AdamW on the CPU");
+        else if (_masters.Any) log.Info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
         _optimizer = optim.AdamW(_masters.OptimizerParameters, Config.Lr, Config.Betas[0], Config.Betas[1], 1e-8, Config.WeightDecay);
 
         if (resumeDir is not null) Resume(resumeDir);
@@ -556,12 +557,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var gathered = new List<Tensor>();
         try
         {
-            // Adapters from the fp32 masters where the model holds a rounded copy (optimizer offload).
-            var exact = _masters!.Pairs.Where(p => p.Distinct).ToDictionary(p => p.Name, p => (Tensor)p.Master);
-            if (IsMaster && _llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora, n => exact.GetValueOrDefault("language_model." + n));
-            if (IsMaster && _visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora, n => exact.GetValueOrDefault("vision_model." + n));
-            // Trained non-LoRA weights, from the fp32 masters where there are some (so a resume continues exactly).
-            var full = TrainedMasters(gathered);
+            // Everything from the fp32 masters (a master is the parameter itself where that is fp32), so the adapters of an
+            // offloaded optimizer and the trained non-LoRA weights resume exactly.
+            var masters = _masters!.Pairs.ToDictionary(p => p.Name, p => (Tensor)p.Master);
+            if (IsMaster && _llmLora is not null) PeftAdapter.Save(model.language_model, temp, _llmLora, n => masters.GetValueOrDefault("language_model." + n));
+            if (IsMaster && _visionLora is not null) PeftAdapter.Save(model.vision_model, Path.Combine(temp, VisionAdapterDir), _visionLora, n => masters.GetValueOrDefault("vision_model." + n));
+            var full = TrainedMasters(masters, gathered);
             if (IsMaster && full.Count > 0) TrainedWeights.Save(temp, full);
             if (_zero is not null) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerShardFile(Rank)));
             else if (IsMaster) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
@@ -592,9 +593,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     /// Name → fp32 value of every trained non-LoRA tensor. Under ZeRO-1 a master lives on its owner only, so each is
     /// broadcast from there (every rank takes part; the temporaries go into <paramref name="temporaries"/>).
     /// </summary>
-    private List<KeyValuePair<string, Tensor>> TrainedMasters(List<Tensor> temporaries)
+    private List<KeyValuePair<string, Tensor>> TrainedMasters(IReadOnlyDictionary<string, Tensor> masters, List<Tensor> temporaries)
     {
-        var masters = _masters!.Pairs.ToDictionary(p => p.Name, p => (Tensor)p.Master);
         var result = new List<KeyValuePair<string, Tensor>>();
         var transfers = new List<(Tensor, int)>();
         foreach (var (name, param) in _trainable.Where(t => !t.Name.Contains(".lora_")))
@@ -734,7 +734,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 /// Test aid for the failure handling of data-parallel jobs: VLMTUNE_TEST_FAULT=exit|hang:RANK:ITERATION makes that rank
 /// die (exit code 7, no cleanup, as a crash would) or stop responding when it reaches that iteration.
 /// </summary>
-internal static partial class InjectedFault
+internal static class InjectedFault
 {
     private static readonly (string Kind, int Rank, long Iteration)? Fault = Parse(Environment.GetEnvironmentVariable("VLMTUNE_TEST_FAULT"));
 
@@ -750,10 +750,7 @@ internal static partial class InjectedFault
         if (Fault is not { } f || f.Rank != rank || f.Iteration != iteration) return;
         Console.Error.WriteLine($"VLMTUNE_TEST_FAULT: rank {rank} {(f.Kind == "exit" ? "dies" : "hangs")} at iteration {iteration}");
         Console.Error.Flush();
-        if (f.Kind == "exit") _exit(7);
+        if (f.Kind == "exit") VlmTune.Diagnostics.ProcessExit.Now(7);
         Thread.Sleep(Timeout.Infinite);
     }
-
-    [System.Runtime.InteropServices.LibraryImport("libc")]
-    private static partial void _exit(int status);
 }
