@@ -30,21 +30,38 @@ public sealed class InternVLChatModel : nn.Module
         RegisterComponents();
     }
 
-    /// <summary>Image tiles (N, 3, 448, 448) → LLM-space image embeddings (N, 256, D).</summary>
+    /// <summary>Image tiles (N, 3, 448, 448) → LLM-space image embeddings (N, 256, D): <see cref="VisionFeatures"/> then <see cref="Project"/>.</summary>
     /// <param name="visionGrad">Build the autograd graph through the ViT (false: it runs under no_grad, as a frozen ViT should).</param>
     /// <param name="projectorGrad">Build the graph through mlp1.</param>
     public Tensor ExtractFeatures(Tensor pixels, bool visionGrad = true, bool projectorGrad = true)
     {
         using var scope = NewDisposeScope();
+        return Project(VisionFeatures(pixels, visionGrad), projectorGrad).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The vision tower's part: tiles (N, 3, 448, 448) → pixel-shuffled ViT features (N, 256, 4C), the projector's input.
+    /// What a frozen ViT gives for an image never changes, so training can cache this (Training/VisionFeatureCache).
+    /// </summary>
+    /// <param name="grad">Build the autograd graph through the ViT (false: it runs under no_grad).</param>
+    public Tensor VisionFeatures(Tensor pixels, bool grad = true)
+    {
+        using var scope = NewDisposeScope();
         Tensor vit;
-        using (visionGrad ? null : no_grad())
+        using (grad ? null : no_grad())
             vit = vision_model.Forward(pixels.to(Options.Device), Config.SelectLayer);
         vit = vit[.., 1.., ..];                                                       // drop CLS: (N, G·G, C)
         long n = vit.shape[0], g = (long)Math.Round(Math.Sqrt(vit.shape[1])), c = vit.shape[2];
         var shuffled = PixelShuffle(vit.reshape(n, g, g, c), Config.DownsampleRatio);
-        shuffled = shuffled.reshape(n, -1, shuffled.shape[^1]);                       // (N, 256, 4C)
-        using (projectorGrad ? null : no_grad())
-            return mlp1.forward(shuffled).MoveToOuterDisposeScope();
+        return shuffled.reshape(n, -1, shuffled.shape[^1]).MoveToOuterDisposeScope();  // (N, 256, 4C)
+    }
+
+    /// <summary>The mlp1 projector: pixel-shuffled ViT features (N, 256, 4C) → LLM-space embeddings (N, 256, D).</summary>
+    /// <param name="grad">Build the autograd graph through mlp1.</param>
+    public Tensor Project(Tensor visionFeatures, bool grad = true)
+    {
+        using (grad ? null : no_grad())
+            return mlp1.forward(visionFeatures.to(Options.Device));
     }
 
     /// <summary>Pixel shuffle v2: (N, W, H, C) → (N, W·r, H·r, C/r²), merging r⁻¹×r⁻¹ neighbours into channels.</summary>

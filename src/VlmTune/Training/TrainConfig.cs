@@ -56,6 +56,13 @@ public sealed class TrainConfig
     public bool GradientCheckpointing { get; set; } = true;
     public bool GroupByLength { get; set; } = true;
     public int DataloaderNumWorkers { get; set; } = 4;
+    /// <summary>
+    /// Store the frozen ViT's output per sample on disk on first use and reuse it in later epochs and resumed runs
+    /// (no image decoding, tiling or ViT for those samples). Needs a frozen vision tower without vision LoRA.
+    /// </summary>
+    public bool CacheVisionFeatures { get; set; }
+    /// <summary>Where the vision feature cache lives (null: &lt;work_dir&gt;/vision_cache). Several runs may share one.</summary>
+    public string? VisionCacheDir { get; set; }
     public int LossChunkSize { get; set; } = 1024;
     public int Seed { get; set; } = 42;
     public string Device { get; set; } = "cuda";
@@ -92,6 +99,7 @@ public sealed class TrainConfig
     public bool UsesLora => Mode != TrainMode.Full;
     public string RunName => Name ?? Path.GetFileNameWithoutExtension(Source);
     public string ResolvedWorkDir => WorkDir ?? Path.Combine("work_dirs", RunName);
+    public string ResolvedVisionCacheDir => VisionCacheDir ?? Path.Combine(ResolvedWorkDir, "vision_cache");
 
     private sealed record Field(string Key, string Kind, Func<TrainConfig, object?> Get, Func<TrainConfig, YamlNode, string?> Set);
 
@@ -129,6 +137,8 @@ public sealed class TrainConfig
         Bool("gradient_checkpointing", (c, v) => c.GradientCheckpointing = v, c => c.GradientCheckpointing),
         Bool("group_by_length", (c, v) => c.GroupByLength = v, c => c.GroupByLength),
         Int("dataloader_num_workers", (c, v) => c.DataloaderNumWorkers = v, c => c.DataloaderNumWorkers),
+        Bool("cache_vision_features", (c, v) => c.CacheVisionFeatures = v, c => c.CacheVisionFeatures),
+        OptStr("vision_cache_dir", (c, v) => c.VisionCacheDir = v, c => c.VisionCacheDir),
         Int("loss_chunk_size", (c, v) => c.LossChunkSize = v, c => c.LossChunkSize),
         Int("seed", (c, v) => c.Seed = v, c => c.Seed),
         Str("device", (c, v) => c.Device = v, c => c.Device),
@@ -236,6 +246,10 @@ public sealed class TrainConfig
         if (MaxSteps is < 1) p.Add($"'max_steps': must be at least 1 (got {MaxSteps})");
         if (MaxEpochs is < 1) p.Add($"'max_epochs': must be at least 1 (got {MaxEpochs})");
         if (DataloaderNumWorkers < 0) p.Add($"'dataloader_num_workers': must not be negative (got {DataloaderNumWorkers})");
+        if (CacheVisionFeatures && !FreezeVision)
+            p.Add("'cache_vision_features': the vision tower is trained (freeze_vision: false), so its features change every step and a cache would serve stale ones; set freeze_vision: true or cache_vision_features: false");
+        if (CacheVisionFeatures && VisionLoraR > 0)
+            p.Add($"'cache_vision_features': vision LoRA (vision_lora_r: {VisionLoraR}) trains the vision tower, so its features change every step and a cache would serve stale ones; set vision_lora_r: 0 or cache_vision_features: false");
         if (LossChunkSize < 1) p.Add($"'loss_chunk_size': must be at least 1 (got {LossChunkSize})");
         if (Device != "cpu" && Device != "cuda" && !System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]+$"))
             p.Add($"'device': '{Device}' is not cpu, cuda or cuda:N");
@@ -259,7 +273,7 @@ public sealed class TrainConfig
 
     private string ModeName => Mode.ToString().ToLowerInvariant();
 
-    /// <summary>A copy with the defaults that depend on other keys written out (name, work_dir, freeze_llm, dtype).</summary>
+    /// <summary>A copy with the defaults that depend on other keys written out (name, work_dir, freeze_llm, dtype, vision_cache_dir).</summary>
     public TrainConfig Resolved()
     {
         var c = (TrainConfig)MemberwiseClone();
@@ -267,6 +281,7 @@ public sealed class TrainConfig
         c.WorkDir = ResolvedWorkDir;
         c.FreezeLlm = LlmFrozen;
         if (Dtype == "auto") c.Dtype = Device == "cpu" ? "fp32" : "bf16";
+        if (CacheVisionFeatures) c.VisionCacheDir = ResolvedVisionCacheDir;
         c.Data = [.. Data]; c.LoraTargets = [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
         return c;
     }

@@ -39,7 +39,10 @@ public sealed class DataCounters
         $"bad records: {BadRecords}, broken images: {BrokenImages}, too long: {TooLong}, label mismatch: {LabelMismatch}, non-finite skipped: {NanSkipped}";
 }
 
-/// <summary>One sample ready for the model: token ids, labels and the pixels of its images' tiles.</summary>
+/// <summary>
+/// One sample ready for the model: token ids, labels and its images' tiles, either as pixels for the vision tower or,
+/// from the vision feature cache, as the tower's output.
+/// </summary>
 public sealed class EncodedSample(string id, int[] inputIds, int[] labels, Tensor? pixels, int tiles) : IDisposable
 {
     public string Id { get; } = id;
@@ -48,18 +51,33 @@ public sealed class EncodedSample(string id, int[] inputIds, int[] labels, Tenso
     /// <summary>(tiles, 3, 448, 448) fp32, or null for a text-only sample.</summary>
     public Tensor? Pixels { get; } = pixels;
     public int Tiles { get; } = tiles;
+    /// <summary>Pixel-shuffled ViT features (tiles, 256, 4C) from the vision feature cache; Pixels is then null.</summary>
+    public Tensor? CachedFeatures { get; init; }
+    /// <summary>The cache entry to store this sample's ViT features under (cache on, features not cached yet).</summary>
+    public VisionCacheEntry? StoreAs { get; init; }
 
-    public void Dispose() => Pixels?.Dispose();
+    public void Dispose()
+    {
+        Pixels?.Dispose();
+        CachedFeatures?.Dispose();
+    }
 }
 
 /// <summary>
 /// Turns samples into model inputs exactly as InternVL's training dataset does: each image decoded and tiled
 /// (dynamic_preprocess with the sample's max tiles, thumbnail), the conversation tokenised with labels masked by
-/// preprocess_internlm, image tokens expanded to 256 × tiles.
+/// preprocess_internlm, image tokens expanded to 256 × tiles. With a <see cref="VisionCache"/>, a sample whose images'
+/// features are cached is not decoded: it comes with those features instead of pixels.
 /// </summary>
 public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcessorOptions images, DataCounters counters, Action<string> warn)
 {
+    private long _imagesDecoded;
+
     public ConversationTokenizer Tokenizer { get; } = tokenizer;
+    /// <summary>Where frozen vision features are looked up (null: off).</summary>
+    public VisionFeatureCache? VisionCache { get; init; }
+    /// <summary>Images decoded and tiled by <see cref="Encode"/> so far (all threads).</summary>
+    public long ImagesDecoded => Interlocked.Read(ref _imagesDecoded);
 
     private ImageProcessorOptions OptionsFor(TrainingSample s) =>
         s.MaxDynamicPatch is { } max ? images with { MaxTiles = max } : images;
@@ -116,12 +134,27 @@ public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcesso
     public EncodedSample? Encode(TrainingSample s)
     {
         var options = OptionsFor(s);
+        string? cacheKey = null;
+        if (VisionCache is { } cache && s.Images.Count > 0)
+        {
+            // An image that cannot be read gives no key; decoding it below then skips the sample as usual.
+            try { cacheKey = cache.KeyFor(s.Images, options); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+            if (cacheKey is not null && cache.TryLoad(cacheKey, s.Images.Count) is (var cachedTiles, var features))
+            {
+                var hit = Tokenize(s, cachedTiles);
+                if (hit is null) { features.Dispose(); return null; }
+                CountMismatch(s, hit);
+                return new EncodedSample(s.Id, hit.InputIds, hit.Labels, null, cachedTiles.Sum()) { CachedFeatures = features };
+            }
+        }
         var processor = new ImageProcessor(options);
         var processed = new List<ProcessedImage>();
         try
         {
             foreach (var path in s.Images)
             {
+                Interlocked.Increment(ref _imagesDecoded);
                 try { processed.Add(processor.Process(path)); }
                 catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException)
                 {
@@ -130,25 +163,32 @@ public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcesso
                     return null;
                 }
             }
-            var tokenized = Tokenize(s, processed.Select(p => p.TileCount).ToList());
+            var tilesPerImage = processed.Select(p => p.TileCount).ToArray();
+            var tokenized = Tokenize(s, tilesPerImage);
             if (tokenized is null) return null;
-            if (tokenized.LabelsMaskedForMismatch)
-            {
-                counters.AddLabelMismatch();
-                warn($"sample {s.Id} ({s.Source}): tokenization mismatch, all labels masked (as the official code does)");
-            }
+            CountMismatch(s, tokenized);
             Tensor? pixels = processed.Count switch
             {
                 0 => null,
                 1 => processed[0].PixelValues.alias(),
                 _ => cat(processed.Select(p => p.PixelValues).ToList(), 0),
             };
-            return new EncodedSample(s.Id, tokenized.InputIds, tokenized.Labels, pixels, processed.Sum(p => p.TileCount));
+            return new EncodedSample(s.Id, tokenized.InputIds, tokenized.Labels, pixels, processed.Sum(p => p.TileCount))
+            {
+                StoreAs = cacheKey is null ? null : new VisionCacheEntry(cacheKey, tilesPerImage),
+            };
         }
         finally
         {
             foreach (var p in processed) p.Dispose();
         }
+    }
+
+    private void CountMismatch(TrainingSample s, TokenizedSample tokenized)
+    {
+        if (!tokenized.LabelsMaskedForMismatch) return;
+        counters.AddLabelMismatch();
+        warn($"sample {s.Id} ({s.Source}): tokenization mismatch, all labels masked (as the official code does)");
     }
 }
 
@@ -203,7 +243,12 @@ public sealed class TrainBatch : IDisposable
     public required long Iteration { get; init; }
     public required Tensor InputIds { get; init; }
     public required Tensor Labels { get; init; }
+    /// <summary>Tiles for the vision tower: every image's, or with the vision cache only those of samples it did not have.</summary>
     public Tensor? Pixels { get; init; }
+    /// <summary>Cached pixel-shuffled ViT features (tiles, 256, 4C) of the samples the vision cache had, in batch order.</summary>
+    public Tensor? CachedFeatures { get; init; }
+    /// <summary>Per sample with images, in batch order: where its features come from (<see cref="VisionSource"/>).</summary>
+    public IReadOnlyList<VisionSource> Vision { get; init; } = [];
     public required string[] SampleIds { get; init; }
     /// <summary>Tokens that are not padding.</summary>
     public required long Tokens { get; init; }
@@ -212,6 +257,8 @@ public sealed class TrainBatch : IDisposable
     public required int Skipped { get; init; }
 
     public bool IsEmpty => SampleIds.Length == 0;
+    /// <summary>Tiles the vision tower has to run on (those not served by the vision cache).</summary>
+    public int VisionTowerTiles => Tiles - Vision.Where(v => v.Cached).Sum(v => v.Tiles);
 
     public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId)
     {
@@ -228,12 +275,15 @@ public sealed class TrainBatch : IDisposable
                 labels[i * t + j] = samples[i].Labels[j];
             }
         var withPixels = samples.Where(s => s.Pixels is not null).Select(s => s.Pixels!).ToList();
+        var cached = samples.Where(s => s.CachedFeatures is not null).Select(s => s.CachedFeatures!).ToList();
         return new TrainBatch
         {
             Iteration = iteration,
             InputIds = tensor(ids, [b, t]),
             Labels = tensor(labels, [b, t]),
             Pixels = withPixels.Count == 0 ? null : cat(withPixels, 0),
+            CachedFeatures = cached.Count == 0 ? null : cat(cached, 0),
+            Vision = samples.Where(s => s.Tiles > 0).Select(s => new VisionSource(s.Tiles, s.CachedFeatures is not null, s.StoreAs)).ToArray(),
             SampleIds = samples.Select(s => s.Id).ToArray(),
             Tokens = samples.Sum(s => (long)s.InputIds.Length),
             Tiles = samples.Sum(s => s.Tiles),
@@ -243,9 +293,15 @@ public sealed class TrainBatch : IDisposable
 
     public void Dispose()
     {
-        InputIds.Dispose(); Labels.Dispose(); Pixels?.Dispose();
+        InputIds.Dispose(); Labels.Dispose(); Pixels?.Dispose(); CachedFeatures?.Dispose();
     }
 }
+
+/// <summary>
+/// Where one sample's image features come from: the next <paramref name="Tiles"/> rows of the batch's cached features,
+/// or of the vision tower's output over its pixels (then stored in the cache under <paramref name="StoreAs"/>, if set).
+/// </summary>
+public sealed record VisionSource(int Tiles, bool Cached, VisionCacheEntry? StoreAs);
 
 /// <summary>
 /// Which samples make each iteration's micro-batch: per epoch a length-grouped (or plain) seeded order, cut into

@@ -62,6 +62,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private InternVLChatModel? _model;
     private InternLM2Tokenizer? _tokenizer;
     private SampleEncoder? _encoder;
+    private VisionFeatureCache? _visionCache;
     private TrainDataset? _dataset;
     private BatchPlan? _plan;
     private OptimizerHelper? _optimizer;
@@ -86,6 +87,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     public DataCounters Counters { get; } = new();
     public InternVLChatModel Model => _model ?? throw new InvalidOperationException("call Setup() first.");
     public TrainDataset Dataset => _dataset ?? throw new InvalidOperationException("call Setup() first.");
+    public SampleEncoder Encoder => _encoder ?? throw new InvalidOperationException("call Setup() first.");
+    /// <summary>The vision feature cache (cache_vision_features), or null.</summary>
+    public VisionFeatureCache? VisionCache => _visionCache;
+    /// <summary>Image tiles this process ran through the vision tower (cached ones skip it).</summary>
+    public long VisionTowerTiles { get; private set; }
     public long TotalIterations { get; private set; }
     public long Iteration => _iteration;
     public string WorkDir => Path.GetFullPath(Config.ResolvedWorkDir);
@@ -142,7 +148,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         {
             ImageSize = _model.Config.ForceImageSize, MinTiles = Config.MinDynamicPatch, MaxTiles = Config.MaxDynamicPatch, UseThumbnail = Config.UseThumbnail,
         };
-        _encoder = new SampleEncoder(tokenizer, images, Counters, m => log.Warning(m));
+        if (Config.CacheVisionFeatures)
+        {
+            _visionCache = VisionFeatureCache.Open(Config.ResolvedVisionCacheDir, Config.Model, _model.Config, _dtype, m => log.Warning(m));
+            log.Info($"vision feature cache: {_visionCache.Directory} ({_visionCache.EntriesAtOpen} entries, {_visionCache.BytesAtOpen / 1048576.0:F1} MiB); " +
+                     $"the frozen ViT's features of each sample's images are stored on first use and reused (model fingerprint {_visionCache.ModelFingerprint[..12]})");
+        }
+        _encoder = new SampleEncoder(tokenizer, images, Counters, m => log.Warning(m)) { VisionCache = _visionCache };
 
         _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
         if (_dataset.Samples.Count == 0)
@@ -206,6 +218,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        if (Config.CacheVisionFeatures && File.Exists(Config.ResolvedVisionCacheDir))
+            problems.Add($"'vision_cache_dir': {Path.GetFullPath(Config.ResolvedVisionCacheDir)} is a file, not a folder");
         if (_env.IsDistributed && Config.Device.StartsWith("cuda:", StringComparison.Ordinal))
             problems.Add($"'device': {Config.Device} with {_env.WorldSize} processes; each rank uses its own GPU (LOCAL_RANK), so set device: cuda");
         if (Config.Device.StartsWith("cuda", StringComparison.Ordinal) && !cuda.is_available())
@@ -367,6 +381,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 losses.Add(loss);
                 double time = clock.Elapsed.TotalSeconds;
                 window.Add(time, dataTime, loss, tokens, tiles);
+                window.AddVision(batch.Vision);
                 progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
 
                 if (_iteration % Config.LogInterval == 0 || _iteration == TotalIterations)
@@ -378,6 +393,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
                         MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
                     log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
+                    if (_visionCache is { } vc)
+                        log.Info($"vision cache: {window.CachedSamples} of {window.ImageSamples} samples with images served from the cache{(WorldSize > 1 ? " on rank 0" : "")}; " +
+                                 $"{vc.Stored} entries stored this run; {vc.EntriesAtOpen + vc.Stored} entries, {(vc.BytesAtOpen + vc.StoredBytes) / 1048576.0:F1} MiB");
                     window = new Window();
                     gpuMemory?.Reset();
                 }
@@ -409,6 +427,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             // A resume of a finished run has nothing new to save; any run that trained writes its final state.
             if (_iteration > start || _lastCheckpoint is null) SaveCheckpoint();
             log.Info($"training finished: {_iteration} iterations, {_optimizerSteps} optimizer steps; skipped: {Counters}");
+            if (_visionCache is { } vc)
+                log.Info($"vision cache: {vc.Hits} of {vc.Hits + vc.Misses} samples with images came from the cache this run{(WorldSize > 1 ? " on rank 0" : "")}, " +
+                         $"{vc.Stored} entries stored ({vc.StoredBytes / 1048576.0:F1} MiB); the cache holds about {(vc.BytesAtOpen + vc.StoredBytes) / 1048576.0:F1} MiB in {vc.Directory}");
         }
         return new TrainResult
         {
@@ -427,11 +448,17 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private sealed class Window
     {
         public int Count; public double Time, DataTime, LossSum; public int LossCount; public long Tokens, Tiles;
+        public int ImageSamples, CachedSamples;
 
         public void Add(double time, double dataTime, double loss, long tokens, long tiles)
         {
             Count++; Time += time; DataTime += dataTime; Tokens += tokens; Tiles += tiles;
             if (double.IsFinite(loss)) { LossSum += loss; LossCount++; }
+        }
+
+        public void AddVision(IReadOnlyList<VisionSource> vision)
+        {
+            ImageSamples += vision.Count; CachedSamples += vision.Count(v => v.Cached);
         }
 
         public double MeanLoss => LossCount == 0 ? double.NaN : LossSum / LossCount;
@@ -455,7 +482,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         {
             var ids = batch.InputIds.to(_device);
             var labels = batch.Labels.to(_device);
-            Tensor? features = batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
+            var features = ImageEmbeddings(batch);
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
             var hidden = model.language_model.Forward(embeds, new DecoderInputs());
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
@@ -463,7 +490,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         bool localBad = localTokens > 0 && !double.IsFinite(value);
         double tokens = localTokens, lossSum = localTokens > 0 && !localBad ? value * localTokens : 0, bad = localBad ? 1 : 0;
-        long batchTokens = batch.Tokens, tiles = batch.Tiles;
+        long batchTokens = batch.Tokens, tiles = batch.VisionTowerTiles;   // MFU counts the ViT's work: cached tiles skip it
         if (_dp is not null)
         {
             var sums = _dp.SumOverRanks(tokens, lossSum, bad, cancel.IsCancellationRequested ? 1 : 0, batchTokens, tiles);
@@ -495,6 +522,37 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         BackwardScratch.Release();
         return (lossSum / tokens, batchTokens, tiles);
+    }
+
+    /// <summary>
+    /// The batch's image embeddings (tiles, 256, D) in prompt order. With the vision cache the ViT runs only on the
+    /// tiles of samples it did not have (their features are stored for next time), and the projector on all of them.
+    /// </summary>
+    private Tensor? ImageEmbeddings(TrainBatch batch)
+    {
+        var model = Model;
+        VisionTowerTiles += batch.VisionTowerTiles;
+        if (_visionCache is null)
+            return batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
+        if (batch.Vision.Count == 0) return null;
+        var computed = batch.Pixels is null ? null : model.VisionFeatures(batch.Pixels.to(_device).to_type(_dtype), grad: false);   // (tiles, 256, 4C)
+        var cached = batch.CachedFeatures?.to(_device);
+        var parts = new List<Tensor>();
+        long fromTower = 0, fromCache = 0;
+        foreach (var source in batch.Vision)
+        {
+            if (source.Cached)
+            {
+                parts.Add(cached!.narrow(0, fromCache, source.Tiles));
+                fromCache += source.Tiles;
+                continue;
+            }
+            var part = computed!.narrow(0, fromTower, source.Tiles);
+            fromTower += source.Tiles;
+            if (source.StoreAs is { } entry) _visionCache.Store(entry, part);
+            parts.Add(part);
+        }
+        return model.Project(parts.Count == 1 ? parts[0] : cat(parts, 0), grad: !Config.FreezeProjector);
     }
 
     /// <summary>Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping.</summary>
