@@ -135,11 +135,18 @@ public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcesso
     {
         var options = OptionsFor(s);
         string? cacheKey = null;
+        byte[][]? files = null;
         if (VisionCache is { } cache && s.Images.Count > 0)
         {
-            // An image that cannot be read gives no key; decoding it below then skips the sample as usual.
-            try { cacheKey = cache.KeyFor(s.Images, options); }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+            // Each image is read once: hashed for the key and, on a miss, decoded from the same bytes, so an entry always
+            // holds the features of the bytes it is keyed by. An unreadable image gives no key; decoding it below then
+            // skips the sample as usual.
+            try
+            {
+                files = s.Images.Select(File.ReadAllBytes).ToArray();
+                cacheKey = cache.KeyFor(files, options);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { files = null; }
             if (cacheKey is not null && cache.TryLoad(cacheKey, s.Images.Count) is (var cachedTiles, var features))
             {
                 var hit = Tokenize(s, cachedTiles);
@@ -152,10 +159,11 @@ public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcesso
         var processed = new List<ProcessedImage>();
         try
         {
-            foreach (var path in s.Images)
+            for (int i = 0; i < s.Images.Count; i++)
             {
+                string path = s.Images[i];
                 Interlocked.Increment(ref _imagesDecoded);
-                try { processed.Add(processor.Process(path)); }
+                try { processed.Add(files is null ? processor.Process(path) : processor.Process(files[i], path)); }
                 catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException)
                 {
                     counters.AddBrokenImage();

@@ -95,18 +95,13 @@ public sealed class VisionFeatureCache
         return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text.ToString())));
     }
 
-    /// <summary>The key of a sample's image list under these tiling options; reads every image file (not decoding it).</summary>
-    /// <exception cref="IOException">An image cannot be read.</exception>
-    public string KeyFor(IReadOnlyList<string> imagePaths, ImageProcessorOptions options)
+    /// <summary>The key of a sample's images (their encoded file bytes, in order) under these tiling options.</summary>
+    public string KeyFor(IReadOnlyList<byte[]> images, ImageProcessorOptions options)
     {
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         sha.AppendData(Encoding.UTF8.GetBytes(string.Create(CultureInfo.InvariantCulture,
-            $"{ModelFingerprint}\nimage_size={options.ImageSize} min_tiles={options.MinTiles} max_tiles={options.MaxTiles} thumbnail={options.UseThumbnail}\nimages={imagePaths.Count}\n")));
-        foreach (var path in imagePaths)
-        {
-            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
-            sha.AppendData(SHA256.HashData(stream));
-        }
+            $"{ModelFingerprint}\nimage_size={options.ImageSize} min_tiles={options.MinTiles} max_tiles={options.MaxTiles} thumbnail={options.UseThumbnail}\nimages={images.Count}\n")));
+        foreach (var bytes in images) sha.AppendData(SHA256.HashData(bytes));
         return Convert.ToHexStringLower(sha.GetHashAndReset());
     }
 

@@ -163,6 +163,8 @@ public sealed class VisionFeatureCacheTests
         Assert.Null(TrainConfig.Parse("model: m\ndata: d.jsonl\nwork_dir: w", "test.yaml").Resolved().VisionCacheDir);
     }
 
+    private static byte[][] Read(params string[] paths) => paths.Select(File.ReadAllBytes).ToArray();
+
     [FixtureFact]
     public void KeysChangeWithTheImagesTheTilingTheWeightsAndTheDtype()
     {
@@ -179,29 +181,29 @@ public sealed class VisionFeatureCacheTests
 
             var cache = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, _ => { });
             var options = new ImageProcessorOptions { MaxTiles = 6 };
-            string key = cache.KeyFor([png], options);
-            Assert.Equal(key, cache.KeyFor([png], options));                                   // deterministic
+            string key = cache.KeyFor(Read(png), options);
+            Assert.Equal(key, cache.KeyFor(Read(png), options));                                   // deterministic
             var keys = new[]
             {
                 key,
-                cache.KeyFor([jpg], options),
-                cache.KeyFor([png, jpg], options),
-                cache.KeyFor([jpg, png], options),
-                cache.KeyFor([png], options with { MaxTiles = 4 }),
-                cache.KeyFor([png], options with { MinTiles = 2 }),
-                cache.KeyFor([png], options with { UseThumbnail = false }),
-                cache.KeyFor([png], options with { ImageSize = 224 }),
+                cache.KeyFor(Read(jpg), options),
+                cache.KeyFor(Read(png, jpg), options),
+                cache.KeyFor(Read(jpg, png), options),
+                cache.KeyFor(Read(png), options with { MaxTiles = 4 }),
+                cache.KeyFor(Read(png), options with { MinTiles = 2 }),
+                cache.KeyFor(Read(png), options with { UseThumbnail = false }),
+                cache.KeyFor(Read(png), options with { ImageSize = 224 }),
             };
             Assert.Equal(keys.Length, keys.Distinct().Count());
 
-            // One byte of the image changes the key; its name does not matter (a copy shares the entry).
+            // One byte of the image changes the key; where it lies does not matter (a copy shares the entry).
             string copy = Path.Combine(dir, "copy.png");
             File.Copy(png, copy);
-            Assert.Equal(key, cache.KeyFor([copy], options));
+            Assert.Equal(key, cache.KeyFor(Read(copy), options));
             var bytes = File.ReadAllBytes(copy);
             bytes[^5] ^= 1;
             File.WriteAllBytes(copy, bytes);
-            Assert.NotEqual(key, cache.KeyFor([copy], options));
+            Assert.NotEqual(key, cache.KeyFor(Read(copy), options));
 
             // The model fingerprint: dtype, the vision config, the weight file's identity.
             string fingerprint = VisionFeatureCache.Fingerprint(model, config, ScalarType.Float32);
@@ -213,7 +215,7 @@ public sealed class VisionFeatureCacheTests
             File.SetLastWriteTimeUtc(weights, File.GetLastWriteTimeUtc(weights).AddSeconds(1));
             Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config, ScalarType.Float32));
             var other = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, _ => { });
-            Assert.NotEqual(key, other.KeyFor([png], options));
+            Assert.NotEqual(key, other.KeyFor(Read(png), options));
         }
         finally { Directory.Delete(dir, true); }
     }
