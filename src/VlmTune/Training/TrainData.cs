@@ -265,8 +265,6 @@ public sealed class TrainBatch : IDisposable
     public required int Skipped { get; init; }
 
     public bool IsEmpty => SampleIds.Length == 0;
-    /// <summary>Tiles the vision tower has to run on (those not served by the vision cache).</summary>
-    public int VisionTowerTiles => Tiles - Vision.Where(v => v.Cached).Sum(v => v.Tiles);
 
     public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId)
     {

@@ -92,6 +92,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     public VisionFeatureCache? VisionCache => _visionCache;
     /// <summary>Image tiles this process ran through the vision tower (cached ones skip it).</summary>
     public long VisionTowerTiles { get; private set; }
+    /// <summary>Samples with images this process trained on, and those of them whose features came from the vision cache.</summary>
+    public long ImageSamples { get; private set; }
+    public long ImageSamplesFromCache { get; private set; }
     public long TotalIterations { get; private set; }
     public long Iteration => _iteration;
     public string WorkDir => Path.GetFullPath(Config.ResolvedWorkDir);
@@ -337,6 +340,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         long start = _iteration;
         var runClock = Stopwatch.StartNew();
         var window = new Window();
+        (long Images, long FromCache) windowStart = (0, 0);
         double? lastGradNorm = null;
         var cycleSamples = new List<string>();
 
@@ -381,7 +385,6 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 losses.Add(loss);
                 double time = clock.Elapsed.TotalSeconds;
                 window.Add(time, dataTime, loss, tokens, tiles);
-                window.AddVision(batch.Vision);
                 progress?.Invoke(new TrainProgress(_iteration, TotalIterations, loss, lr));
 
                 if (_iteration % Config.LogInterval == 0 || _iteration == TotalIterations)
@@ -394,8 +397,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                         MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
                     log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
                     if (_visionCache is { } vc)
-                        log.Info($"vision cache: {window.CachedSamples} of {window.ImageSamples} samples with images served from the cache{(WorldSize > 1 ? " on rank 0" : "")}; " +
+                    {
+                        log.Info($"vision cache: {ImageSamplesFromCache - windowStart.FromCache} of {ImageSamples - windowStart.Images} samples with images served from the cache{(WorldSize > 1 ? " on rank 0" : "")}; " +
                                  $"{vc.Stored} entries stored this run; {vc.EntriesAtOpen + vc.Stored} entries, {(vc.BytesAtOpen + vc.StoredBytes) / 1048576.0:F1} MiB");
+                        windowStart = (ImageSamples, ImageSamplesFromCache);
+                    }
                     window = new Window();
                     gpuMemory?.Reset();
                 }
@@ -428,7 +434,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_iteration > start || _lastCheckpoint is null) SaveCheckpoint();
             log.Info($"training finished: {_iteration} iterations, {_optimizerSteps} optimizer steps; skipped: {Counters}");
             if (_visionCache is { } vc)
-                log.Info($"vision cache: {vc.Hits} of {vc.Hits + vc.Misses} samples with images came from the cache this run{(WorldSize > 1 ? " on rank 0" : "")}, " +
+                log.Info($"vision cache: {ImageSamplesFromCache} of {ImageSamples} samples with images came from the cache this run{(WorldSize > 1 ? " on rank 0" : "")}, " +
                          $"{vc.Stored} entries stored ({vc.StoredBytes / 1048576.0:F1} MiB); the cache holds about {(vc.BytesAtOpen + vc.StoredBytes) / 1048576.0:F1} MiB in {vc.Directory}");
         }
         return new TrainResult
@@ -448,17 +454,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private sealed class Window
     {
         public int Count; public double Time, DataTime, LossSum; public int LossCount; public long Tokens, Tiles;
-        public int ImageSamples, CachedSamples;
 
         public void Add(double time, double dataTime, double loss, long tokens, long tiles)
         {
             Count++; Time += time; DataTime += dataTime; Tokens += tokens; Tiles += tiles;
             if (double.IsFinite(loss)) { LossSum += loss; LossCount++; }
-        }
-
-        public void AddVision(IReadOnlyList<VisionSource> vision)
-        {
-            ImageSamples += vision.Count; CachedSamples += vision.Count(v => v.Cached);
         }
 
         public double MeanLoss => LossCount == 0 ? double.NaN : LossSum / LossCount;
@@ -478,11 +478,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         Tensor? loss = null;
         long localTokens = 0;
         double value = double.NaN;
+        long towerTiles = 0;
         if (!batch.IsEmpty)
         {
             var ids = batch.InputIds.to(_device);
             var labels = batch.Labels.to(_device);
-            var features = ImageEmbeddings(batch);
+            var features = ImageEmbeddings(batch, out towerTiles);
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
             var hidden = model.language_model.Forward(embeds, new DecoderInputs());
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
@@ -490,7 +491,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         bool localBad = localTokens > 0 && !double.IsFinite(value);
         double tokens = localTokens, lossSum = localTokens > 0 && !localBad ? value * localTokens : 0, bad = localBad ? 1 : 0;
-        long batchTokens = batch.Tokens, tiles = batch.VisionTowerTiles;   // MFU counts the ViT's work: cached tiles skip it
+        long batchTokens = batch.Tokens, tiles = towerTiles;   // MFU counts the ViT's work: cached tiles skip it
         if (_dp is not null)
         {
             var sums = _dp.SumOverRanks(tokens, lossSum, bad, cancel.IsCancellationRequested ? 1 : 0, batchTokens, tiles);
@@ -526,31 +527,65 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     /// <summary>
     /// The batch's image embeddings (tiles, 256, D) in prompt order. With the vision cache the ViT runs only on the
-    /// tiles of samples it did not have (their features are stored for next time), and the projector on all of them.
+    /// tiles of samples whose features are not cached (and stores them for next time); the projector runs on all.
     /// </summary>
-    private Tensor? ImageEmbeddings(TrainBatch batch)
+    /// <param name="towerTiles">Tiles the ViT ran on.</param>
+    private Tensor? ImageEmbeddings(TrainBatch batch, out long towerTiles)
     {
         var model = Model;
-        VisionTowerTiles += batch.VisionTowerTiles;
+        towerTiles = 0;
+        ImageSamples += batch.Vision.Count;
         if (_visionCache is null)
-            return batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
+        {
+            if (batch.Pixels is null) return null;
+            towerTiles = batch.Pixels.shape[0];
+            VisionTowerTiles += towerTiles;
+            return model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
+        }
         if (batch.Vision.Count == 0) return null;
-        var computed = batch.Pixels is null ? null : model.VisionFeatures(batch.Pixels.to(_device).to_type(_dtype), grad: false);   // (tiles, 256, 4C)
+
+        // Loader workers encode batches ahead, so a sample may have been encoded before an earlier batch stored its
+        // features: take them now rather than run the ViT again (it runs once per distinct image list).
+        var late = new Tensor?[batch.Vision.Count];
+        var towerRows = new List<long>();
+        long pixelRow = 0;
+        for (int i = 0; i < batch.Vision.Count; i++)
+        {
+            var source = batch.Vision[i];
+            if (source.Cached) continue;
+            late[i] = source.StoreAs is { } entry ? _visionCache.TryLoadStored(entry) : null;
+            if (late[i] is null) for (int t = 0; t < source.Tiles; t++) towerRows.Add(pixelRow + t);
+            pixelRow += source.Tiles;
+        }
+        Tensor? computed = null;
+        if (towerRows.Count > 0)
+        {
+            var pixels = towerRows.Count == pixelRow ? batch.Pixels! : batch.Pixels!.index_select(0, tensor(towerRows.ToArray()));
+            computed = model.VisionFeatures(pixels.to(_device).to_type(_dtype), grad: false);   // (tiles, 256, 4C)
+            towerTiles = towerRows.Count;
+            VisionTowerTiles += towerTiles;
+        }
         var cached = batch.CachedFeatures?.to(_device);
         var parts = new List<Tensor>();
-        long fromTower = 0, fromCache = 0;
-        foreach (var source in batch.Vision)
+        long fromCache = 0, fromTower = 0;
+        for (int i = 0; i < batch.Vision.Count; i++)
         {
+            var source = batch.Vision[i];
             if (source.Cached)
             {
                 parts.Add(cached!.narrow(0, fromCache, source.Tiles));
                 fromCache += source.Tiles;
+            }
+            else if (late[i] is { } stored) parts.Add(stored.to(_device));
+            else
+            {
+                var part = computed!.narrow(0, fromTower, source.Tiles);
+                fromTower += source.Tiles;
+                if (source.StoreAs is { } entry) _visionCache.Store(entry, part);
+                parts.Add(part);
                 continue;
             }
-            var part = computed!.narrow(0, fromTower, source.Tiles);
-            fromTower += source.Tiles;
-            if (source.StoreAs is { } entry) _visionCache.Store(entry, part);
-            parts.Add(part);
+            ImageSamplesFromCache++;
         }
         return model.Project(parts.Count == 1 ? parts[0] : cat(parts, 0), grad: !Config.FreezeProjector);
     }

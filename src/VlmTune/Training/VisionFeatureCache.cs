@@ -41,7 +41,7 @@ public sealed class VisionFeatureCache
     public long EntriesAtOpen { get; }
     public long BytesAtOpen { get; }
 
-    /// <summary>Samples whose features came from the cache / had to be computed (cache lookups that missed).</summary>
+    /// <summary>Lookups that found a usable entry / that did not (a sample found late by <see cref="TryLoadStored"/> counts both).</summary>
     public long Hits => Interlocked.Read(ref _hits);
     public long Misses => Interlocked.Read(ref _misses);
     /// <summary>Entries this process wrote, and their bytes.</summary>
@@ -140,6 +140,20 @@ public sealed class VisionFeatureCache
             _warn($"vision cache: ignoring unreadable {path} ({e.Message}); the features are computed again");
         }
         Interlocked.Increment(ref _misses);
+        return null;
+    }
+
+    /// <summary>
+    /// The features of <paramref name="entry"/> if its file exists now (written after the sample was encoded, by an
+    /// earlier batch or another rank), checked against the entry's tile counts; null otherwise, not counted as a miss again.
+    /// </summary>
+    public Tensor? TryLoadStored(VisionCacheEntry entry)
+    {
+        if (!File.Exists(PathOf(entry.Key))) return null;
+        if (TryLoad(entry.Key, entry.TilesPerImage.Length) is not (var tiles, var features)) return null;
+        if (tiles.SequenceEqual(entry.TilesPerImage)) return features;
+        features.Dispose();
+        _warn($"vision cache: ignoring {PathOf(entry.Key)}: it holds {string.Join(",", tiles)} tiles per image but the sample has {string.Join(",", entry.TilesPerImage)}");
         return null;
     }
 
