@@ -575,17 +575,20 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             {
                 parts.Add(cached!.narrow(0, fromCache, source.Tiles));
                 fromCache += source.Tiles;
+                ImageSamplesFromCache++;
             }
-            else if (late[i] is { } stored) parts.Add(stored.to(_device));
+            else if (late[i] is { } stored)
+            {
+                parts.Add(stored.to(_device));
+                ImageSamplesFromCache++;
+            }
             else
             {
                 var part = computed!.narrow(0, fromTower, source.Tiles);
                 fromTower += source.Tiles;
                 if (source.StoreAs is { } entry) _visionCache.Store(entry, part);
                 parts.Add(part);
-                continue;
             }
-            ImageSamplesFromCache++;
         }
         return model.Project(parts.Count == 1 ? parts[0] : cat(parts, 0), grad: !Config.FreezeProjector);
     }
