@@ -71,6 +71,9 @@ public sealed class InternLM2Model : nn.Module
         for (int i = 0; i < layers.Count; i++)
         {
             var next = LayerRunner is null ? layers[i].Forward(x, rope, inputs) : LayerRunner(layers[i], x, rope, inputs);
+            // Release our handle on the previous layer's output now (autograd keeps what it saved): with activation
+            // offloading nothing else holds it, and the GPU need not keep every layer's output until the last layer.
+            if (i > 0) x.Dispose();
             x = next;
         }
         inputs.Cache?.Advance(positions, rope.Theta);

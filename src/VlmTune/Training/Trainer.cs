@@ -156,7 +156,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
         _seeds = new DropoutSeeds(Config.Seed + Rank * 1_000_003L);
-        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady);
+        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady, Config.ActivationOffload);
         var optimized = _trainable;
         if (_dp is not null)
         {
@@ -264,8 +264,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         if (Config.Mode == TrainMode.Qlora)
         {
-            int n = Qlora.QuantizeLanguageModel(model.language_model);
+            int n = Qlora.QuantizeLanguageModel(model.language_model).Count;
             _log!.Info($"qlora: {n} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
+        }
+        if (Config.QuantizeVision)
+        {
+            int n = Qlora.QuantizeVisionModel(model.vision_model).Count;
+            _log!.Info($"quantize_vision: {n} ViT linear layers stored as NF4");
         }
         if (Config.UsesLora)
         {
@@ -326,6 +331,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         double? lastGradNorm = null;
         var cycleSamples = new List<string>();
 
+        if (gpuMemory is { Available: true })
+            log.Info($"memory column: {gpuMemory.SourceDescription}, MiB; {gpuMemory.CurrentBytes / (1024 * 1024)} MiB in use before the first step");
         log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize}{(WorldSize > 1 ? $" × {WorldSize} ranks" : "")} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
         using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers);
         try
@@ -418,8 +425,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     }
 
     /// <summary>
-    /// The log's memory column (MiB): on CUDA the peak device memory in use since the last log line (NVML: the caching
-    /// allocator's reserve included, as TorchSharp exposes no max_memory_allocated); on CPU the process's peak working set.
+    /// The log's memory column (MiB): on CUDA the peak since the last log line, of live tensor bytes under the
+    /// cudaMallocAsync allocator backend (mmengine's max_memory_allocated) and of device memory otherwise (see
+    /// <see cref="VlmTune.Diagnostics.GpuMemoryMonitor"/>); on CPU the process's peak working set.
     /// </summary>
     private static long MemoryMb(VlmTune.Diagnostics.GpuMemoryMonitor? gpu) =>
         (gpu?.PeakBytes ?? Process.GetCurrentProcess().PeakWorkingSet64) / (1024 * 1024);
