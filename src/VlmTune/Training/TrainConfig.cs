@@ -55,6 +55,11 @@ public sealed class TrainConfig
     public long? MaxSteps { get; set; }
     public bool GradientCheckpointing { get; set; } = true;
     public bool GroupByLength { get; set; } = true;
+    /// <summary>
+    /// Sequence packing (XTuner's key): each micro-batch's batch_size samples share rows of at most max_length tokens,
+    /// whole samples only, attention never crossing samples, instead of each sample padded to the longest.
+    /// </summary>
+    public bool PackToMaxLength { get; set; }
     public int DataloaderNumWorkers { get; set; } = 4;
     public int LossChunkSize { get; set; } = 1024;
     public int Seed { get; set; } = 42;
@@ -132,6 +137,7 @@ public sealed class TrainConfig
         OptLong("max_steps", (c, v) => c.MaxSteps = v, c => c.MaxSteps),
         Bool("gradient_checkpointing", (c, v) => c.GradientCheckpointing = v, c => c.GradientCheckpointing),
         Bool("group_by_length", (c, v) => c.GroupByLength = v, c => c.GroupByLength),
+        Bool("pack_to_max_length", (c, v) => c.PackToMaxLength = v, c => c.PackToMaxLength),
         Int("dataloader_num_workers", (c, v) => c.DataloaderNumWorkers = v, c => c.DataloaderNumWorkers),
         Int("loss_chunk_size", (c, v) => c.LossChunkSize = v, c => c.LossChunkSize),
         Int("seed", (c, v) => c.Seed = v, c => c.Seed),

@@ -152,6 +152,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
                   $"{TotalIterations} iterations, {(TotalIterations + Config.AccumulativeCounts - 1) / Config.AccumulativeCounts} optimizer steps; skipped so far: {Counters}");
 
+        if (Config.PackToMaxLength)
+        {
+            var packing = SequencePacker.Estimate(_plan, _dataset.Lengths, Config.MaxLength);
+            log.Info($"packing: the {Config.BatchSize} samples of each micro-batch share rows of at most max_length {Config.MaxLength} tokens; " +
+                      $"epoch 1{(WorldSize > 1 ? $" on rank {Rank}" : "")}: {packing.RowsPerBatch:0.00} rows per micro-batch, padding {100 * packing.PackedPadding:0.0}% of the token slots (unpacked {100 * packing.UnpackedPadding:0.0}%)");
+        }
+
         PrepareModel();
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
@@ -334,7 +341,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (gpuMemory is { Available: true })
             log.Info($"memory column: {gpuMemory.SourceDescription}, MiB; {gpuMemory.CurrentBytes / (1024 * 1024)} MiB in use before the first step");
         log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize}{(WorldSize > 1 ? $" × {WorldSize} ranks" : "")} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
-        using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers);
+        using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers,
+            Config.PackToMaxLength ? Config.MaxLength : null);
         try
         {
             while (_iteration < TotalIterations)
@@ -384,7 +392,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12 * WorldSize) : null;
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
                         MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
-                    log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
+                    log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}{(batch.Packing is { } rows ? $", packed rows: {rows.Rows}" : "")}");
                     window = new Window();
                     gpuMemory?.Reset();
                 }
@@ -465,7 +473,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             var labels = batch.Labels.to(_device);
             Tensor? features = batch.Pixels is null ? null : model.ExtractFeatures(batch.Pixels.to(_device).to_type(_dtype), visionGrad: VisionTrainable, projectorGrad: !Config.FreezeProjector);
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
-            var hidden = model.language_model.Forward(embeds, new DecoderInputs());
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
             if (localTokens > 0) value = loss.item<float>();
         }
