@@ -99,7 +99,8 @@ internal static class BenchCommand
             long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.model.tok_embeddings.weight.numel();
             long vitParams = model.vision_model.parameters().Sum(p => p.numel());
             foreach (var p in model.parameters()) p.requires_grad_(false);
-            if (mode == TrainMode.Qlora) Qlora.QuantizeLanguageModel(model.language_model);
+            string? nf4Check = null;
+            if (mode == TrainMode.Qlora) nf4Check = CheckNf4Kernel(Qlora.QuantizeLanguageModel(model.language_model));
             if (mode != TrainMode.Full)
                 PeftAdapter.Attach(model.language_model, new PeftAdapterConfig
                 {
@@ -163,9 +164,29 @@ internal static class BenchCommand
                 mfu_h100_bf16 = Math.Round(flops / perStep / 989e12, 4), loss = Math.Round(lastLoss, 4),
                 trainable_params = trainable.Sum(p => p.numel()),
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
+                peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
+                nf4_dequantize = nf4Check,
             }));
         }
         return 0;
+    }
+
+    /// <summary>The NF4 CUDA kernel against the tensor-op path on every quantised weight: bit-identical or not.</summary>
+    private static string? CheckNf4Kernel(IReadOnlyList<(string Name, Nf4Tensor Weight)> weights)
+    {
+        if (weights.Count == 0 || weights[0].Weight.Packed.device_type != DeviceType.CUDA) return null;
+        int identical = 0;
+        var differing = new List<string>();
+        foreach (var (name, w) in weights)
+        {
+            using var scope = NewDisposeScope();
+            var kernel = Nf4CudaDequantizer.TryDequantize(w, ScalarType.BFloat16);
+            if (kernel is null) return $"tensor ops ({Nf4CudaDequantizer.Unavailable ?? "kernel disabled"})";
+            var reference = w.DequantizeWithTensorOps(ScalarType.BFloat16);
+            if (kernel.to_type(ScalarType.Float32).eq(reference.to_type(ScalarType.Float32)).all().item<bool>()) identical++;   // bf16 → fp32 is exact
+            else differing.Add($"{name} (max |diff| {(kernel.to_type(ScalarType.Float32) - reference.to_type(ScalarType.Float32)).abs().max().item<float>():g})");
+        }
+        return $"cuda kernel: {identical}/{weights.Count} weights identical to the tensor-op path" + (differing.Count == 0 ? "" : "; differ: " + string.Join(", ", differing.Take(3)));
     }
 
     private static int Decode(ParseResult parse)
@@ -236,10 +257,12 @@ internal static class BenchCommand
                 decode_step_ms = Math.Round(decodeS / newTokens * 1000, 3),
                 decode_tokens_per_s = Math.Round(batch * newTokens / decodeS, 1),
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
+                peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
             }));
         }
         return 0;
     }
+
 
     /// <summary>
     /// Runs <paramref name="steps"/> steps of the TorchSharp decoder and of the fused one, each on its own copy of the

@@ -32,6 +32,10 @@ public sealed unsafe class CudaDriver
     private readonly delegate* unmanaged<IntPtr*, uint, int> _eventCreate;
     private readonly delegate* unmanaged<IntPtr, IntPtr, int> _eventRecord;
     private readonly delegate* unmanaged<IntPtr, IntPtr, uint, int> _streamWaitEvent;
+    // Stream-ordered allocator (CUDA 11.2+): optional, null on older drivers.
+    private readonly delegate* unmanaged<IntPtr*, int, int> _deviceGetDefaultMemPool;
+    private readonly delegate* unmanaged<IntPtr, int, void*, int> _memPoolGetAttribute;
+    private readonly delegate* unmanaged<IntPtr, int, void*, int> _memPoolSetAttribute;
 
     private readonly IntPtr[] _contexts = new IntPtr[64];
 
@@ -56,6 +60,10 @@ public sealed unsafe class CudaDriver
         _eventCreate = (delegate* unmanaged<IntPtr*, uint, int>)Export("cuEventCreate");
         _eventRecord = (delegate* unmanaged<IntPtr, IntPtr, int>)Export("cuEventRecord");
         _streamWaitEvent = (delegate* unmanaged<IntPtr, IntPtr, uint, int>)Export("cuStreamWaitEvent");
+        IntPtr Optional(string name) => NativeLibrary.TryGetExport(handle, name, out var p) ? p : IntPtr.Zero;
+        _deviceGetDefaultMemPool = (delegate* unmanaged<IntPtr*, int, int>)Optional("cuDeviceGetDefaultMemPool");
+        _memPoolGetAttribute = (delegate* unmanaged<IntPtr, int, void*, int>)Optional("cuMemPoolGetAttribute");
+        _memPoolSetAttribute = (delegate* unmanaged<IntPtr, int, void*, int>)Optional("cuMemPoolSetAttribute");
         Check(_init(0), "cuInit");
     }
 
@@ -184,6 +192,39 @@ public sealed unsafe class CudaDriver
     {
         Check(_eventRecord(scratchEvent, producer), "cuEventRecord");
         Check(_streamWaitEvent(waiter, scratchEvent, 0), "cuStreamWaitEvent");
+    }
+
+    /// <summary>CUmemPool_attribute values used here.</summary>
+    public enum MemoryPoolAttribute
+    {
+        ReservedMemCurrent = 5, ReservedMemHigh = 6, UsedMemCurrent = 7, UsedMemHigh = 8,
+    }
+
+    /// <summary>
+    /// Device <paramref name="ordinal"/>'s default memory pool: the one cudaMallocAsync allocates from, hence PyTorch's
+    /// caching allocator under PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync. Null where the driver predates pools.
+    /// </summary>
+    public IntPtr? DefaultMemoryPool(int ordinal)
+    {
+        if (_deviceGetDefaultMemPool == null || _memPoolGetAttribute == null) return null;
+        int dev;
+        IntPtr pool;
+        Check(_deviceGet(&dev, ordinal), "cuDeviceGet");
+        return _deviceGetDefaultMemPool(&pool, dev) == 0 ? pool : null;
+    }
+
+    public ulong GetAttribute(IntPtr pool, MemoryPoolAttribute attribute)
+    {
+        ulong value;
+        Check(_memPoolGetAttribute(pool, (int)attribute, &value), $"cuMemPoolGetAttribute({attribute})");
+        return value;
+    }
+
+    /// <summary>Resets a high-water mark (the driver accepts only 0 for them).</summary>
+    public void ResetHighWater(IntPtr pool, MemoryPoolAttribute attribute)
+    {
+        ulong zero = 0;
+        Check(_memPoolSetAttribute(pool, (int)attribute, &zero), $"cuMemPoolSetAttribute({attribute})");
     }
 
     /// <summary>A float's bits in the low half of an argument slot.</summary>

@@ -38,6 +38,11 @@ public sealed record DecoderInputs
     public KvCache? Cache { get; init; }
     /// <summary>(B, S) bool, true where a key (past + current) may be attended to (left padding in batches).</summary>
     public Tensor? KeyMask { get; init; }
+    /// <summary>
+    /// Training on packed rows: the samples each row holds. Positions restart per sample (unless
+    /// <see cref="PositionIds"/> is given) and attention never crosses samples. Not combinable with a cache or key mask.
+    /// </summary>
+    public PackedRows? Packing { get; init; }
 }
 
 public sealed class InternLM2Model : nn.Module
@@ -65,12 +70,17 @@ public sealed class InternLM2Model : nn.Module
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
         long past = inputs.Cache?.Length ?? 0;
-        var positions = inputs.PositionIds ?? arange(past, past + t, device: x.device).unsqueeze(0).expand(b, t);
-        var rope = Rotary.Tables(positions, past + t, x.dtype);
+        if (inputs.Packing is { } packing && (inputs.Cache is not null || inputs.KeyMask is not null || packing.Rows != b || packing.RowLength != t))
+            throw new ArgumentException($"packed rows ({packing.Rows} × {packing.RowLength}) need a full pass over (B, T) = ({b}, {t}) embeddings without cache or key mask.");
+        var positions = inputs.PositionIds ?? inputs.Packing?.PositionIds(x.device) ?? arange(past, past + t, device: x.device).unsqueeze(0).expand(b, t);
+        var rope = Rotary.Tables(positions, inputs.Packing?.LongestSample ?? past + t, x.dtype);
         inputs.Cache?.Rerotate(Rotary, rope.Theta);
         for (int i = 0; i < layers.Count; i++)
         {
             var next = LayerRunner is null ? layers[i].Forward(x, rope, inputs) : LayerRunner(layers[i], x, rope, inputs);
+            // Release our handle on the previous layer's output now (autograd keeps what it saved): with activation
+            // offloading nothing else holds it, and the GPU need not keep every layer's output until the last layer.
+            if (i > 0) x.Dispose();
             x = next;
         }
         inputs.Cache?.Advance(positions, rope.Theta);
@@ -136,7 +146,12 @@ public sealed class InternLM2Attention : nn.Module
         long s = k.shape[2];
 
         Tensor o;
-        if (t == 1)
+        if (inputs.Packing is { } packing)
+        {
+            k = RepeatKv(k, groups); v = RepeatKv(v, groups);                                    // (B, H, T, d)
+            o = Attention.ComputePacked(q, k, v, _kind, packing);
+        }
+        else if (t == 1)
         {
             // Decoding: fold each KV head's query group into the query axis, so K/V are read once and never repeated.
             var qg = q.view(b, kvh, groups, d);                                                  // (B, kvh, groups, d)

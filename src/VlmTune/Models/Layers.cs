@@ -238,4 +238,31 @@ internal static class Attention
         var probs = scores.softmax(-1, ScalarType.Float32).to_type(q.dtype);
         return matmul(probs, v).MoveToOuterDisposeScope();
     }
+
+    /// <summary>
+    /// Attention over packed rows, q/k/v: (R, H, T, d): causal within each sample of <paramref name="rows"/>, never across
+    /// samples; a row's padding tail gets zeros. One causal call per sample on its slice rather than one call with a
+    /// (T × T) block-diagonal mask: the slices keep SDPA's flash kernel on CUDA (a mask forces the memory-efficient or
+    /// math kernel) and cost Σ len² instead of T², exactly the work of the same samples unpacked.
+    /// </summary>
+    public static Tensor ComputePacked(Tensor q, Tensor k, Tensor v, AttentionKind kind, PackedRows rows)
+    {
+        using var scope = NewDisposeScope();
+        long t = q.shape[2];
+        var outputs = new List<Tensor>(rows.Rows);
+        for (int r = 0; r < rows.Rows; r++)
+        {
+            var parts = new List<Tensor>();
+            long start = 0;
+            foreach (var length in rows.SampleLengths[r])
+            {
+                Tensor Slice(Tensor x) => x.narrow(0, r, 1).narrow(2, start, length);          // (1, H, len, d)
+                parts.Add(Compute(Slice(q), Slice(k), Slice(v), kind, causalOffset: 0, keyMask: null));
+                start += length;
+            }
+            if (start < t) parts.Add(zeros(1, q.shape[1], t - start, v.shape[3], v.dtype, q.device));
+            outputs.Add(parts.Count == 1 ? parts[0] : cat(parts, 2));                           // (1, H, T, d)
+        }
+        return cat(outputs, 0).MoveToOuterDisposeScope();                                       // (R, H, T, d)
+    }
 }

@@ -7,7 +7,9 @@ namespace VlmTune.Training;
 /// <summary>
 /// Gradient (activation) checkpointing of InternLM2 decoder layers: the forward pass keeps only each layer's input;
 /// the backward pass runs the layer again with the same random state and backpropagates through it. Memory for
-/// activations drops from all layers to one, for about one extra forward pass of compute.
+/// activations drops from all layers to one, for about one extra forward pass of compute. With offloading, the kept
+/// inputs wait in pinned host memory instead (copied asynchronously, on the compute stream so no synchronisation is
+/// needed): the GPU then holds no per-layer activation at all between the forward and the backward pass.
 /// </summary>
 public static class ActivationCheckpointing
 {
@@ -16,7 +18,8 @@ public static class ActivationCheckpointing
     /// <paramref name="layerBackwardDone"/> is told (on autograd's thread) when a layer's backward has produced its
     /// weights' gradients: data parallelism starts reducing them then, while the layers below still run.
     /// </summary>
-    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds, Action<int>? layerBackwardDone = null)
+    /// <param name="offloadInputs">Keep each layer's input in (pinned) host memory until its backward pass.</param>
+    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds, Action<int>? layerBackwardDone = null, bool offloadInputs = false)
     {
         if (!enabled) { model.LayerRunner = null; return; }
         model.LayerRunner = (layer, x, rope, inputs) =>
@@ -26,11 +29,14 @@ public static class ActivationCheckpointing
             // layer's own trainable weights (LoRA) get gradients, as HF's enable_input_require_grads() arranges.
             if (!x.requires_grad) x = x.detach().requires_grad_(true);
             long seed = seeds.ForLayer(layer.Index);
-            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed, layerBackwardDone));
+            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed, layerBackwardDone, offloadInputs));
         };
     }
 
-    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed, Action<int>? BackwardDone);
+    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed, Action<int>? BackwardDone, bool Offload);
+
+    /// <summary>Holds a layer input copied to host memory (not a saved variable: autograd must not see it).</summary>
+    internal sealed record HostCopy(Tensor Value, Device Device);
 
     internal sealed class CheckpointedLayer : autograd.SingleTensorFunction<CheckpointedLayer>
     {
@@ -40,7 +46,15 @@ public static class ActivationCheckpointing
         {
             Tensor x = (Tensor)vars[0], cos = (Tensor)vars[1], sin = (Tensor)vars[2], positions = (Tensor)vars[3];
             var call = (LayerCall)vars[4];
-            ctx.save_for_backward([x, cos, sin, positions]);
+            if (call.Offload)
+            {
+                var host = empty(x.shape, x.dtype, CPU);
+                if (x.device_type == DeviceType.CUDA) host = host.pin_memory();
+                host.copy_(x, true);   // non-blocking
+                ctx.save_data("host", new HostCopy(host.DetachFromDisposeScope(), x.device));
+                ctx.save_for_backward([cos, sin, positions]);
+            }
+            else ctx.save_for_backward([x, cos, sin, positions]);
             ctx.save_data("call", call);
             manual_seed(call.Seed);
             return call.Layer.Forward(x, new RotaryTables(cos, sin, call.Theta, positions), call.Inputs);
@@ -50,14 +64,17 @@ public static class ActivationCheckpointing
         {
             var saved = ctx.get_saved_variables();
             var call = (LayerCall)ctx.get_data("call");
+            var host = call.Offload ? (HostCopy)ctx.get_data("host") : null;
             Tensor gradX;
             using (var scope = NewDisposeScope())
             {
                 using (enable_grad())
                 {
                     manual_seed(call.Seed);   // the same dropout masks as the forward pass
-                    var x = saved[0].detach().requires_grad_(true);
-                    var y = call.Layer.Forward(x, new RotaryTables(saved[1], saved[2], call.Theta, saved[3]), call.Inputs);
+                    var x = (host is null ? saved[0].detach() : host.Value.to(host.Device, non_blocking: true)).requires_grad_(true);
+                    host?.Value.Dispose();
+                    int t = host is null ? 1 : 0;   // saved: [x,] cos, sin, positions
+                    var y = call.Layer.Forward(x, new RotaryTables(saved[t], saved[t + 1], call.Theta, saved[t + 2]), call.Inputs);
                     y.backward([gradOutput]);
                     gradX = x.grad!.detach().MoveToOuterDisposeScope();
                 }

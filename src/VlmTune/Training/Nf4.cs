@@ -41,8 +41,20 @@ public sealed class Nf4Tensor : IDisposable
         return (scaled.view(-1)[..(int)blocks] + Offset).MoveToOuterDisposeScope();
     }
 
-    /// <summary>The dequantised weight in <paramref name="dtype"/> (default: the original dtype), on the storage device.</summary>
+    /// <summary>
+    /// The dequantised weight in <paramref name="dtype"/> (default: the original dtype), on the storage device. On CUDA
+    /// (bf16 / fp32) one kernel writes it directly (<see cref="Nf4CudaDequantizer"/>); elsewhere tensor ops do.
+    /// Both give the same bits.
+    /// </summary>
     public Tensor Dequantize(ScalarType? dtype = null)
+    {
+        var target = dtype ?? DType;
+        if (Nf4CudaDequantizer.TryDequantize(this, target) is { } fast) return fast;
+        return DequantizeWithTensorOps(target);
+    }
+
+    /// <summary>The portable path: ~19 bytes of temporaries per weight element, a dozen kernels.</summary>
+    public Tensor DequantizeWithTensorOps(ScalarType dtype)
     {
         using var scope = NewDisposeScope();
         var high = Packed.bitwise_right_shift(4);
@@ -52,12 +64,65 @@ public sealed class Nf4Tensor : IDisposable
         long blocks = (Count + Nf4.BlockSize - 1) / Nf4.BlockSize;
         var absmax = BlockAbsmax();
         var scaled = nn.functional.pad(values, [0, blocks * Nf4.BlockSize - Count]).view(blocks, Nf4.BlockSize) * absmax.unsqueeze(1);
-        return scaled.view(-1)[..(int)Count].view(Shape).to_type(dtype ?? DType).MoveToOuterDisposeScope();
+        return scaled.view(-1)[..(int)Count].view(Shape).to_type(dtype).MoveToOuterDisposeScope();
     }
 
     public void Dispose()
     {
         Packed.Dispose(); Absmax.Dispose(); Absmax2?.Dispose();
+    }
+}
+
+/// <summary>
+/// NF4 dequantisation on CUDA with our kernel (Cuda/Kernels/nf4.cu, compiled by NVRTC on first use): reads the packed
+/// codes once and writes the bf16/fp32 weight, where the tensor-op path allocates a dozen full-size temporaries per call
+/// (QLoRA dequantises every frozen linear twice per step, and again in the checkpointed recompute).
+/// VLMTUNE_NF4_KERNEL=0 turns it off; without NVRTC it falls back to tensor ops (warning once on stderr).
+/// </summary>
+public static class Nf4CudaDequantizer
+{
+    public const string DisableVariable = "VLMTUNE_NF4_KERNEL";
+    private static readonly object Gate = new();
+    private static readonly Dictionary<int, Tensor> DynamicMaps = new();
+    private static string? _unavailable;
+
+    /// <summary>Why the kernel is not used in this process, once it failed to load; null while it works.</summary>
+    public static string? Unavailable => _unavailable;
+
+    public static Tensor? TryDequantize(Nf4Tensor q, ScalarType dtype)
+    {
+        if (q.Packed.device_type != DeviceType.CUDA || dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || _unavailable is not null) return null;
+        if (!VlmTune.Inference.FusedDecoder.EnabledByEnvironment(Environment.GetEnvironmentVariable(DisableVariable))) return null;
+        int ordinal = q.Packed.device_index < 0 ? 0 : q.Packed.device_index;
+        VlmTune.Cuda.KernelModule module;
+        Tensor map;
+        try
+        {
+            module = VlmTune.Cuda.KernelModule.Get("nf4.cu", ordinal, new Dictionary<string, int>());
+            lock (Gate)
+            {
+                if (!DynamicMaps.TryGetValue(ordinal, out map!))
+                    DynamicMaps[ordinal] = map = Nf4.DynamicMap(q.Packed.device).DetachFromDisposeScope();
+            }
+        }
+        catch (VlmTune.Cuda.CudaException e)
+        {
+            _unavailable = e.Message;
+            Console.Error.WriteLine($"warning: NF4 CUDA kernel unavailable, dequantising with tensor ops: {e.Message}");
+            return null;
+        }
+        module.Driver.UsePrimaryContext(ordinal);
+        var output = empty(q.Shape, dtype, q.Packed.device);
+        long n = q.Count, bytes = (n + 1) / 2;
+        const int block = 256;
+        long P(Tensor? t) => t is null ? 0 : (long)VlmTune.Distributed.TensorPointers.DataPointer(t);
+        var kernel = module.Function(dtype == ScalarType.BFloat16 ? "nf4_dequantize_bf16" : "nf4_dequantize_f32");
+        module.Driver.Launch(kernel, ((uint)((bytes + block - 1) / block), 1, 1), block, 0,
+        [
+            P(q.Packed), q.DoubleQuantized ? 0 : P(q.Absmax), q.DoubleQuantized ? P(q.Absmax) : 0,
+            P(map), P(q.Absmax2), VlmTune.Cuda.CudaDriver.Arg(q.Offset), P(output), n,
+        ]);
+        return output;
     }
 }
 

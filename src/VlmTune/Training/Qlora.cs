@@ -3,21 +3,23 @@ using VlmTune.Models;
 
 namespace VlmTune.Training;
 
-/// <summary>QLoRA's base model: the LLM's decoder linear weights in NF4; embeddings, norms and the output head untouched.</summary>
+/// <summary>
+/// QLoRA's base model: the LLM's decoder linear weights in NF4; embeddings, norms and the output head untouched.
+/// Optionally the frozen ViT's linears too (XTuner's quantization_vit).
+/// </summary>
 public static class Qlora
 {
     /// <summary>
     /// Quantises every linear layer inside the decoder layers (wqkv, wo, w1, w2, w3) to NF4 with double quantisation,
-    /// as transformers' load_in_4bit does (it keeps the output head in full precision). Returns how many were quantised.
+    /// as transformers' load_in_4bit does (it keeps the output head in full precision). Returns the NF4 weights by layer name.
     /// </summary>
-    public static int QuantizeLanguageModel(InternLM2ForCausalLM llm, bool doubleQuant = true)
-    {
-        int count = 0;
-        foreach (var (_, linear) in PeftAdapter.Linears(llm.model.layers))
-        {
-            Nf4.QuantizeLinear(linear, doubleQuant);
-            count++;
-        }
-        return count;
-    }
+    public static IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizeLanguageModel(InternLM2ForCausalLM llm, bool doubleQuant = true) =>
+        PeftAdapter.Linears(llm.model.layers).Select(x => (x.Item1, Nf4.QuantizeLinear(x.Item2, doubleQuant))).ToList();
+
+    /// <summary>
+    /// Quantises every linear layer of the vision encoder (attention qkv/proj, MLP fc1/fc2) to NF4, as XTuner's
+    /// quantization_vit does; the patch embedding (a convolution) and norms stay. Only for a frozen ViT.
+    /// </summary>
+    public static IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizeVisionModel(InternVisionModel vit, bool doubleQuant = true) =>
+        PeftAdapter.Linears(vit.encoder).Select(x => (x.Item1, Nf4.QuantizeLinear(x.Item2, doubleQuant))).ToList();
 }

@@ -1,5 +1,6 @@
 using System.Threading.Channels;
 using VlmTune.Data;
+using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Vision;
 using static TorchSharp.torch;
@@ -245,12 +246,17 @@ public sealed class TrainDataset
     }
 }
 
-/// <summary>A padded micro-batch: (B, T) ids and labels (right-padded), the tiles of all its images, and where they came from.</summary>
+/// <summary>
+/// A padded micro-batch: (B, T) ids and labels (right-padded), the tiles of all its images, and where they came from.
+/// Packed (<see cref="Packing"/> set), B counts rows, each holding whole samples back to back.
+/// </summary>
 public sealed class TrainBatch : IDisposable
 {
     public required long Iteration { get; init; }
     public required Tensor InputIds { get; init; }
     public required Tensor Labels { get; init; }
+    /// <summary>Where the samples lie in packed rows; null for one sample per row.</summary>
+    public PackedRows? Packing { get; init; }
     /// <summary>Tiles for the vision tower: every image's, or with the vision cache only those of samples it did not have.</summary>
     public Tensor? Pixels { get; init; }
     /// <summary>Cached pixel-shuffled ViT features (tiles, 256, 4C) of the samples the vision cache had, in batch order.</summary>
@@ -266,8 +272,13 @@ public sealed class TrainBatch : IDisposable
 
     public bool IsEmpty => SampleIds.Length == 0;
 
-    public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId)
+    /// <param name="packTokens">
+    /// null: one sample per row. Otherwise the samples are packed, in order, into as few rows of at most this many tokens
+    /// as next-fit gives (see <see cref="SequencePacker"/>).
+    /// </param>
+    public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int? packTokens = null)
     {
+        if (packTokens is { } limit && samples.Count > 0) return CollatePacked(iteration, samples, skipped, padId, limit);
         int b = samples.Count;
         int t = samples.Count == 0 ? 1 : samples.Max(s => s.InputIds.Length);
         var ids = new long[b * t];
@@ -280,21 +291,76 @@ public sealed class TrainBatch : IDisposable
                 ids[i * t + j] = samples[i].InputIds[j];
                 labels[i * t + j] = samples[i].Labels[j];
             }
-        var withPixels = samples.Where(s => s.Pixels is not null).Select(s => s.Pixels!).ToList();
-        var cached = samples.Where(s => s.CachedFeatures is not null).Select(s => s.CachedFeatures!).ToList();
+        var (pixels, cached, vision) = CollateImages(samples);
         return new TrainBatch
         {
             Iteration = iteration,
             InputIds = tensor(ids, [b, t]),
             Labels = tensor(labels, [b, t]),
-            Pixels = withPixels.Count == 0 ? null : cat(withPixels, 0),
-            CachedFeatures = cached.Count == 0 ? null : cat(cached, 0),
-            Vision = samples.Where(s => s.Tiles > 0).Select(s => new VisionSource(s.Tiles, s.CachedFeatures is not null, s.StoreAs)).ToArray(),
+            Pixels = pixels,
+            CachedFeatures = cached,
+            Vision = vision,
             SampleIds = samples.Select(s => s.Id).ToArray(),
             Tokens = samples.Sum(s => (long)s.InputIds.Length),
             Tiles = samples.Sum(s => s.Tiles),
             Skipped = skipped,
         };
+    }
+
+    private static TrainBatch CollatePacked(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int packTokens)
+    {
+        var rows = SequencePacker.Rows(samples.Select(s => (s.Id, s.InputIds.Length)).ToList(), packTokens);
+        int t = rows.Max(r => r.Sum(i => samples[i].InputIds.Length));
+        var ids = new long[rows.Count * t];
+        var labels = new long[rows.Count * t];
+        Array.Fill(ids, padId);
+        Array.Fill(labels, CausalLmLoss.IgnoreIndex);
+        for (int r = 0; r < rows.Count; r++)
+        {
+            int at = r * t;
+            foreach (var i in rows[r])
+            {
+                var sample = samples[i];
+                for (int j = 0; j < sample.InputIds.Length; j++)
+                {
+                    ids[at + j] = sample.InputIds[j];
+                    labels[at + j] = sample.Labels[j];
+                }
+                // The loss compares position p's logits with label p + 1: a sample's first label would be the target of
+                // the previous sample's last token. Unpacked, nothing predicts a first token, so packed neither.
+                labels[at] = CausalLmLoss.IgnoreIndex;
+                at += sample.InputIds.Length;
+            }
+        }
+        // Rows hold the samples in their order, so the <IMG_CONTEXT> tokens (read row by row) meet the tiles in the
+        // order they are concatenated, as unpacked.
+        var (pixels, cached, vision) = CollateImages(samples);
+        return new TrainBatch
+        {
+            Iteration = iteration,
+            InputIds = tensor(ids, [rows.Count, t]),
+            Labels = tensor(labels, [rows.Count, t]),
+            Packing = new PackedRows(rows.Select(r => r.Select(i => samples[i].InputIds.Length).ToArray()).ToList(), t),
+            Pixels = pixels,
+            CachedFeatures = cached,
+            Vision = vision,
+            SampleIds = samples.Select(s => s.Id).ToArray(),
+            Tokens = samples.Sum(s => (long)s.InputIds.Length),
+            Tiles = samples.Sum(s => s.Tiles),
+            Skipped = skipped,
+        };
+    }
+
+    /// <summary>
+    /// The images' part of a batch, in sample order: the tiles for the vision tower, the vision cache's features, and
+    /// per sample with images which of the two holds its features.
+    /// </summary>
+    private static (Tensor? Pixels, Tensor? CachedFeatures, VisionSource[] Vision) CollateImages(IReadOnlyList<EncodedSample> samples)
+    {
+        var pixels = samples.Where(s => s.Pixels is not null).Select(s => s.Pixels!).ToList();
+        var cached = samples.Where(s => s.CachedFeatures is not null).Select(s => s.CachedFeatures!).ToList();
+        return (pixels.Count == 0 ? null : cat(pixels, 0), cached.Count == 0 ? null : cat(cached, 0),
+            samples.Where(s => s.Tiles > 0).Select(s => new VisionSource(s.Tiles, s.CachedFeatures is not null, s.StoreAs)).ToArray());
     }
 
     public void Dispose()
@@ -365,7 +431,8 @@ public sealed class BatchLoader : IDisposable
     private readonly Task? _producer;
     private long _next;
 
-    public BatchLoader(TrainDataset dataset, BatchPlan plan, SampleEncoder encoder, int padId, long firstIteration, long endIteration, int workers)
+    /// <param name="packTokens">Pack each micro-batch's samples into rows of at most this many tokens; null: one sample per row.</param>
+    public BatchLoader(TrainDataset dataset, BatchPlan plan, SampleEncoder encoder, int padId, long firstIteration, long endIteration, int workers, int? packTokens = null)
     {
         _next = firstIteration;
         _build = iteration =>
@@ -380,7 +447,7 @@ public sealed class BatchLoader : IDisposable
                     if (encoder.Encode(dataset.Samples[(int)i]) is { } e) encoded.Add(e);
                     else skipped++;
                 }
-                return TrainBatch.Collate(iteration, encoded, skipped, padId);
+                return TrainBatch.Collate(iteration, encoded, skipped, padId, packTokens);
             }
             finally
             {

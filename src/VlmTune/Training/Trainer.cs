@@ -153,7 +153,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         };
         if (Config.CacheVisionFeatures)
         {
-            _visionCache = VisionFeatureCache.Open(Config.ResolvedVisionCacheDir, Config.Model, _model.Config, _dtype, m => log.Warning(m));
+            _visionCache = VisionFeatureCache.Open(Config.ResolvedVisionCacheDir, Config.Model, _model.Config, _dtype, Config.QuantizeVision, m => log.Warning(m));
             log.Info($"vision feature cache: {_visionCache.Directory} ({_visionCache.EntriesAtOpen} entries, {_visionCache.BytesAtOpen / 1048576.0:F1} MiB); " +
                      $"the frozen ViT's features of each sample's images are stored on first use and reused (model fingerprint {_visionCache.ModelFingerprint[..12]})");
         }
@@ -167,11 +167,18 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         log.Info($"data: {_dataset.Samples.Count} samples ({_dataset.Lengths.Count(l => l > 0)} with images), {_plan.BatchesPerEpoch} iterations per epoch, " +
                   $"{TotalIterations} iterations, {(TotalIterations + Config.AccumulativeCounts - 1) / Config.AccumulativeCounts} optimizer steps; skipped so far: {Counters}");
 
+        if (Config.PackToMaxLength)
+        {
+            var packing = SequencePacker.Estimate(_plan, _dataset.Lengths, Config.MaxLength);
+            log.Info($"packing: the {Config.BatchSize} samples of each micro-batch share rows of at most max_length {Config.MaxLength} tokens; " +
+                      $"epoch 1{(WorldSize > 1 ? $" on rank {Rank}" : "")}: {packing.RowsPerBatch:0.00} rows per micro-batch, padding {100 * packing.PackedPadding:0.0}% of the token slots (unpacked {100 * packing.UnpackedPadding:0.0}%)");
+        }
+
         PrepareModel();
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
         _seeds = new DropoutSeeds(Config.Seed + Rank * 1_000_003L);
-        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady);
+        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady, Config.ActivationOffload);
         var optimized = _trainable;
         if (_dp is not null)
         {
@@ -281,8 +288,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         if (Config.Mode == TrainMode.Qlora)
         {
-            int n = Qlora.QuantizeLanguageModel(model.language_model);
+            int n = Qlora.QuantizeLanguageModel(model.language_model).Count;
             _log!.Info($"qlora: {n} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
+        }
+        if (Config.QuantizeVision)
+        {
+            int n = Qlora.QuantizeVisionModel(model.vision_model).Count;
+            _log!.Info($"quantize_vision: {n} ViT linear layers stored as NF4");
         }
         if (Config.UsesLora)
         {
@@ -344,8 +356,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         double? lastGradNorm = null;
         var cycleSamples = new List<string>();
 
+        if (gpuMemory is { Available: true })
+            log.Info($"memory column: {gpuMemory.SourceDescription}, MiB; {gpuMemory.CurrentBytes / (1024 * 1024)} MiB in use before the first step");
         log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize}{(WorldSize > 1 ? $" × {WorldSize} ranks" : "")} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
-        using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers);
+        using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer.PadId, start, TotalIterations, Config.DataloaderNumWorkers,
+            Config.PackToMaxLength ? Config.MaxLength : null);
         try
         {
             while (_iteration < TotalIterations)
@@ -395,7 +410,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     double? mfu = peak is { } p ? (6.0 * _llmParams * window.Tokens + (VisionTrainable ? 6.0 : 2.0) * _vitParams * 1025 * window.Tiles) / (window.Time * p * 1e12 * WorldSize) : null;
                     log.Iteration(new IterationStats(_iteration, TotalIterations, lr, eta, window.Time / window.Count, window.DataTime / window.Count,
                         MemoryMb(gpuMemory), window.MeanLoss, lastGradNorm, tokensPerSecond, mfu, _optimizerSteps));
-                    log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}");
+                    log.Info($"dynamic ViT batch size: {batch.Tiles}, images per sample: {(batch.SampleIds.Length == 0 ? 0 : (double)batch.Tiles / batch.SampleIds.Length):0.##}, dynamic token length: {batch.InputIds.shape[1]}{(batch.Packing is { } rows ? $", packed rows: {rows.Rows}" : "")}");
                     if (_visionCache is { } vc)
                     {
                         log.Info($"vision cache: {ImageSamplesFromCache - windowStart.FromCache} of {ImageSamples - windowStart.Images} samples with images served from the cache{(WorldSize > 1 ? " on rank 0" : "")}; " +
@@ -445,8 +460,9 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     }
 
     /// <summary>
-    /// The log's memory column (MiB): on CUDA the peak device memory in use since the last log line (NVML: the caching
-    /// allocator's reserve included, as TorchSharp exposes no max_memory_allocated); on CPU the process's peak working set.
+    /// The log's memory column (MiB): on CUDA the peak since the last log line, of live tensor bytes under the
+    /// cudaMallocAsync allocator backend (mmengine's max_memory_allocated) and of device memory otherwise (see
+    /// <see cref="VlmTune.Diagnostics.GpuMemoryMonitor"/>); on CPU the process's peak working set.
     /// </summary>
     private static long MemoryMb(VlmTune.Diagnostics.GpuMemoryMonitor? gpu) =>
         (gpu?.PeakBytes ?? Process.GetCurrentProcess().PeakWorkingSet64) / (1024 * 1024);
@@ -485,7 +501,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             var labels = batch.Labels.to(_device);
             var features = ImageEmbeddings(batch, out towerTiles);
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
-            var hidden = model.language_model.Forward(embeds, new DecoderInputs());
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
             if (localTokens > 0) value = loss.item<float>();
         }

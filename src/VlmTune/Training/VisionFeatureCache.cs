@@ -54,8 +54,9 @@ public sealed class VisionFeatureCache
     }
 
     /// <summary>Opens (creating it if needed) the cache folder for the vision tower of <paramref name="modelDir"/> run in <paramref name="dtype"/>.</summary>
+    /// <param name="nf4">The ViT's linears run in NF4 (quantize_vision), which changes its output.</param>
     /// <param name="warn">Receives problems that cost only the cache's benefit (an unreadable entry, a failed write).</param>
-    public static VisionFeatureCache Open(string directory, string modelDir, InternVLConfig config, ScalarType dtype, Action<string> warn)
+    public static VisionFeatureCache Open(string directory, string modelDir, InternVLConfig config, ScalarType dtype, bool nf4, Action<string> warn)
     {
         string dir = Path.GetFullPath(directory);
         System.IO.Directory.CreateDirectory(dir);
@@ -68,22 +69,22 @@ public sealed class VisionFeatureCache
             else if (file.Name.Contains(Extension + ".tmp-", StringComparison.Ordinal) && file.LastWriteTimeUtc < staleBefore)
                 try { file.Delete(); } catch (IOException) { }
         }
-        return new VisionFeatureCache(dir, Fingerprint(modelDir, config, dtype), dtype, warn, entries, bytes);
+        return new VisionFeatureCache(dir, Fingerprint(modelDir, config, dtype, nf4), dtype, warn, entries, bytes);
     }
 
     /// <summary>
     /// What the vision features depend on besides the images: the ViT and pixel-shuffle settings of config.json, the
-    /// vision_model.* tensors' files (name, size, modification time) and header entries, the dtype and this code's
-    /// <see cref="FormatVersion"/>. Weight files are identified, not hashed (hundreds of MB): replacing or editing one
-    /// changes its size or time.
+    /// vision_model.* tensors' files (name, size, modification time) and header entries, the dtype, NF4 weights or not,
+    /// and this code's <see cref="FormatVersion"/>. Weight files are identified, not hashed (hundreds of MB): replacing or
+    /// editing one changes its size or time.
     /// </summary>
-    public static string Fingerprint(string modelDir, InternVLConfig config, ScalarType dtype)
+    public static string Fingerprint(string modelDir, InternVLConfig config, ScalarType dtype, bool nf4 = false)
     {
         var text = new StringBuilder();
         text.Append(CultureInfo.InvariantCulture, $"vlmtune vision features v{FormatVersion}\n");
         text.Append(JsonSerializer.Serialize(config.Vision)).Append('\n');
         text.Append(CultureInfo.InvariantCulture,
-            $"select_layer={config.SelectLayer} downsample_ratio={config.DownsampleRatio:R} ps_version={config.PsVersion} force_image_size={config.ForceImageSize} dtype={dtype}\n");
+            $"select_layer={config.SelectLayer} downsample_ratio={config.DownsampleRatio:R} ps_version={config.PsVersion} force_image_size={config.ForceImageSize} dtype={dtype} weights={(nf4 ? "nf4-block64-double-quant" : "as stored")}\n");
         using var weights = CheckpointFolder.Open(modelDir);
         foreach (var name in weights.Names.Where(n => n.StartsWith("vision_model.", StringComparison.Ordinal)).Order(StringComparer.Ordinal))
         {

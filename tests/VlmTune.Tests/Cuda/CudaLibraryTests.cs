@@ -86,6 +86,27 @@ public class CudaLibraryTests
     }
 
     [Fact]
+    public void Nf4KernelSourceIsEmbeddedWithBothOutputTypes()
+    {
+        var source = KernelSources.Read("nf4.cu");
+        Assert.Contains("__global__ void nf4_dequantize_bf16(", source);
+        Assert.Contains("__global__ void nf4_dequantize_f32(", source);
+        // Its NF4 table is the one quantisation uses, value for value.
+        int open = source.IndexOf("NF4[16] = {", StringComparison.Ordinal);
+        var table = source[(open + 11)..source.IndexOf("};", open, StringComparison.Ordinal)]
+            .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Select(v => float.Parse(v.TrimEnd('f'), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+        Assert.Equal(VlmTune.Training.Nf4.Values, table);
+    }
+
+    [NvrtcFact]
+    public void Nf4KernelCompiles()
+    {
+        var cubin = Nvrtc.Load().CompileCubin(KernelSources.Read("nf4.cu"), "nf4.cu", (8, 0), []);
+        Assert.True(cubin.Length > 1000);
+    }
+
+    [Fact]
     public void MissingKernelSourceIsACudaException()
     {
         var e = Assert.Throws<CudaException>(() => KernelSources.Read("absent.cu"));

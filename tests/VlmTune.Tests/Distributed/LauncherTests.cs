@@ -63,4 +63,14 @@ public class GpuMemoryMonitorIndexTests
     [InlineData(2, "1", 2)]
     public void CudaOrdinalMapsToTheVisibleGpusNvmlIndex(int ordinal, string? visible, int expected) =>
         Assert.Equal(expected, VlmTune.Diagnostics.GpuMemoryMonitor.NvmlIndex(ordinal, visible ?? ""));
+
+    [Theory]
+    [InlineData("backend:cudaMallocAsync", true)]
+    [InlineData("expandable_segments:True,backend:cudaMallocAsync", true)]
+    [InlineData("backend: cudaMallocAsync", true)]
+    [InlineData("backend:native", false)]
+    [InlineData("expandable_segments:True", false)]
+    [InlineData("", false)]
+    public void AllocatorPeakIsReadFromThePoolOnlyUnderTheAsyncBackend(string conf, bool expected) =>
+        Assert.Equal(expected, VlmTune.Diagnostics.GpuMemoryMonitor.UsesAsyncAllocator(conf));
 }

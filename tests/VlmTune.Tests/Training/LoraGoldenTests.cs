@@ -10,16 +10,17 @@ namespace VlmTune.Tests.Training;
 public sealed class LoraGoldenTests
 {
     [FixtureTheory]
-    [InlineData(false, 4096L)]
-    [InlineData(true, 7L)]
-    public void AdapterLossAndGradientsMatchGolden(bool checkpointing, long chunk)
+    [InlineData(false, 4096L, false)]
+    [InlineData(true, 7L, false)]
+    [InlineData(true, 4096L, true)]    // checkpointed inputs kept in host memory (activation_offload)
+    public void AdapterLossAndGradientsMatchGolden(bool checkpointing, long chunk, bool offload)
     {
         using var scope = NewDisposeScope();
         using var model = GoldenSample.FreshModel();
         var config = PeftAdapter.Load(model.language_model, Fixtures.Adapter);
         Assert.Equal(8, config.R);
         Assert.Equal(2.0, config.Scaling);
-        ActivationCheckpointing.Apply(model.language_model.model, checkpointing, new DropoutSeeds(0));
+        ActivationCheckpointing.Apply(model.language_model.model, checkpointing, new DropoutSeeds(0), offloadInputs: offload);
 
         var hidden = GoldenSample.Hidden(model);
         var (loss, tokens) = CausalLmLoss.Compute(hidden, tensor(GoldenSample.Labels).unsqueeze(0), model.language_model.output, chunk);

@@ -151,7 +151,7 @@ public sealed class Nf4Tests
         double lora;
         using (no_grad()) lora = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.output).Loss.item<float>();
 
-        int quantised = Qlora.QuantizeLanguageModel(model.language_model);
+        int quantised = Qlora.QuantizeLanguageModel(model.language_model).Count;
         Assert.Equal(10, quantised);
         var (loss, _) = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.output);
         double qlora = loss.item<float>();
@@ -161,5 +161,22 @@ public sealed class Nf4Tests
         BackwardScratch.Release();
         foreach (var (_, linear) in PeftAdapter.LoraLinears(model.language_model))
             Assert.True(linear.lora_A!.weight.grad!.abs().sum().item<float>() > 0);
+    }
+
+    [FixtureFact]
+    public void QuantizedVisionTowerKeepsItsFeaturesWithinNf4Error()
+    {
+        using var scope = NewDisposeScope();
+        using var model = GoldenSample.FreshModel();
+        var pixels = Fixtures.GoldenTensors.Read("pixel_values.clot");
+        Tensor reference, quantised;
+        using (no_grad()) reference = model.ExtractFeatures(pixels);
+        var weights = Qlora.QuantizeVisionModel(model.vision_model);
+        // Every encoder layer's qkv, proj, fc1 and fc2; their full-precision storage freed.
+        Assert.Equal(4 * model.vision_model.encoder.layers.Count, weights.Count);
+        Assert.All(PeftAdapter.Linears(model.vision_model.encoder), l => Assert.Equal(0, l.Linear.weight.numel()));
+        using (no_grad()) quantised = model.ExtractFeatures(pixels);
+        double relative = ((quantised - reference).norm() / reference.norm()).item<float>();
+        Assert.True(relative is > 0 and < 0.1, $"relative feature error {relative}");
     }
 }

@@ -54,6 +54,13 @@ public sealed class TrainConfigTests
         Assert.Contains(combos.Problems, p => p.StartsWith("'warmup_ratio'"));
         Assert.Contains(combos.Problems, p => p.StartsWith("'save_steps'") && p.Contains("multiple of accumulative_counts"));
         Assert.Equal(3, combos.Problems.Count);
+
+        var vision = Assert.Throws<ConfigException>(() => TrainConfig.Parse(Minimal + "quantize_vision: true\nfreeze_vision: false\n", "v.yaml"));
+        Assert.Contains(vision.Problems, p => p.StartsWith("'quantize_vision'") && p.Contains("freeze_vision"));
+        Assert.True(TrainConfig.Parse(Minimal + "mode: qlora\nquantize_vision: true\n", "ok.yaml").QuantizeVision);
+        var offload = Assert.Throws<ConfigException>(() => TrainConfig.Parse(Minimal + "activation_offload: true\ngradient_checkpointing: false\ndevice: cpu\n", "o.yaml"));
+        Assert.Contains(offload.Problems, p => p.StartsWith("'activation_offload'") && p.Contains("gradient_checkpointing"));
+        Assert.Contains(offload.Problems, p => p.StartsWith("'activation_offload'") && p.Contains("device cpu"));
     }
 
     [Fact]

@@ -104,6 +104,20 @@ public sealed class VisionFeatureCacheTests
         Assert.Equal(2, ahead.Cache!.Stored);
     }
 
+    [FixtureTheory]
+    [InlineData("pack_to_max_length=true")]
+    [InlineData("quantize_vision=true")]
+    public void TheCacheWorksWithPackingAndAnNf4VisionTower(string setting)
+    {
+        using var data = new TrainTestData(samples: 6);
+        var plain = Train(data, [.. TwoEpochs, setting, $"work_dir={Path.Combine(data.Dir, "plain")}"]);
+        var cached = Train(data, [.. TwoEpochs, setting, $"work_dir={Path.Combine(data.Dir, "cached")}", "cache_vision_features=true"]);
+        AssertSameLosses(plain.Losses, cached.Losses);
+        AssertSameWeights(plain.Trained, cached.Trained);
+        Assert.Equal(cached.TowerTilesAtEpochEnd, cached.TowerTiles);
+        Assert.Equal(2, cached.Cache!.Stored);
+    }
+
     [FixtureFact]
     public void AChangedImageIsNotServedFromTheCache()
     {
@@ -215,7 +229,7 @@ public sealed class VisionFeatureCacheTests
             File.Copy(Path.Combine(Fixtures.TinyDir, "images", "tiny.png"), png);
             File.Copy(Path.Combine(Fixtures.TinyDir, "images", "clot.jpg"), jpg);
 
-            var cache = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, _ => { });
+            var cache = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, nf4: false, _ => { });
             var options = new ImageProcessorOptions { MaxTiles = 6 };
             string key = cache.KeyFor(Read(png), options);
             Assert.Equal(key, cache.KeyFor(Read(png), options));                                   // deterministic
@@ -245,12 +259,13 @@ public sealed class VisionFeatureCacheTests
             string fingerprint = VisionFeatureCache.Fingerprint(model, config, ScalarType.Float32);
             Assert.Equal(cache.ModelFingerprint, fingerprint);
             Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config, ScalarType.BFloat16));
+            Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config, ScalarType.Float32, nf4: true));   // quantize_vision
             Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config with { SelectLayer = -2 }, ScalarType.Float32));
             Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config with { Vision = config.Vision with { LayerNormEps = 1e-5 } }, ScalarType.Float32));
             string weights = Path.Combine(model, CheckpointFolder.SingleFile);
             File.SetLastWriteTimeUtc(weights, File.GetLastWriteTimeUtc(weights).AddSeconds(1));
             Assert.NotEqual(fingerprint, VisionFeatureCache.Fingerprint(model, config, ScalarType.Float32));
-            var other = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, _ => { });
+            var other = VisionFeatureCache.Open(Path.Combine(dir, "cache"), model, config, ScalarType.Float32, nf4: false, _ => { });
             Assert.NotEqual(key, other.KeyFor(Read(png), options));
         }
         finally { Directory.Delete(dir, true); }
@@ -264,7 +279,7 @@ public sealed class VisionFeatureCacheTests
         {
             var config = InternVLConfig.Load(Fixtures.TinyModel);
             var warnings = new List<string>();
-            var cache = VisionFeatureCache.Open(dir, Fixtures.TinyModel, config, ScalarType.Float32, warnings.Add);
+            var cache = VisionFeatureCache.Open(dir, Fixtures.TinyModel, config, ScalarType.Float32, nf4: false, warnings.Add);
             string key = new string('a', 64);
             Assert.Null(cache.TryLoad(key, 2));
             using var features = randn(3, 4, 8);
@@ -290,7 +305,7 @@ public sealed class VisionFeatureCacheTests
             Assert.Equal((1L, 3L), (cache.Hits, cache.Misses));
 
             // A bf16 cache does not take fp32 entries.
-            var bf16 = VisionFeatureCache.Open(dir, Fixtures.TinyModel, config, ScalarType.BFloat16, warnings.Add);
+            var bf16 = VisionFeatureCache.Open(dir, Fixtures.TinyModel, config, ScalarType.BFloat16, nf4: false, warnings.Add);
             string k2 = new string('c', 64);
             cache.Store(new VisionCacheEntry(k2, [3]), features);
             Assert.Null(bf16.TryLoad(k2, 1));
