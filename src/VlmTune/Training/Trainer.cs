@@ -228,6 +228,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        // TrainConfig.Parse refuses a cache over a trained ViT; a config built in code is checked here too.
+        problems.AddRange(Config.Validate().Where(p => p.StartsWith("'cache_vision_features'", StringComparison.Ordinal)));
         if (Config.CacheVisionFeatures && File.Exists(Config.ResolvedVisionCacheDir))
             problems.Add($"'vision_cache_dir': {Path.GetFullPath(Config.ResolvedVisionCacheDir)} is a file, not a folder");
         if (_env.IsDistributed && Config.Device.StartsWith("cuda:", StringComparison.Ordinal))

@@ -207,6 +207,11 @@ public sealed class VisionFeatureCacheTests
         var problem = Assert.Single(e.Problems, p => p.StartsWith("'cache_vision_features'"));
         Assert.Contains(named, problem);
         Assert.Contains("cache_vision_features: false", problem);
+        // A config changed in code after parsing is refused by the trainer before anything loads.
+        var edited = TrainConfig.Parse("model: m\ndata: d.jsonl\ncache_vision_features: true\nmax_steps: 1", "test.yaml");
+        edited.FreezeVision = false;
+        var refused = Assert.Throws<ConfigException>(() => new Trainer(edited).Setup());
+        Assert.Contains(refused.Problems, p => p.StartsWith("'cache_vision_features'"));
         // Frozen: accepted, and the resolved config names the cache folder.
         var ok = TrainConfig.Parse("model: m\ndata: d.jsonl\ncache_vision_features: true\nwork_dir: w", "test.yaml");
         Assert.Equal(Path.Combine("w", "vision_cache"), ok.Resolved().VisionCacheDir);
