@@ -433,6 +433,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             throw;
         }
         finally { BackwardScratch.Release(); }
+        _visionCache?.Flush();   // its counts (and entries a next run needs) complete before the summary and the checkpoint
 
         if (interrupted)
         {
@@ -839,6 +840,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _log?.Dispose();
         _optimizer?.Dispose();
         _masters?.Dispose();
+        _visionCache?.Dispose();
         _model?.Dispose();
         _dp?.Dispose();
     }

@@ -21,10 +21,14 @@ public sealed record VisionCacheEntry(string Key, int[] TilesPerImage)
 /// distinct image list. The key is a SHA-256 over the images' bytes, the tiling options and a fingerprint of the vision
 /// tower (its config, the identity of the weight files holding it, the dtype), so an entry is never used after any of
 /// them changed. Files are written to a temporary sibling and renamed: concurrent writers of one key (data-parallel
-/// ranks) each leave a complete file, and a reader never sees half of one. See docs/training.md.
+/// ranks) each leave a complete file, and a reader never sees half of one. Writes run in the background (at most
+/// <see cref="MaxPendingWrites"/> at once, served from memory until on disk), so the trainer does not wait for the disk.
+/// See docs/training.md.
 /// </summary>
-public sealed class VisionFeatureCache
+public sealed class VisionFeatureCache : IDisposable
 {
+    /// <summary>Entries being written at once; a store beyond that waits for one to finish (bounds the memory held).</summary>
+    public const int MaxPendingWrites = 8;
     /// <summary>Part of every key: bump it when the image preprocessing or the ViT code changes what features come out.</summary>
     public const int FormatVersion = 1;
     public const string TensorName = "features";
@@ -33,6 +37,9 @@ public sealed class VisionFeatureCache
     private readonly ScalarType _dtype;
     private readonly Action<string> _warn;
     private long _hits, _misses, _stored, _storedBytes, _storeFailures;
+    private readonly SemaphoreSlim _writeSlots = new(MaxPendingWrites);
+    // Entries queued for writing (key → CPU features): lookups take them from here until the file exists.
+    private readonly Dictionary<string, (VisionCacheEntry Entry, Tensor Features)> _pending = new(StringComparer.Ordinal);
 
     public string Directory { get; }
     /// <summary>SHA-256 (hex) over the vision tower's config, its weight files' identity and the dtype.</summary>
@@ -115,6 +122,7 @@ public sealed class VisionFeatureCache
     /// </summary>
     public (int[] TilesPerImage, Tensor Features)? TryLoad(string key, int imageCount)
     {
+        if (FromPending(key, imageCount) is { } queued) { Interlocked.Increment(ref _hits); return queued; }
         string path = PathOf(key);
         if (!File.Exists(path)) { Interlocked.Increment(ref _misses); return null; }
         try
@@ -150,7 +158,7 @@ public sealed class VisionFeatureCache
     /// </summary>
     public Tensor? TryLoadStored(VisionCacheEntry entry)
     {
-        if (!File.Exists(PathOf(entry.Key))) return null;
+        if (!IsPending(entry.Key) && !File.Exists(PathOf(entry.Key))) return null;
         if (TryLoad(entry.Key, entry.TilesPerImage.Length) is not (var tiles, var features)) return null;
         if (tiles.SequenceEqual(entry.TilesPerImage)) return features;
         features.Dispose();
@@ -159,16 +167,35 @@ public sealed class VisionFeatureCache
     }
 
     /// <summary>
-    /// Stores the features (tiles, 256, 4C) of one sample's images (any device; written in the cache's dtype) unless
-    /// the entry exists already (another rank wrote it). A failed write (disk full, ...) costs only the cache's
-    /// benefit: it is warned about once, and training goes on.
+    /// Stores the features (tiles, 256, 4C) of one sample's images (any device; in the cache's dtype) unless the entry
+    /// exists already (another rank wrote it) or is being written. The features are copied to host memory now and
+    /// written in the background; <see cref="Flush"/> waits for the writes. A failed write (disk full, ...) costs only
+    /// the cache's benefit: it is warned about once, and training goes on.
     /// </summary>
     public void Store(VisionCacheEntry entry, Tensor features)
     {
         if (features.shape.Length != 3 || features.shape[0] != entry.Tiles || features.dtype != _dtype)
             throw new ArgumentException($"features {features.dtype} [{string.Join(", ", features.shape)}] do not fit entry {entry.Key} ({entry.Tiles} tiles, {_dtype}).");
         string path = PathOf(entry.Key);
-        if (File.Exists(path)) return;
+        if (IsPending(entry.Key) || File.Exists(path)) return;
+        _writeSlots.Wait();
+        // A copy of our own: the caller's tensor (a view of the batch's features) is freed with the batch.
+        var copy = features.detach().to(CPU, copy: true).contiguous().DetachFromDisposeScope();
+        lock (_pending) _pending[entry.Key] = (entry, copy);
+        Task.Run(() =>
+        {
+            try { Write(entry, copy, path); }
+            finally
+            {
+                lock (_pending) _pending.Remove(entry.Key);
+                copy.Dispose();
+                _writeSlots.Release();
+            }
+        });
+    }
+
+    private void Write(VisionCacheEntry entry, Tensor features, string path)
+    {
         try
         {
             System.IO.Directory.CreateDirectory(Path.GetDirectoryName(path)!);
@@ -183,10 +210,36 @@ public sealed class VisionFeatureCache
             Interlocked.Increment(ref _stored);
             Interlocked.Add(ref _storedBytes, new FileInfo(path).Length);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e)
         {
+            // Whatever went wrong, only this entry is lost; the run must not fail for its cache.
             if (Interlocked.Increment(ref _storeFailures) == 1)
                 _warn($"vision cache: cannot write {path} ({e.Message}); training goes on, computing the features of uncached samples every epoch (further write failures are not reported)");
+        }
+    }
+
+    /// <summary>Waits until every stored entry is on disk.</summary>
+    public void Flush()
+    {
+        for (int i = 0; i < MaxPendingWrites; i++) _writeSlots.Wait();
+        _writeSlots.Release(MaxPendingWrites);
+    }
+
+    /// <summary>Waits for the pending writes.</summary>
+    public void Dispose() => Flush();
+
+    private bool IsPending(string key)
+    {
+        lock (_pending) return _pending.ContainsKey(key);
+    }
+
+    /// <summary>A copy of an entry still being written, or null.</summary>
+    private (int[] TilesPerImage, Tensor Features)? FromPending(string key, int imageCount)
+    {
+        lock (_pending)
+        {
+            if (!_pending.TryGetValue(key, out var queued) || queued.Entry.TilesPerImage.Length != imageCount) return null;
+            return (queued.Entry.TilesPerImage, queued.Features.clone());
         }
     }
 

@@ -289,7 +289,13 @@ public sealed class VisionFeatureCacheTests
             Assert.Null(cache.TryLoad(key, 2));
             using var features = randn(3, 4, 8);
             cache.Store(new VisionCacheEntry(key, [1, 2]), features);
+            // Written in the background: served (from memory or disk) at once, on disk after Flush.
+            using (var early = cache.TryLoadStored(new VisionCacheEntry(key, [1, 2])))
+                Assert.True(early!.allclose(features, 0, 0));
+            cache.Store(new VisionCacheEntry(key, [1, 2]), features);   // pending or present: not written twice
+            cache.Flush();
             Assert.Equal(1, cache.Stored);
+            Assert.True(File.Exists(cache.PathOf(key)));
             Assert.Empty(Directory.GetFiles(dir, "*.tmp-*", SearchOption.AllDirectories));
 
             var (tiles, loaded) = cache.TryLoad(key, 2)!.Value;
@@ -307,12 +313,13 @@ public sealed class VisionFeatureCacheTests
             warnings.Clear();
             Assert.Null(cache.TryLoad(key, 2));
             Assert.Contains(warnings, w => w.Contains("unreadable") && w.Contains(cache.PathOf(key)));
-            Assert.Equal((1L, 3L), (cache.Hits, cache.Misses));
+            Assert.Equal((2L, 3L), (cache.Hits, cache.Misses));
 
             // A bf16 cache does not take fp32 entries.
             var bf16 = VisionFeatureCache.Open(dir, Fixtures.TinyModel, config, ScalarType.BFloat16, nf4: false, warnings.Add);
             string k2 = new string('c', 64);
             cache.Store(new VisionCacheEntry(k2, [3]), features);
+            cache.Flush();
             Assert.Null(bf16.TryLoad(k2, 1));
         }
         finally { Directory.Delete(dir, true); }
