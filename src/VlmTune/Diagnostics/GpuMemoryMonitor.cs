@@ -79,10 +79,16 @@ public sealed class GpuMemoryMonitor : IDisposable
 
     /// <summary>Highest bytes in use since start or the last <see cref="Reset"/> (see <see cref="Source"/>).</summary>
     public long? PeakBytes => _pool is { } pool
-        ? (long)Math.Max(Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh),
+        ? Math.Max((long)Math.Max(Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh),
             // A reset high-water mark reads 0 until the next allocation.
-            Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemCurrent))
+            Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemCurrent)), MemoryTrace.WindowPeak)
         : DevicePeakBytes;
+
+    /// <summary>Restarts the pool's high-water mark (MemoryTrace's per-phase peaks).</summary>
+    internal void ResetPoolHighWater()
+    {
+        if (_pool is { } pool) Driver.ResetHighWater(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh);
+    }
 
     private static VlmTune.Cuda.CudaDriver Driver => VlmTune.Cuda.CudaDriver.Shared;
 
@@ -97,7 +103,8 @@ public sealed class GpuMemoryMonitor : IDisposable
     public void Reset()
     {
         // Allocations still live count towards the next window's peak, as torch.cuda.reset_peak_memory_stats does.
-        if (_pool is { } pool) Driver.ResetHighWater(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh);
+        ResetPoolHighWater();
+        MemoryTrace.ResetWindow();
         Interlocked.Exchange(ref _peak, DeviceCurrentBytes ?? 0);
     }
 

@@ -249,20 +249,23 @@ internal static class Attention
     {
         using var scope = NewDisposeScope();
         long t = q.shape[2];
+        // split, not narrow: split's backward is one cat per row, where every narrow's backward would write its
+        // gradient into a zero tensor of the whole (R, H, T, d) input: O(samples) full-size passes per layer.
+        Tensor[] qr = q.split(1, 0), kr = k.split(1, 0), vr = v.split(1, 0);
         var outputs = new List<Tensor>(rows.Rows);
         for (int r = 0; r < rows.Rows; r++)
         {
+            var lengths = rows.SampleLengths[r].Select(l => (long)l).ToList();
+            long used = lengths.Sum();
+            if (used < t) lengths.Add(t - used);                                                 // the padding tail
+            var sizes = lengths.ToArray();
+            Tensor[] qs = qr[r].split(sizes, 2), ks = kr[r].split(sizes, 2), vs = vr[r].split(sizes, 2);   // (1, H, len, d) each
             var parts = new List<Tensor>();
-            long start = 0;
-            foreach (var length in rows.SampleLengths[r])
-            {
-                Tensor Slice(Tensor x) => x.narrow(0, r, 1).narrow(2, start, length);          // (1, H, len, d)
-                parts.Add(Compute(Slice(q), Slice(k), Slice(v), kind, causalOffset: 0, keyMask: null));
-                start += length;
-            }
-            if (start < t) parts.Add(zeros(1, q.shape[1], t - start, v.shape[3], v.dtype, q.device));
+            for (int i = 0; i < rows.SampleLengths[r].Length; i++)
+                parts.Add(Compute(qs[i], ks[i], vs[i], kind, causalOffset: 0, keyMask: null));
+            if (used < t) parts.Add(zeros(1, q.shape[1], t - used, v.shape[3], v.dtype, q.device));
             outputs.Add(parts.Count == 1 ? parts[0] : cat(parts, 2));                           // (1, H, T, d)
         }
-        return cat(outputs, 0).MoveToOuterDisposeScope();                                       // (R, H, T, d)
+        return (outputs.Count == 1 ? outputs[0] : cat(outputs, 0)).MoveToOuterDisposeScope();   // (R, H, T, d)
     }
 }

@@ -75,7 +75,9 @@ public static class ActivationCheckpointing
                     host?.Value.Dispose();
                     int t = host is null ? 1 : 0;   // saved: [x,] cos, sin, positions
                     var y = call.Layer.Forward(x, new RotaryTables(saved[t], saved[t + 1], call.Theta, saved[t + 2]), call.Inputs);
+                    VlmTune.Diagnostics.MemoryTrace.Mark($"layer {call.Layer.Index} recompute");
                     y.backward([gradOutput]);
+                    VlmTune.Diagnostics.MemoryTrace.Mark($"layer {call.Layer.Index} backward");
                     gradX = x.grad!.detach().MoveToOuterDisposeScope();
                 }
             }

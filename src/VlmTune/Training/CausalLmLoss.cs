@@ -46,10 +46,14 @@ public static class CausalLmLoss
         Tensor? total = null;
         for (long start = 0; start < hs.shape[0]; start += chunkSize)
         {
+            // A scope per chunk: each chunk's (chunk, V) logits are freed before the next (a graph keeps what it needs).
+            using var chunkScope = NewDisposeScope();
             long end = Math.Min(start + chunkSize, hs.shape[0]);
             var logits = head.forward(hs.narrow(0, start, end - start)).to_type(ScalarType.Float32);    // (chunk, V)
             var part = nn.functional.cross_entropy(logits, ys.narrow(0, start, end - start), reduction: nn.Reduction.Sum);
-            total = total is null ? part : total + part;
+            var next = total is null ? part : total + part;
+            total?.Dispose();
+            total = next.MoveToOuterDisposeScope();
         }
         return total!;
     }
@@ -85,13 +89,14 @@ public static class CausalLmLoss
                 {
                     for (long start = 0; start < hs.shape[0]; start += chunks.ChunkSize)
                     {
+                        using var chunkScope = NewDisposeScope();   // frees this chunk's logits and their gradient before the next
                         long end = Math.Min(start + chunks.ChunkSize, hs.shape[0]);
                         var hc = hs.narrow(0, start, end - start).detach().requires_grad_(true);
                         var logits = chunks.Head.forward(hc).to_type(ScalarType.Float32);
                         var part = nn.functional.cross_entropy(logits, ys.narrow(0, start, end - start), reduction: nn.Reduction.Sum) * gradOutput;
                         // Re-entrant backward: accumulates the head's trainable weights (LoRA or full) and gives hc.grad.
                         part.backward();
-                        grads.Add(hc.grad!.detach());
+                        grads.Add(hc.grad!.detach().MoveToOuterDisposeScope());
                     }
                 }
                 gradHs = cat(grads, 0).MoveToOuterDisposeScope();

@@ -383,6 +383,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 double lr = _schedule.At(it);
                 foreach (var group in _optimizer!.ParamGroups) group.LearningRate = lr;
                 _seeds!.StartMicroBatch(it);
+                VlmTune.Diagnostics.MemoryTrace.BeginIteration(it + 1, gpuMemory);
                 manual_seed(_seeds.ForMicroBatch());   // dropout outside checkpointed layers: same masks after a resume
 
                 using var batch = loader.Next();
@@ -396,6 +397,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 if (stepNow)
                 {
                     lastGradNorm = OptimizerStep(it, cycleSamples);
+                    VlmTune.Diagnostics.MemoryTrace.Mark("optimizer step");
                     cycleSamples.Clear();
                 }
                 _iteration++;
@@ -503,9 +505,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             var ids = batch.InputIds.to(_device);
             var labels = batch.Labels.to(_device);
             var features = ImageEmbeddings(batch, out towerTiles);
+            VlmTune.Diagnostics.MemoryTrace.Mark("vision + projector");
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
             var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
+            VlmTune.Diagnostics.MemoryTrace.Mark("decoder forward");
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
+            VlmTune.Diagnostics.MemoryTrace.Mark("loss");
             if (localTokens > 0) value = loss.item<float>();
         }
         bool localBad = localTokens > 0 && !double.IsFinite(value);
@@ -539,6 +544,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         {
             var scaled = _dp is null ? loss! / cycleSize : loss! * (localTokens / tokens / cycleSize);
             scaled.backward();
+            VlmTune.Diagnostics.MemoryTrace.Mark("backward done");
         }
         BackwardScratch.Release();
         return (lossSum / tokens, batchTokens, tiles);

@@ -98,7 +98,7 @@ public class DataParallelTrainingTests
         Assert.True(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerShardFile(1))));
         Assert.False(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerFile)));
         // Only rank 0 writes the run folder.
-        Assert.Single(Directory.GetDirectories(w2).Where(d => !Path.GetFileName(d).StartsWith("iter_", StringComparison.Ordinal)));
+        Assert.Single(Directory.GetDirectories(w2), d => !Path.GetFileName(d).StartsWith("iter_", StringComparison.Ordinal));
     }
 
     [FixtureFact]

@@ -49,6 +49,22 @@ public sealed class LoraGoldenTests
     }
 
     [FixtureFact]
+    public void ChunkedLossFreesEachChunksLogitsBeforeTheNext()
+    {
+        using var scope = NewDisposeScope();
+        using var model = GoldenSample.FreshModel();
+        using var _ = no_grad();
+        var hidden = GoldenSample.Hidden(model)[0];                            // (T, D)
+        var labels = tensor(GoldenSample.Labels);
+        long before = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        var sum = CausalLmLoss.DirectSum(hidden, labels, model.language_model.output, chunkSize: 1);   // one chunk per row
+        long left = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount - before;
+        // Only the running sum survives; per-chunk logits held to the end would be (T, V) fp32 in all.
+        Assert.True(left <= 2, $"{left} tensors left alive by {hidden.shape[0]} chunks");
+        Assert.True(sum.item<float>() > 0);
+    }
+
+    [FixtureFact]
     public void ChunkedLossEqualsUnchunkedCrossEntropy()
     {
         using var scope = NewDisposeScope();
