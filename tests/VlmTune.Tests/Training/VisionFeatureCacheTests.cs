@@ -145,6 +145,27 @@ public sealed class VisionFeatureCacheTests
     }
 
     [FixtureFact]
+    public void AChangedTilingOptionIsNotServedFromTheCache()
+    {
+        using var data = new TrainTestData(samples: 6);
+        // A tall picture (1:3): 1 tile under max_dynamic_patch 1, 2 tiles + thumbnail under 2.
+        File.Copy(Path.Combine(Fixtures.TinyDir, "images", "tall.png"), Path.Combine(data.Dir, "images", "clot.jpg"), overwrite: true);
+        string cacheDir = Path.Combine(data.Dir, "shared-cache");
+        string[] oneEpoch = ["max_steps=null", "max_epochs=1", "dataloader_num_workers=0", $"vision_cache_dir={cacheDir}"];
+        var first = Train(data, [.. oneEpoch, "cache_vision_features=true", $"work_dir={Path.Combine(data.Dir, "a")}"]);
+        Assert.Equal(2, first.Cache!.Stored);
+
+        // max_dynamic_patch 1 → 2: neither old entry may serve (the tiny picture keeps 1 tile, yet gets a new entry).
+        var second = Train(data, [.. oneEpoch, "max_dynamic_patch=2", "cache_vision_features=true", $"work_dir={Path.Combine(data.Dir, "b")}"]);
+        var reference = Train(data, [.. oneEpoch, "max_dynamic_patch=2", $"work_dir={Path.Combine(data.Dir, "c")}"]);
+        AssertSameLosses(reference.Losses, second.Losses);
+        Assert.Equal(2, second.Cache!.EntriesAtOpen);
+        Assert.Equal(2, second.Cache.Stored);
+        Assert.InRange(second.TowerTiles, 1 + 3, 2 * (1 + 3));
+        Assert.Equal(4, Directory.GetFiles(cacheDir, "*.safetensors", SearchOption.AllDirectories).Length);
+    }
+
+    [FixtureFact]
     public void ResumingAfterACheckpointReusesTheCache()
     {
         using var data = new TrainTestData(samples: 6);
