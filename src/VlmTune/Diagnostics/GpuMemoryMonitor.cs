@@ -78,11 +78,13 @@ public sealed class GpuMemoryMonitor : IDisposable
     }
 
     /// <summary>Highest bytes in use since start or the last <see cref="Reset"/> (see <see cref="Source"/>).</summary>
-    public long? PeakBytes => _pool is { } pool
-        ? Math.Max((long)Math.Max(Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh),
-            // A reset high-water mark reads 0 until the next allocation.
-            Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemCurrent)), MemoryTrace.WindowPeak)
-        : DevicePeakBytes;
+    public long? PeakBytes => PoolPeakBytes is { } pool ? Math.Max(pool, MemoryTrace.WindowPeak) : DevicePeakBytes;
+
+    /// <summary>The pool's high-water mark since its last reset (a reset one reads 0 until the next allocation).</summary>
+    internal long? PoolPeakBytes => _pool is { } pool
+        ? (long)Math.Max(Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemHigh),
+            Driver.GetAttribute(pool, VlmTune.Cuda.CudaDriver.MemoryPoolAttribute.UsedMemCurrent))
+        : null;
 
     /// <summary>Restarts the pool's high-water mark (MemoryTrace's per-phase peaks).</summary>
     internal void ResetPoolHighWater()

@@ -32,7 +32,7 @@ public static class MemoryTrace
     public static void Mark(string phase)
     {
         if (_monitor is not { } m) return;
-        long peak = m.PeakBytes ?? 0, now = m.CurrentBytes ?? 0;
+        long peak = m.PoolPeakBytes ?? 0, now = m.CurrentBytes ?? 0;
         long seen;
         while (peak > (seen = Interlocked.Read(ref _windowPeak)) && Interlocked.CompareExchange(ref _windowPeak, peak, seen) != seen) { }
         m.ResetPoolHighWater();

@@ -191,6 +191,16 @@ public sealed class InternLM2Mlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        return w2.forward(nn.functional.silu(w1.forward(x)) * w3.forward(x)).MoveToOuterDisposeScope();
+        // Handles released as soon as each (tokens × intermediate) tensor is consumed: without autograd they are then
+        // freed, so the MLP peaks at three of them rather than holding every one until it returns.
+        var gate = w1.forward(x);
+        var act = nn.functional.silu(gate);
+        gate.Dispose();
+        var up = w3.forward(x);
+        var product = act * up;
+        act.Dispose(); up.Dispose();
+        var y = w2.forward(product);
+        product.Dispose();
+        return y.MoveToOuterDisposeScope();
     }
 }

@@ -193,6 +193,11 @@ public sealed class InternMlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        return fc2.forward(nn.functional.gelu(fc1.forward(x))).MoveToOuterDisposeScope();
+        var hidden = fc1.forward(x);
+        var act = nn.functional.gelu(hidden);
+        hidden.Dispose();   // freed now under no_grad (the frozen ViT), kept by autograd when it trains
+        var y = fc2.forward(act);
+        act.Dispose();
+        return y.MoveToOuterDisposeScope();
     }
 }

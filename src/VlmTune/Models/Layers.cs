@@ -121,14 +121,17 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
+        if (lora_A is null) return BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
+        // A scope of its own: the base output, the LoRA branch and its scaled copy are freed here, not at the end of
+        // the caller's layer (under no_grad they are garbage at once; with autograd the graph keeps what it needs).
+        using var scope = NewDisposeScope();
         var y = BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
-        if (lora_A is null) return y;
         var h = LoraDropout > 0 && training ? nn.functional.dropout(x, LoraDropout, true) : x;
         if (LoraAutocast && h.dtype != lora_A.weight.dtype)
-            return y + nn.functional.linear(nn.functional.linear(h, lora_A.weight.to_type(h.dtype)), lora_B!.weight.to_type(h.dtype)) * LoraScaling;
+            return (y + nn.functional.linear(nn.functional.linear(h, lora_A.weight.to_type(h.dtype)), lora_B!.weight.to_type(h.dtype)) * LoraScaling).MoveToOuterDisposeScope();
         h = h.to_type(lora_A.weight.dtype);
         var delta = nn.functional.linear(nn.functional.linear(h, lora_A.weight), lora_B!.weight);
-        return y + (delta * LoraScaling).to_type(y.dtype);
+        return (y + (delta * LoraScaling).to_type(y.dtype)).MoveToOuterDisposeScope();
     }
 }
 

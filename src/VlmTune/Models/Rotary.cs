@@ -50,7 +50,11 @@ public sealed class RotaryEmbedding(LlmConfig c)
 public sealed record RotaryTables(Tensor Cos, Tensor Sin, double Theta, Tensor Positions)
 {
     // x: (B, heads, T, d)
-    public Tensor Apply(Tensor x) => x * Cos + RotateHalf(x) * Sin;
+    public Tensor Apply(Tensor x)
+    {
+        using var scope = NewDisposeScope();   // the rotated half and both products are freed here
+        return (x * Cos + RotateHalf(x) * Sin).MoveToOuterDisposeScope();
+    }
 
     /// <summary>Rotates x (B, heads, S, d) at (B, S) positions from base <paramref name="from"/> to base <paramref name="to"/>.</summary>
     public static Tensor Rerotate(RotaryEmbedding rope, Tensor x, Tensor positions, double from, double to)
