@@ -29,7 +29,7 @@ public static class ActivationCheckpointing
             // layer's own trainable weights (LoRA) get gradients, as HF's enable_input_require_grads() arranges.
             if (!x.requires_grad) x = x.detach().requires_grad_(true);
             long seed = seeds.ForLayer(layer.Index);
-            return CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed, layerBackwardDone, offloadInputs));
+            return LeanAutograd.AfterApply(CheckpointedLayer.apply(x, rope.Cos, rope.Sin, rope.Positions, new LayerCall(layer, rope.Theta, inputs, seed, layerBackwardDone, offloadInputs)));
         };
     }
 
@@ -57,7 +57,10 @@ public static class ActivationCheckpointing
             else ctx.save_for_backward([x, cos, sin, positions]);
             ctx.save_data("call", call);
             manual_seed(call.Seed);
-            return call.Layer.Forward(x, new RotaryTables(cos, sin, call.Theta, positions), call.Inputs);
+            var y = call.Layer.Forward(x, new RotaryTables(cos, sin, call.Theta, positions), call.Inputs);
+            LeanAutograd.Remember(ctx, y);
+            VlmTune.Diagnostics.MemoryTrace.Mark($"layer {call.Layer.Index} forward");
+            return y;
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)

@@ -273,7 +273,7 @@ public static class Nf4
         var bias = linear.bias;
         linear.BaseForward = x =>
         {
-            var y = Nf4Linear.apply(x, new Nf4Call(q));
+            var y = LeanAutograd.AfterApply(Nf4Linear.apply(x, new Nf4Call(q)));
             return bias is null ? y : y + bias;
         };
         linear.WeightProvider = () => q.Dequantize();
@@ -298,7 +298,9 @@ public static class Nf4
             var call = (Nf4Call)vars[1];
             ctx.save_data("w", call);
             using var w = call.Weight.Dequantize(x.dtype);
-            return nn.functional.linear(x, w);
+            var y = nn.functional.linear(x, w);
+            LeanAutograd.Remember(ctx, y);
+            return y;
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)

@@ -507,6 +507,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             var features = ImageEmbeddings(batch, out towerTiles);
             VlmTune.Diagnostics.MemoryTrace.Mark("vision + projector");
             var embeds = model.EmbedWithImages(ids, features, imageContextId);
+            VlmTune.Diagnostics.MemoryTrace.Mark("embeddings");
             var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
             VlmTune.Diagnostics.MemoryTrace.Mark("decoder forward");
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
