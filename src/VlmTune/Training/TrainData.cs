@@ -278,39 +278,11 @@ public sealed class TrainBatch : IDisposable
     /// </param>
     public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int? packTokens = null)
     {
-        if (packTokens is { } limit && samples.Count > 0) return CollatePacked(iteration, samples, skipped, padId, limit);
-        int b = samples.Count;
-        int t = samples.Count == 0 ? 1 : samples.Max(s => s.InputIds.Length);
-        var ids = new long[b * t];
-        var labels = new long[b * t];
-        Array.Fill(ids, padId);
-        Array.Fill(labels, CausalLmLoss.IgnoreIndex);
-        for (int i = 0; i < b; i++)
-            for (int j = 0; j < samples[i].InputIds.Length; j++)
-            {
-                ids[i * t + j] = samples[i].InputIds[j];
-                labels[i * t + j] = samples[i].Labels[j];
-            }
-        var (pixels, cached, vision) = CollateImages(samples);
-        return new TrainBatch
-        {
-            Iteration = iteration,
-            InputIds = tensor(ids, [b, t]),
-            Labels = tensor(labels, [b, t]),
-            Pixels = pixels,
-            CachedFeatures = cached,
-            Vision = vision,
-            SampleIds = samples.Select(s => s.Id).ToArray(),
-            Tokens = samples.Sum(s => (long)s.InputIds.Length),
-            Tiles = samples.Sum(s => s.Tiles),
-            Skipped = skipped,
-        };
-    }
-
-    private static TrainBatch CollatePacked(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int packTokens)
-    {
-        var rows = SequencePacker.Rows(samples.Select(s => (s.Id, s.InputIds.Length)).ToList(), packTokens);
-        int t = rows.Max(r => r.Sum(i => samples[i].InputIds.Length));
+        bool packed = packTokens is not null && samples.Count > 0;
+        var rows = packed
+            ? SequencePacker.Rows(samples.Select(s => (s.Id, s.InputIds.Length)).ToList(), packTokens!.Value)
+            : samples.Select((_, i) => new[] { i }).ToList();
+        int t = rows.Count == 0 ? 1 : rows.Max(r => r.Sum(i => samples[i].InputIds.Length));
         var ids = new long[rows.Count * t];
         var labels = new long[rows.Count * t];
         Array.Fill(ids, padId);
@@ -326,21 +298,21 @@ public sealed class TrainBatch : IDisposable
                     ids[at + j] = sample.InputIds[j];
                     labels[at + j] = sample.Labels[j];
                 }
-                // The loss compares position p's logits with label p + 1: a sample's first label would be the target of
-                // the previous sample's last token. Unpacked, nothing predicts a first token, so packed neither.
-                labels[at] = CausalLmLoss.IgnoreIndex;
+                // The loss compares position p's logits with label p + 1: a packed sample's first label would be the
+                // target of the previous sample's last token. Unpacked, nothing predicts a first token, so packed neither.
+                if (packed) labels[at] = CausalLmLoss.IgnoreIndex;
                 at += sample.InputIds.Length;
             }
         }
         // Rows hold the samples in their order, so the <IMG_CONTEXT> tokens (read row by row) meet the tiles in the
-        // order they are concatenated, as unpacked.
+        // order they are concatenated.
         var (pixels, cached, vision) = CollateImages(samples);
         return new TrainBatch
         {
             Iteration = iteration,
             InputIds = tensor(ids, [rows.Count, t]),
             Labels = tensor(labels, [rows.Count, t]),
-            Packing = new PackedRows(rows.Select(r => r.Select(i => samples[i].InputIds.Length).ToArray()).ToList(), t),
+            Packing = packed ? new PackedRows(rows.Select(r => r.Select(i => samples[i].InputIds.Length).ToArray()).ToList(), t) : null,
             Pixels = pixels,
             CachedFeatures = cached,
             Vision = vision,
