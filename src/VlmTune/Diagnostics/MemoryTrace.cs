@@ -13,9 +13,6 @@ public static class MemoryTrace
     private static GpuMemoryMonitor? _monitor;
     private static long _windowPeak;
 
-    /// <summary>True while the traced iteration runs.</summary>
-    public static bool Active => _monitor is not null;
-
     /// <summary>The highest segment peak seen since the last <see cref="ResetWindow"/> (the monitor's high-water mark is reset per mark).</summary>
     internal static long WindowPeak => Interlocked.Read(ref _windowPeak);
     internal static void ResetWindow() => Interlocked.Exchange(ref _windowPeak, 0);

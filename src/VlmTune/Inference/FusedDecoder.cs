@@ -150,11 +150,8 @@ public sealed class FusedDecoder
     }
 
     /// <summary>True unless VLMTUNE_FUSED_DECODE=0 (or false/off).</summary>
-    public static bool EnabledByEnvironment(string? value = null)
-    {
-        value ??= Environment.GetEnvironmentVariable(DisableVariable);
-        return value is null || !(value.Trim() is "0" or "false" or "False" or "FALSE" or "off" or "no");
-    }
+    public static bool EnabledByEnvironment(string? value = null) =>
+        KernelSwitch.IsOn(value ?? Environment.GetEnvironmentVariable(DisableVariable));
 
     /// <summary>Why this model cannot use the fused decoder (every reason at once); empty when it can.</summary>
     public static IReadOnlyList<string> Problems(InternLM2ForCausalLM lm)

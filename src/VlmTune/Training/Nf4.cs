@@ -92,7 +92,7 @@ public static class Nf4CudaDequantizer
     public static Tensor? TryDequantize(Nf4Tensor q, ScalarType dtype)
     {
         if (q.Packed.device_type != DeviceType.CUDA || dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || _unavailable is not null) return null;
-        if (!VlmTune.Inference.FusedDecoder.EnabledByEnvironment(Environment.GetEnvironmentVariable(DisableVariable))) return null;
+        if (!VlmTune.Cuda.KernelSwitch.IsOn(Environment.GetEnvironmentVariable(DisableVariable))) return null;
         int ordinal = q.Packed.device_index < 0 ? 0 : q.Packed.device_index;
         VlmTune.Cuda.KernelModule module;
         Tensor map;
