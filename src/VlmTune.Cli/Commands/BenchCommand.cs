@@ -89,6 +89,7 @@ internal static class BenchCommand
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
         int batch = parse.GetValue(TrainBatch), tiles = parse.GetValue(Tiles7), seq = parse.GetValue(SeqLen), r = parse.GetValue(LoraR);
         int imageTokens = tiles * config.NumImageToken;
+        int imgContext = RandomImageContextId(config);
         if (seq < imageTokens + 16) throw new VlmTuneException($"--seq-len must exceed the {imageTokens} image tokens of {tiles} tiles.");
         foreach (var modeName in parse.GetValue(Mode)!)
         {
@@ -96,7 +97,7 @@ internal static class BenchCommand
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
             RandomInit.Apply(model, seed: 0);
-            long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.model.tok_embeddings.weight.numel();
+            long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.TokenEmbedding.weight.numel();
             long vitParams = model.vision_model.parameters().Sum(p => p.numel());
             foreach (var p in model.parameters()) p.requires_grad_(false);
             string? nf4Check = null;
@@ -104,12 +105,12 @@ internal static class BenchCommand
             if (mode != TrainMode.Full)
                 PeftAdapter.Attach(model.language_model, new PeftAdapterConfig
                 {
-                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = ["wqkv", "wo", "w1", "w2", "w3", "output"],
+                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = [.. model.language_model.OfficialLoraTargets, .. OutputHead(model.language_model)],
                 }, dtype);
             else foreach (var p in model.language_model.parameters()) p.requires_grad_(true);
             foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
             foreach (var (name, p) in model.named_parameters()) if (name.Contains(".lora_")) p.requires_grad_(true);
-            ActivationCheckpointing.Apply(model.language_model.model, parse.GetValue(Checkpointing), new DropoutSeeds(0));
+            ActivationCheckpointing.Apply(model.language_model, parse.GetValue(Checkpointing), new DropoutSeeds(0));
             model.eval();
             model.language_model.train();
             var trainable = model.parameters().Where(p => p.requires_grad).ToList();
@@ -121,7 +122,7 @@ internal static class BenchCommand
             for (int b = 0; b < batch; b++)
                 for (int i = 0; i < seq; i++)
                 {
-                    long id = i >= 16 && i < 16 + imageTokens ? 92546 : rng.Next(1000, 90000);
+                    long id = i >= 16 && i < 16 + imageTokens ? imgContext : rng.Next(1000, 90000);
                     ids[b * seq + i] = id;
                     labels[b * seq + i] = i < Math.Min(16 + imageTokens + 40, seq - 16) ? -100 : id;   // prompt and image unsupervised
                 }
@@ -133,9 +134,9 @@ internal static class BenchCommand
             {
                 using var scope = NewDisposeScope();
                 var features = model.ExtractFeatures(pixels, visionGrad: false, projectorGrad: true);
-                var embeds = model.EmbedWithImages(inputIds, features, 92546);
+                var embeds = model.EmbedWithImages(inputIds, features, imgContext);
                 var hidden = model.language_model.Forward(embeds, new DecoderInputs());
-                var (loss, _) = CausalLmLoss.Compute(hidden, targets, model.language_model.output);
+                var (loss, _) = CausalLmLoss.Compute(hidden, targets, model.language_model.OutputHead);
                 loss.backward();
                 BackwardScratch.Release();
                 nn.utils.clip_grad_norm_(trainable, 1.0);
@@ -201,7 +202,7 @@ internal static class BenchCommand
         int tiles = parse.GetValue(Tiles), promptTokens = parse.GetValue(PromptTokens), newTokens = parse.GetValue(NewTokens);
         int imageTokens = tiles * config.NumImageToken;
         if (promptTokens < imageTokens + 8) throw new VlmTuneException($"--prompt-tokens must exceed the {imageTokens} image tokens of {tiles} tiles.");
-        const int imgContext = 92546;
+        int imgContext = RandomImageContextId(config);
         int checkSteps = parse.GetValue(Check);
         FusedDecoder? fused = null;
         if (parse.GetValue(Fused) != false)
@@ -233,7 +234,7 @@ internal static class BenchCommand
             Sync(device);
             double prefillS = clock.Elapsed.TotalSeconds;
 
-            if (checkSteps > 0 && fused is not null) CheckFused(model.language_model, fused, cache, next, checkSteps, batch, device);
+            if (checkSteps > 0 && fused is not null) CheckFused((InternLM2ForCausalLM)model.language_model, fused, cache, next, checkSteps, batch, device);
 
             // Greedy steps stay on the device: no host synchronisation inside the loop.
             Tensor Step(Tensor token)
@@ -269,6 +270,15 @@ internal static class BenchCommand
     /// prefilled cache, both fed the reference's greedy tokens. Rows after the first see a left-padded cache (their first
     /// r·L/(2B) columns masked, positions shifted to match) as the engine's right-aligned batches do. Prints one JSON line.
     /// </summary>
+    /// <summary>
+    /// The &lt;IMG_CONTEXT&gt; id of a random-weight model (no tokenizer): the last id of the vocabulary, which the random
+    /// text ids (1000…90000) never hit. Its value changes nothing in the timing.
+    /// </summary>
+    private static int RandomImageContextId(InternVLConfig config) => config.Llm.VocabSize - 1;
+
+    /// <summary>The LoRA target of the output head, as the seed recipe adapts it (none for a tied head).</summary>
+    private static string[] OutputHead(CausalLanguageModel lm) => lm.OutputHeadName is { } name ? [name] : [];
+
     /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
     private const double ClearMargin = 0.25;
 

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using VlmTune.Models;
 using VlmTune.Training;
 using static VlmTune.Training.Trainer;
 
@@ -163,7 +164,7 @@ public sealed class AdapterCheckpoint : IDisposable
         {
             string full = root + module;
             if (a is null || b is null) { problems.Add($"{weightsPath}: '{module}' has lora_{(a is null ? "A" : "B")} missing"); continue; }
-            if (!config.Targets(module, isOutputHead: full == "language_model.output"))
+            if (!config.Targets(module, isOutputHead: CausalLanguageModel.IsOutputHeadName(full, root)))
                 problems.Add($"{weightsPath}: '{module}' is not among target_modules of {PeftAdapter.ConfigFile}");
             long[] w = baseShapes[full + ".weight"], sa = file.Entries[a].Shape, sb = file.Entries[b].Shape;
             if (sa.Length != 2 || sb.Length != 2 || sa[0] != config.R || sb[1] != config.R || sa[1] != w[1] || sb[0] != w[0])
@@ -176,7 +177,7 @@ public sealed class AdapterCheckpoint : IDisposable
             var present = list.Select(l => l.Module).ToHashSet(StringComparer.Ordinal);
             var missing = baseShapes.Where(s => s.Key.StartsWith(root, StringComparison.Ordinal) && s.Key.EndsWith(".weight", StringComparison.Ordinal) && s.Value.Length == 2)
                 .Select(s => s.Key[..^".weight".Length])
-                .Where(m => !present.Contains(m) && config.Targets(m[root.Length..], isOutputHead: m == "language_model.output"))
+                .Where(m => !present.Contains(m) && config.Targets(m[root.Length..], isOutputHead: CausalLanguageModel.IsOutputHeadName(m, root)))
                 .OrderBy(m => m, StringComparer.Ordinal).ToList();
             if (missing.Count > 0)
                 problems.Add($"{weightsPath}: no LoRA tensors for targeted module{(missing.Count == 1 ? "" : "s")} {string.Join(", ", missing.Take(6).Select(m => $"'{m[root.Length..]}'"))}{(missing.Count > 6 ? $" and {missing.Count - 6} more" : "")}");

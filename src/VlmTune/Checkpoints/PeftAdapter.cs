@@ -223,7 +223,7 @@ public static class PeftAdapter
         AtomicFile.WriteAllText(Path.Combine(dir, ConfigFile), config.ToJson());
     }
 
-    private static bool IsOutputHead(nn.Module scope, string name) => scope is InternLM2ForCausalLM && name == "output";
+    private static bool IsOutputHead(nn.Module scope, string name) => scope is CausalLanguageModel lm && name == lm.OutputHeadName;
 
 }
 

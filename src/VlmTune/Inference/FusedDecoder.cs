@@ -198,9 +198,11 @@ public sealed class FusedDecoder
     /// <see cref="DisableVariable"/>, a model it does not handle, or CUDA libraries that are absent or fail.
     /// A model that changes later (LoRA attached, weights replaced) is caught by <see cref="CanStep"/>.
     /// </summary>
-    public static FusedDecoder? TryGet(InternLM2ForCausalLM lm, out string? reason)
+    public static FusedDecoder? TryGet(CausalLanguageModel model, out string? reason)
     {
         if (!EnabledByEnvironment()) { reason = $"{DisableVariable}=0"; return null; }
+        // The kernels read InternLM2's per-group wqkv layout; the other families decode through TorchSharp.
+        if (model is not InternLM2ForCausalLM lm) { reason = $"not supported: {model.Config.Architecture} (the fused kernels cover InternLM2ForCausalLM)"; return null; }
         var problems = Problems(lm);
         if (problems.Count > 0) { reason = "not supported: " + string.Join("; ", problems); return null; }
         var known = Known.GetValue(lm, model =>

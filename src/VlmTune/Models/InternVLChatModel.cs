@@ -5,14 +5,14 @@ using static TorchSharp.torch;
 namespace VlmTune.Models;
 
 /// <summary>
-/// InternVL2: InternViT → pixel shuffle v2 → mlp1 projector → image embeddings spliced into InternLM2 at the
+/// InternVL: InternViT → pixel shuffle v2 → mlp1 projector → image embeddings spliced into the LLM at the
 /// &lt;IMG_CONTEXT&gt; positions. Field names equal the official checkpoint keys, so loading is strict with no name map.
 /// </summary>
 public sealed class InternVLChatModel : nn.Module
 {
     public InternVisionModel vision_model;
     public Sequential mlp1;
-    public InternLM2ForCausalLM language_model;
+    public CausalLanguageModel language_model;
 
     public InternVLConfig Config { get; }
     public ModelOptions Options { get; }
@@ -26,7 +26,7 @@ public sealed class InternVLChatModel : nn.Module
             ("1", new Linear(c.ProjectorInputSize, c.Llm.HiddenSize, true, o)),
             ("2", nn.GELU()),
             ("3", new Linear(c.Llm.HiddenSize, c.Llm.HiddenSize, true, o)));
-        language_model = new InternLM2ForCausalLM(c.Llm, o);
+        language_model = CausalLanguageModel.Create(c.Llm, o);
         RegisterComponents();
     }
 

@@ -24,10 +24,37 @@ public sealed record VisionConfig
     public int PatchesPerSide => ImageSize / PatchSize;
 }
 
-/// <summary>RoPE scaling of InternLM2 (config.json → llm_config.rope_scaling).</summary>
-public sealed record RopeScaling(string Type, double Factor);
+/// <summary>
+/// RoPE scaling (config.json → llm_config.rope_scaling): <c>linear</c> and <c>dynamic</c> (NTK) with a factor;
+/// <c>longrope</c> (Phi-3's <c>su</c>) with per-frequency short and long factors.
+/// </summary>
+public sealed record RopeScaling(string Type, double Factor)
+{
+    public IReadOnlyList<double>? ShortFactor { get; init; }
+    public IReadOnlyList<double>? LongFactor { get; init; }
+}
 
-/// <summary>InternLM2 settings (config.json → llm_config).</summary>
+/// <summary>The LLM architectures of the InternVL family (llm_config.architectures[0]).</summary>
+public static class LlmArchitectures
+{
+    public const string InternLM2 = "InternLM2ForCausalLM";
+    public const string Qwen2 = "Qwen2ForCausalLM";
+    public const string Qwen3 = "Qwen3ForCausalLM";
+    public const string Llama = "LlamaForCausalLM";
+    public const string Phi3 = "Phi3ForCausalLM";
+
+    public static readonly IReadOnlyList<string> Supported = [InternLM2, Qwen2, Qwen3, Llama, Phi3];
+
+    /// <summary>Released InternVL LLMs that have no backend yet, with the checkpoints that use them.</summary>
+    public static readonly IReadOnlyDictionary<string, string> NotYetSupported = new Dictionary<string, string>
+    {
+        ["Qwen3MoeForCausalLM"] = "the InternVL3.5 MoE checkpoints (InternVL3.5-30B-A3B, 241B-A28B)",
+        ["GptOssForCausalLM"] = "InternVL3.5-GPT-OSS-20B-A4B",
+        ["InternLM3ForCausalLM"] = "the InternLM3-based InternVL3 checkpoints",
+    };
+}
+
+/// <summary>LLM settings (config.json → llm_config), for every supported architecture.</summary>
 public sealed record LlmConfig
 {
     public required string Architecture { get; init; }
@@ -41,13 +68,27 @@ public sealed record LlmConfig
     public double RopeTheta { get; init; } = 10000;
     public RopeScaling? RopeScaling { get; init; }
     public int MaxPositionEmbeddings { get; init; } = 2048;
+    /// <summary>Phi-3 longrope: the context the short factors were trained for.</summary>
+    public int OriginalMaxPositionEmbeddings { get; init; }
+    /// <summary>InternLM2's <c>bias</c>: biases on wqkv and wo.</summary>
     public bool Bias { get; init; }
+    /// <summary>Biases on the q/k/v projections: Qwen2 always; Llama, Qwen3 and Phi-3 per <c>attention_bias</c>.</summary>
+    public bool QkvBias { get; init; }
+    /// <summary>A bias on the attention output projection (Llama / Qwen3 <c>attention_bias</c>; never Qwen2's o_proj).</summary>
+    public bool OutputProjBias { get; init; }
+    /// <summary>Biases on the MLP projections (Llama's <c>mlp_bias</c>).</summary>
+    public bool MlpBias { get; init; }
+    /// <summary>Qwen3: RMSNorm over each head's queries and keys before the rotary embedding.</summary>
+    public bool QkNorm { get; init; }
     public bool TieWordEmbeddings { get; init; }
     public string HiddenAct { get; init; } = "silu";
     public int BosTokenId { get; init; } = 1;
     public int EosTokenId { get; init; } = 2;
 
-    public int HeadDim => HiddenSize / NumAttentionHeads;
+    /// <summary>Width of one attention head: <c>head_dim</c> where given (Qwen3's differs from hidden / heads).</summary>
+    public int HeadDim { get => _headDim > 0 ? _headDim : HiddenSize / NumAttentionHeads; init => _headDim = value; }
+    private readonly int _headDim;
+
     public int KeyValueGroups => NumAttentionHeads / NumKeyValueHeads;
 }
 
@@ -57,8 +98,6 @@ public sealed record LlmConfig
 /// </summary>
 public sealed record InternVLConfig
 {
-    public static readonly IReadOnlyList<string> SupportedLlmArchitectures = ["InternLM2ForCausalLM"];
-
     public required VisionConfig Vision { get; init; }
     public required LlmConfig Llm { get; init; }
     public string Template { get; init; } = "internlm2-chat";
@@ -93,19 +132,31 @@ public sealed record InternVLConfig
         var v = r.Object("vision_config");
         var l = r.Object("llm_config");
 
-        string arch = l.Has("architectures") ? l.StringArrayFirst("architectures") : "InternLM2ForCausalLM";
-        if (!SupportedLlmArchitectures.Contains(arch))
-            r.Problems.Add($"llm_config.architectures is '{arch}', which VlmTune does not support yet (supported: {string.Join(", ", SupportedLlmArchitectures)}).");
+        string arch = l.Has("architectures") ? l.StringArrayFirst("architectures") : LlmArchitectures.InternLM2;
+        if (LlmArchitectures.NotYetSupported.TryGetValue(arch, out var family))
+            r.Problems.Add($"llm_config.architectures is '{arch}' ({family}), which VlmTune does not support yet (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
+        else if (!LlmArchitectures.Supported.Contains(arch))
+            r.Problems.Add($"llm_config.architectures is '{arch}', which VlmTune does not support (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
+        bool internLm = arch == LlmArchitectures.InternLM2;
 
         RopeScaling? scaling = null;
         if (l.Has("rope_scaling") && l.Element("rope_scaling").ValueKind == JsonValueKind.Object)
         {
             var rs = l.Object("rope_scaling");
             string type = rs.Has("type") ? rs.String("type") : rs.String("rope_type");
-            if (type is not ("dynamic" or "linear"))
-                r.Problems.Add($"llm_config.rope_scaling.type '{type}' is not supported (supported: dynamic, linear).");
-            scaling = new RopeScaling(type, rs.Double("factor"));
+            if (type is "su" or "longrope")
+                scaling = new RopeScaling("longrope", 1) { ShortFactor = rs.DoubleArray("short_factor"), LongFactor = rs.DoubleArray("long_factor") };
+            else if (type is "dynamic" or "linear")
+                scaling = new RopeScaling(type, rs.Double("factor"));
+            else if (type != "default")
+                r.Problems.Add($"llm_config.rope_scaling.type '{type}' is not supported (supported: dynamic, linear, longrope).");
         }
+        if (l.Bool("use_sliding_window", false))
+            r.Problems.Add("llm_config.use_sliding_window is true; VlmTune attends over the whole sequence (no released InternVL checkpoint uses a sliding window).");
+        if (l.Has("partial_rotary_factor") && l.Double("partial_rotary_factor") != 1.0)
+            r.Problems.Add("llm_config.partial_rotary_factor other than 1 is not supported.");
+        // The Llama layout's bias switches: Qwen2 has q/k/v biases by definition, the others follow attention_bias.
+        bool attentionBias = l.Bool("attention_bias", false);
 
         var vision = new VisionConfig
         {
@@ -124,10 +175,21 @@ public sealed record InternVLConfig
             NumAttentionHeads = l.Int("num_attention_heads"), NumKeyValueHeads = l.Int("num_key_value_heads", l.Int("num_attention_heads")),
             IntermediateSize = l.Int("intermediate_size"), VocabSize = l.Int("vocab_size"),
             RmsNormEps = l.Double("rms_norm_eps", 1e-6), RopeTheta = l.Double("rope_theta", 10000), RopeScaling = scaling,
-            MaxPositionEmbeddings = l.Int("max_position_embeddings", 2048), Bias = l.Bool("bias", false),
+            MaxPositionEmbeddings = l.Int("max_position_embeddings", 2048),
+            OriginalMaxPositionEmbeddings = l.Int("original_max_position_embeddings", l.Int("max_position_embeddings", 2048)),
+            Bias = internLm && l.Bool("bias", false),
+            QkvBias = !internLm && (arch == LlmArchitectures.Qwen2 || attentionBias),
+            OutputProjBias = !internLm && arch != LlmArchitectures.Qwen2 && attentionBias,
+            MlpBias = arch == LlmArchitectures.Llama && l.Bool("mlp_bias", false),
+            QkNorm = arch == LlmArchitectures.Qwen3,
             TieWordEmbeddings = l.Bool("tie_word_embeddings", false), HiddenAct = l.String("hidden_act", "silu"),
-            BosTokenId = l.Int("bos_token_id", 1), EosTokenId = l.Int("eos_token_id", 2),
+            BosTokenId = l.IntOrFirst("bos_token_id", 1), EosTokenId = l.IntOrFirst("eos_token_id", 2),
+            HeadDim = l.Int("head_dim", 0),
         };
+        if (internLm && llm.TieWordEmbeddings)
+            r.Problems.Add("llm_config.tie_word_embeddings is true, but InternLM2 checkpoints always store an output head of their own.");
+        if (scaling is { Type: "longrope" } lr && (lr.ShortFactor?.Count != llm.HeadDim / 2 || lr.LongFactor?.Count != llm.HeadDim / 2))
+            r.Problems.Add($"llm_config.rope_scaling: short_factor and long_factor need head_dim / 2 = {llm.HeadDim / 2} values each.");
         var config = new InternVLConfig
         {
             Vision = vision, Llm = llm,
@@ -139,7 +201,8 @@ public sealed record InternVLConfig
         };
         if (r.Problems.Count == 0)
         {
-            if (llm.HiddenSize % llm.NumAttentionHeads != 0) r.Problems.Add("llm_config.hidden_size must be divisible by num_attention_heads.");
+            if (llm.HiddenSize % llm.NumAttentionHeads != 0 && !l.Has("head_dim")) r.Problems.Add("llm_config.hidden_size must be divisible by num_attention_heads (or head_dim given).");
+            if (llm.HeadDim % 2 != 0) r.Problems.Add($"llm_config head_dim {llm.HeadDim} must be even (rotary embedding).");
             if (llm.NumAttentionHeads % llm.NumKeyValueHeads != 0) r.Problems.Add("llm_config.num_attention_heads must be divisible by num_key_value_heads.");
             if (vision.HiddenSize % vision.NumAttentionHeads != 0) r.Problems.Add("vision_config.hidden_size must be divisible by num_attention_heads.");
             if (config.PsVersion != "v2") r.Problems.Add($"ps_version '{config.PsVersion}' is not supported (InternVL2 uses v2).");
@@ -203,6 +266,23 @@ internal sealed class JsonFields(JsonElement element, string source, string pref
         if (Has(name)) return element.GetProperty(name);
         if (required) Problems.Add($"required field '{prefix}{name}' ({what}) is missing.");
         return null;
+    }
+
+    /// <summary>An integer, or the first of a list of them (generation configs and some llm_configs list several EOS ids).</summary>
+    public int IntOrFirst(string name, int fallback)
+    {
+        if (!Has(name)) return fallback;
+        var e = element.GetProperty(name);
+        if (e.ValueKind == JsonValueKind.Array && e.GetArrayLength() > 0 && e[0].TryGetInt32(out int first)) return first;
+        return Int(name, fallback);
+    }
+
+    public IReadOnlyList<double> DoubleArray(string name)
+    {
+        if (Field(name, "a list of numbers", required: true) is not { } e) return [];
+        if (e.ValueKind == JsonValueKind.Array && e.EnumerateArray().All(x => x.ValueKind == JsonValueKind.Number))
+            return e.EnumerateArray().Select(x => x.GetDouble()).ToList();
+        Problems.Add($"field '{prefix}{name}' must be a list of numbers."); return [];
     }
 
     public string StringArrayFirst(string name)

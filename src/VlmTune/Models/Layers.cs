@@ -57,7 +57,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public LoraWeight? lora_B;
 
     public long InFeatures { get; }
-    public long OutFeatures { get; }
+    public long OutFeatures { get; private set; }
     /// <summary>PEFT's scaling = alpha / r.</summary>
     public double LoraScaling { get; private set; }
     public double LoraDropout { get; private set; }
@@ -85,6 +85,17 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         weight = Init.Empty(o, outFeatures, inFeatures);
         bias = hasBias ? Init.Empty(o, outFeatures) : null;
         RegisterComponents();
+    }
+
+    /// <summary>
+    /// An output head tied to the token embeddings (<c>tie_word_embeddings</c>): it reads <paramref name="sharedWeight"/>
+    /// at every call (so it follows the embedding through dtype or device moves) and stores nothing of its own.
+    /// </summary>
+    public static Linear Tied(Func<Tensor> sharedWeight, long inFeatures, long outFeatures, ModelOptions o)
+    {
+        var head = new Linear(inFeatures, 0, hasBias: false, o) { WeightProvider = sharedWeight };
+        head.OutFeatures = outFeatures;
+        return head;
     }
 
     public bool HasLora => lora_A is not null;

@@ -3,7 +3,8 @@ using static TorchSharp.torch;
 namespace VlmTune.Models;
 
 /// <summary>
-/// InternLM2's rotary position embedding with rotate_half pairing, and its linear and dynamic-NTK scalings.
+/// The rotary position embedding every InternVL LLM uses (rotate_half pairing), with the linear and dynamic-NTK scalings
+/// (InternLM2) and Phi-3's longrope (per-frequency factors, short or long by sequence length, cos/sin scaled).
 /// Frequencies are computed the way the official code computes them (fp32 pow of a double base), so tables match bit for bit.
 /// </summary>
 public sealed class RotaryEmbedding(LlmConfig c)
@@ -27,22 +28,42 @@ public sealed class RotaryEmbedding(LlmConfig c)
         return theta;
     }
 
-    public Tensor InvFreq(double theta, Device device)
+    public Tensor InvFreq(double theta, Device device, long sequenceLength = 0)
     {
         var exponents = arange(0, _dim, 2, ScalarType.Int64, device).to_type(ScalarType.Float32) / _dim;
-        return full_like(exponents, theta).pow(exponents).reciprocal();                         // (d/2)
+        var powers = full_like(exponents, theta).pow(exponents);                               // (d/2)
+        if (c.RopeScaling is { Type: "longrope" } longRope)
+        {
+            // Phi-3: 1 / (factor · base^(2i/d)), the long factors once the sequence outgrows the original context.
+            var factors = sequenceLength > c.OriginalMaxPositionEmbeddings ? longRope.LongFactor! : longRope.ShortFactor!;
+            powers = tensor(factors.Select(x => (float)x).ToArray(), device: device) * powers;
+        }
+        return powers.reciprocal();
+    }
+
+    /// <summary>
+    /// Phi-3 longrope's attention scaling of cos and sin: √(1 + ln(max / original) / ln(original)) when the model's
+    /// context was extended, else 1.
+    /// </summary>
+    private double CosSinScale()
+    {
+        if (c.RopeScaling is not { Type: "longrope" }) return 1;
+        double scale = (double)c.MaxPositionEmbeddings / c.OriginalMaxPositionEmbeddings;
+        return scale <= 1 ? 1 : Math.Sqrt(1 + Math.Log(scale) / Math.Log(c.OriginalMaxPositionEmbeddings));
     }
 
     /// <summary>cos/sin tables for (B, T) positions in a sequence of <paramref name="sequenceLength"/> tokens.</summary>
     public RotaryTables Tables(Tensor positions, long sequenceLength, ScalarType dtype)
     {
         double theta = Theta(sequenceLength);
-        var invFreq = InvFreq(theta, positions.device);
+        var invFreq = InvFreq(theta, positions.device, sequenceLength);
         var t = positions.to_type(ScalarType.Float32);
         if (c.RopeScaling is { Type: "linear", Factor: var f }) t = t / f;
         var freqs = t.unsqueeze(-1) * invFreq;                                                  // (B, T, d/2)
         var emb = cat([freqs, freqs], -1).unsqueeze(1);                                          // (B, 1, T, d)
-        return new RotaryTables(emb.cos().to_type(dtype), emb.sin().to_type(dtype), theta, positions);
+        Tensor cos = emb.cos(), sin = emb.sin();
+        if (CosSinScale() is var scale && scale != 1) { cos = cos * scale; sin = sin * scale; }
+        return new RotaryTables(cos.to_type(dtype), sin.to_type(dtype), theta, positions);
     }
 }
 

@@ -5,7 +5,7 @@ using static TorchSharp.torch;
 namespace VlmTune.Training;
 
 /// <summary>
-/// Gradient (activation) checkpointing of InternLM2 decoder layers: the forward pass keeps only each layer's input;
+/// Gradient (activation) checkpointing of LLM decoder layers: the forward pass keeps only each layer's input;
 /// the backward pass runs the layer again with the same random state and backpropagates through it. Memory for
 /// activations drops from all layers to one, for about one extra forward pass of compute. With offloading, the kept
 /// inputs wait in pinned host memory instead (copied asynchronously, on the compute stream so no synchronisation is
@@ -14,12 +14,12 @@ namespace VlmTune.Training;
 public static class ActivationCheckpointing
 {
     /// <summary>
-    /// Sets <see cref="InternLM2Model.LayerRunner"/> to a checkpointing runner (or clears it).
+    /// Sets <see cref="CausalLanguageModel.LayerRunner"/> to a checkpointing runner (or clears it).
     /// <paramref name="layerBackwardDone"/> is told (on autograd's thread) when a layer's backward has produced its
     /// weights' gradients: data parallelism starts reducing them then, while the layers below still run.
     /// </summary>
     /// <param name="offloadInputs">Keep each layer's input in (pinned) host memory until its backward pass.</param>
-    public static void Apply(InternLM2Model model, bool enabled, DropoutSeeds seeds, Action<int>? layerBackwardDone = null, bool offloadInputs = false)
+    public static void Apply(CausalLanguageModel model, bool enabled, DropoutSeeds seeds, Action<int>? layerBackwardDone = null, bool offloadInputs = false)
     {
         if (!enabled) { model.LayerRunner = null; return; }
         model.LayerRunner = (layer, x, rope, inputs) =>
@@ -33,7 +33,7 @@ public static class ActivationCheckpointing
         };
     }
 
-    internal sealed record LayerCall(InternLM2DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed, Action<int>? BackwardDone, bool Offload);
+    internal sealed record LayerCall(DecoderLayer Layer, double Theta, DecoderInputs Inputs, long Seed, Action<int>? BackwardDone, bool Offload);
 
     /// <summary>Holds a layer input copied to host memory (not a saved variable: autograd must not see it).</summary>
     internal sealed record HostCopy(Tensor Value, Device Device);

@@ -10,11 +10,12 @@ namespace VlmTune.Training;
 public static class Qlora
 {
     /// <summary>
-    /// Quantises every linear layer inside the decoder layers (wqkv, wo, w1, w2, w3) to NF4 with double quantisation,
-    /// as transformers' load_in_4bit does (it keeps the output head in full precision). Returns the NF4 weights by layer name.
+    /// Quantises every linear layer inside the decoder layers (attention and MLP projections) to NF4 with double
+    /// quantisation, as transformers' load_in_4bit does (it keeps the output head in full precision). Returns the NF4
+    /// weights by layer name.
     /// </summary>
-    public static IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizeLanguageModel(InternLM2ForCausalLM llm, bool doubleQuant = true) =>
-        PeftAdapter.Linears(llm.model.layers).Select(x => (x.Item1, Nf4.QuantizeLinear(x.Item2, doubleQuant))).ToList();
+    public static IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizeLanguageModel(CausalLanguageModel llm, bool doubleQuant = true) =>
+        PeftAdapter.Linears(llm.LayerStack).Select(x => (x.Item1, Nf4.QuantizeLinear(x.Item2, doubleQuant))).ToList();
 
     /// <summary>
     /// Quantises every linear layer of the vision encoder (attention qkv/proj, MLP fc1/fc2) to NF4, as XTuner's

@@ -36,7 +36,11 @@ public sealed class TrainConfig
     public int LoraR { get; set; } = 128;
     public double LoraAlpha { get; set; } = 256;
     public double LoraDropout { get; set; } = 0.05;
-    public List<string> LoraTargets { get; set; } = ["wqkv", "wo", "w1", "w2", "w3", "output"];
+    /// <summary>
+    /// Null: every decoder linear of the model's family under the official wrap_llm_lora names, and the output head
+    /// unless it is tied (InternLM2: wqkv, wo, w1, w2, w3, output; Qwen/Llama: q/k/v/o_proj, gate/up/down_proj, lm_head).
+    /// </summary>
+    public List<string>? LoraTargets { get; set; }
     /// <summary>0: no vision LoRA. Otherwise LoRA of this rank on the ViT's attention and MLP linears.</summary>
     public int VisionLoraR { get; set; }
     public double VisionLoraAlpha { get; set; } = 16;
@@ -115,7 +119,7 @@ public sealed class TrainConfig
     private static readonly Field[] Fields =
     [
         Str("model", (c, v) => c.Model = v, c => c.Model),
-        StrList("data", (c, v) => c.Data = v, c => c.Data),
+        StrList("data", (c, v) => c.Data = v!, c => c.Data),
         OptStr("image_root", (c, v) => c.ImageRoot = v, c => c.ImageRoot),
         Str("template", (c, v) => c.Template = v, c => c.Template),
         OptStr("system_message", (c, v) => c.SystemMessage = v, c => c.SystemMessage),
@@ -130,10 +134,10 @@ public sealed class TrainConfig
         Int("lora_r", (c, v) => c.LoraR = v, c => c.LoraR),
         Num("lora_alpha", (c, v) => c.LoraAlpha = v, c => c.LoraAlpha),
         Num("lora_dropout", (c, v) => c.LoraDropout = v, c => c.LoraDropout),
-        StrList("lora_targets", (c, v) => c.LoraTargets = v, c => c.LoraTargets),
+        StrList("lora_targets", (c, v) => c.LoraTargets = v, c => c.LoraTargets, nullMeansDefault: true),
         Int("vision_lora_r", (c, v) => c.VisionLoraR = v, c => c.VisionLoraR),
         Num("vision_lora_alpha", (c, v) => c.VisionLoraAlpha = v, c => c.VisionLoraAlpha),
-        StrList("vision_lora_targets", (c, v) => c.VisionLoraTargets = v, c => c.VisionLoraTargets),
+        StrList("vision_lora_targets", (c, v) => c.VisionLoraTargets = v!, c => c.VisionLoraTargets),
         Num("lr", (c, v) => c.Lr = v, c => c.Lr),
         NumList("betas", (c, v) => c.Betas = v, c => c.Betas),
         Num("weight_decay", (c, v) => c.WeightDecay = v, c => c.WeightDecay),
@@ -243,7 +247,7 @@ public sealed class TrainConfig
         if (UsesLora && LoraR < 1) p.Add($"'lora_r': must be positive for mode {ModeName} (got {LoraR})");
         if (UsesLora && LoraAlpha <= 0) p.Add($"'lora_alpha': must be positive (got {LoraAlpha})");
         if (LoraDropout is < 0 or >= 1) p.Add($"'lora_dropout': must be in [0, 1) (got {LoraDropout})");
-        if (UsesLora && LoraTargets.Count == 0) p.Add($"'lora_targets': mode {ModeName} needs at least one target module");
+        if (UsesLora && LoraTargets is { Count: 0 }) p.Add($"'lora_targets': mode {ModeName} needs at least one target module");
         if (UsesLora && FreezeLlm == false) p.Add($"'freeze_llm': false contradicts mode {ModeName} (LoRA trains adapters on a frozen LLM; use mode: full to train the LLM)");
         if (VisionLoraR < 0) p.Add($"'vision_lora_r': must be 0 (off) or positive (got {VisionLoraR})");
         if (VisionLoraR > 0 && !FreezeVision) p.Add("'vision_lora_r': vision LoRA needs freeze_vision: true (the ViT would be trained twice)");
@@ -297,7 +301,7 @@ public sealed class TrainConfig
         c.FreezeLlm = LlmFrozen;
         if (Dtype == "auto") c.Dtype = Device == "cpu" ? "fp32" : "bf16";
         if (CacheVisionFeatures) c.VisionCacheDir = ResolvedVisionCacheDir;
-        c.Data = [.. Data]; c.LoraTargets = [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
+        c.Data = [.. Data]; c.LoraTargets = LoraTargets is null ? null : [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
         return c;
     }
 
@@ -362,9 +366,11 @@ public sealed class TrainConfig
             set(c, s); return null;
         });
 
-    private static Field StrList(string key, Action<TrainConfig, List<string>> set, Func<TrainConfig, object?> get) =>
+    /// <param name="nullMeansDefault">A null value (what the resolved config writes for "the default") resets the field to null.</param>
+    private static Field StrList(string key, Action<TrainConfig, List<string>?> set, Func<TrainConfig, object?> get, bool nullMeansDefault = false) =>
         new(key, "list", get, (c, n) =>
         {
+            if (nullMeansDefault && IsNull(n)) { set(c, null); return null; }
             if (n is YamlScalarNode && !IsNull(n)) { set(c, [ScalarText(n)!]); return null; }
             if (n is not YamlSequenceNode seq) return "expected a string or a list of strings";
             var items = new List<string>();

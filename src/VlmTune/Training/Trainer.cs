@@ -178,7 +178,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
         _seeds = new DropoutSeeds(Config.Seed + Rank * 1_000_003L);
-        ActivationCheckpointing.Apply(_model.language_model.model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady, Config.ActivationOffload);
+        ActivationCheckpointing.Apply(_model.language_model, Config.GradientCheckpointing, _seeds, _dp is null ? null : _dp.LayerGradientsReady, Config.ActivationOffload);
         var optimized = _trainable;
         if (_dp is not null)
         {
@@ -285,7 +285,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         var model = Model;
         foreach (var p in model.parameters()) p.requires_grad_(false);
-        _llmParams = model.language_model.model.layers.parameters().Sum(p => p.numel());
+        _llmParams = model.language_model.LayerStack.parameters().Sum(p => p.numel());
         _vitParams = model.vision_model.parameters().Sum(p => p.numel());
 
         if (Config.Mode == TrainMode.Qlora)
@@ -300,13 +300,17 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         if (Config.UsesLora)
         {
+            var llm = model.language_model;
+            List<string> targets = Config.LoraTargets ?? [.. llm.OfficialLoraTargets, .. llm.OutputHeadName is { } head ? [head] : Array.Empty<string>()];
+            if (llm.OutputHeadName is null && Config.LoraTargets is { } asked && asked.Any(t => t is "lm_head" or "output"))
+                throw new VlmTuneException($"{Config.Model}: 'lora_targets' names the output head, but this model ties it to the token embeddings (tie_word_embeddings); leave it out.");
             _llmLora = new PeftAdapterConfig
             {
-                R = Config.LoraR, LoraAlpha = Config.LoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = Config.LoraTargets,
+                R = Config.LoraR, LoraAlpha = Config.LoraAlpha, LoraDropout = Config.LoraDropout, TargetModules = targets,
                 BaseModelNameOrPath = Path.GetFullPath(Config.Model),
             };
-            var names = PeftAdapter.Attach(model.language_model, _llmLora, LoraDType);
-            _log!.Info($"lora: r={Config.LoraR} alpha={Config.LoraAlpha} dropout={Config.LoraDropout} on {names.Count} LLM layers ({string.Join(", ", Config.LoraTargets)})");
+            var names = PeftAdapter.Attach(llm, _llmLora, LoraDType);
+            _log!.Info($"lora: r={Config.LoraR} alpha={Config.LoraAlpha} dropout={Config.LoraDropout} on {names.Count} LLM layers ({string.Join(", ", targets)})");
         }
         if (Config.VisionLoraR > 0)
         {
@@ -510,7 +514,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             VlmTune.Diagnostics.MemoryTrace.Mark("embeddings");
             var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
             VlmTune.Diagnostics.MemoryTrace.Mark("decoder forward");
-            (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.output, Config.LossChunkSize);
+            (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.OutputHead, Config.LossChunkSize);
             VlmTune.Diagnostics.MemoryTrace.Mark("loss");
             if (localTokens > 0) value = loss.item<float>();
         }

@@ -37,7 +37,7 @@ public sealed class MergeTests : IDisposable
     /// <summary>Logits (T, V) of the golden train sample, with the official rotary state the goldens were computed in.</summary>
     private static Tensor SampleLogits(InternVLChatModel model)
     {
-        model.language_model.model.Rotary.MinDynamicLength = GoldenSample.SeenLength;
+        model.language_model.Rotary.MinDynamicLength = GoldenSample.SeenLength;
         using var _ = no_grad();
         return model.language_model.Logits(GoldenSample.Hidden(model))[0];
     }
@@ -341,7 +341,7 @@ public sealed class MergeTests : IDisposable
         using (var qlora = InternVLChat.Load(Fixtures.TinyModel, new ChatLoadOptions { AdapterDir = checkpoint, AdapterNf4Base = true }))
         using (var merged = InternVLChat.Load(Out("nf4")))
         {
-            Assert.All(PeftAdapter.Linears(qlora.Model.language_model.model.layers), l => Assert.NotNull(l.Linear.BaseForward));
+            Assert.All(PeftAdapter.Linears(qlora.Model.language_model.LayerStack), l => Assert.NotNull(l.Linear.BaseForward));
             Assert.Equal(merged.Chat(request).TokenIds, qlora.Chat(request).TokenIds);
         }
 

@@ -35,9 +35,9 @@ public sealed class ModelFolderErrorTests
     [FixtureFact]
     public void UnsupportedArchitectureListsTheSupportedOnes()
     {
-        using var b = new ModelFolderBuilder().Config(c => c["llm_config"]!["architectures"] = new System.Text.Json.Nodes.JsonArray("Qwen2ForCausalLM"));
+        using var b = new ModelFolderBuilder().Config(c => c["llm_config"]!["architectures"] = new System.Text.Json.Nodes.JsonArray("Qwen3MoeForCausalLM"));
         var e = LoadError(b);
-        Assert.Contains("'Qwen2ForCausalLM'", e.Message);
+        Assert.Contains("'Qwen3MoeForCausalLM' (the InternVL3.5 MoE checkpoints", e.Message);
         Assert.Contains("supported: InternLM2ForCausalLM", e.Message);
         Assert.Contains("config.json", e.Message);
     }

@@ -60,8 +60,8 @@ public sealed class ChatCommandTests
     [FixtureFact]
     public void UnknownArchitectureFails()
     {
-        using var b = new ModelFolderBuilder().Config(c => c["llm_config"]!["architectures"] = new System.Text.Json.Nodes.JsonArray("LlamaForCausalLM"));
-        AssertFails(Chat(b.Build()), "'LlamaForCausalLM'", "supported: InternLM2ForCausalLM");
+        using var b = new ModelFolderBuilder().Config(c => c["llm_config"]!["architectures"] = new System.Text.Json.Nodes.JsonArray("MistralForCausalLM"));
+        AssertFails(Chat(b.Build()), "'MistralForCausalLM'", "supported: InternLM2ForCausalLM, Qwen2ForCausalLM");
     }
 
     [FixtureFact]

@@ -20,7 +20,7 @@ internal static class GoldenSample
     public static InternVLChatModel FreshModel()
     {
         var model = InternVLModelLoader.Load(Fixtures.TinyModel, new ModelOptions { Attention = AttentionKind.Exact });
-        model.language_model.model.Rotary.MinDynamicLength = SeenLength;
+        model.language_model.Rotary.MinDynamicLength = SeenLength;
         foreach (var p in model.parameters()) p.requires_grad_(false);
         return model;
     }

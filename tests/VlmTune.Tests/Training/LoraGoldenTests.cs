@@ -20,10 +20,10 @@ public sealed class LoraGoldenTests
         var config = PeftAdapter.Load(model.language_model, Fixtures.Adapter);
         Assert.Equal(8, config.R);
         Assert.Equal(2.0, config.Scaling);
-        ActivationCheckpointing.Apply(model.language_model.model, checkpointing, new DropoutSeeds(0), offloadInputs: offload);
+        ActivationCheckpointing.Apply(model.language_model, checkpointing, new DropoutSeeds(0), offloadInputs: offload);
 
         var hidden = GoldenSample.Hidden(model);
-        var (loss, tokens) = CausalLmLoss.Compute(hidden, tensor(GoldenSample.Labels).unsqueeze(0), model.language_model.output, chunk);
+        var (loss, tokens) = CausalLmLoss.Compute(hidden, tensor(GoldenSample.Labels).unsqueeze(0), model.language_model.OutputHead, chunk);
         loss.backward();
         BackwardScratch.Release();
 
@@ -57,7 +57,7 @@ public sealed class LoraGoldenTests
         var hidden = GoldenSample.Hidden(model)[0];                            // (T, D)
         var labels = tensor(GoldenSample.Labels);
         long before = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount;
-        var sum = CausalLmLoss.DirectSum(hidden, labels, model.language_model.output, chunkSize: 1);   // one chunk per row
+        var sum = CausalLmLoss.DirectSum(hidden, labels, model.language_model.OutputHead, chunkSize: 1);   // one chunk per row
         long left = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount - before;
         // Only the running sum survives; per-chunk logits held to the end would be (T, V) fp32 in all.
         Assert.True(left <= 2, $"{left} tensors left alive by {hidden.shape[0]} chunks");
@@ -76,7 +76,7 @@ public sealed class LoraGoldenTests
         double whole = nn.functional.cross_entropy(logits[..^1], labels[1..], ignore_index: -100).item<float>();
         foreach (long chunk in new long[] { 1, 5, 64, 100000 })
         {
-            double chunked = CausalLmLoss.Compute(hidden, labels.unsqueeze(0), model.language_model.output, chunk).Loss.item<float>();
+            double chunked = CausalLmLoss.Compute(hidden, labels.unsqueeze(0), model.language_model.OutputHead, chunk).Loss.item<float>();
             Assert.True(Math.Abs(chunked - whole) <= 1e-5 * whole, $"chunk {chunk}: {chunked} vs {whole}");
         }
         double golden = Fixtures.Golden.GetProperty("train_sample").GetProperty("loss").GetDouble();

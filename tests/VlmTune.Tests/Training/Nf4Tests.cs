@@ -149,11 +149,11 @@ public sealed class Nf4Tests
         PeftAdapter.Load(model.language_model, Fixtures.Adapter);
         var labels = tensor(GoldenSample.Labels).unsqueeze(0);
         double lora;
-        using (no_grad()) lora = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.output).Loss.item<float>();
+        using (no_grad()) lora = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.OutputHead).Loss.item<float>();
 
         int quantised = Qlora.QuantizeLanguageModel(model.language_model).Count;
         Assert.Equal(10, quantised);
-        var (loss, _) = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.output);
+        var (loss, _) = CausalLmLoss.Compute(GoldenSample.Hidden(model), labels, model.language_model.OutputHead);
         double qlora = loss.item<float>();
         Assert.True(Math.Abs(qlora - lora) / lora <= 0.02, $"QLoRA loss {qlora} vs LoRA {lora}");
         Assert.NotEqual(lora, qlora);

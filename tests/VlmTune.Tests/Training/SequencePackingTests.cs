@@ -142,7 +142,7 @@ public sealed class SequencePackingTests
         PeftAdapter.Load(model.language_model, Fixtures.Adapter);
         foreach (var (name, p) in model.named_parameters())
             if (name.Contains(".lora_") || name.StartsWith("mlp1.", StringComparison.Ordinal)) p.requires_grad_(true);
-        ActivationCheckpointing.Apply(model.language_model.model, checkpointing, new DropoutSeeds(0));
+        ActivationCheckpointing.Apply(model.language_model, checkpointing, new DropoutSeeds(0));
         var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).ToList();
 
         int[] ids = GoldenSample.InputIds.Select(x => (int)x).ToArray(), labels = GoldenSample.Labels.Select(x => (int)x).ToArray();
@@ -158,7 +158,7 @@ public sealed class SequencePackingTests
             var features = model.ExtractFeatures(batch.Pixels!, visionGrad: false);
             var embeds = model.EmbedWithImages(batch.InputIds, features, GoldenSample.ImageContextId);
             var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
-            var (loss, tokens) = CausalLmLoss.Compute(hidden, batch.Labels, model.language_model.output, 64);
+            var (loss, tokens) = CausalLmLoss.Compute(hidden, batch.Labels, model.language_model.OutputHead, 64);
             loss.backward();
             BackwardScratch.Release();
             var grads = trainable.ToDictionary(p => p.name, p => p.parameter.grad!.clone());

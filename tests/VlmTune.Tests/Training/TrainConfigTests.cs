@@ -15,7 +15,7 @@ public sealed class TrainConfigTests
         Assert.True(c.FreezeVision);
         Assert.False(c.FreezeProjector);
         Assert.Equal((128, 256.0, 0.05), (c.LoraR, c.LoraAlpha, c.LoraDropout));
-        Assert.Equal(["wqkv", "wo", "w1", "w2", "w3", "output"], c.LoraTargets);
+        Assert.Null(c.LoraTargets);   // the model family's official targets and its head, chosen by the trainer
         Assert.Equal((0.05, 1.0, 0.03), (c.WeightDecay, c.MaxNorm, c.WarmupRatio));
         Assert.Equal((8192, 1, 12), (c.MaxLength, c.MinDynamicPatch, c.MaxDynamicPatch));
         Assert.Equal(Path.Combine("work_dirs", "clot"), c.ResolvedWorkDir);

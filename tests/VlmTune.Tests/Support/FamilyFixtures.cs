@@ -1,0 +1,50 @@
+using System.Text.Json;
+using VlmTune.Checkpoints;
+
+namespace VlmTune.Tests.Support;
+
+/// <summary>
+/// The tiny checkpoints of the other InternVL LLM families in tests/fixtures/families (Qwen2, Qwen3, Llama, Phi-3), with
+/// goldens from the official InternVL code made by tools/make_family_goldens.py. Each variant folder holds model/
+/// (weights, config.json, the small tokenizer files), adapter/ (a PEFT adapter), golden.json and golden.safetensors.
+/// </summary>
+public static class FamilyFixtures
+{
+    public static string Root => Path.Combine(Fixtures.RepoRoot, "tests", "fixtures", "families");
+
+    public static string Dir(string variant) => Path.Combine(Root, variant);
+
+    /// <summary>The model folder as committed: enough for the weights; the tokenizer's large files are not there.</summary>
+    public static string ModelDir(string variant) => Path.Combine(Dir(variant), "model");
+
+    public static string AdapterDir(string variant) => Path.Combine(Dir(variant), "adapter");
+
+    private static readonly Dictionary<string, JsonDocument> Goldens = [];
+    private static readonly Dictionary<string, SafetensorsFile> Tensors = [];
+
+    public static JsonElement Golden(string variant)
+    {
+        lock (Goldens)
+        {
+            if (!Goldens.TryGetValue(variant, out var doc))
+                Goldens[variant] = doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(Dir(variant), "golden.json")));
+            return doc.RootElement;
+        }
+    }
+
+    public static SafetensorsFile GoldenTensors(string variant)
+    {
+        lock (Tensors)
+        {
+            if (!Tensors.TryGetValue(variant, out var file))
+                Tensors[variant] = file = SafetensorsFile.Open(Path.Combine(Dir(variant), "golden.safetensors"));
+            return file;
+        }
+    }
+
+    /// <summary>The shared fixture image a golden names (golden.json → images).</summary>
+    public static string ImagePath(string variant, string name) =>
+        Path.Combine(Fixtures.TinyDir, "images", Golden(variant).GetProperty("images").GetProperty(name).GetString()!);
+
+    public static long[] Longs(JsonElement array) => array.EnumerateArray().Select(e => e.GetInt64()).ToArray();
+}
