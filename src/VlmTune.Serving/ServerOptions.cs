@@ -21,7 +21,8 @@ public sealed record ServerOptions
 
     public int MaxBatch { get; init; } = 32;
     /// <summary>Most tiles per image (thumbnail excluded), as max_num of dynamic_preprocess.</summary>
-    public int MaxTiles { get; init; } = 12;
+    /// <summary>Most tiles per image, thumbnail excluded; null: the model's max_dynamic_patch.</summary>
+    public int? MaxTiles { get; init; }
     public int MaxTilesPerRequest { get; init; } = 64;
     public int MaxImagesPerRequest { get; init; } = 8;
     public long MaxImagePixels { get; init; } = 50_000_000;
@@ -54,7 +55,7 @@ public sealed record ServerOptions
         if (string.IsNullOrWhiteSpace(ModelDir)) yield return "--model is required.";
         if (Port is < 0 or > 65535) yield return $"--port must be 0..65535 (got {Port}).";
         if (MaxBatch < 1) yield return $"--max-batch must be ≥ 1 (got {MaxBatch}).";
-        if (MaxTiles < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
+        if (MaxTiles is < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
         if (MaxTilesPerRequest < 1) yield return $"max tiles per request must be ≥ 1 (got {MaxTilesPerRequest}).";
         if (MaxImagesPerRequest < 0) yield return $"max images per request must be ≥ 0 (got {MaxImagesPerRequest}).";
         if (MaxImagePixels < 4) yield return $"max image pixels must be ≥ 4 (got {MaxImagePixels}).";

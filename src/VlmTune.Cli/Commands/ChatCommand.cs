@@ -21,7 +21,7 @@ internal static class ChatCommand
     private static readonly Option<int> TopK = new("--top-k") { Description = "0 = off.", DefaultValueFactory = _ => 0 };
     private static readonly Option<double> RepetitionPenalty = new("--repetition-penalty") { DefaultValueFactory = _ => 1.0 };
     private static readonly Option<long?> Seed = new("--seed") { Description = "Seed for sampling." };
-    private static readonly Option<int> MaxTiles = new("--max-tiles") { Description = "Most tiles per image.", DefaultValueFactory = _ => 12 };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image (default: the model's max_dynamic_patch)." };
     private static readonly Option<string> Device = new("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
     private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "Fine-tuned adapter to run unmerged: a training checkpoint (iter_<n>/ or its work dir) or a PEFT LoRA folder." };
@@ -46,7 +46,7 @@ internal static class ChatCommand
             RepetitionPenalty = parse.GetValue(RepetitionPenalty), Seed = parse.GetValue(Seed), MaxNewTokens = parse.GetValue(MaxNewTokens),
         };
         var problems = sampling.Validate().ToList();
-        if (parse.GetValue(MaxTiles) < 1) problems.Add("--max-tiles must be ≥ 1.");
+        if (parse.GetValue(MaxTiles) is < 1) problems.Add("--max-tiles must be ≥ 1.");
         if (parse.GetValue(Nf4Base) && parse.GetValue(Adapter) is null) problems.Add("--nf4-base needs --adapter.");
         if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
         var images = parse.GetValue(Images) ?? [];

@@ -15,7 +15,7 @@ internal static class ServeCommand
     private static readonly Option<int?> Port = new("--port") { Description = "Port (default 23333)." };
     private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
     private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = "Requests decoded together (default 32)." };
-    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded (default 12)." };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded (default: the model's max_dynamic_patch)." };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
     private static readonly Option<string[]> AllowImageNetwork = new("--allow-image-network") { Description = "CIDR network remote images may come from although private/loopback (repeatable)." };

@@ -36,13 +36,11 @@ public static class ModelLength
     {
         var config = InternVLConfig.Load(modelDir);
         var tokenizer = InternLM2Tokenizer.Load(modelDir);
-        var dynamic = config.DynamicImageSize;
+        var tiling = config.ImageOptions();
         return options with
         {
             Length = new TrainingLength(tokenizer, ConversationTemplate.Get(config.Template), config.NumImageToken),
-            MaxTiles = dynamic ? config.MaxDynamicPatch : 1,
-            MinTiles = dynamic ? config.MinDynamicPatch : 1,
-            UseThumbnail = dynamic && config.UseThumbnail,
+            MaxTiles = tiling.MaxTiles, MinTiles = tiling.MinTiles, UseThumbnail = tiling.UseThumbnail,
         };
     }
 }

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using TorchSharp;
 using VlmTune.Models;
+using VlmTune.Data;
 using VlmTune.Text;
 using VlmTune.Vision;
 using static TorchSharp.torch;
@@ -15,8 +16,8 @@ public sealed record ChatLoadOptions
     /// <summary>Compute dtype; null picks float32 on CPU and bfloat16 on CUDA.</summary>
     public ScalarType? DType { get; init; }
     public AttentionKind Attention { get; init; } = AttentionKind.Sdpa;
-    /// <summary>Most tiles per image (thumbnail excluded), as max_num of the official dynamic_preprocess.</summary>
-    public int MaxTiles { get; init; } = 12;
+    /// <summary>Most tiles per image (thumbnail excluded), as max_num of the official dynamic_preprocess; null: the model's max_dynamic_patch.</summary>
+    public int? MaxTiles { get; init; }
     public ImageLimits ImageLimits { get; init; } = ImageLimits.Default;
     /// <summary>
     /// A fine-tuned adapter to apply after loading: a training checkpoint (iter_&lt;n&gt;/ or its work dir) or a PEFT
@@ -89,14 +90,7 @@ public sealed class InternVLChat : IDisposable
             }
         }
         var template = ConversationTemplate.Get(model.Config.Template);
-        var images = new ImageProcessor(new ImageProcessorOptions
-        {
-            ImageSize = model.Config.ForceImageSize,
-            MinTiles = model.Config.MinDynamicPatch,
-            MaxTiles = options.MaxTiles,
-            UseThumbnail = model.Config.UseThumbnail,
-            Limits = options.ImageLimits,
-        });
+        var images = new ImageProcessor(model.Config.ImageOptions(options.MaxTiles) with { Limits = options.ImageLimits });
         var stop = new HashSet<int> { tokenizer.ImEndId };
         stop.UnionWith(GenerationConfigEosIds(modelDir));
         return new InternVLChat(model, tokenizer, template, images, stop);

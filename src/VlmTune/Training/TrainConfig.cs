@@ -20,12 +20,14 @@ public sealed class TrainConfig
     public string Model { get; set; } = "";
     public List<string> Data { get; set; } = [];
     public string? ImageRoot { get; set; }
-    public string Template { get; set; } = "internlm2-chat";
+    /// <summary>Null: the model's config.json <c>template</c> (chat, serving and training share one template).</summary>
+    public string? Template { get; set; }
     public string? SystemMessage { get; set; }
     public int MaxLength { get; set; } = 8192;
-    public int MinDynamicPatch { get; set; } = 1;
-    public int MaxDynamicPatch { get; set; } = 12;
-    public bool UseThumbnail { get; set; } = true;
+    // Tiling; null: the model's config.json (min/max_dynamic_patch, use_thumbnail; dynamic_image_size false = one tile).
+    public int? MinDynamicPatch { get; set; }
+    public int? MaxDynamicPatch { get; set; }
+    public bool? UseThumbnail { get; set; }
 
     // What to train.
     public TrainMode Mode { get; set; } = TrainMode.Qlora;
@@ -121,12 +123,12 @@ public sealed class TrainConfig
         Str("model", (c, v) => c.Model = v, c => c.Model),
         StrList("data", (c, v) => c.Data = v!, c => c.Data),
         OptStr("image_root", (c, v) => c.ImageRoot = v, c => c.ImageRoot),
-        Str("template", (c, v) => c.Template = v, c => c.Template),
+        OptStr("template", (c, v) => c.Template = v, c => c.Template),
         OptStr("system_message", (c, v) => c.SystemMessage = v, c => c.SystemMessage),
         Int("max_length", (c, v) => c.MaxLength = v, c => c.MaxLength),
-        Int("min_dynamic_patch", (c, v) => c.MinDynamicPatch = v, c => c.MinDynamicPatch),
-        Int("max_dynamic_patch", (c, v) => c.MaxDynamicPatch = v, c => c.MaxDynamicPatch),
-        Bool("use_thumbnail", (c, v) => c.UseThumbnail = v, c => c.UseThumbnail),
+        OptInt("min_dynamic_patch", (c, v) => c.MinDynamicPatch = v, c => c.MinDynamicPatch),
+        OptInt("max_dynamic_patch", (c, v) => c.MaxDynamicPatch = v, c => c.MaxDynamicPatch),
+        OptBool("use_thumbnail", (c, v) => c.UseThumbnail = v, c => c.UseThumbnail),
         Enum<TrainMode>("mode", (c, v) => c.Mode = v, c => c.Mode),
         Bool("freeze_vision", (c, v) => c.FreezeVision = v, c => c.FreezeVision),
         Bool("freeze_projector", (c, v) => c.FreezeProjector = v, c => c.FreezeProjector),

@@ -144,13 +144,16 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);
-        var template = ConversationTemplate.Get(Config.Template);
+        var template = ConversationTemplate.Get(Config.Template ?? _model.Config.Template);
         if (Config.SystemMessage is { } system) template = template with { SystemMessage = system };
         var tokenizer = new ConversationTokenizer(_tokenizer, template, _model.Config.NumImageToken, Config.MaxLength);
-        var images = new ImageProcessorOptions
+        var modelTiling = VlmTune.Data.ModelTiling.ImageOptions(_model.Config);
+        var images = modelTiling with
         {
-            ImageSize = _model.Config.ForceImageSize, MinTiles = Config.MinDynamicPatch, MaxTiles = Config.MaxDynamicPatch, UseThumbnail = Config.UseThumbnail,
+            MinTiles = Config.MinDynamicPatch ?? modelTiling.MinTiles, MaxTiles = Config.MaxDynamicPatch ?? modelTiling.MaxTiles,
+            UseThumbnail = Config.UseThumbnail ?? modelTiling.UseThumbnail,
         };
+        log.Info($"template {template.Name}; tiles per image {images.MinTiles}–{images.MaxTiles}{(images.UseThumbnail ? " + thumbnail" : "")} ({(Config.MaxDynamicPatch is null ? "the model's config.json" : "the training config")})");
         if (Config.CacheVisionFeatures)
         {
             _visionCache = VisionFeatureCache.Open(Config.ResolvedVisionCacheDir, Config.Model, _model.Config, _dtype, Config.QuantizeVision, m => log.Warning(m));
@@ -225,7 +228,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             }
             catch (VlmTuneException e) { problems.Add($"'data': {e.Message}"); }
         }
-        if (!ConversationTemplate.KnownNames.Contains(Config.Template))
+        if (Config.Template is not null && !ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
         // TrainConfig.Parse refuses a cache over a trained ViT; a config built in code is checked here too.

@@ -31,6 +31,19 @@ public sealed class ChatCommandTests
             json.RootElement.GetProperty("tiles").EnumerateArray().Select(e => e.GetInt32()));
     }
 
+    [FixtureTheory]
+    [InlineData(2, true, 3)]      // the 1:3 image's best grid within 2 tiles is 1×2, + the thumbnail (the default 12 gives 1×3 + 1)
+    [InlineData(12, false, 1)]    // dynamic_image_size false: one resized tile, no thumbnail, as the official code
+    public void TilingDefaultsComeFromTheModelsConfig(int maxDynamicPatch, bool dynamic, int tiles)
+    {
+        using var b = new ModelFolderBuilder().Config(c => { c["max_dynamic_patch"] = maxDynamicPatch; c["dynamic_image_size"] = dynamic; });
+        var r = Run(["chat", "--model", b.Build(), "--image", Path.Combine(Fixtures.TinyDir, "images", "tall.png"), "--prompt", "hi",
+            "--max-new-tokens", "1", "--json"]);
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        using var json = JsonDocument.Parse(r.Stdout);
+        Assert.Equal([tiles], json.RootElement.GetProperty("tiles").EnumerateArray().Select(e => e.GetInt32()));
+    }
+
     [FixtureFact]
     public void MissingTensorFailsNamingTheTensor()
     {
