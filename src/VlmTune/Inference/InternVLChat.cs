@@ -64,7 +64,7 @@ public sealed class InternVLChat : IDisposable
     public InternLM2Tokenizer Tokenizer { get; }
     public ConversationTemplate Template { get; }
     public ImageProcessor Images { get; }
-    /// <summary>&lt;|im_end|&gt; and the eos ids of generation_config.json.</summary>
+    /// <summary>The template's stop tokens (&lt;|im_end|&gt;) and the eos ids of generation_config.json.</summary>
     public IReadOnlySet<int> StopIds { get; }
 
     private InternVLChat(InternVLChatModel model, InternLM2Tokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
@@ -97,7 +97,7 @@ public sealed class InternVLChat : IDisposable
             UseThumbnail = model.Config.UseThumbnail,
             Limits = options.ImageLimits,
         });
-        var stop = new HashSet<int> { tokenizer.ImEndId };
+        var stop = template.StopTokens.Select(tokenizer.TokenToId).ToHashSet();   // model.chat(): eos = sep.strip()
         stop.UnionWith(GenerationConfigEosIds(modelDir));
         return new InternVLChat(model, tokenizer, template, images, stop);
     }
