@@ -159,6 +159,16 @@ public sealed class MergeTests : IDisposable
     }
 
     [FixtureFact]
+    public void TokenizerConfigGetsTheChatTemplateOfTheConfigTemplateAndSystemMessage()
+    {
+        using var b = new ModelFolderBuilder().Config(c => { c["template"] = "internvl2_5"; c["system_message"] = "Custom."; });
+        Merge(Out(), baseDir: b.Build(), verify: false);
+        var tokenizerConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(Out(), "tokenizer_config.json")))!;
+        Assert.Equal(VlmTune.Text.ConversationTemplate.InternVL25.HuggingFaceChatTemplate(bosToken: true, systemMessage: "Custom."),
+            tokenizerConfig["chat_template"]!.GetValue<string>());
+    }
+
+    [FixtureFact]
     public void ShardedBaseAndShardedOutputWithRemoteCodeLoadAndGiveTheSameWeights()
     {
         using var b = new ModelFolderBuilder();
