@@ -59,7 +59,8 @@ public sealed class ImageTokensTruncatedException(int length, int maxLength, str
 /// and end with a gpt turn (else the last question would be learned); a placeholder count that differs from the image
 /// count is an error (it would leave literal <c>&lt;image&gt;</c> text or fail an assertion); a cut through image tokens
 /// raises <see cref="ImageTokensTruncatedException"/> (the official script asserts on the <c>&lt;/img&gt;</c> count); a
-/// single-image sample without a placeholder gets <c>"&lt;image&gt;\n"</c> before its first question; a first
+/// single-image sample without a placeholder gets <c>"&lt;image&gt;\n"</c> before its first question (officially before the
+/// first turn, even a system one); a first
 /// <c>system</c> turn sets the system message (only internvl2_5 reads one officially).
 /// </summary>
 public sealed class ConversationTokenizer
