@@ -2,6 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using TorchSharp;
 using VlmTune.Models;
+using VlmTune.Text;
 using VlmTune.Training;
 using static TorchSharp.torch;
 
@@ -109,7 +110,14 @@ public static class ModelMerger
                 SafetensorsWriter.WriteStreaming(Path.Combine(temp, file), entries, i => Produce(entries[i]), disposeProduced: true);
             if (shards.Count > 1) WriteIndex(temp, shards);
             WriteConfig(baseDir, temp, config, options.DType);
-            foreach (var file in FilesToCopy(baseDir)) CopyContent(file, Path.Combine(temp, Path.GetFileName(file)));
+            var tokenizerConfig = TokenizerConfigWithChatTemplate(baseDir, config, log);
+            foreach (var file in FilesToCopy(baseDir))
+            {
+                var destination = Path.Combine(temp, Path.GetFileName(file));
+                if (tokenizerConfig is not null && Path.GetFileName(file) == ChatTemplateExport.TokenizerConfigFile)
+                    AtomicFile.WriteAllText(destination, tokenizerConfig);
+                else CopyContent(file, destination);
+            }
             long total = layout.Sum(e => e.ByteLength);
             log($"wrote {layout.Count} tensors ({FormatBytes(total)}) in {shards.Count} file{(shards.Count == 1 ? "" : "s")}: " +
                 $"{lora.Count} LoRA layers merged, {adapter.FullWeights?.Entries.Count ?? 0} tensors replaced by trained weights");
@@ -253,6 +261,28 @@ public static class ModelMerger
         foreach (var flag in new[] { "use_llm_lora", "use_backbone_lora" })
             if (root.ContainsKey(flag)) root[flag] = 0;
         AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>
+    /// The base tokenizer_config.json with the template's <c>chat_template</c> (LMDeploy and vLLM read only that one),
+    /// or null to copy it unchanged: it already has it, or there is no file or no exportable template.
+    /// </summary>
+    private static string? TokenizerConfigWithChatTemplate(string baseDir, InternVLConfig config, Action<string> log)
+    {
+        string path = Path.Combine(baseDir, ChatTemplateExport.TokenizerConfigFile);
+        if (!File.Exists(path)) return null;
+        if (!ConversationTemplate.TryGet(config.Template, out var template) || template.JinjaChatTemplate is null)
+        {
+            log($"note: no chat template is known for the conversation template '{config.Template}'; {ChatTemplateExport.TokenizerConfigFile} is copied unchanged");
+            return null;
+        }
+        var baseConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(baseDir, "config.json")));
+        var systemMessage = baseConfig?["system_message"] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
+        var updated = ChatTemplateExport.WithChatTemplate(File.ReadAllText(path), template, systemMessage, path);
+        if (updated is not null) log($"{ChatTemplateExport.TokenizerConfigFile}: chat_template set to the '{template.Name}' prompt format");
+        if (File.Exists(Path.Combine(baseDir, "chat_template.jinja")))
+            log("note: the base's chat_template.jinja is copied unchanged; recent transformers prefer it to tokenizer_config.json's chat_template");
+        return updated;
     }
 
     /// <summary>Tokenizer, generation and processor files and every *.py remote-code file at the top of the base folder.</summary>

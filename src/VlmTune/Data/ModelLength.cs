@@ -32,6 +32,13 @@ public sealed class TrainingLength : ISampleLengthCounter
 /// <summary>Sets up length measurement for a model folder: its tokenizer, template and tiling from config.json.</summary>
 public static class ModelLength
 {
+    /// <summary>The model's conversation template with config.json's system_message, if it sets one.</summary>
+    public static ConversationTemplate ModelTemplate(InternVLConfig config)
+    {
+        var template = ConversationTemplate.Get(config.Template);
+        return config.SystemMessage is { } system ? template with { SystemMessage = system } : template;
+    }
+
     public static ValidationOptions Configure(ValidationOptions options, string modelDir)
     {
         var config = InternVLConfig.Load(modelDir);
@@ -39,7 +46,7 @@ public static class ModelLength
         var tiling = config.ImageOptions();
         return options with
         {
-            Length = new TrainingLength(tokenizer, ConversationTemplate.Get(config.Template), config.NumImageToken),
+            Length = new TrainingLength(tokenizer, ModelTemplate(config), config.NumImageToken),
             MaxTiles = tiling.MaxTiles, MinTiles = tiling.MinTiles, UseThumbnail = tiling.UseThumbnail,
         };
     }

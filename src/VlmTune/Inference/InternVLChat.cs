@@ -65,7 +65,7 @@ public sealed class InternVLChat : IDisposable
     public InternLM2Tokenizer Tokenizer { get; }
     public ConversationTemplate Template { get; }
     public ImageProcessor Images { get; }
-    /// <summary>&lt;|im_end|&gt; and the eos ids of generation_config.json.</summary>
+    /// <summary>The template's stop tokens (&lt;|im_end|&gt;) and the eos ids of generation_config.json.</summary>
     public IReadOnlySet<int> StopIds { get; }
 
     private InternVLChat(InternVLChatModel model, InternLM2Tokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
@@ -89,9 +89,9 @@ public sealed class InternVLChat : IDisposable
                 throw;
             }
         }
-        var template = ConversationTemplate.Get(model.Config.Template);
+        var template = ModelLength.ModelTemplate(model.Config);
         var images = new ImageProcessor(model.Config.ImageOptions(options.MaxTiles) with { Limits = options.ImageLimits });
-        var stop = new HashSet<int> { tokenizer.ImEndId };
+        var stop = template.StopTokens.Select(tokenizer.TokenToId).ToHashSet();   // model.chat(): eos = sep.strip()
         stop.UnionWith(GenerationConfigEosIds(modelDir));
         return new InternVLChat(model, tokenizer, template, images, stop);
     }

@@ -101,6 +101,8 @@ public sealed record InternVLConfig
     public required VisionConfig Vision { get; init; }
     public required LlmConfig Llm { get; init; }
     public string Template { get; init; } = "internlm2-chat";
+    /// <summary>config.json's <c>system_message</c>: replaces the template's default, as the official model does.</summary>
+    public string? SystemMessage { get; init; }
     public double DownsampleRatio { get; init; } = 0.5;
     public int ForceImageSize { get; init; } = 448;
     public int SelectLayer { get; init; } = -1;
@@ -193,7 +195,7 @@ public sealed record InternVLConfig
         var config = new InternVLConfig
         {
             Vision = vision, Llm = llm,
-            Template = r.String("template", "internlm2-chat"), DownsampleRatio = r.Double("downsample_ratio", 0.5),
+            Template = r.String("template", "internlm2-chat"), SystemMessage = r.Has("system_message") ? r.String("system_message") : null, DownsampleRatio = r.Double("downsample_ratio", 0.5),
             ForceImageSize = r.Int("force_image_size", vision.ImageSize), SelectLayer = r.Int("select_layer", -1),
             PsVersion = r.String("ps_version", "v2"), UseThumbnail = r.Bool("use_thumbnail", true),
             MinDynamicPatch = r.Int("min_dynamic_patch", 1), MaxDynamicPatch = r.Int("max_dynamic_patch", 12),

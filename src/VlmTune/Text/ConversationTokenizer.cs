@@ -37,22 +37,31 @@ public sealed class ImageTokensTruncatedException(int length, int maxLength, str
 }
 
 /// <summary>
-/// Tokenizes training conversations as InternVL's <c>preprocess_internlm</c> (<c>internvl/train/dataset.py</c>), for the
-/// <c>internlm2-chat</c> template:
-/// <list type="number">
-/// <item>a leading <c>gpt</c> turn is dropped; turns must alternate human/gpt; every value is stripped of surrounding whitespace;</item>
-/// <item>the template renders the conversation (system message first); each <c>&lt;image&gt;</c> in order becomes
-/// <c>&lt;img&gt;</c> + <c>&lt;IMG_CONTEXT&gt;</c> × num_image_token × tiles + <c>&lt;/img&gt;</c>;</item>
-/// <item>the text is tokenized (BOS first) and cut to the maximum length;</item>
-/// <item>labels copy the ids, then BOS, the system prompt and every <c>&lt;|im_start|&gt;user\n…&lt;|im_end|&gt;&lt;|im_start|&gt;assistant\n</c>
-/// are masked with -100: only the assistant replies and their <c>&lt;|im_end|&gt;</c> are learned. The masked spans are
-/// measured by tokenizing the text pieces between the assistant role markers separately, as the official code does; if
-/// those counts do not add up to the whole, every label is masked (<see cref="TokenizedSample.LabelsMaskedForMismatch"/>).</item>
+/// Tokenizes training conversations as the official fine-tune script does for the model's template
+/// (<see cref="ConversationTemplate.Labels"/>; InternVL's <c>internvl/train/dataset.py</c>):
+/// <list type="bullet">
+/// <item><b>internlm2-chat</b> (<c>preprocess_internlm</c>): values stripped; the template renders the conversation
+/// (system message first); each <c>&lt;image&gt;</c> in order becomes <c>&lt;img&gt;</c> + <c>&lt;IMG_CONTEXT&gt;</c> ×
+/// num_image_token × tiles + <c>&lt;/img&gt;</c>; the text is tokenized (BOS first) and cut to the maximum length; BOS, the
+/// system prompt and every <c>user role…&lt;|im_end|&gt;assistant role</c> are masked with -100, so each reply and its
+/// <c>&lt;|im_end|&gt;</c> are learned. The spans are measured by tokenizing the pieces between the assistant roles
+/// separately; if those counts do not add up to the whole, every label is masked
+/// (<see cref="TokenizedSample.LabelsMaskedForMismatch"/>).</item>
+/// <item><b>Hermes-2</b> (<c>preprocess_mpt</c>) and <b>phi3-chat</b> (<c>preprocess_phi3</c>): the same, but values are
+/// not stripped and the spans are measured per round (question + reply) with those functions' offsets.</item>
+/// <item><b>internvl2_5</b> (<c>preprocess_internvl2_5</c>): values not stripped; the images expand in the human turns
+/// only; the system prompt and every turn (<c>role + value + sep</c>) are tokenized one by one (one BOS first when the
+/// tokenizer adds it) and concatenated; system and questions masked, of each reply its role and final newline masked;
+/// then cut. No mismatch check.</item>
 /// </list>
-/// Differences from the official code, all on inputs it would mis-handle: a placeholder count that differs from the image
+/// A leading <c>gpt</c> turn is dropped (as officially) except for internvl2_5, which would learn it; there it is an
+/// error. Other differences from the official code, all on inputs it would mis-handle: turns must alternate human/gpt
+/// and end with a gpt turn (else the last question would be learned); a placeholder count that differs from the image
 /// count is an error (it would leave literal <c>&lt;image&gt;</c> text or fail an assertion); a cut through image tokens
-/// raises <see cref="ImageTokensTruncatedException"/>; a conversation must end with a gpt turn (else the last question
-/// would be learned); a first <c>system</c> turn sets the system message.
+/// raises <see cref="ImageTokensTruncatedException"/> (the official script asserts on the <c>&lt;/img&gt;</c> count); a
+/// single-image sample without a placeholder gets <c>"&lt;image&gt;\n"</c> before its first question (officially before the
+/// first turn, even a system one); a first
+/// <c>system</c> turn sets the system message (only internvl2_5 reads one officially).
 /// </summary>
 public sealed class ConversationTokenizer
 {
@@ -77,6 +86,9 @@ public sealed class ConversationTokenizer
         MaxLength = maxLength;
     }
 
+    /// <summary>HF's <c>tokenizer(text).input_ids</c>: special tokens (BOS) added as the tokenizer does.</summary>
+    private int[] Encode(string text) => _tokenizer.Encode(text);
+
     /// <summary>Input ids and labels of one conversation.</summary>
     /// <param name="conversation">The turns (human, gpt, human, gpt, ...).</param>
     /// <param name="imageTiles">Tiles of each image of the sample, in placeholder order; empty for a text-only sample.</param>
@@ -85,19 +97,32 @@ public sealed class ConversationTokenizer
     /// <exception cref="ImageTokensTruncatedException">The maximum length would cut image tokens.</exception>
     public TokenizedSample Tokenize(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles, string where = "the sample")
     {
-        var text = Render(conversation, imageTiles, where);
-        var fullIds = _tokenizer.Encode(text);
+        ArgumentNullException.ThrowIfNull(conversation);
+        ArgumentNullException.ThrowIfNull(imageTiles);
+        var (systemMessage, messages) = ToMessages(conversation, imageTiles.Count, where);
 
-        if (fullIds.Length > MaxLength)
-            for (var i = MaxLength; i < fullIds.Length; i++)
-                if (IsImageToken(fullIds[i]))
-                    throw new ImageTokensTruncatedException(fullIds.Length, MaxLength,
-                        $"{where} has {fullIds.Length} tokens, more than the maximum length {MaxLength}, and the cut would fall " +
-                        $"inside its image tokens (token {i}); drop the sample, use fewer tiles, or raise the maximum length.");
+        if (Template.Labels == TrainingLabelStyle.InternVL25)
+        {
+            var parts = PerTurnParts(systemMessage, messages, imageTiles, where);
+            var (allIds, allLabels) = TrainingLabels.PerTurn(parts, Template.AssistantRole, Encode,
+                _tokenizer.AddBosToken ? _tokenizer.BosId : null);
+            CheckImageCut(allIds, where);
+            return new TokenizedSample(Cut(allIds), Cut(allLabels), allIds.Length, LabelsMaskedForMismatch: false);
+        }
 
-        var ids = fullIds.Length > MaxLength ? fullIds[..MaxLength] : fullIds;
+        var text = ImagePlaceholders.Expand(Template.Render(messages, systemMessage), imageTiles, NumImageToken, where);
+        var fullIds = Encode(text);
+        CheckImageCut(fullIds, where);
+        var ids = Cut(fullIds);
         var labels = (int[])ids.Clone();
-        var learnedEnd = MaskPrompts(text, labels);
+        var learnedEnd = Template.Labels switch
+        {
+            TrainingLabelStyle.InternLM => TrainingLabels.MaskInternLM(text, labels, Template, Encode),
+            TrainingLabelStyle.Mpt => TrainingLabels.MaskMpt(text, labels, Template, Encode),
+            TrainingLabelStyle.Phi3 => TrainingLabels.MaskPhi3(text, labels, Template, Encode,
+                _tokenizer.TryTokenToId("<|endoftext|>", out var endOfText) ? endOfText : null),
+            var style => throw new VlmTuneException($"Conversation template '{Template.Name}': unknown training label style {style}."),
+        };
 
         var mismatch = false;
         if (learnedEnd < MaxLength)   // as the official code: only checked when the sample was not cut
@@ -112,51 +137,52 @@ public sealed class ConversationTokenizer
         return new TokenizedSample(ids, labels, fullIds.Length, mismatch);
     }
 
-    /// <summary>The conversation as text, image tokens expanded (what <see cref="Tokenize"/> tokenizes).</summary>
+    /// <summary>The conversation as text, image tokens expanded (what <see cref="Tokenize"/> tokenizes, as one text or turn by turn).</summary>
     public string Render(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles, string where = "the sample")
     {
         ArgumentNullException.ThrowIfNull(conversation);
         ArgumentNullException.ThrowIfNull(imageTiles);
         var (systemMessage, messages) = ToMessages(conversation, imageTiles.Count, where);
-        var text = Template.Render(messages, systemMessage);
-        return ImagePlaceholders.Expand(text, imageTiles, NumImageToken, where);
+        if (Template.Labels == TrainingLabelStyle.InternVL25)
+            return string.Concat(PerTurnParts(systemMessage, messages, imageTiles, where).Select(p => p.Text));
+        return ImagePlaceholders.Expand(Template.Render(messages, systemMessage), imageTiles, NumImageToken, where);
+    }
+
+    private int[] Cut(int[] values) => values.Length > MaxLength ? values[..MaxLength] : values;
+
+    /// <summary>A cut at <see cref="MaxLength"/> must not fall in or before an image's token run.</summary>
+    private void CheckImageCut(int[] fullIds, string where)
+    {
+        for (var i = MaxLength; i < fullIds.Length; i++)
+            if (IsImageToken(fullIds[i]))
+                throw new ImageTokensTruncatedException(fullIds.Length, MaxLength,
+                    $"{where} has {fullIds.Length} tokens, more than the maximum length {MaxLength}, and the cut would fall " +
+                    $"inside its image tokens (token {i}); drop the sample, use fewer tiles, or raise the maximum length.");
     }
 
     /// <summary>
-    /// Masks BOS, the system prompt and the user parts of <paramref name="labels"/> the way <c>preprocess_internlm</c>
-    /// does: split the text at the assistant role, count the tokens of each piece tokenized on its own. Returns the
-    /// position after the last learned token (<c>cur_len</c>).
+    /// The parts <c>preprocess_internvl2_5</c> tokenizes one by one: the system prompt, then <c>role + value + sep</c>
+    /// per turn (even an empty value keeps its separator), the images expanded in the questions only.
     /// </summary>
-    private int MaskPrompts(string text, int[] labels)
+    private List<(string Text, bool IsReply)> PerTurnParts(string? systemMessage, List<ConversationMessage> messages,
+        IReadOnlyList<int> imageTiles, string where)
     {
-        var position = 0;
-        void Mask(int count) { MaskRange(labels, position, count); position += count; }
-        void Keep(int count) => position += count;
-        int Count(string piece) => _tokenizer.CountTokens(piece, addBos: false);
-
-        Mask(_tokenizer.AddBosToken ? 1 : 0);                                       // <s>
-        var parts = text.Split(Template.AssistantRole);
-        Mask(Count(parts[0] + Template.AssistantRole));                              // system + first question + assistant role
-        for (var i = 1; i < parts.Length - 1; i++)
+        var questions = messages.Where(m => m.Role == ConversationRole.User).Select(m => m.Text ?? "").ToList();
+        ImagePlaceholders.Validate(questions.Sum(ImagePlaceholders.Count), imageTiles, NumImageToken, $"{where} (its human turns)");
+        var parts = new List<(string, bool)>(messages.Count + 1) { (Template.RenderSystem(systemMessage), false) };
+        var image = 0;
+        foreach (var message in messages)
         {
-            // parts[i] = reply <|im_end|> <|im_start|>user\n question <|im_end|>
-            var replyAndQuestion = parts[i].Split(Template.UserRole);
-            if (replyAndQuestion.Length != 2)
-                throw new VlmTuneException($"An assistant reply contains the role marker '{Template.UserRole.Trim()}' or " +
-                                           $"'{Template.AssistantRole.Trim()}'; the labels cannot be placed. Remove it from the data.");
-            Keep(Count(replyAndQuestion[0]));
-            Mask(Count(Template.UserRole + replyAndQuestion[1] + Template.AssistantRole));
+            var value = message.Text ?? "";
+            if (message.Role == ConversationRole.User)
+            {
+                var count = ImagePlaceholders.Count(value);
+                value = ImagePlaceholders.Expand(value, imageTiles.Skip(image).Take(count).ToList(), NumImageToken, where);
+                image += count;
+            }
+            parts.Add((Template.RolePrefix(message.Role) + value + Template.Separator, message.Role == ConversationRole.Assistant));
         }
-        Keep(Count(parts[^1]));                                                      // last reply <|im_end|>
-        MaskRange(labels, position, labels.Length - position);
-        return position;
-    }
-
-    private static void MaskRange(int[] labels, int start, int count)
-    {
-        var from = Math.Min(start, labels.Length);
-        var to = Math.Min(start + count, labels.Length);
-        if (to > from) Array.Fill(labels, IgnoreTokenId, from, to - from);
+        return parts;
     }
 
     private bool IsImageToken(int id) => id == _tokenizer.ImgContextId || id == _tokenizer.ImgStartId || id == _tokenizer.ImgEndId;
@@ -165,18 +191,27 @@ public sealed class ConversationTokenizer
     private (string? SystemMessage, List<ConversationMessage> Messages) ToMessages(IReadOnlyList<ConversationTurn> conversation,
         int imageCount, string where)
     {
+        // Only preprocess_internlm strips the values; internvl2_5 keeps (and learns) a leading reply, which is refused here.
+        var strip = Template.Labels == TrainingLabelStyle.InternLM;
+        string Value(string? value) => strip ? PythonStrip(value ?? "") : value ?? "";
         var problems = new List<string>();
         var turns = conversation.ToList();
         string? systemMessage = null;
         if (turns.Count > 0 && turns[0]?.From == ConversationTurn.System)
         {
-            systemMessage = PythonStrip(turns[0].Value ?? "");
+            systemMessage = Value(turns[0].Value);
             turns.RemoveAt(0);
         }
-        if (turns.Count > 0 && turns[0]?.From == ConversationTurn.Gpt) turns.RemoveAt(0);   // official: skip a leading gpt turn
+        if (turns.Count > 0 && turns[0]?.From == ConversationTurn.Gpt)
+        {
+            if (Template.Labels == TrainingLabelStyle.InternVL25)
+                problems.Add($"it starts with a '{ConversationTurn.Gpt}' turn, which the {Template.Name} preprocessing would learn as a reply to nothing; remove it or put the question before it");
+            else turns.RemoveAt(0);   // official: skip a leading gpt turn
+        }
 
         // Official single-image datasets put "<image>\n" before the first question when it has no placeholder.
-        if (imageCount == 1 && turns.Count > 0 && turns[0]?.Value is { } first && !first.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal))
+        if (imageCount == 1 && turns.Count > 0 && turns[0]?.From == ConversationTurn.Human && turns[0].Value is { } first &&
+            !first.Contains(ImagePlaceholders.Placeholder, StringComparison.Ordinal))
             turns[0] = turns[0] with { Value = ImagePlaceholders.Placeholder + "\n" + first };
 
         var messages = new List<ConversationMessage>(turns.Count);
@@ -188,7 +223,7 @@ public sealed class ConversationTokenizer
             if (turn.From != expected)
                 problems.Add($"turn {i} is from '{turn.From}' but turns must alternate '{ConversationTurn.Human}'/'{ConversationTurn.Gpt}' (expected '{expected}')");
             if (turn.Value is null) problems.Add($"turn {i} has no value");
-            messages.Add(new ConversationMessage(i % 2 == 0 ? ConversationRole.User : ConversationRole.Assistant, PythonStrip(turn.Value ?? "")));
+            messages.Add(new ConversationMessage(i % 2 == 0 ? ConversationRole.User : ConversationRole.Assistant, Value(turn.Value)));
         }
         if (turns.Count == 0) problems.Add("it has no human/gpt turns");
         else if (turns.Count % 2 != 0 || turns[^1]?.From != ConversationTurn.Gpt)

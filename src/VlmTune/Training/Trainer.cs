@@ -145,7 +145,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
         _tokenizer = InternLM2Tokenizer.Load(Config.Model);
         var template = ConversationTemplate.Get(Config.Template ?? _model.Config.Template);
-        if (Config.SystemMessage is { } system) template = template with { SystemMessage = system };
+        if ((Config.SystemMessage ?? _model.Config.SystemMessage) is { } system) template = template with { SystemMessage = system };
         var tokenizer = new ConversationTokenizer(_tokenizer, template, _model.Config.NumImageToken, Config.MaxLength);
         var modelTiling = VlmTune.Data.ModelTiling.ImageOptions(_model.Config);
         var images = modelTiling with

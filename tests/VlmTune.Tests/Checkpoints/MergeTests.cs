@@ -99,8 +99,14 @@ public sealed class MergeTests : IDisposable
         var expected = Directory.GetFiles(Fixtures.TinyModel).Select(Path.GetFileName).Order().ToList();
         Assert.Equal(expected, Directory.GetFiles(Out()).Select(Path.GetFileName).Order().ToList());
         Assert.Empty(Directory.GetDirectories(Out()));
-        foreach (var file in expected.Where(f => f is not ("config.json" or "model.safetensors")))
+        foreach (var file in expected.Where(f => f is not ("config.json" or "model.safetensors" or "tokenizer_config.json")))
             Assert.Equal(File.ReadAllBytes(Path.Combine(Fixtures.TinyModel, file!)), File.ReadAllBytes(Path.Combine(Out(), file!)));
+        // tokenizer_config.json: the template's chat_template, every other key as in the base.
+        var tokenizerConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(Out(), "tokenizer_config.json")))!.AsObject();
+        Assert.Equal(VlmTune.Text.ConversationTemplate.InternLM2Chat.HuggingFaceChatTemplate(bosToken: true), tokenizerConfig["chat_template"]!.GetValue<string>());
+        var baseTokenizerConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.TinyModel, "tokenizer_config.json")))!.AsObject();
+        baseTokenizerConfig["chat_template"] = tokenizerConfig["chat_template"]!.DeepClone();
+        Assert.True(JsonNode.DeepEquals(baseTokenizerConfig, tokenizerConfig), "tokenizer_config.json unchanged apart from chat_template");
 
         using (var baseWeights = CheckpointFolder.Open(Fixtures.TinyModel))
         using (var merged = CheckpointFolder.Open(Out()))
@@ -150,6 +156,16 @@ public sealed class MergeTests : IDisposable
         Assert.False(config["llm_config"]!["use_bfloat16"]!.GetValue<bool>());
         using var merged = CheckpointFolder.Open(Out());
         Assert.All(merged.Names, n => Assert.Equal("F16", merged.Entry(n).DType));
+    }
+
+    [FixtureFact]
+    public void TokenizerConfigGetsTheChatTemplateOfTheConfigTemplateAndSystemMessage()
+    {
+        using var b = new ModelFolderBuilder().Config(c => { c["template"] = "internvl2_5"; c["system_message"] = "Custom."; });
+        Merge(Out(), baseDir: b.Build(), verify: false);
+        var tokenizerConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(Out(), "tokenizer_config.json")))!;
+        Assert.Equal(VlmTune.Text.ConversationTemplate.InternVL25.HuggingFaceChatTemplate(bosToken: true, systemMessage: "Custom."),
+            tokenizerConfig["chat_template"]!.GetValue<string>());
     }
 
     [FixtureFact]
