@@ -39,7 +39,7 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
     private readonly byte[][] _tokenBytes;            // id -> the bytes it stands for
 
     private ByteLevelBpeTokenizer(string modelDir, TokenizerFileConfig config, Dictionary<string, int> vocab,
-        BpeTokenizer bpe, Regex preTokenizer, bool nfc) : base(modelDir, config)
+        BpeTokenizer bpe, Regex preTokenizer, bool nfc, PostProcessorTokens template) : base(modelDir, config)
     {
         _bpe = bpe;
         _preTokenizer = preTokenizer;
@@ -60,10 +60,12 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
         _tokenBytes = [.. _tokenBytes.Select(b => b ?? [])];
 
         // Qwen: no BOS unless the files name one; EOS from eos_token (<|im_end|> for chat models, <|endoftext|> for base).
-        var bos = ResolveName(config.BosToken);
+        // A tokenizer.json whose post-processor adds a token first (Llama 3's <|begin_of_text|>) adds it by default.
+        var bos = ResolveName(config.BosToken) ?? ResolveName(new SpecialTokenName(true, template.First));
         var eos = ResolveName(config.EosToken) ?? ResolveName(new SpecialTokenName(true, "<|endoftext|>"))
                   ?? throw new VlmTuneException($"The tokenizer in '{modelDir}' names no eos_token (tokenizer_config.json) and has no <|endoftext|>.");
-        SetSpecialIds(bos, eos, ResolveName(config.UnkToken), config.AddBosToken ?? false, config.AddEosToken ?? false);
+        SetSpecialIds(bos, eos, ResolveName(config.UnkToken), config.AddBosToken ?? template.First is not null,
+            config.AddEosToken ?? template.Last is not null);
     }
 
     internal static bool IsByteLevelClass(string? tokenizerClass) =>
@@ -132,9 +134,9 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
                         problems.Add($"{where}: entry {token.GetRawText()} needs a non-negative \"id\"");
                     else if (TokenizerFileConfig.ReadAddedToken(token, id, where, problems) is { } spec) jsonAdded.Add(spec);
                 }
-            if (problems.Count > 0) throw new VlmTuneException($"Invalid tokenizer files in '{modelDir}':\n  " + string.Join("\n  ", problems));
+            if (problems.Count > 0) throw new VlmTuneException($"Invalid tokenizer files in '{modelDir}': " + string.Join("; ", problems) + ".");
             var config = TokenizerFileConfig.Read(modelDir, jsonAdded);
-            return Create(modelDir, config, vocab, merges, pattern, nfc, path);
+            return Create(modelDir, config, vocab, merges, pattern, nfc, path, ReadPostProcessor(root, path));
         }
     }
 
@@ -175,11 +177,11 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
                 throw new VlmTuneException($"{mergesPath}: line {lineNumber} is '{line}', not two tokens separated by one space.");
             merges.Add(line);
         }
-        return Create(modelDir, config, vocab, merges, pattern, nfc, mergesPath);
+        return Create(modelDir, config, vocab, merges, pattern, nfc, mergesPath, default);
     }
 
     private static ByteLevelBpeTokenizer Create(string modelDir, TokenizerFileConfig config, Dictionary<string, int> vocab,
-        List<string> merges, string pattern, bool nfc, string mergesSource)
+        List<string> merges, string pattern, bool nfc, string mergesSource, PostProcessorTokens template)
     {
         foreach (var ch in ByteLevel.ByteChars)
             if (!vocab.ContainsKey(ch.ToString()))
@@ -208,7 +210,7 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
         {
             throw new VlmTuneException($"Cannot build the BPE tokenizer of '{modelDir}': {e.Message}", e);
         }
-        return new ByteLevelBpeTokenizer(modelDir, config, vocab, bpe, regex, nfc);
+        return new ByteLevelBpeTokenizer(modelDir, config, vocab, bpe, regex, nfc, template);
     }
 
     private static Dictionary<string, int> ReadVocab(JsonElement vocab, string where)
@@ -223,6 +225,25 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
         }
         if (result.Values.Distinct().Count() != result.Count) throw new VlmTuneException($"{where}: two tokens share an id.");
         return result;
+    }
+
+    /// <summary>The special tokens a TemplateProcessing post-processor puts before and after a single sequence.</summary>
+    private readonly record struct PostProcessorTokens(string? First, string? Last);
+
+    private static PostProcessorTokens ReadPostProcessor(JsonElement root, string path)
+    {
+        if (!root.TryGetProperty("post_processor", out var post) || post.ValueKind != JsonValueKind.Object) return default;
+        var type = post.TryGetProperty("type", out var t) ? t.GetString() : null;
+        if (type is "ByteLevel") return default;
+        if (type != "TemplateProcessing" || !post.TryGetProperty("single", out var single) || single.ValueKind != JsonValueKind.Array)
+            throw new VlmTuneException($"{path}: post_processor of type '{type}' is not implemented (ByteLevel or TemplateProcessing).");
+        var steps = single.EnumerateArray().ToList();
+        static string? Special(JsonElement step) =>
+            step.TryGetProperty("SpecialToken", out var s) && s.TryGetProperty("id", out var id) ? id.GetString() : null;
+        var sequence = steps.FindIndex(s => s.TryGetProperty("Sequence", out _));
+        if (sequence < 0 || steps.Count - (sequence + 1) > 1 || sequence > 1 || steps.Where((_, i) => i != sequence).Any(s => Special(s) is null))
+            throw new VlmTuneException($"{path}: post_processor.single {single.GetRawText()} is not one optional special token, the text, one optional special token.");
+        return new PostProcessorTokens(sequence == 1 ? Special(steps[0]) : null, sequence < steps.Count - 1 ? Special(steps[^1]) : null);
     }
 
     /// <summary>Whether the normalizer is NFC (true) or absent (false); anything else is not implemented.</summary>

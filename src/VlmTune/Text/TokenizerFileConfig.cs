@@ -103,7 +103,7 @@ internal sealed record TokenizerFileConfig(
         }
 
         if (problems.Count > 0)
-            throw new VlmTuneException($"Invalid tokenizer files in '{modelDir}':\n  " + string.Join("\n  ", problems));
+            throw new VlmTuneException($"Invalid tokenizer files in '{modelDir}': " + string.Join("; ", problems) + ".");
         return new TokenizerFileConfig([.. added.Values.OrderBy(t => t.Id)], special, addBos, addEos, bos, eos, unk, pad,
             tokenizerClass, legacy, addPrefixSpace);
     }
