@@ -31,7 +31,12 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
     /// <summary>GPT2Tokenizer's pattern (also the ByteLevel pre-tokenizer's with <c>use_regex: true</c>).</summary>
     private const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
+    /// <summary>Pre-tokens longer than this go through <see cref="LongWordMerges"/>: BpeTokenizer's merges slow down
+    /// sharply on long words (a 100k-character CJK run took 12 s), HF's take O(n log n).</summary>
+    internal int LongWordThreshold { get; set; } = 256;
+
     private readonly BpeTokenizer _bpe;
+    private readonly LongWordMerges _longWords;
     private readonly Regex _preTokenizer;
     private readonly bool _nfc;
     private readonly string[] _tokens;                // id -> token (byte-level characters)
@@ -39,9 +44,10 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
     private readonly byte[][] _tokenBytes;            // id -> the bytes it stands for
 
     private ByteLevelBpeTokenizer(string modelDir, TokenizerFileConfig config, Dictionary<string, int> vocab,
-        BpeTokenizer bpe, Regex preTokenizer, bool nfc, PostProcessorTokens template) : base(modelDir, config)
+        BpeTokenizer bpe, List<string> merges, Regex preTokenizer, bool nfc, PostProcessorTokens template) : base(modelDir, config)
     {
         _bpe = bpe;
+        _longWords = new LongWordMerges(vocab, merges);
         _preTokenizer = preTokenizer;
         _nfc = nfc;
         _tokenIds = vocab;
@@ -210,7 +216,7 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
         {
             throw new VlmTuneException($"Cannot build the BPE tokenizer of '{modelDir}': {e.Message}", e);
         }
-        return new ByteLevelBpeTokenizer(modelDir, config, vocab, bpe, regex, nfc, template);
+        return new ByteLevelBpeTokenizer(modelDir, config, vocab, bpe, merges, regex, nfc, template);
     }
 
     private static Dictionary<string, int> ReadVocab(JsonElement vocab, string where)
@@ -325,6 +331,7 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
         // Only the shadow's digits can be cut in half (\p{N} matches one UTF-16 unit): join the halves again.
         if (start > 0 && char.IsLowSurrogate(text[start]) && char.IsHighSurrogate(text[start - 1])) return;
         if (end < text.Length && char.IsLowSurrogate(text[end]) && char.IsHighSurrogate(text[end - 1])) end = NextCut(text, end);
+        if (end - start > LongWordThreshold) { _longWords.Encode(text.AsSpan(start, end - start), ids); return; }
         foreach (var id in _bpe.EncodeToIds(text.AsSpan(start, end - start), considerPreTokenization: false, considerNormalization: false))
             ids.Add(id);
     }
@@ -376,6 +383,59 @@ public sealed class ByteLevelBpeTokenizer : TextTokenizer
     }
 
     internal override Utf8Replacement InvalidUtf8 => Utf8Replacement.MaximalSubpart;
+}
+
+/// <summary>
+/// HF's BPE merge loop (<c>Word::merge_all</c>) over the bytes of one pre-token: a heap of adjacent pairs by (rank,
+/// position), stale pairs skipped, so a word of n bytes takes O(n log n).
+/// </summary>
+internal sealed class LongWordMerges
+{
+    private readonly Dictionary<long, (int Rank, int Id)> _merges = [];
+    private readonly int[] _byteIds = new int[256];
+
+    public LongWordMerges(Dictionary<string, int> vocab, List<string> merges)
+    {
+        for (var b = 0; b < 256; b++) _byteIds[b] = vocab[ByteLevel.ByteChars[b].ToString()];
+        for (var rank = 0; rank < merges.Count; rank++)
+        {
+            var space = merges[rank].IndexOf(' ');
+            string left = merges[rank][..space], right = merges[rank][(space + 1)..];
+            _merges[Key(vocab[left], vocab[right])] = (rank, vocab[left + right]);   // a repeated merge keeps its last rank, as HF
+        }
+    }
+
+    private static long Key(int left, int right) => ((long)left << 32) | (uint)right;
+
+    public void Encode(ReadOnlySpan<char> word, List<int> ids)
+    {
+        var bytes = Encoding.UTF8.GetBytes(word.ToArray());
+        var n = bytes.Length;
+        var symbols = new int[n];
+        var next = new int[n];
+        var prev = new int[n];
+        var alive = new bool[n];
+        for (var i = 0; i < n; i++) { symbols[i] = _byteIds[bytes[i]]; next[i] = i + 1 < n ? i + 1 : -1; prev[i] = i - 1; alive[i] = true; }
+        var heap = new PriorityQueue<(int Left, int Right, int Id), (int Rank, int Left)>();
+        void Push(int left, int right)
+        {
+            if (left >= 0 && right >= 0 && _merges.TryGetValue(Key(symbols[left], symbols[right]), out var m))
+                heap.Enqueue((left, right, m.Id), (m.Rank, left));
+        }
+        for (var i = 0; i + 1 < n; i++) Push(i, i + 1);
+        while (heap.TryDequeue(out var top, out _))
+        {
+            if (!alive[top.Left] || !alive[top.Right] || next[top.Left] != top.Right
+                || !_merges.TryGetValue(Key(symbols[top.Left], symbols[top.Right]), out var m) || m.Id != top.Id) continue;
+            symbols[top.Left] = top.Id;
+            alive[top.Right] = false;
+            next[top.Left] = next[top.Right];
+            if (next[top.Right] >= 0) prev[next[top.Right]] = top.Left;
+            Push(prev[top.Left], top.Left);
+            Push(top.Left, next[top.Left]);
+        }
+        for (var i = 0; i >= 0 && i < n; i = next[i]) ids.Add(symbols[i]);
+    }
 }
 
 /// <summary>GPT-2's byte↔unicode map: printable Latin-1 bytes are themselves, the other 68 bytes are U+0100 onwards.</summary>

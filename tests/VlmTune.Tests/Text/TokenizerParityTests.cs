@@ -317,3 +317,26 @@ public class TokenizerFolderTests : IDisposable
         Assert.Contains("MysteryTokenizer", e.Message);
     }
 }
+
+public class LongWordMergesTests
+{
+    [FixtureFact]
+    public void TheLongWordMergeLoopGivesTheSameIdsAsBpeTokenizer()
+    {
+        // Every pre-token through the O(n log n) loop (threshold 0) must equal BpeTokenizer's merges, on the corpus and
+        // on long runs of letters, CJK, digits and emoji.
+        var tokenizer = Assert.IsType<ByteLevelBpeTokenizer>(TextTokenizer.Load(Path.GetDirectoryName(TokenizerFolders.QwenTokenizerJson)!));
+        var texts = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(Fixtures.RepoRoot, "tests", "VlmTune.Tests", "Text",
+            "TestData", "tokenizer_corpus.json"))).RootElement.GetProperty("texts").EnumerateArray().Select(t => t.GetString()!)
+            .Concat(["ab".PadRight(300, 'a'), string.Concat(Enumerable.Repeat("请你根据这张图片", 40)), new string('9', 300), string.Concat(Enumerable.Repeat("😀a", 150))])
+            .ToList();
+        var expected = texts.Select(t => tokenizer.Encode(t)).ToList();
+        tokenizer.LongWordThreshold = 0;
+        try
+        {
+            var failures = texts.Where((t, i) => !tokenizer.Encode(t).SequenceEqual(expected[i])).ToList();
+            Assert.True(failures.Count == 0, $"{failures.Count} texts differ, first: {failures.FirstOrDefault()}");
+        }
+        finally { tokenizer.LongWordThreshold = 256; }
+    }
+}
