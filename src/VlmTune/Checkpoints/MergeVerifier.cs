@@ -48,7 +48,7 @@ public static class MergeVerifier
 
         using var scope = NewDisposeScope();
         var config = InternVLConfig.Load(mergedDir);
-        var tokenizer = InternLM2Tokenizer.Load(mergedDir);
+        var tokenizer = TextTokenizer.Load(mergedDir);
         var prompt = ChatPrompt.Build(tokenizer, ConversationTemplate.Get(config.Template), Question, [1], config.NumImageToken);
         var pixels = randn([1, 3, config.ForceImageSize, config.ForceImageSize], generator: new Generator(ImageSeed));
 

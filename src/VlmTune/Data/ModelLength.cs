@@ -9,10 +9,10 @@ namespace VlmTune.Data;
 /// </summary>
 public sealed class TrainingLength : ISampleLengthCounter
 {
-    private readonly InternLM2Tokenizer _tokenizer;
+    private readonly TextTokenizer _tokenizer;
     private readonly ConversationTokenizer _conversations;
 
-    public TrainingLength(InternLM2Tokenizer tokenizer, ConversationTemplate template, int numImageToken)
+    public TrainingLength(TextTokenizer tokenizer, ConversationTemplate template, int numImageToken)
     {
         _tokenizer = tokenizer;
         // The maximum length only matters for cutting, which is not done here.
@@ -42,7 +42,7 @@ public static class ModelLength
     public static ValidationOptions Configure(ValidationOptions options, string modelDir)
     {
         var config = InternVLConfig.Load(modelDir);
-        var tokenizer = InternLM2Tokenizer.Load(modelDir);
+        var tokenizer = TextTokenizer.Load(modelDir);
         var tiling = config.ImageOptions();
         return options with
         {

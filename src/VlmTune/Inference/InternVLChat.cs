@@ -62,13 +62,13 @@ public sealed class PreparedPrompt(int[] inputIds, Tensor? pixels, IReadOnlyList
 public sealed class InternVLChat : IDisposable
 {
     public InternVLChatModel Model { get; }
-    public InternLM2Tokenizer Tokenizer { get; }
+    public TextTokenizer Tokenizer { get; }
     public ConversationTemplate Template { get; }
     public ImageProcessor Images { get; }
     /// <summary>The template's stop tokens (&lt;|im_end|&gt;) and the eos ids of generation_config.json.</summary>
     public IReadOnlySet<int> StopIds { get; }
 
-    private InternVLChat(InternVLChatModel model, InternLM2Tokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
+    private InternVLChat(InternVLChatModel model, TextTokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
     {
         Model = model; Tokenizer = tokenizer; Template = template; Images = images; StopIds = stopIds;
     }
@@ -78,7 +78,7 @@ public sealed class InternVLChat : IDisposable
         options ??= new ChatLoadOptions();
         var device = ParseDevice(options.Device);
         var dtype = options.DType ?? ModelOptions.DefaultDType(device);
-        var tokenizer = InternLM2Tokenizer.Load(modelDir);
+        var tokenizer = TextTokenizer.Load(modelDir);
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
         if (options.AdapterDir is { } adapter)
         {

@@ -206,7 +206,7 @@ public sealed class InternVLChatClient : IChatClient
                 }
             }
             var text = string.Join("\n", texts);
-            foreach (var reserved in new[] { InternLM2Tokenizer.ImgContextToken, InternLM2Tokenizer.ImgStartToken, InternLM2Tokenizer.ImgEndToken })
+            foreach (var reserved in new[] { SpecialTokens.ImgContext, SpecialTokens.ImgStart, SpecialTokens.ImgEnd })
                 if (text.Contains(reserved, StringComparison.Ordinal))
                     throw new ChatInputException($"{where}: the text holds '{reserved}', which is reserved for image embeddings.", where + ".content");
             int placeholders = ImagePlaceholders.Count(text);

@@ -22,7 +22,7 @@ public sealed record ChatPrompt(string Text, int[] InputIds)
     /// <param name="numImageToken">Tokens per tile (256 for InternVL2, see <see cref="ImagePlaceholders.NumImageToken"/>).</param>
     /// <param name="history">Earlier exchanges, oldest first.</param>
     /// <param name="systemMessage">Overrides the template's system message (the model's <c>system_message</c>).</param>
-    public static ChatPrompt Build(InternLM2Tokenizer tokenizer, ConversationTemplate template, string question,
+    public static ChatPrompt Build(TextTokenizer tokenizer, ConversationTemplate template, string question,
         IReadOnlyList<int> imageTiles, int numImageToken, IReadOnlyList<ChatTurn>? history = null, string? systemMessage = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizer);

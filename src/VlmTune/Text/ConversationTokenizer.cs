@@ -68,7 +68,7 @@ public sealed class ConversationTokenizer
     /// <summary>Label of positions that are not learned (PyTorch's cross-entropy <c>ignore_index</c>).</summary>
     public const int IgnoreTokenId = -100;
 
-    private readonly InternLM2Tokenizer _tokenizer;
+    private readonly TextTokenizer _tokenizer;
 
     public ConversationTemplate Template { get; }
     public int NumImageToken { get; }
@@ -76,7 +76,7 @@ public sealed class ConversationTokenizer
 
     /// <param name="numImageToken">Tokens per image tile (256 for InternVL2).</param>
     /// <param name="maxLength">The official <c>model_max_length</c> (4096 in tokenizer_config.json; InternVL2 fine-tunes use 4096 too).</param>
-    public ConversationTokenizer(InternLM2Tokenizer tokenizer, ConversationTemplate template, int numImageToken, int maxLength)
+    public ConversationTokenizer(TextTokenizer tokenizer, ConversationTemplate template, int numImageToken, int maxLength)
     {
         _tokenizer = tokenizer ?? throw new ArgumentNullException(nameof(tokenizer));
         Template = template ?? throw new ArgumentNullException(nameof(template));

@@ -45,15 +45,15 @@ public static class ImagePlaceholders
         Validate(Count(text), imageTiles, numImageToken, where);
         if (imageTiles.Count == 0) return text;
 
-        var result = new StringBuilder(text.Length + imageTiles.Sum(t => t * numImageToken) * InternLM2Tokenizer.ImgContextToken.Length);
+        var result = new StringBuilder(text.Length + imageTiles.Sum(t => t * numImageToken) * SpecialTokens.ImgContext.Length);
         var from = 0;
         foreach (var tiles in imageTiles)
         {
             var at = text.IndexOf(Placeholder, from, StringComparison.Ordinal);
             result.Append(text, from, at - from)
-                  .Append(InternLM2Tokenizer.ImgStartToken)
-                  .Insert(result.Length, InternLM2Tokenizer.ImgContextToken, numImageToken * tiles)
-                  .Append(InternLM2Tokenizer.ImgEndToken);
+                  .Append(SpecialTokens.ImgStart)
+                  .Insert(result.Length, SpecialTokens.ImgContext, numImageToken * tiles)
+                  .Append(SpecialTokens.ImgEnd);
             from = at + Placeholder.Length;
         }
         return result.Append(text, from, text.Length - from).ToString();

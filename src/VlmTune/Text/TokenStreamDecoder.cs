@@ -5,18 +5,18 @@ namespace VlmTune.Text;
 /// <summary>
 /// Incremental detokenizer for generation: <see cref="Push"/> one id at a time and get the text that became complete.
 /// A character split over byte-fallback pieces (<c>&lt;0xF0&gt;&lt;0x9F&gt;&lt;0x98&gt;&lt;0x80&gt;</c> = 😀) is held back
-/// until its last byte arrives, so the pieces of text returned always add up to <see cref="InternLM2Tokenizer.Decode"/>
-/// of the same ids (after <see cref="Flush"/>).
+/// (or the byte-level tokens of one character) until its last byte arrives, so the pieces of text returned always add up
+/// to <see cref="TextTokenizer.Decode"/> of the same ids (after <see cref="Flush"/>).
 /// </summary>
 public sealed class TokenStreamDecoder
 {
-    private readonly InternLM2Tokenizer _tokenizer;
+    private readonly TextTokenizer _tokenizer;
     private readonly bool _skipSpecialTokens;
     private readonly List<byte> _pending = [];     // bytes not yet turned into text: at most one unfinished character
     private readonly StringBuilder _text = new();
     private bool _atStart = true;
 
-    public TokenStreamDecoder(InternLM2Tokenizer tokenizer, bool skipSpecialTokens = true)
+    public TokenStreamDecoder(TextTokenizer tokenizer, bool skipSpecialTokens = true)
     {
         _tokenizer = tokenizer ?? throw new ArgumentNullException(nameof(tokenizer));
         _skipSpecialTokens = skipSpecialTokens;
@@ -36,7 +36,7 @@ public sealed class TokenStreamDecoder
             return Emit(text);
         }
         if (_skipSpecialTokens && _tokenizer.IsSpecial(id)) return "";
-        _pending.AddRange(_tokenizer.PieceBytes(id));
+        _pending.AddRange(_tokenizer.TokenBytes(id));
         return Emit(TakeText(complete: false));
     }
 
@@ -58,18 +58,21 @@ public sealed class TokenStreamDecoder
         var keep = complete ? 0 : Utf8.UnfinishedTailLength(_pending);
         var count = _pending.Count - keep;
         if (count == 0) return "";
-        var text = Utf8.DecodeLikeSentencePiece(_pending, count);
+        var text = Utf8.Decode(_pending, count, _tokenizer.InvalidUtf8);
         _pending.RemoveRange(0, count);
         return text;
     }
 }
 
-/// <summary>UTF-8 decoding as sentencepiece does it: every byte that does not start a well-formed sequence is one U+FFFD.</summary>
+/// <summary>UTF-8 decoding with the U+FFFD rule of the tokenizer's reference implementation.</summary>
 internal static class Utf8
 {
-    public static string DecodeLikeSentencePiece(List<byte> bytes, int count)
+    public static string Decode(List<byte> bytes, int count, Utf8Replacement replacement)
     {
         var span = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(bytes)[..count];
+        // .NET replaces each maximal subpart, as Python's errors="replace" and Rust's from_utf8_lossy do.
+        if (replacement == Utf8Replacement.MaximalSubpart) return Encoding.UTF8.GetString(span);
+        // Sentencepiece: every byte that does not start a well-formed sequence is one U+FFFD.
         var text = new StringBuilder(count);
         var pos = 0;
         while (pos < span.Length)

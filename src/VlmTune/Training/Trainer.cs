@@ -60,7 +60,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     private readonly TrainerOptions _options = options ?? new TrainerOptions();
     private InternVLChatModel? _model;
-    private InternLM2Tokenizer? _tokenizer;
+    private TextTokenizer? _tokenizer;
     private SampleEncoder? _encoder;
     private VisionFeatureCache? _visionCache;
     private TrainDataset? _dataset;
@@ -143,7 +143,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var log = _log!;
 
         _model = InternVLModelLoader.Load(Config.Model, new ModelOptions { Device = _device, DType = _dtype });
-        _tokenizer = InternLM2Tokenizer.Load(Config.Model);
+        _tokenizer = TextTokenizer.Load(Config.Model);
         var template = ConversationTemplate.Get(Config.Template ?? _model.Config.Template);
         if ((Config.SystemMessage ?? _model.Config.SystemMessage) is { } system) template = template with { SystemMessage = system };
         var tokenizer = new ConversationTokenizer(_tokenizer, template, _model.Config.NumImageToken, Config.MaxLength);

@@ -95,7 +95,7 @@ public class DataValidatorTests
     [FixtureFact]
     public void TrainingLengthIsTheTrainingTokenizersFullLength()
     {
-        var tokenizer = InternLM2Tokenizer.Load(Fixtures.TinyModel);
+        var tokenizer = TextTokenizer.Load(Fixtures.TinyModel);
         var length = new TrainingLength(tokenizer, ConversationTemplate.InternLM2Chat, numImageToken: 256);
         var training = new ConversationTokenizer(tokenizer, ConversationTemplate.InternLM2Chat, numImageToken: 256, maxLength: 100_000);
         ConversationTurn[] conversation =

@@ -6,7 +6,7 @@ namespace VlmTune.Tests.Text;
 
 public class ChatPromptTests
 {
-    private static InternLM2Tokenizer Tokenizer => InternLM2TokenizerTests.Tokenizer;
+    private static TextTokenizer Tokenizer => SentencePieceTokenizerTests.Tokenizer;
     private static readonly ConversationTemplate Template = ConversationTemplate.InternLM2Chat;
     private const int NumImageToken = 256;
 

@@ -150,7 +150,7 @@ public class ChatTemplateJinjaTests
 
         var text = JinjaRenderer.Render([new(template, conversation, true, "<s>")])[0];
 
-        var tokenizer = InternLM2TokenizerTests.Tokenizer;
+        var tokenizer = SentencePieceTokenizerTests.Tokenizer;
         Assert.Equal(golden.GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()), tokenizer.Encode(text, addBos: false));
     }
 }

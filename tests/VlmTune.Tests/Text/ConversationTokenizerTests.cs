@@ -6,7 +6,7 @@ namespace VlmTune.Tests.Text;
 
 public class ConversationTokenizerTests
 {
-    private static InternLM2Tokenizer Tokenizer => InternLM2TokenizerTests.Tokenizer;
+    private static TextTokenizer Tokenizer => SentencePieceTokenizerTests.Tokenizer;
     private const int Ignore = ConversationTokenizer.IgnoreTokenId;
 
     private static ConversationTokenizer Create(int maxLength = 4096, int numImageToken = 256) =>

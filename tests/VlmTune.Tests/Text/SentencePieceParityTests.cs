@@ -10,7 +10,7 @@ namespace VlmTune.Tests.Text;
 /// </summary>
 public class SentencePieceParityTests
 {
-    private static InternLM2Tokenizer Tokenizer => InternLM2TokenizerTests.Tokenizer;
+    private static TextTokenizer Tokenizer => SentencePieceTokenizerTests.Tokenizer;
 
     private static readonly Lazy<JsonElement> Data = new(() => JsonDocument.Parse(File.ReadAllText(
         Path.Combine(Fixtures.RepoRoot, "tests", "VlmTune.Tests", "Text", "TestData", "sentencepiece_parity.json"))).RootElement);

@@ -5,7 +5,7 @@ namespace VlmTune.Tests.Text;
 
 public class TokenStreamDecoderTests
 {
-    private static InternLM2Tokenizer Tokenizer => InternLM2TokenizerTests.Tokenizer;
+    private static TextTokenizer Tokenizer => SentencePieceTokenizerTests.Tokenizer;
 
     [FixtureTheory]
     [InlineData("emoji 😀 and family 👨‍👩‍👧‍👦 ok")]

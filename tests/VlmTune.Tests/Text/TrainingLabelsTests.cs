@@ -13,10 +13,10 @@ public sealed class TokenizerVariants : IDisposable
 {
     private readonly List<string> _dirs = [];
 
-    public InternLM2Tokenizer NoBos => _noBos.Value;
-    public InternLM2Tokenizer Phi3Tokens => _phi3.Value;
+    public TextTokenizer NoBos => _noBos.Value;
+    public TextTokenizer Phi3Tokens => _phi3.Value;
 
-    private readonly Lazy<InternLM2Tokenizer> _noBos, _phi3;
+    private readonly Lazy<TextTokenizer> _noBos, _phi3;
 
     public TokenizerVariants()
     {
@@ -24,7 +24,7 @@ public sealed class TokenizerVariants : IDisposable
         _phi3 = new(() => Build(_ => { }, ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]));
     }
 
-    private InternLM2Tokenizer Build(Action<JsonObject> editConfig, string[] extraTokens)
+    private TextTokenizer Build(Action<JsonObject> editConfig, string[] extraTokens)
     {
         var dir = Directory.CreateTempSubdirectory("vlmtune-tokenizer-").FullName;
         _dirs.Add(dir);
@@ -37,7 +37,7 @@ public sealed class TokenizerVariants : IDisposable
         var next = 92553;
         foreach (var token in extraTokens) added[token] = next++;
         File.WriteAllText(Path.Combine(dir, "added_tokens.json"), added.ToJsonString());
-        return InternLM2Tokenizer.Load(dir);
+        return TextTokenizer.Load(dir);
     }
 
     public void Dispose()
@@ -54,7 +54,7 @@ public sealed class TokenizerVariants : IDisposable
 public class TrainingLabelsTests(TokenizerVariants variants) : IClassFixture<TokenizerVariants>
 {
     private const int Ignore = ConversationTokenizer.IgnoreTokenId;
-    private static InternLM2Tokenizer Tokenizer => InternLM2TokenizerTests.Tokenizer;
+    private static TextTokenizer Tokenizer => SentencePieceTokenizerTests.Tokenizer;
 
     private static ConversationTurn System(string v) => new(ConversationTurn.System, v);
     private static ConversationTurn Human(string v) => new(ConversationTurn.Human, v);
@@ -81,13 +81,13 @@ public class TrainingLabelsTests(TokenizerVariants variants) : IClassFixture<Tok
     /// The runs a template should supervise in <see cref="TwoTurns"/>: "A1" + stop token and "A2" + stop token, each
     /// starting where the rendered text before it ends in tokens.
     /// </summary>
-    private static List<(int Start, string Ids)> ExpectedReplies(InternLM2Tokenizer tokenizer, string text, ConversationTemplate template) =>
+    private static List<(int Start, string Ids)> ExpectedReplies(TextTokenizer tokenizer, string text, ConversationTemplate template) =>
         new[] { "A1", "A2" }.Select(reply => (tokenizer.Encode(text[..text.IndexOf(reply, StringComparison.Ordinal)]).Length,
                                       Ids(tokenizer.Encode(reply + template.StopTokens[0], addBos: false)))).ToList();
 
     private static string Ids(IEnumerable<int> ids) => string.Join(",", ids);
 
-    private InternLM2Tokenizer TokenizerFor(string kind) => kind switch
+    private TextTokenizer TokenizerFor(string kind) => kind switch
     {
         "bos" => Tokenizer,
         "no-bos" => variants.NoBos,
@@ -128,7 +128,7 @@ public class TrainingLabelsTests(TokenizerVariants variants) : IClassFixture<Tok
         // token such as <|system|>; preprocess_phi3's offsets (-1 / -2) are tuned to that.
         var tokenizer = variants.Phi3Tokens;
         var space = tokenizer.TokenToId("▁");
-        int[] Encode(string text) => [tokenizer.BosId, .. text.StartsWith('<') && tokenizer.AddedTokens.Keys.Any(t => text.StartsWith(t, StringComparison.Ordinal)) ? [space] : Array.Empty<int>(), .. tokenizer.Encode(text, addBos: false)];
+        int[] Encode(string text) => [tokenizer.BosId!.Value, .. text.StartsWith('<') && tokenizer.AddedTokens.Keys.Any(t => text.StartsWith(t, StringComparison.Ordinal)) ? [space] : Array.Empty<int>(), .. tokenizer.Encode(text, addBos: false)];
         var template = ConversationTemplate.Phi3Chat;
         var text = template.Render(
             [new(ConversationRole.User, "Q1"), new(ConversationRole.Assistant, "A1"), new(ConversationRole.User, "Q2"), new(ConversationRole.Assistant, "A2")], "S");
@@ -188,7 +188,7 @@ public class TrainingLabelsTests(TokenizerVariants variants) : IClassFixture<Tok
 
         var parts = new[] { "<|im_start|>system\n S <|im_end|>\n", "<|im_start|>user\n Q <|im_end|>\n", "<|im_start|>assistant\n A\n<|im_end|>\n" };
         Assert.Equal(string.Concat(parts), conversations.Render(turns, []));
-        Assert.Equal([Tokenizer.BosId, .. parts.SelectMany(p => Tokenizer.Encode(p, addBos: false))], sample.InputIds);
+        Assert.Equal([Tokenizer.BosId!.Value, .. parts.SelectMany(p => Tokenizer.Encode(p, addBos: false))], sample.InputIds);
         Assert.Equal(Tokenizer.Encode(" A\n<|im_end|>", addBos: false), sample.Labels.Where(l => l != Ignore));
         Assert.Equal(Ignore, sample.Labels[^1]);                        // the newline after <|im_end|>
 

@@ -4,10 +4,11 @@ using VlmTune.Text;
 
 namespace VlmTune.Tests.Text;
 
-public class InternLM2TokenizerTests
+/// <summary>The InternLM2 tokenizer of the tiny InternVL2 fixture (sentencepiece without a dummy prefix).</summary>
+public class SentencePieceTokenizerTests
 {
-    private static readonly Lazy<InternLM2Tokenizer> TokenizerLazy = new(() => InternLM2Tokenizer.Load(Fixtures.TinyModel));
-    internal static InternLM2Tokenizer Tokenizer => TokenizerLazy.Value;
+    private static readonly Lazy<TextTokenizer> TokenizerLazy = new(() => TextTokenizer.Load(Fixtures.TinyModel));
+    internal static TextTokenizer Tokenizer => TokenizerLazy.Value;
 
     public static TheoryData<int> GoldenTexts() => new(Enumerable.Range(0, 5));
 
@@ -38,7 +39,7 @@ public class InternLM2TokenizerTests
         Assert.Equal(2, t.EosId);
         Assert.Equal(2, t.PadId);
         Assert.Equal(92553, t.VocabSize);
-        Assert.Equal(92544, t.SentencePieceVocabSize);
+        Assert.Equal(92544, Assert.IsType<SentencePieceTokenizer>(t).SentencePieceVocabSize);
         Assert.Equal("<|im_start|>", t.IdToToken(92543));
         Assert.Equal("▁world", t.IdToToken(2028));
         Assert.Equal(2028, t.TokenToId("▁world"));
@@ -100,7 +101,7 @@ public class InternLM2TokenizerTests
     }
 }
 
-public class InternLM2TokenizerFilesTests : IDisposable
+public class SentencePieceTokenizerFilesTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vlmtune-tok-").FullName;
 
@@ -111,7 +112,7 @@ public class InternLM2TokenizerFilesTests : IDisposable
     [Fact]
     public void MissingModelFileIsAClearError()
     {
-        var e = Assert.Throws<VlmTuneException>(() => InternLM2Tokenizer.Load(_dir));
+        var e = Assert.Throws<VlmTuneException>(() => TextTokenizer.Load(_dir));
         Assert.Contains("tokenizer.model", e.Message);
     }
 
@@ -120,7 +121,7 @@ public class InternLM2TokenizerFilesTests : IDisposable
     {
         CopyModel();
         File.WriteAllText(Path.Combine(_dir, "tokenizer_config.json"), """{"add_bos_token": false, "added_tokens_decoder": {"92544": {"content": "<img>", "special": true}}}""");
-        var t = InternLM2Tokenizer.Load(_dir);
+        var t = TextTokenizer.Load(_dir);
         Assert.Equal([92544, 9843], t.Encode("<img>Hello"));
         Assert.Equal("Hello", t.Decode([92544, 9843]));
         var missing = Assert.Throws<VlmTuneException>(() => t.ImEndId);
@@ -133,7 +134,7 @@ public class InternLM2TokenizerFilesTests : IDisposable
         CopyModel();
         File.WriteAllText(Path.Combine(_dir, "tokenizer_config.json"), """{"added_tokens_decoder": {"92544": {"content": "<img>"}, "x": {"content": "<a>"}}, "add_bos_token": "yes"}""");
         File.WriteAllText(Path.Combine(_dir, "added_tokens.json"), """{"<img>": 92545, "<b>": -3}""");
-        var e = Assert.Throws<VlmTuneException>(() => InternLM2Tokenizer.Load(_dir));
+        var e = Assert.Throws<VlmTuneException>(() => TextTokenizer.Load(_dir));
         Assert.Contains("added_tokens_decoder.x", e.Message);
         Assert.Contains("add_bos_token", e.Message);
         Assert.Contains("'<img>' has id 92545", e.Message);
