@@ -20,32 +20,46 @@ public static class ChatCompletionsApi
     private static async Task Handle(HttpContext context, ServingState state)
     {
         var aborted = context.RequestAborted;
-        JsonDocument document;
-        try { document = await JsonDocument.ParseAsync(context.Request.Body, new JsonDocumentOptions { MaxDepth = 32 }, aborted); }
-        catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
-        ChatCompletionRequest request;
-        using (document) request = ChatCompletionRequest.Parse(document.RootElement);
-        if (request.Model != state.ModelId)
-            throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
-        if (request.MaxTokens > state.Options.MaxTokens)
-            throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+        long? length = context.Request.ContentLength;
+        if (length > state.Options.MaxRequestBytes) throw TooLarge();
+        bool large = length is null or > ServingState.LargeBodyBytes;
+        // A small body is read before admission (a client that never sends it holds no slot); a large one is admitted
+        // first and then waits for its turn to be read, so concurrent large bodies never sit in memory together.
+        byte[]? body = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, aborted);
 
         using var slot = state.Enter();
-        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted);
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted, state.ShutdownGraceOver);
         deadline.CancelAfter(TimeSpan.FromSeconds(state.Options.RequestTimeoutSeconds));
         try
         {
-            var messages = await ToMessagesAsync(request, state, deadline.Token);
-            var options = new ChatOptions
-            {
-                Temperature = (float?)request.Temperature, TopP = (float?)request.TopP, TopK = request.TopK,
-                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
-            };
-            if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+            ChatCompletionRequest request;
             PreparedChat prepared;
-            try { prepared = state.Client.Prepare(messages, options); }
-            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
-            catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+            if (large) await state.LargeBodies.WaitAsync(deadline.Token);
+            try
+            {
+                body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, deadline.Token);
+                request = Parse(body);
+                body = null;
+                if (request.Model != state.ModelId)
+                    throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
+                if (request.MaxTokens > state.Options.MaxTokens)
+                    throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+                var messages = await ToMessagesAsync(request, state, deadline.Token);
+                var options = new ChatOptions
+                {
+                    Temperature = (float?)request.Temperature, TopP = (float?)request.TopP, TopK = request.TopK,
+                    MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
+                };
+                if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+                try { prepared = state.Client.Prepare(messages, options); }
+                catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+                catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+            }
+            finally
+            {
+                // From here the request holds its prompt and tiles only, not its body.
+                if (large) state.LargeBodies.Release();
+            }
             using (prepared)
             {
                 IAsyncEnumerable<ChatChunk> chunks;
@@ -61,8 +75,50 @@ public static class ChatCompletionsApi
         catch (OperationCanceledException) when (deadline.IsCancellationRequested && !aborted.IsCancellationRequested)
         {
             if (context.Response.HasStarted) return;
-            throw new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout");
+            throw CancelledBy(state);
         }
+    }
+
+    /// <summary>Why a request that its client did not abandon was cancelled: the shutdown grace passed, or its timeout.</summary>
+    private static ApiException CancelledBy(ServingState state) => state.ShutdownGraceOver.IsCancellationRequested
+        ? ServingState.ShuttingDown()
+        : new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout");
+
+    private static ApiException TooLarge() => new(413, "The request body is larger than this server accepts.", null, "request_too_large");
+
+    /// <summary>The whole body, at most <paramref name="limit"/> bytes (Kestrel enforces the same limit while it streams in).</summary>
+    private static async Task<byte[]> ReadBodyAsync(HttpRequest request, long limit, CancellationToken cancellation)
+    {
+        var stream = request.Body;
+        if (request.ContentLength is { } known)
+        {
+            var exact = new byte[known];
+            try { await stream.ReadExactlyAsync(exact, cancellation); }
+            catch (EndOfStreamException) { throw ApiException.BadRequest("The request body ended before its Content-Length."); }
+            return exact;
+        }
+        using var buffer = new MemoryStream();
+        var chunk = new byte[64 * 1024];
+        int read;
+        while ((read = await stream.ReadAsync(chunk, cancellation)) > 0)
+        {
+            if (buffer.Length + read > limit) throw TooLarge();
+            buffer.Write(chunk, 0, read);
+        }
+        return buffer.ToArray();
+    }
+
+    /// <summary>
+    /// The body as a request. Invalid UTF-8 anywhere is refused up front (the JSON reader checks it only inside the
+    /// strings it is asked to decode); parsing works on the body's own bytes, without a copy.
+    /// </summary>
+    private static ChatCompletionRequest Parse(byte[] body)
+    {
+        if (!System.Text.Unicode.Utf8.IsValid(body)) throw ApiException.BadRequest("The request body is not valid UTF-8.", null, "invalid_json");
+        JsonDocument document;
+        try { document = JsonDocument.Parse(body.AsMemory(), new JsonDocumentOptions { MaxDepth = 32 }); }
+        catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
+        using (document) return ChatCompletionRequest.Parse(document.RootElement);
     }
 
     /// <summary>Messages for the chat client: text as is, every image read from its source into bytes.</summary>
@@ -131,8 +187,8 @@ public static class ChatCompletionsApi
         }
         catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
         {
-            // The request timeout passed mid-answer: the status is long sent, so the error travels as an event.
-            await Event(response, new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout").Body);
+            // The request timeout or the shutdown grace passed mid-answer: the status is long sent, so the error travels as an event.
+            await Event(response, CancelledBy(state).Body);
             return;
         }
         catch (Exception e) when (e is not OperationCanceledException)
