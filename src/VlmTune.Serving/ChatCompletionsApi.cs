@@ -47,7 +47,8 @@ public static class ChatCompletionsApi
                 var messages = await ToMessagesAsync(request, state, deadline.Token);
                 var options = new ChatOptions
                 {
-                    Temperature = (float?)request.Temperature, TopP = (float?)request.TopP, TopK = request.TopK,
+                    // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
+                    Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
                     MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
                 };
                 if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
