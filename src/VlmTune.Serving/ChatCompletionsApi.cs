@@ -25,7 +25,7 @@ public static class ChatCompletionsApi
         bool large = length is null or > ServingState.LargeBodyBytes;
         // A small body is read before admission (a client that never sends it holds no slot); a large one is admitted
         // first and then waits for its turn to be read, so concurrent large bodies never sit in memory together.
-        byte[]? body = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, aborted);
+        byte[]? body = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: false, aborted);
 
         using var slot = state.Enter();
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted, state.ShutdownGraceOver);
@@ -37,7 +37,7 @@ public static class ChatCompletionsApi
             if (large) await state.LargeBodies.WaitAsync(deadline.Token);
             try
             {
-                body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, deadline.Token);
+                body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: true, deadline.Token);
                 request = Parse(body);
                 body = null;
                 if (request.Model != state.ModelId)
@@ -87,11 +87,15 @@ public static class ChatCompletionsApi
 
     private static ApiException TooLarge() => new(413, "The request body is larger than this server accepts.", null, "request_too_large");
 
-    /// <summary>The whole body, at most <paramref name="limit"/> bytes (Kestrel enforces the same limit while it streams in).</summary>
-    private static async Task<byte[]> ReadBodyAsync(HttpRequest request, long limit, CancellationToken cancellation)
+    /// <summary>
+    /// The whole body, at most <paramref name="limit"/> bytes (Kestrel enforces the same limit while it streams in).
+    /// Only an admitted request's buffer is sized from its Content-Length up front; before admission memory grows with
+    /// the bytes that actually arrive, so headers that promise a body cost nothing.
+    /// </summary>
+    private static async Task<byte[]> ReadBodyAsync(HttpRequest request, long limit, bool preallocate, CancellationToken cancellation)
     {
         var stream = request.Body;
-        if (request.ContentLength is { } known)
+        if (preallocate && request.ContentLength is { } known)
         {
             var exact = new byte[known];
             try { await stream.ReadExactlyAsync(exact, cancellation); }
@@ -99,7 +103,7 @@ public static class ChatCompletionsApi
             return exact;
         }
         using var buffer = new MemoryStream();
-        var chunk = new byte[64 * 1024];
+        var chunk = new byte[16 * 1024];
         int read;
         while ((read = await stream.ReadAsync(chunk, cancellation)) > 0)
         {

@@ -181,9 +181,9 @@ public static class VlmTuneServer
                 ? new ApiException(413, "The request body is larger than this server accepts.", null, "request_too_large")
                 : new ApiException(e.StatusCode, "The request could not be read."));
         }
-        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        catch (Exception e) when (context.RequestAborted.IsCancellationRequested && e is OperationCanceledException or IOException)
         {
-            // The client went away; nothing to answer.
+            // The client went away (mid-upload or mid-answer); nothing to answer, nothing to log.
         }
         catch (Exception e) when (!context.Response.HasStarted)
         {
