@@ -25,42 +25,16 @@ public static class ChatCompletionsApi
         bool large = length is null or > ServingState.LargeBodyBytes;
         // A small body is read before admission (a client that never sends it holds no slot); a large one is admitted
         // first and then waits for its turn to be read, so concurrent large bodies never sit in memory together.
-        byte[]? body = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: false, aborted);
+        byte[]? small = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: false, aborted);
 
         using var slot = state.Enter();
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted, state.ShutdownGraceOver);
         deadline.CancelAfter(TimeSpan.FromSeconds(state.Options.RequestTimeoutSeconds));
         try
         {
-            ChatCompletionRequest request;
-            PreparedChat prepared;
-            if (large) await state.LargeBodies.WaitAsync(deadline.Token);
-            try
-            {
-                body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: true, deadline.Token);
-                request = Parse(body);
-                body = null;
-                if (request.Model != state.ModelId)
-                    throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
-                if (request.MaxTokens > state.Options.MaxTokens)
-                    throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
-                var messages = await ToMessagesAsync(request, state, deadline.Token);
-                var options = new ChatOptions
-                {
-                    // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
-                    Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
-                    MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
-                };
-                if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
-                try { prepared = state.Client.Prepare(messages, options); }
-                catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
-                catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
-            }
-            finally
-            {
-                // From here the request holds its prompt and tiles only, not its body.
-                if (large) state.LargeBodies.Release();
-            }
+            var preparing = PrepareAsync(context, state, small, deadline.Token);
+            small = null;   // PrepareAsync has it: this state machine must not keep it alive while the answer streams
+            var (prepared, stream, includeUsage) = await preparing;
             using (prepared)
             {
                 IAsyncEnumerable<ChatChunk> chunks;
@@ -69,7 +43,7 @@ public static class ChatCompletionsApi
                 catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
                 var id = "chatcmpl-" + Guid.NewGuid().ToString("N")[..24];
                 long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-                if (request.Stream) await StreamAsync(context, state, request, chunks, id, created);
+                if (stream) await StreamAsync(context, state, includeUsage, chunks, id, created);
                 else await AnswerAsync(context, state, chunks, id, created);
             }
         }
@@ -77,6 +51,43 @@ public static class ChatCompletionsApi
         {
             if (context.Response.HasStarted) return;
             throw CancelledBy(state);
+        }
+    }
+
+    /// <summary>
+    /// Body → request → messages (images read) → prompt and tiles. A method of its own so that the body, the parsed
+    /// request and the images' bytes are garbage once it returns, not kept by the streaming handler's state machine.
+    /// A large body (<paramref name="body"/> null) waits for its turn before it is read, and gives the turn back here.
+    /// </summary>
+    private static async Task<(PreparedChat Prepared, bool Stream, bool IncludeUsage)> PrepareAsync(
+        HttpContext context, ServingState state, byte[]? body, CancellationToken cancellation)
+    {
+        bool large = body is null;
+        if (large) await state.LargeBodies.WaitAsync(cancellation);
+        try
+        {
+            body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: true, cancellation);
+            var request = Parse(body);
+            body = null;
+            if (request.Model != state.ModelId)
+                throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
+            if (request.MaxTokens > state.Options.MaxTokens)
+                throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+            var messages = await ToMessagesAsync(request, state, cancellation);
+            var options = new ChatOptions
+            {
+                // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
+                Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
+                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
+            };
+            if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+            try { return (state.Client.Prepare(messages, options), request.Stream, request.IncludeUsage); }
+            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+            catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+        }
+        finally
+        {
+            if (large) state.LargeBodies.Release();
         }
     }
 
@@ -169,7 +180,7 @@ public static class ChatCompletionsApi
         }).ExecuteAsync(context);
     }
 
-    private static async Task StreamAsync(HttpContext context, ServingState state, ChatCompletionRequest request, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    private static async Task StreamAsync(HttpContext context, ServingState state, bool includeUsage, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
     {
         await using var enumerator = chunks.GetAsyncEnumerator();
         // The first piece comes before any byte is sent, so errors up to the first token still get their status code.
@@ -202,7 +213,7 @@ public static class ChatCompletionsApi
             return;
         }
         await Event(response, Chunk(id, created, state.ModelId, new { }, Finish(last?.FinishReason)));
-        if (request.IncludeUsage)
+        if (includeUsage)
             await Event(response, new { id, @object = "chat.completion.chunk", created, model = state.ModelId, choices = Array.Empty<object>(), usage = Usage(last) });
         await response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
         await response.Body.FlushAsync(context.RequestAborted);
