@@ -1,5 +1,6 @@
 using System.Text.Json;
 using Microsoft.Extensions.AI;
+using VlmTune.Inference;
 
 namespace VlmTune.Serving;
 
@@ -30,7 +31,7 @@ public sealed record ChatCompletionRequest
     public static ChatCompletionRequest Parse(JsonElement root)
     {
         if (root.ValueKind != JsonValueKind.Object) throw Bad("The request body must be a JSON object.", null);
-        var model = root.TryGetProperty("model", out var m) && m.ValueKind == JsonValueKind.String ? m.GetString()! : throw Bad("'model' is required and must be a string.", "model");
+        var model = root.TryGetProperty("model", out var m) && m.ValueKind == JsonValueKind.String ? Text(m, "model") : throw Bad("'model' is required and must be a string.", "model");
         if (!root.TryGetProperty("messages", out var msgs) || msgs.ValueKind != JsonValueKind.Array || msgs.GetArrayLength() == 0)
             throw Bad("'messages' is required and must be a non-empty array.", "messages");
         var messages = new List<ParsedMessage>();
@@ -44,15 +45,15 @@ public sealed record ChatCompletionRequest
         if (root.TryGetProperty("tools", out var tools) && tools.ValueKind == JsonValueKind.Array && tools.GetArrayLength() > 0)
             throw Bad("Tools are not supported by this model server.", "tools");
         if (root.TryGetProperty("response_format", out var rf) && rf.ValueKind == JsonValueKind.Object
-            && rf.TryGetProperty("type", out var rft) && rft.ValueKind == JsonValueKind.String && rft.GetString() != "text")
+            && rf.TryGetProperty("type", out var rft) && rft.ValueKind == JsonValueKind.String && !rft.ValueEquals("text"))
             throw Bad("Only response_format type 'text' is supported.", "response_format");
         if (root.TryGetProperty("logprobs", out var lp) && lp.ValueKind == JsonValueKind.True) throw Bad("logprobs are not supported.", "logprobs");
 
         var stop = new List<string>();
         if (root.TryGetProperty("stop", out var s) && s.ValueKind != JsonValueKind.Null)
         {
-            if (s.ValueKind == JsonValueKind.String) stop.Add(s.GetString()!);
-            else if (s.ValueKind == JsonValueKind.Array && s.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String)) stop.AddRange(s.EnumerateArray().Select(e => e.GetString()!));
+            if (s.ValueKind == JsonValueKind.String) stop.Add(Text(s, "stop"));
+            else if (s.ValueKind == JsonValueKind.Array && s.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String)) stop.AddRange(s.EnumerateArray().Select(e => Text(e, "stop")));
             else throw Bad("'stop' must be a string or an array of strings.", "stop");
             if (stop.Count > 4) throw Bad("'stop' may hold at most 4 sequences.", "stop");
             if (stop.Any(x => x.Length == 0 || x.Length > 256)) throw Bad("Stop sequences must be 1 to 256 characters.", "stop");
@@ -72,7 +73,8 @@ public sealed record ChatCompletionRequest
         var topK = Int(root, "top_k");
         if (topK is < 0) throw Bad($"'top_k' must be ≥ 0 (got {topK}).", "top_k");
         var rep = Number(root, "repetition_penalty");
-        if (rep is <= 0) throw Bad($"'repetition_penalty' must be > 0 (got {rep}).", "repetition_penalty");
+        if (rep is < SamplingOptions.MinRepetitionPenalty or > SamplingOptions.MaxRepetitionPenalty)
+            throw Bad($"'repetition_penalty' must be between {SamplingOptions.MinRepetitionPenalty} and {SamplingOptions.MaxRepetitionPenalty} (got {rep}).", "repetition_penalty");
         var maxTokens = Int(root, "max_completion_tokens") ?? Int(root, "max_tokens");
         if (maxTokens is < 1) throw Bad($"'max_tokens' must be ≥ 1 (got {maxTokens}).", "max_tokens");
         long? seed = null;
@@ -90,7 +92,7 @@ public sealed record ChatCompletionRequest
     {
         string where = $"messages[{index}]";
         if (msg.ValueKind != JsonValueKind.Object) throw Bad($"{where} must be an object.", where);
-        var roleName = msg.TryGetProperty("role", out var r) && r.ValueKind == JsonValueKind.String ? r.GetString()! : throw Bad($"{where}.role is required.", $"{where}.role");
+        var roleName = msg.TryGetProperty("role", out var r) && r.ValueKind == JsonValueKind.String ? Text(r, $"{where}.role") : throw Bad($"{where}.role is required.", $"{where}.role");
         var role = roleName switch
         {
             "system" or "developer" => ChatRole.System,
@@ -103,7 +105,7 @@ public sealed record ChatCompletionRequest
         {
             if (role != ChatRole.Assistant) throw Bad($"{where}.content is required.", $"{where}.content");
         }
-        else if (content.ValueKind == JsonValueKind.String) parts.Add(content.GetString()!);
+        else if (content.ValueKind == JsonValueKind.String) parts.Add(Text(content, $"{where}.content"));
         else if (content.ValueKind == JsonValueKind.Array)
         {
             int j = 0;
@@ -112,27 +114,28 @@ public sealed record ChatCompletionRequest
                 string pw = $"{where}.content[{j++}]";
                 if (part.ValueKind != JsonValueKind.Object || !part.TryGetProperty("type", out var type) || type.ValueKind != JsonValueKind.String)
                     throw Bad($"{pw} must be an object with a 'type'.", pw);
-                switch (type.GetString())
+                var typeName = Text(type, pw);
+                switch (typeName)
                 {
                     case "text":
-                        parts.Add(part.TryGetProperty("text", out var t) && t.ValueKind == JsonValueKind.String ? t.GetString()! : throw Bad($"{pw}.text must be a string.", pw));
+                        parts.Add(part.TryGetProperty("text", out var t) && t.ValueKind == JsonValueKind.String ? Text(t, pw) : throw Bad($"{pw}.text must be a string.", pw));
                         break;
                     case "image_url":
                         if (role != ChatRole.User) throw Bad($"{pw}: only user messages may hold images.", pw);
                         if (!part.TryGetProperty("image_url", out var iu)) throw Bad($"{pw}.image_url is required.", "image_url");
                         string? url = null, detail = null;
-                        if (iu.ValueKind == JsonValueKind.String) url = iu.GetString();
+                        if (iu.ValueKind == JsonValueKind.String) url = Text(iu, "image_url");
                         else if (iu.ValueKind == JsonValueKind.Object)
                         {
-                            if (iu.TryGetProperty("url", out var u) && u.ValueKind == JsonValueKind.String) url = u.GetString();
-                            if (iu.TryGetProperty("detail", out var d) && d.ValueKind == JsonValueKind.String) detail = d.GetString();
+                            if (iu.TryGetProperty("url", out var u) && u.ValueKind == JsonValueKind.String) url = Text(u, "image_url");
+                            if (iu.TryGetProperty("detail", out var d) && d.ValueKind == JsonValueKind.String) detail = Text(d, "image_url");
                         }
                         if (string.IsNullOrEmpty(url)) throw Bad($"{pw}.image_url.url must be a non-empty string.", "image_url");
                         if (detail is not null and not ("auto" or "low" or "high")) throw Bad($"{pw}.image_url.detail must be auto, low or high.", "image_url");
                         parts.Add(new ImagePart(url, detail, pw));
                         break;
                     default:
-                        throw Bad($"{pw}: content type '{Clip(type.GetString()!)}' is not supported (text, image_url).", pw);
+                        throw Bad($"{pw}: content type '{Clip(typeName!)}' is not supported (text, image_url).", pw);
                 }
             }
         }
@@ -143,7 +146,8 @@ public sealed record ChatCompletionRequest
     private static double? Number(JsonElement o, string name)
     {
         if (!o.TryGetProperty(name, out var e) || e.ValueKind == JsonValueKind.Null) return null;
-        return e.ValueKind == JsonValueKind.Number ? e.GetDouble() : throw Bad($"'{name}' must be a number.", name);
+        // A number beyond double's range (1e400) does not parse: as inf it would reach the sampler.
+        return e.ValueKind == JsonValueKind.Number && e.TryGetDouble(out var v) && double.IsFinite(v) ? v : throw Bad($"'{name}' must be a finite number.", name);
     }
 
     private static int? Int(JsonElement o, string name)
@@ -161,6 +165,16 @@ public sealed record ChatCompletionRequest
             JsonValueKind.False => false,
             _ => throw Bad($"'{param ?? name}' must be a boolean.", param ?? name),
         };
+    }
+
+    /// <summary>
+    /// A string field's text. JSON may escape lone surrogates ("\ud800") that no .NET string can hold, and the reader
+    /// leaves invalid UTF-8 inside strings for this call to find: both are the client's fault, named by field.
+    /// </summary>
+    private static string Text(JsonElement e, string param)
+    {
+        try { return e.GetString()!; }
+        catch (InvalidOperationException) { throw Bad($"'{param}' is not valid Unicode text (invalid UTF-8 or a lone surrogate escape).", param); }
     }
 
     private static string Clip(string s) => s.Length <= 40 ? s : s[..40] + "…";

@@ -20,32 +20,21 @@ public static class ChatCompletionsApi
     private static async Task Handle(HttpContext context, ServingState state)
     {
         var aborted = context.RequestAborted;
-        JsonDocument document;
-        try { document = await JsonDocument.ParseAsync(context.Request.Body, new JsonDocumentOptions { MaxDepth = 32 }, aborted); }
-        catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
-        ChatCompletionRequest request;
-        using (document) request = ChatCompletionRequest.Parse(document.RootElement);
-        if (request.Model != state.ModelId)
-            throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
-        if (request.MaxTokens > state.Options.MaxTokens)
-            throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+        long? length = context.Request.ContentLength;
+        if (length > state.Options.MaxRequestBytes) throw TooLarge();
+        bool large = length is null or > ServingState.LargeBodyBytes;
+        // A small body is read before admission (a client that never sends it holds no slot); a large one is admitted
+        // first and then waits for its turn to be read, so concurrent large bodies never sit in memory together.
+        byte[]? small = large ? null : await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: false, aborted);
 
         using var slot = state.Enter();
-        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted);
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(aborted, state.ShutdownGraceOver);
         deadline.CancelAfter(TimeSpan.FromSeconds(state.Options.RequestTimeoutSeconds));
         try
         {
-            var messages = await ToMessagesAsync(request, state, deadline.Token);
-            var options = new ChatOptions
-            {
-                Temperature = (float?)request.Temperature, TopP = (float?)request.TopP, TopK = request.TopK,
-                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
-            };
-            if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
-            PreparedChat prepared;
-            try { prepared = state.Client.Prepare(messages, options); }
-            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
-            catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+            var preparing = PrepareAsync(context, state, small, deadline.Token);
+            small = null;   // PrepareAsync has it: this state machine must not keep it alive while the answer streams
+            var (prepared, stream, includeUsage) = await preparing;
             using (prepared)
             {
                 IAsyncEnumerable<ChatChunk> chunks;
@@ -54,15 +43,98 @@ public static class ChatCompletionsApi
                 catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
                 var id = "chatcmpl-" + Guid.NewGuid().ToString("N")[..24];
                 long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-                if (request.Stream) await StreamAsync(context, state, request, chunks, id, created);
+                if (stream) await StreamAsync(context, state, includeUsage, chunks, id, created);
                 else await AnswerAsync(context, state, chunks, id, created);
             }
         }
         catch (OperationCanceledException) when (deadline.IsCancellationRequested && !aborted.IsCancellationRequested)
         {
             if (context.Response.HasStarted) return;
-            throw new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout");
+            throw CancelledBy(state);
         }
+    }
+
+    /// <summary>
+    /// Body → request → messages (images read) → prompt and tiles. A method of its own so that the body, the parsed
+    /// request and the images' bytes are garbage once it returns, not kept by the streaming handler's state machine.
+    /// A large body (<paramref name="body"/> null) waits for its turn before it is read, and gives the turn back here.
+    /// </summary>
+    private static async Task<(PreparedChat Prepared, bool Stream, bool IncludeUsage)> PrepareAsync(
+        HttpContext context, ServingState state, byte[]? body, CancellationToken cancellation)
+    {
+        bool large = body is null;
+        if (large) await state.LargeBodies.WaitAsync(cancellation);
+        try
+        {
+            body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: true, cancellation);
+            var request = Parse(body);
+            body = null;
+            if (request.Model != state.ModelId)
+                throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
+            if (request.MaxTokens > state.Options.MaxTokens)
+                throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
+            var messages = await ToMessagesAsync(request, state, cancellation);
+            var options = new ChatOptions
+            {
+                // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
+                Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
+                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
+            };
+            if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+            try { return (state.Client.Prepare(messages, options), request.Stream, request.IncludeUsage); }
+            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+            catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
+        }
+        finally
+        {
+            if (large) state.LargeBodies.Release();
+        }
+    }
+
+    /// <summary>Why a request that its client did not abandon was cancelled: the shutdown grace passed, or its timeout.</summary>
+    private static ApiException CancelledBy(ServingState state) => state.ShutdownGraceOver.IsCancellationRequested
+        ? ServingState.ShuttingDown()
+        : new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout");
+
+    private static ApiException TooLarge() => new(413, "The request body is larger than this server accepts.", null, "request_too_large");
+
+    /// <summary>
+    /// The whole body, at most <paramref name="limit"/> bytes (Kestrel enforces the same limit while it streams in).
+    /// Only an admitted request's buffer is sized from its Content-Length up front; before admission memory grows with
+    /// the bytes that actually arrive, so headers that promise a body cost nothing.
+    /// </summary>
+    private static async Task<byte[]> ReadBodyAsync(HttpRequest request, long limit, bool preallocate, CancellationToken cancellation)
+    {
+        var stream = request.Body;
+        if (preallocate && request.ContentLength is { } known)
+        {
+            var exact = new byte[known];
+            try { await stream.ReadExactlyAsync(exact, cancellation); }
+            catch (EndOfStreamException) { throw ApiException.BadRequest("The request body ended before its Content-Length."); }
+            return exact;
+        }
+        using var buffer = new MemoryStream();
+        var chunk = new byte[16 * 1024];
+        int read;
+        while ((read = await stream.ReadAsync(chunk, cancellation)) > 0)
+        {
+            if (buffer.Length + read > limit) throw TooLarge();
+            buffer.Write(chunk, 0, read);
+        }
+        return buffer.ToArray();
+    }
+
+    /// <summary>
+    /// The body as a request. Invalid UTF-8 anywhere is refused up front (the JSON reader checks it only inside the
+    /// strings it is asked to decode); parsing works on the body's own bytes, without a copy.
+    /// </summary>
+    private static ChatCompletionRequest Parse(byte[] body)
+    {
+        if (!System.Text.Unicode.Utf8.IsValid(body)) throw ApiException.BadRequest("The request body is not valid UTF-8.", null, "invalid_json");
+        JsonDocument document;
+        try { document = JsonDocument.Parse(body.AsMemory(), new JsonDocumentOptions { MaxDepth = 32 }); }
+        catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
+        using (document) return ChatCompletionRequest.Parse(document.RootElement);
     }
 
     /// <summary>Messages for the chat client: text as is, every image read from its source into bytes.</summary>
@@ -108,7 +180,7 @@ public static class ChatCompletionsApi
         }).ExecuteAsync(context);
     }
 
-    private static async Task StreamAsync(HttpContext context, ServingState state, ChatCompletionRequest request, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    private static async Task StreamAsync(HttpContext context, ServingState state, bool includeUsage, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
     {
         await using var enumerator = chunks.GetAsyncEnumerator();
         // The first piece comes before any byte is sent, so errors up to the first token still get their status code.
@@ -131,8 +203,8 @@ public static class ChatCompletionsApi
         }
         catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
         {
-            // The request timeout passed mid-answer: the status is long sent, so the error travels as an event.
-            await Event(response, new ApiException(504, $"The request took longer than {state.Options.RequestTimeoutSeconds:0.#} s.", null, "timeout", "timeout").Body);
+            // The request timeout or the shutdown grace passed mid-answer: the status is long sent, so the error travels as an event.
+            await Event(response, CancelledBy(state).Body);
             return;
         }
         catch (Exception e) when (e is not OperationCanceledException)
@@ -141,7 +213,7 @@ public static class ChatCompletionsApi
             return;
         }
         await Event(response, Chunk(id, created, state.ModelId, new { }, Finish(last?.FinishReason)));
-        if (request.IncludeUsage)
+        if (includeUsage)
             await Event(response, new { id, @object = "chat.completion.chunk", created, model = state.ModelId, choices = Array.Empty<object>(), usage = Usage(last) });
         await response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
         await response.Body.FlushAsync(context.RequestAborted);

@@ -63,12 +63,21 @@ public sealed class ImageSources(ServerOptions options, RemoteImageFetcher fetch
         var full = Path.GetFullPath(Path.IsPathRooted(path) ? path : Path.Combine(_localRoot, path));
         var outside = ApiException.BadRequest("image_url: the path is outside the folder this server may read images from.", "image_url", "image_path_forbidden");
         if (!IsUnder(full, _localRoot)) throw outside;
-        FileStream stream;
-        try { stream = new FileStream(full, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        var notFound = ApiException.BadRequest("image_url: no readable image file at that path.", "image_url", "invalid_image_url");
+        var notRegular = ApiException.BadRequest("image_url: that path is not a regular file.", "image_url", "invalid_image_url");
+        // Opening a FIFO for reading blocks until someone writes to it, and a device reads forever: the type is
+        // checked on the resolved path before any open, and again on the handle (opened non-blocking) against a swap.
+        var resolved = RealPath(full);
+        if (!IsUnder(resolved, _localRoot)) throw outside;
+        if (OperatingSystem.IsLinux())
         {
-            throw ApiException.BadRequest("image_url: no readable image file at that path.", "image_url", "invalid_image_url");
+            var type = FileType.Of(resolved);
+            if (type != FileType.Kind.Regular) throw type == FileType.Kind.Missing ? notFound : notRegular;
         }
+        FileStream stream;
+        try { stream = OperatingSystem.IsLinux() ? FileType.OpenRegularNonBlocking(resolved) : new FileStream(full, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.None); }
+        catch (FileType.NotRegularException) { throw notRegular; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw notFound; }
         using (stream)
         {
             // What was opened, after every symlink: checked on the open handle, so a swapped link cannot race us.
@@ -113,4 +122,50 @@ public sealed class ImageSources(ServerOptions options, RemoteImageFetcher fetch
     }
 
     private static string Clip(string s) => s.Length <= 40 ? s : s[..40] + "…";
+}
+
+/// <summary>File types through statx(2) (one struct layout on every Linux architecture), which .NET does not expose.</summary>
+internal static class FileType
+{
+    public enum Kind { Missing, Regular, Other }
+
+    public sealed class NotRegularException() : IOException("not a regular file");
+
+    private const int AtFdCwd = -100, AtSymlinkNoFollow = 0x100, AtEmptyPath = 0x1000;
+    private const uint StatxType = 0x1;
+    private const int ModeOffset = 28;   // struct statx: mask, blksize (u32), attributes (u64), nlink, uid, gid (u32), mode (u16)
+    private const int ReadOnly = 0, NonBlocking = 0x800, CloseOnExec = 0x80000;
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int statx(int dirfd, string path, int flags, uint mask, byte[] buffer);
+
+    [DllImport("libc", EntryPoint = "open", SetLastError = true)]
+    private static extern int Open(string path, int flags);
+
+    /// <summary>The type of the path itself (a symlink is Other: resolve first).</summary>
+    public static Kind Of(string path) => Stat(AtFdCwd, path, AtSymlinkNoFollow);
+
+    /// <summary>
+    /// Opens for reading without blocking on a FIFO, then checks the opened file (not the name) is regular.
+    /// Throws <see cref="NotRegularException"/> or an <see cref="IOException"/>.
+    /// </summary>
+    public static FileStream OpenRegularNonBlocking(string path)
+    {
+        int fd = Open(path, ReadOnly | NonBlocking | CloseOnExec);
+        if (fd < 0) throw new IOException($"open failed (errno {Marshal.GetLastPInvokeError()})");
+        var handle = new Microsoft.Win32.SafeHandles.SafeFileHandle((IntPtr)fd, ownsHandle: true);
+        try
+        {
+            if (Stat(fd, "", AtEmptyPath) != Kind.Regular) throw new NotRegularException();
+            return new FileStream(handle, FileAccess.Read, 1);
+        }
+        catch { handle.Dispose(); throw; }
+    }
+
+    private static Kind Stat(int dirfd, string path, int flags)
+    {
+        var buffer = new byte[256];
+        if (statx(dirfd, path, flags, StatxType, buffer) != 0) return Kind.Missing;
+        return (BitConverter.ToUInt16(buffer, ModeOffset) & 0xF000) == 0x8000 ? Kind.Regular : Kind.Other;
+    }
 }

@@ -27,7 +27,18 @@ public sealed record ServerOptions
     public int MaxImagesPerRequest { get; init; } = 8;
     public long MaxImagePixels { get; init; } = 50_000_000;
     public long MaxImageBytes { get; init; } = 20 * 1024 * 1024;
+    /// <summary>
+    /// Largest request body, refused (413) before it is read: 64 MiB holds two images of <see cref="MaxImageBytes"/>
+    /// as base64 data: URLs (4/3 of their size) with room to spare; OpenAI's own limit is 50 MB.
+    /// </summary>
     public long MaxRequestBytes { get; init; } = 64 * 1024 * 1024;
+    /// <summary>
+    /// Bodies above 1 MiB (or of unknown length) read and parsed at once; the others wait, admitted but unread, so
+    /// concurrent large bodies cost at most this many times their transient memory (≈ 4× the body).
+    /// </summary>
+    public int MaxConcurrentLargeBodies { get; init; } = 4;
+    /// <summary>Open TCP connections Kestrel accepts; beyond it new connections are closed at once.</summary>
+    public long MaxConnections { get; init; } = 1000;
     public int MaxTokens { get; init; } = 4096;
     public int DefaultMaxTokens { get; init; } = 512;
     /// <summary>Requests in flight (running or waiting) before new ones get 429.</summary>
@@ -37,6 +48,17 @@ public sealed record ServerOptions
     public int? MaxContextTokens { get; init; }
     /// <summary>KV-cache budget of the engine, in token slots.</summary>
     public long KvCacheTokens { get; init; } = 1 << 18;
+    /// <summary>
+    /// On SIGTERM/SIGINT: how long in-flight requests may run on before they are ended (a stream with an error event
+    /// <c>server_shutting_down</c>, a plain request with 503). New connections are refused from the signal on.
+    /// </summary>
+    public double ShutdownGraceSeconds { get; init; } = 5;
+    /// <summary>
+    /// Host header names accepted besides the loopback ones (localhost, 127.x, [::1]), as ASP.NET Core's host filtering
+    /// spells them: <c>example.com</c>, <c>*.example.com</c>, or <c>*</c> for any. Empty: only loopback names when
+    /// listening on loopback (so a DNS-rebound name cannot reach the server), any name otherwise.
+    /// </summary>
+    public string[] AllowedHosts { get; init; } = [];
 
     /// <summary>Folder whose images requests may name by path (file:// URLs or paths); null: none.</summary>
     public string? AllowLocalImages { get; init; }
@@ -49,6 +71,9 @@ public sealed record ServerOptions
     public string[] AllowedImageNetworks { get; init; } = [];
     public double ImageFetchTimeoutSeconds { get; init; } = 15;
     public int MaxImageRedirects { get; init; } = 3;
+
+    /// <summary>Whether the server listens on loopback only (127.x, ::1, localhost).</summary>
+    public bool ListensOnLoopback => Host == "localhost" || (System.Net.IPAddress.TryParse(Host, out var ip) && System.Net.IPAddress.IsLoopback(ip));
 
     public IEnumerable<string> Validate()
     {
@@ -66,6 +91,11 @@ public sealed record ServerOptions
         if (MaxConcurrentRequests < 1) yield return $"max concurrent requests must be ≥ 1 (got {MaxConcurrentRequests}).";
         if (!(RequestTimeoutSeconds > 0)) yield return $"request timeout must be > 0 s (got {RequestTimeoutSeconds}).";
         if (!(ImageFetchTimeoutSeconds > 0)) yield return $"image fetch timeout must be > 0 s (got {ImageFetchTimeoutSeconds}).";
+        if (MaxConcurrentLargeBodies < 1) yield return $"max concurrent large bodies must be ≥ 1 (got {MaxConcurrentLargeBodies}).";
+        if (MaxConnections < 1) yield return $"max connections must be ≥ 1 (got {MaxConnections}).";
+        if (!(ShutdownGraceSeconds >= 0 && double.IsFinite(ShutdownGraceSeconds))) yield return $"shutdown grace must be ≥ 0 s (got {ShutdownGraceSeconds}).";
+        foreach (var host in AllowedHosts)
+            if (string.IsNullOrWhiteSpace(host) || host.Contains('/') || host.Contains(' ')) yield return $"--allowed-hosts '{host}' is not a host name (e.g. example.com, *.example.com, *).";
         if (MaxImageRedirects < 0) yield return $"max image redirects must be ≥ 0 (got {MaxImageRedirects}).";
         if (ApiKey is { Length: 0 }) yield return "--api-key must not be empty.";
         if (!string.IsNullOrWhiteSpace(ModelDir) && !Directory.Exists(ModelDir)) yield return $"--model {ModelDir}: folder not found.";

@@ -8,15 +8,24 @@ using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using VlmTune.Inference;
 
 namespace VlmTune.Serving;
 
-/// <summary>What the endpoints share: the options, the chat client over the engine, the image sources and the in-flight count.</summary>
+/// <summary>
+/// What the endpoints share: the options, the chat client over the engine, the image sources, the in-flight count,
+/// the gate of large bodies and the shutdown state.
+/// </summary>
 public sealed class ServingState(ServerOptions options, InternVLChatClient client, ImageSources images)
 {
+    /// <summary>Bodies above this (or of unknown length) are admitted before they are read, through <see cref="LargeBodies"/>.</summary>
+    public const long LargeBodyBytes = 1024 * 1024;
+
     private int _inFlight;
+    private readonly CancellationTokenSource _shutdownGraceOver = new();
+    private volatile bool _stopping;
 
     public ServerOptions Options { get; } = options;
     public InternVLChatClient Client { get; } = client;
@@ -25,9 +34,28 @@ public sealed class ServingState(ServerOptions options, InternVLChatClient clien
     public DateTimeOffset Started { get; } = DateTimeOffset.UtcNow;
     public int InFlight => Volatile.Read(ref _inFlight);
 
+    /// <summary>Large bodies being read and parsed now (<see cref="ServerOptions.MaxConcurrentLargeBodies"/> at most).</summary>
+    public SemaphoreSlim LargeBodies { get; } = new(options.MaxConcurrentLargeBodies, options.MaxConcurrentLargeBodies);
+
+    /// <summary>Whether the server is shutting down (new requests get 503).</summary>
+    public bool Stopping => _stopping;
+
+    /// <summary>Cancelled once the shutdown grace has passed: what is still running then is ended.</summary>
+    public CancellationToken ShutdownGraceOver => _shutdownGraceOver.Token;
+
+    internal void BeginShutdown()
+    {
+        _stopping = true;
+        _shutdownGraceOver.CancelAfter(TimeSpan.FromSeconds(Options.ShutdownGraceSeconds));
+    }
+
+    internal static ApiException ShuttingDown() =>
+        new(503, "The server is shutting down; retry on another instance.", null, "server_shutting_down");
+
     /// <summary>Takes a request slot, or throws 429 when <see cref="ServerOptions.MaxConcurrentRequests"/> are in flight.</summary>
     public IDisposable Enter()
     {
+        if (_stopping) throw ShuttingDown();
         if (Interlocked.Increment(ref _inFlight) > Options.MaxConcurrentRequests)
         {
             Interlocked.Decrement(ref _inFlight);
@@ -44,6 +72,16 @@ public sealed class ServingState(ServerOptions options, InternVLChatClient clien
 }
 
 /// <summary>
+/// The host takes no process signals (ASP.NET Core's console lifetime would swallow SIGTERM and SIGINT): whoever
+/// runs the server stops it — <c>vlmtune serve</c> on those signals, tests when they are done.
+/// </summary>
+internal sealed class ExternallyStoppedLifetime : IHostLifetime
+{
+    public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+}
+
+/// <summary>
 /// The OpenAI-compatible HTTP server over an <see cref="InternVLChatClient"/>: Kestrel with minimal APIs, one
 /// endpoint group per static class, errors in OpenAI's shape, Bearer auth when an API key is set.
 /// </summary>
@@ -56,26 +94,40 @@ public static class VlmTuneServer
         if (problems.Count > 0) throw new VlmTuneException("Server options: " + string.Join(" ", problems));
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
         builder.Logging.ClearProviders();
-        if (logging is null) builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; }).SetMinimumLevel(LogLevel.Warning);
+        if (logging is null)
+        {
+            builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; }).SetMinimumLevel(LogLevel.Warning);
+            // A failed start (port in use) is rethrown to the caller, who says it in one line; the host would add a stack trace.
+            builder.Logging.AddFilter("Microsoft.Extensions.Hosting.Internal.Host", LogLevel.Critical);
+        }
         else logging(builder.Logging);
+        builder.Services.AddSingleton<IHostLifetime, ExternallyStoppedLifetime>();
+        // After the grace, streams end with an error event within moments; this is the last resort that aborts connections.
+        builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(options.ShutdownGraceSeconds + 3));
         builder.WebHost.ConfigureKestrel(k =>
         {
             k.AddServerHeader = false;
             k.Limits.MaxRequestBodySize = options.MaxRequestBytes;
             k.Limits.MaxRequestHeadersTotalSize = 64 * 1024;
             k.Limits.RequestHeadersTimeout = TimeSpan.FromSeconds(30);
+            k.Limits.MaxConcurrentConnections = options.MaxConnections;
+            k.Limits.MaxConcurrentUpgradedConnections = 0;
             if (options.Host == "localhost") k.ListenLocalhost(options.Port);
             else if (IPAddress.TryParse(options.Host, out var ip)) k.Listen(ip, options.Port);
             else throw new VlmTuneException($"--host '{options.Host}' must be an IP address (e.g. 127.0.0.1, 0.0.0.0) or localhost.");
         });
         var fetcher = new RemoteImageFetcher(options);
+        var state = new ServingState(options, client, new ImageSources(options, fetcher));
         builder.Services.AddSingleton(fetcher);
-        builder.Services.AddSingleton(new ServingState(options, client, new ImageSources(options, fetcher)));
+        builder.Services.AddSingleton(state);
 
         var app = builder.Build();
+        app.Lifetime.ApplicationStopping.Register(state.BeginShutdown);
         app.Lifetime.ApplicationStopped.Register(fetcher.Dispose);
         app.Use(ErrorsAsOpenAi);
+        app.Use(RequireAllowedHost(options));
         if (options.ApiKey is { } key) app.Use(RequireApiKey(key));
+        app.Use(RequireJsonBody);
         app.MapHealthApi();
         app.MapModelsApi();
         app.MapChatCompletionsApi();
@@ -129,9 +181,9 @@ public static class VlmTuneServer
                 ? new ApiException(413, "The request body is larger than this server accepts.", null, "request_too_large")
                 : new ApiException(e.StatusCode, "The request could not be read."));
         }
-        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        catch (Exception e) when (context.RequestAborted.IsCancellationRequested && e is OperationCanceledException or IOException)
         {
-            // The client went away; nothing to answer.
+            // The client went away (mid-upload or mid-answer); nothing to answer, nothing to log.
         }
         catch (Exception e) when (!context.Response.HasStarted)
         {
@@ -145,6 +197,47 @@ public static class VlmTuneServer
         context.Response.StatusCode = e.Status;
         if (e.Status == 401) context.Response.Headers.WWWAuthenticate = "Bearer";
         return context.Response.WriteAsJsonAsync(e.Body);
+    }
+
+    /// <summary>
+    /// DNS rebinding: a web page whose name the attacker re-points at 127.0.0.1 reaches a loopback server as same-origin,
+    /// but its requests carry the attacker's name in Host. On loopback only loopback names pass, plus --allowed-hosts
+    /// (matched as ASP.NET Core's host filtering matches them).
+    /// </summary>
+    private static Func<HttpContext, RequestDelegate, Task> RequireAllowedHost(ServerOptions options)
+    {
+        var patterns = options.AllowedHosts.Select(h => new Microsoft.Extensions.Primitives.StringSegment(h.Trim())).ToList();
+        bool any = patterns.Any(p => p.Equals("*", StringComparison.Ordinal)) || (!options.ListensOnLoopback && patterns.Count == 0);
+        return (context, next) =>
+        {
+            if (any) return next(context);
+            var host = context.Request.Host;
+            // Browsers always send Host; a request without one is no rebinding attack.
+            if (!host.HasValue || IsLoopbackName(host.Host) || (patterns.Count > 0 && HostString.MatchesAny(host.Host, patterns))) return next(context);
+            throw new ApiException(400, $"The Host '{ModelsApi.Clip(host.Host)}' is not accepted by this server (DNS rebinding protection); its operator can allow it with --allowed-hosts.", null, "host_not_allowed");
+        };
+    }
+
+    internal static bool IsLoopbackName(string host)
+    {
+        if (host.Equals("localhost", StringComparison.OrdinalIgnoreCase)) return true;
+        var literal = host.StartsWith('[') && host.EndsWith(']') ? host[1..^1] : host;
+        return IPAddress.TryParse(literal, out var ip) && IPAddress.IsLoopback(ip.IsIPv4MappedToIPv6 ? ip.MapToIPv4() : ip);
+    }
+
+    /// <summary>
+    /// CSRF: a page on any site may POST text/plain (or a form) here without a CORS preflight, and without an API key
+    /// that would run a generation. application/json needs a preflight, which this server never grants.
+    /// </summary>
+    private static Task RequireJsonBody(HttpContext context, RequestDelegate next)
+    {
+        var method = context.Request.Method;
+        if (!(HttpMethods.IsPost(method) || HttpMethods.IsPut(method) || HttpMethods.IsPatch(method))) return next(context);
+        bool json = Microsoft.Net.Http.Headers.MediaTypeHeaderValue.TryParse(context.Request.ContentType, out var type)
+            && type.MediaType.Equals("application/json", StringComparison.OrdinalIgnoreCase)
+            && (!type.Charset.HasValue || type.Charset.Equals("utf-8", StringComparison.OrdinalIgnoreCase));
+        if (json) return next(context);
+        throw new ApiException(415, "The request body must be JSON sent as 'Content-Type: application/json' (UTF-8).", null, "unsupported_media_type");
     }
 
     /// <summary>Bearer auth on everything but /health and the static chat page (which holds no data and sends the key itself).</summary>

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.Configuration;
 using VlmTune.Inference;
@@ -22,12 +23,13 @@ internal static class ServeCommand
     private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use (default: the model folder's name)." };
     private static readonly Option<string?> Device = new("--device") { Description = "cpu or cuda (default cpu)." };
     private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<string[]> AllowedHosts = new("--allowed-hosts") { Description = "Host header names accepted besides loopback ones (example.com, *.example.com, * for any; repeatable)." };
 
     public static Command Create()
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
-            Model, Adapter, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType,
+            Model, Adapter, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, ct)));
         return command;
@@ -51,6 +53,8 @@ internal static class ServeCommand
         Set(nameof(ServerOptions.Device), parse.GetValue(Device));
         var networks = parse.GetValue(AllowImageNetwork) ?? [];
         for (int i = 0; i < networks.Length; i++) Set($"{nameof(ServerOptions.AllowedImageNetworks)}:{i}", networks[i]);
+        var hosts = (parse.GetValue(AllowedHosts) ?? []).SelectMany(h => h.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToArray();
+        for (int i = 0; i < hosts.Length; i++) Set($"{nameof(ServerOptions.AllowedHosts)}:{i}", hosts[i]);
         var configuration = new ConfigurationBuilder()
             .AddEnvironmentVariables("VLMTUNE_")
             .AddInMemoryCollection(flags)
@@ -72,11 +76,47 @@ internal static class ServeCommand
         var client = VlmTuneServer.CreateChatClient(chat, options);
         using var engine = client.Engine;
         await using var app = VlmTuneServer.Build(options, client);
-        await app.StartAsync(ct);
+        // SIGTERM (systemd, Docker, Kubernetes) and SIGINT (Ctrl-C) stop the server gracefully; a second one ends it at once.
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        void OnSignal(PosixSignalContext signal)
+        {
+            if (stop.IsCancellationRequested) return;
+            signal.Cancel = true;
+            stop.Cancel();
+        }
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
+        await StartAsync(app, options);
         Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
-        try { await Task.Delay(Timeout.Infinite, ct); }
+        try { await Task.Delay(Timeout.Infinite, stop.Token); }
         catch (OperationCanceledException) { }
+        Console.WriteLine($"Stopping: in-flight requests have {options.ShutdownGraceSeconds:0.#} s to finish.");
         await app.StopAsync(CancellationToken.None);
+        Console.WriteLine("Stopped.");
         return 0;
+    }
+
+    /// <summary>Binds the address; a port in use or an address not of this machine is one line, not a stack trace.</summary>
+    private static async Task StartAsync(WebApplication app, ServerOptions options)
+    {
+        try { await app.StartAsync(); }
+        catch (Exception e) when (Find<Microsoft.AspNetCore.Connections.AddressInUseException>(e) is not null)
+        {
+            throw new VlmTuneException($"port {options.Port} is in use on {options.Host}; stop what listens there or pass another --port (e.g. --port {options.Port + 1}).");
+        }
+        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AddressNotAvailable })
+        {
+            throw new VlmTuneException($"--host {options.Host} is not an address of this machine; pass one of its addresses, 127.0.0.1 or 0.0.0.0 (all).");
+        }
+        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AccessDenied })
+        {
+            throw new VlmTuneException($"port {options.Port} on {options.Host} needs privileges this process lacks; pass a --port above 1023.");
+        }
+    }
+
+    private static T? Find<T>(Exception? e) where T : Exception
+    {
+        for (; e is not null; e = e.InnerException) if (e is T found) return found;
+        return null;
     }
 }

@@ -97,8 +97,8 @@ public sealed class InferenceEngine : IDisposable
 
     private void Validate(GenerationRequest r)
     {
-        var problems = r.Sampling.Validate().ToList();
-        if (problems.Count > 0) throw new InvalidGenerationRequestException(string.Join(" ", problems));
+        var problems = r.Sampling.Problems().ToList();
+        if (problems.Count > 0) throw new InvalidGenerationRequestException(string.Join(" ", problems.Select(p => p.Message)), problems[0].Param);
         if (r.PromptIds.Count == 0) throw new InvalidGenerationRequestException("The prompt is empty.", "messages");
         long total = (long)r.PromptIds.Count + r.Sampling.MaxNewTokens;
         if (total > _contextLimit)
@@ -295,7 +295,12 @@ public sealed class InferenceEngine : IDisposable
         }
 
         if (_batch.Count > 0) StepBatch();
-        foreach (var seq in _solo.ToList()) StepSolo(seq);
+        foreach (var seq in _solo.ToList())
+        {
+            // A solo sequence's forward pass is its own: its failure is its own too.
+            try { StepSolo(seq); }
+            catch (Exception e) { seq.Fail(e); }
+        }
         Interlocked.Increment(ref _steps);
 
         if (_batch.Any(s => s.IsFinished)) { _batch.RemoveAll(s => s.IsFinished); Restack([]); }
@@ -364,23 +369,40 @@ public sealed class InferenceEngine : IDisposable
         return _fused;
     }
 
-    /// <summary>Greedy rows share one argmax; rows that sample or penalise repeats use their own seeded sampler.</summary>
-    private void SampleAndAccept(IReadOnlyList<Sequence> rows, Tensor logits)
+    /// <summary>
+    /// Greedy rows share one max over (B, V); rows that sample or penalise repeats use their own seeded sampler. A row
+    /// that cannot give a token (non-finite scores, a sampler error) fails alone: the others take their tokens.
+    /// </summary>
+    private static void SampleAndAccept(IReadOnlyList<Sequence> rows, Tensor logits)
     {
         var device = logits.device;
-        long[]? argmax = null;
+        long[]? best = null;
+        float[]? bestScore = null;
         for (int i = 0; i < rows.Count; i++)
         {
             var seq = rows[i];
-            int id;
             var sampling = seq.Request.Sampling;
-            if (sampling.Greedy && sampling.RepetitionPenalty == 1.0)
+            try
             {
-                argmax ??= logits.argmax(-1).cpu().data<long>().ToArray();
-                id = (int)argmax[i];
+                int id;
+                if (sampling.Greedy && sampling.RepetitionPenalty == 1.0)
+                {
+                    if (best is null)
+                    {
+                        var (values, indices) = logits.max(-1);                                        // (B), (B)
+                        best = indices.cpu().data<long>().ToArray();
+                        bestScore = values.to_type(ScalarType.Float32).cpu().data<float>().ToArray();
+                    }
+                    if (!float.IsFinite(bestScore![i])) throw new NonFiniteScoresException();
+                    id = (int)best[i];
+                }
+                else id = (int)seq.Sampler!.Next(logits.narrow(0, i, 1), seq.Seen(device)).item<long>();
+                Accept(seq, id);
             }
-            else id = (int)seq.Sampler!.Next(logits.narrow(0, i, 1), seq.Seen(device)).item<long>();
-            Accept(seq, id);
+            catch (Exception e)
+            {
+                seq.Fail(e);
+            }
         }
     }
 

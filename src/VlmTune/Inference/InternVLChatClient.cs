@@ -58,6 +58,25 @@ public sealed class InternVLChatClient : IChatClient
         _chat = chat; _engine = engine; _options = options ?? new ChatClientOptions();
         _metadata = new ChatClientMetadata("vlmtune", null, _options.ModelId);
         _lowDetail = new ImageProcessor(chat.Images.Options with { MaxTiles = 1 });
+        MaxCharsPerToken = LongestToken(chat.Tokenizer);
+    }
+
+    /// <summary>
+    /// The most UTF-16 characters one token can stand for: the longest piece or added token of the vocabulary (128
+    /// for InternLM2: a run of spaces). A piece spells its text (▁ for a space), so no token covers more characters
+    /// than it has, and a text longer than this × the context can never fit.
+    /// </summary>
+    public int MaxCharsPerToken { get; }
+
+    /// <summary>Longest text, in characters, that a request may hold; longer ones are refused before tokenising.</summary>
+    public long MaxPromptChars => (long)_engine.ContextLimit * MaxCharsPerToken;
+
+    private static int LongestToken(InternLM2Tokenizer tokenizer)
+    {
+        int longest = 1;
+        for (int id = 0; id < tokenizer.SentencePieceVocabSize; id++) longest = Math.Max(longest, tokenizer.IdToToken(id).Length);
+        foreach (var added in tokenizer.AddedTokens.Keys) longest = Math.Max(longest, added.Length);
+        return longest;
     }
 
     public InternVLChat Chat => _chat;
@@ -230,6 +249,10 @@ public sealed class InternVLChatClient : IChatClient
             throw new ChatInputException("The conversation must start (after system messages) with a user message.", "messages");
         if (images.Count > _options.MaxImagesPerRequest)
             throw new ChatInputException($"The request has {images.Count} images; at most {_options.MaxImagesPerRequest} are allowed.", "image_url");
+        // Tokenising costs time and memory in proportion to the text: what cannot fit is refused by its length first.
+        long chars = system.Sum(t => (long)t.Length) + turns.Sum(t => (long)t.Text.Length);
+        if (chars > MaxPromptChars)
+            throw new ChatInputException($"The messages hold {chars:N0} characters; at most {MaxPromptChars:N0} can fit in the context of {_engine.ContextLimit} tokens (a token stands for at most {MaxCharsPerToken} characters); shorten the conversation.", "messages");
 
         var history = new List<ChatTurn>();
         for (int i = 0; i + 1 < turns.Count; i += 2) history.Add(new ChatTurn(turns[i].Text, turns[i + 1].Text));
@@ -276,7 +299,6 @@ public sealed class InternVLChatClient : IChatClient
 
     private SamplingOptions Sampling(ChatOptions? options)
     {
-        var problems = new List<string>();
         var s = new SamplingOptions { MaxNewTokens = _options.DefaultMaxTokens };
         if (options is null) return s;
         if (options.Temperature is { } t) s = s with { Temperature = t };
@@ -284,17 +306,23 @@ public sealed class InternVLChatClient : IChatClient
         if (options.TopK is { } k) s = s with { TopK = k };
         if (options.Seed is { } seed) s = s with { Seed = seed };
         if (options.AdditionalProperties?.TryGetValue("repetition_penalty", out var rp) == true && rp is not null)
-            s = s with { RepetitionPenalty = Convert.ToDouble(rp, System.Globalization.CultureInfo.InvariantCulture) };
+        {
+            try { s = s with { RepetitionPenalty = Convert.ToDouble(rp, System.Globalization.CultureInfo.InvariantCulture) }; }
+            catch (Exception e) when (e is FormatException or InvalidCastException or OverflowException)
+            {
+                throw new ChatInputException($"repetition_penalty must be a number (got '{rp}').", "repetition_penalty");
+            }
+        }
         if (options.MaxOutputTokens is { } max)
         {
             if (max < 1 || max > _options.MaxTokensLimit)
                 throw new ChatInputException($"max_tokens must be between 1 and {_options.MaxTokensLimit} (got {max}).", "max_tokens");
             s = s with { MaxNewTokens = max };
         }
-        if (options.Temperature is > 2) problems.Add($"temperature must be between 0 and 2 (got {options.Temperature}).");
-        problems.AddRange(s.Validate());
-        if (problems.Count > 0)
-            throw new ChatInputException(string.Join(" ", problems), options.Temperature is < 0 or > 2 ? "temperature" : options.TopP is <= 0 or > 1 ? "top_p" : null);
+        var problems = new List<(string Param, string Message)>();
+        if (options.Temperature is > 2) problems.Add(("temperature", $"temperature must be between 0 and 2 (got {options.Temperature})."));
+        problems.AddRange(s.Problems());
+        if (problems.Count > 0) throw new ChatInputException(string.Join(" ", problems.Select(p => p.Message)), problems[0].Param);
         return s;
     }
 

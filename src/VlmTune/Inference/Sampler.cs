@@ -32,9 +32,11 @@ public sealed class Sampler : IDisposable
             var penalised = where(picked < 0, picked * _options.RepetitionPenalty, picked / _options.RepetitionPenalty);
             scores = scores.scatter(1, seen, penalised);
         }
-        if (_options.Greedy) return scores.argmax(-1).MoveToOuterDisposeScope();
+        if (_options.Greedy) return FiniteMax(scores).MoveToOuterDisposeScope();
 
         scores = scores / _options.Temperature;
+        // Finite maxima keep every step below finite: masking only adds -inf, and softmax of a finite maximum is defined.
+        FiniteMax(scores);
         if (_options.TopK > 0 && _options.TopK < scores.shape[^1])
         {
             var kth = scores.topk(_options.TopK, -1).values[.., ^1..];                 // (B, 1)
@@ -53,5 +55,19 @@ public sealed class Sampler : IDisposable
         return probs.multinomial(1, false, _generator).squeeze(-1).to(logits.device).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// The first maximum of each row, (B, V) → (B), as argmax; throws <see cref="NonFiniteScoresException"/> for a row
+    /// whose maximum is NaN or +inf (NaN propagates through max), which no sampling can make a token of.
+    /// </summary>
+    internal static Tensor FiniteMax(Tensor scores)
+    {
+        var (values, indices) = scores.max(-1);
+        if (!values.isfinite().all().item<bool>()) throw new NonFiniteScoresException();
+        return indices;
+    }
+
     public void Dispose() => _generator?.Dispose();
 }
+
+/// <summary>The model gave NaN or infinite scores for a sequence (e.g. broken weights): that sequence cannot go on.</summary>
+public sealed class NonFiniteScoresException() : VlmTuneException("The model produced non-finite scores (NaN or inf) for this sequence; its weights or inputs are broken.");

@@ -3,6 +3,15 @@ namespace VlmTune.Inference;
 /// <summary>How the next token is chosen. Temperature 0 is greedy; otherwise HF's order: repetition penalty, temperature, top-k, top-p.</summary>
 public sealed record SamplingOptions
 {
+    /// <summary>
+    /// Temperatures below this are greedy (as vLLM's sampling epsilon): dividing fp32 logits by a smaller one
+    /// overflows to inf (5e-39 is a subnormal float), and the distribution it asks for is the argmax anyway.
+    /// </summary>
+    public const double MinSamplingTemperature = 1e-5;
+
+    /// <summary>Range of repetition penalties: far outside it the penalty only ever forces or forbids seen tokens, and its fp32 factor underflows to 0 or overflows.</summary>
+    public const double MinRepetitionPenalty = 0.01, MaxRepetitionPenalty = 100;
+
     public double Temperature { get; init; }
     public double TopP { get; init; } = 1.0;
     public int TopK { get; init; }
@@ -10,14 +19,18 @@ public sealed record SamplingOptions
     public long? Seed { get; init; }
     public int MaxNewTokens { get; init; } = 512;
 
-    public bool Greedy => Temperature <= 0;
+    public bool Greedy => Temperature < MinSamplingTemperature;
 
-    public IEnumerable<string> Validate()
+    public IEnumerable<string> Validate() => Problems().Select(p => p.Message);
+
+    /// <summary>Every problem with the field it concerns, named as the OpenAI API names it.</summary>
+    public IEnumerable<(string Param, string Message)> Problems()
     {
-        if (Temperature < 0 || double.IsNaN(Temperature)) yield return $"temperature must be ≥ 0 (got {Temperature}).";
-        if (!(TopP > 0 && TopP <= 1)) yield return $"top_p must be in (0, 1] (got {TopP}).";
-        if (TopK < 0) yield return $"top_k must be ≥ 0 (got {TopK}).";
-        if (!(RepetitionPenalty > 0)) yield return $"repetition_penalty must be > 0 (got {RepetitionPenalty}).";
-        if (MaxNewTokens < 1) yield return $"max_new_tokens must be ≥ 1 (got {MaxNewTokens}).";
+        if (!(Temperature >= 0 && double.IsFinite(Temperature))) yield return ("temperature", $"temperature must be a finite number ≥ 0 (got {Temperature}).");
+        if (!(TopP > 0 && TopP <= 1)) yield return ("top_p", $"top_p must be in (0, 1] (got {TopP}).");
+        if (TopK < 0) yield return ("top_k", $"top_k must be ≥ 0 (got {TopK}).");
+        if (!(RepetitionPenalty >= MinRepetitionPenalty && RepetitionPenalty <= MaxRepetitionPenalty))
+            yield return ("repetition_penalty", $"repetition_penalty must be between {MinRepetitionPenalty} and {MaxRepetitionPenalty} (got {RepetitionPenalty}).");
+        if (MaxNewTokens < 1) yield return ("max_tokens", $"max_new_tokens must be ≥ 1 (got {MaxNewTokens}).");
     }
 }

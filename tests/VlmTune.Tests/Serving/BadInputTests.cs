@@ -75,6 +75,16 @@ public sealed class BadInputTests(ServerFixture fixture) : IClassFixture<ServerF
         { "unknown scheme", Request(images: ["ftp://example.com/cat.png"]), 400, "image_url" },
         { "too many images", Request(images: Enumerable.Repeat(ServerFixture.DataUrl(ServerFixture.Clot), 9).ToArray()), 400, "image_url" },
         { "prompt + max_tokens beyond the context", Request(extra: "\"max_tokens\": 990"), 400, "max_tokens" },
+        { "empty body", "", 400, null },
+        { "null body", "null", 400, null },
+        { "nesting beyond 32 levels", "{\"model\":\"tiny\",\"messages\":" + new string('[', 5000) + new string(']', 5000) + "}", 400, null },
+        { "n beyond int", Request(extra: "\"n\": 1e12"), 400, "n" },
+        { "max_tokens beyond int", Request(extra: "\"max_tokens\": 99999999999"), 400, "max_tokens" },
+        { "top_k beyond int", Request(extra: "\"top_k\": 10000000000"), 400, "top_k" },
+        { "seed beyond long", Request(extra: "\"seed\": 1e30"), 400, "seed" },
+        { "temperature beyond double", Request(extra: "\"temperature\": 1e400"), 400, "temperature" },
+        { "repetition_penalty that is 0 in fp32", Request(extra: "\"repetition_penalty\": 1e-300"), 400, "repetition_penalty" },
+        { "repetition_penalty that is inf in fp32", Request(extra: "\"repetition_penalty\": 1e300"), 400, "repetition_penalty" },
     };
 
     private static string Request(string model = ServerFixture.ModelId, string text = "hello", string[]? images = null, string? extra = null)

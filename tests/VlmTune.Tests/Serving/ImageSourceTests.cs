@@ -137,6 +137,50 @@ public sealed class ImageSourceTests(ServerFixture fixture) : IClassFixture<Serv
         }
     }
 
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+    private static extern int mkfifo(string path, uint mode);
+
+    /// <summary>
+    /// Opening a FIFO for reading waits for a writer, forever: a FIFO (or socket) in the allowed folder, named directly
+    /// or through a symlink, is refused without being opened, and the request thread is not held.
+    /// </summary>
+    [FixtureFact]
+    public async Task NonRegularFilesInTheAllowedFolderAreRefusedWithoutBlocking()
+    {
+        var root = Directory.CreateTempSubdirectory("vlmtune-images-");
+        try
+        {
+            var fifo = Path.Combine(root.FullName, "fifo.jpg");
+            Assert.Equal(0, mkfifo(fifo, Convert.ToUInt32("600", 8)));
+            File.CreateSymbolicLink(Path.Combine(root.FullName, "link.jpg"), fifo);
+            Directory.CreateDirectory(Path.Combine(root.FullName, "folder.jpg"));
+            using var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+            socket.Bind(new System.Net.Sockets.UnixDomainSocketEndPoint(Path.Combine(root.FullName, "socket.jpg")));
+            File.WriteAllBytes(Path.Combine(root.FullName, "clot.jpg"), ServerFixture.Clot);
+
+            await using var server = await fixture.StartAsync(new ServerOptions { AllowLocalImages = root.FullName });
+            foreach (var name in new[] { "fifo.jpg", "link.jpg", "folder.jpg", "socket.jpg" })
+            {
+                using var patience = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+                var body = System.Text.Json.JsonSerializer.Serialize(TestServer.UserRequest("what is this?", [name], maxTokens: 2));
+                var asking = server.PostJsonAsync(body, cancellation: patience.Token);
+                try
+                {
+                    var error = await ErrorAssert.IsError(await asking, 400, "image_url");
+                    Assert.DoesNotContain(root.FullName, error.GetProperty("message").GetString());
+                }
+                catch (TaskCanceledException) when (name is "fifo.jpg" or "link.jpg")
+                {
+                    // Release the server thread blocked in open(), then fail.
+                    using (File.OpenWrite(fifo)) { }
+                    Assert.Fail($"{name}: the request blocked on the FIFO");
+                }
+            }
+            Assert.Equal(200, (int)(await Ask(server, "clot.jpg")).StatusCode);
+        }
+        finally { root.Delete(true); }
+    }
+
     [Fact]
     public void InternalAddressesAreRecognised()
     {

@@ -47,6 +47,7 @@ public sealed class TestServer(WebApplication app, InternVLChatClient client) : 
 {
     public Uri Address { get; private set; } = null!;
     public InternVLChatClient Client { get; } = client;
+    public IServiceProvider Services => app.Services;
     public HttpClient Http { get; private set; } = null!;
 
     public async Task StartAsync()
@@ -64,6 +65,32 @@ public sealed class TestServer(WebApplication app, InternVLChatClient client) : 
     }
 
     public Task<HttpResponseMessage> PostAsync(object body, string? key = null) => PostJsonAsync(JsonSerializer.Serialize(body), key);
+
+    /// <summary>A chat completion POST of raw bytes, with any content type and Host header.</summary>
+    public Task<HttpResponseMessage> PostBytesAsync(byte[] body, string contentType = "application/json", string? host = null, CancellationToken cancellation = default)
+    {
+        var content = new ByteArrayContent(body);
+        content.Headers.TryAddWithoutValidation("Content-Type", contentType);
+        var request = new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions") { Content = content };
+        if (host is not null) request.Headers.Host = host;
+        return Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, cancellation);
+    }
+
+    /// <summary>Stops the app as a signal would (ApplicationStopping, then Kestrel's graceful stop).</summary>
+    public Task StopAsync() => app.StopAsync();
+
+    /// <summary>The server-sent events of a streamed answer, as their data payloads, up to the end of the body.</summary>
+    public static async Task<List<string>> ReadEventsAsync(HttpResponseMessage response, int? take = null)
+    {
+        var events = new List<string>();
+        using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+        while (await reader.ReadLineAsync() is { } line)
+        {
+            if (line.StartsWith("data: ", StringComparison.Ordinal)) events.Add(line["data: ".Length..]);
+            if (take is { } n && events.Count >= n) break;
+        }
+        return events;
+    }
 
     /// <summary>A one-message request: the text and images (data: or other URLs) of the user.</summary>
     public static object UserRequest(string text, IEnumerable<string>? imageUrls = null, int maxTokens = 12, string model = ServerFixture.ModelId, bool stream = false)
