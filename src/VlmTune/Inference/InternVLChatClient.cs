@@ -58,26 +58,17 @@ public sealed class InternVLChatClient : IChatClient
         _chat = chat; _engine = engine; _options = options ?? new ChatClientOptions();
         _metadata = new ChatClientMetadata("vlmtune", null, _options.ModelId);
         _lowDetail = new ImageProcessor(chat.Images.Options with { MaxTiles = 1 });
-        MaxCharsPerToken = LongestToken(chat.Tokenizer);
+        MaxCharsPerToken = chat.Tokenizer.LongestTokenLength;
     }
 
     /// <summary>
-    /// The most UTF-16 characters one token can stand for: the longest piece or added token of the vocabulary (128
-    /// for InternLM2: a run of spaces). A piece spells its text (▁ for a space), so no token covers more characters
-    /// than it has, and a text longer than this × the context can never fit.
+    /// The most UTF-16 characters one token can stand for (<see cref="TextTokenizer.LongestTokenLength"/>; 128 for
+    /// InternLM2: a run of spaces).
     /// </summary>
     public int MaxCharsPerToken { get; }
 
     /// <summary>Longest text, in characters, that a request may hold; longer ones are refused before tokenising.</summary>
     public long MaxPromptChars => (long)_engine.ContextLimit * MaxCharsPerToken;
-
-    private static int LongestToken(InternLM2Tokenizer tokenizer)
-    {
-        int longest = 1;
-        for (int id = 0; id < tokenizer.SentencePieceVocabSize; id++) longest = Math.Max(longest, tokenizer.IdToToken(id).Length);
-        foreach (var added in tokenizer.AddedTokens.Keys) longest = Math.Max(longest, added.Length);
-        return longest;
-    }
 
     public InternVLChat Chat => _chat;
     public InferenceEngine Engine => _engine;

@@ -141,6 +141,22 @@ public abstract class TextTokenizer
         return ModelIdToToken(id) ?? throw OutOfVocabulary(id);
     }
 
+    /// <summary>
+    /// The most UTF-16 characters one token can stand for: its longest model token or added token. A token's text
+    /// (a sentencepiece piece with ▁ for a space, a byte-level token with one character per byte) is never shorter
+    /// than what it decodes to, so a text longer than this × the context can never fit.
+    /// </summary>
+    public int LongestTokenLength => _longest ??= ComputeLongestToken();
+    private int? _longest;
+
+    private int ComputeLongestToken()
+    {
+        int longest = 1;
+        for (int id = 0; id < ModelVocabSize; id++) longest = Math.Max(longest, ModelIdToToken(id)?.Length ?? 0);
+        foreach (var added in _addedTokenIds.Keys) longest = Math.Max(longest, added.Length);
+        return longest;
+    }
+
     /// <summary>Whether <paramref name="id"/> is a special token (dropped by <c>skip_special_tokens</c>).</summary>
     public bool IsSpecial(int id) => _specialIds.Contains(id);
 

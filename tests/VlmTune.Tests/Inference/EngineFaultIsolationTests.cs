@@ -39,7 +39,7 @@ public sealed class EngineFaultIsolationTests
         var greedyPrompt = Enumerable.Range(20, 30).Select(n => text[..n]).First(p => !untouched.Contains(Alone(model, p, good with { MaxNewTokens = 1 })[0]));
         int greedyFirst = Alone(model, greedyPrompt, good with { MaxNewTokens = 1 })[0];
         using (no_grad())
-            foreach (var id in new[] { sampledFirst, greedyFirst }) model.language_model.model.tok_embeddings.weight[id].fill_(float.NaN);
+            foreach (var id in new[] { sampledFirst, greedyFirst }) model.language_model.TokenEmbedding.weight[id].fill_(float.NaN);
 
         using var engine = new InferenceEngine(model, 92546);
         var first = engine.Submit(new GenerationRequest { PromptIds = goodPrompt, Sampling = good, StopIds = Stop });
