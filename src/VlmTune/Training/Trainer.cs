@@ -624,12 +624,16 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         _dp?.FinishGradients();   // every rank now holds the global batch's gradient
         _masters!.GradientsToMasters();
+        // Every trainable tensor takes part in every step, with a zero gradient where the cycle gave it none (the
+        // projector after text-only batches), as under data parallelism and DeepSpeed. AdamW skips a tensor without a
+        // gradient but moves one with a zero gradient (momentum, weight decay): the step must not depend on whether a
+        // gradient tensor happens to exist, which a resumed run's do not until their first use.
+        _masters.FillMissingGradients();
         // The norm covers every trainable tensor; under ZeRO-1 the ones another rank updates count through their
         // (identical, reduced) model gradients.
         var withGrad = _masters.OptimizerParameters
             .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != Rank).Select(t => t.Param))
             .Where(p => p.grad is not null).ToList();
-        if (withGrad.Count == 0) { ClearGradients(); return null; }
         double norm = nn.utils.clip_grad_norm_(withGrad, Config.MaxNorm);
         if (!double.IsFinite(norm))
         {
