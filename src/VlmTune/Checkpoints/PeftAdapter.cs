@@ -232,7 +232,7 @@ public static class AtomicFile
 {
     public static void WriteAllText(string path, string text)
     {
-        string temp = path + $".tmp-{Environment.ProcessId}-{Guid.NewGuid():N}";
+        string temp = IO.OwnedTemporary.Beside(path);
         try
         {
             File.WriteAllText(temp, text);

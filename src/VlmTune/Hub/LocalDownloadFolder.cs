@@ -21,10 +21,13 @@ internal sealed class LocalDownloadFolder(string localDir)
 
     public FilePaths PathsFor(HubFile file)
     {
-        var native = file.Path.Replace('/', Path.DirectorySeparatorChar);
+        // Listings are checked when parsed; this is where names meet paths, so a saved manifest is checked too.
+        var native = HubPaths.ValidateRelative(LocalDir, file.Path).Replace('/', Path.DirectorySeparatorChar);
         var book = Path.Combine(Root, native);
         // The etag in the partial's name keeps bytes of an older version of the file from being resumed.
         var etag = file.Etag is { Length: > 0 } e ? e : "unknown";
+        if (!HubPaths.IsGitId(etag) && etag != "unknown")
+            throw new HubDownloadException($"The etag '{HubPaths.Printable(etag)}' of {file.Path} is not a git object id or sha256; refusing to name a file after it.");
         return new FilePaths(Path.Combine(LocalDir, native), book + ".lock", book + ".metadata", $"{book}.{etag}.incomplete");
     }
 
@@ -106,10 +109,22 @@ internal sealed class LocalDownloadFolder(string localDir)
     private static void WriteAtomically(string path, string content)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        var temp = $"{path}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp";
-        File.WriteAllText(temp, content);
-        File.Move(temp, path, overwrite: true);
+        var temp = IO.OwnedTemporary.Beside(path);
+        try
+        {
+            File.WriteAllText(temp, content);
+            File.Move(temp, path, overwrite: true);
+        }
+        catch
+        {
+            try { File.Delete(temp); } catch (IOException) { }
+            throw;
+        }
     }
+
+    /// <summary>Temporary files of bookkeeping writes that killed processes left (partials are kept: they resume).</summary>
+    public IReadOnlyList<string> RemoveStaleTemporaries() =>
+        IO.OwnedTemporary.RemoveStale(Root, n => n.Contains(".tmp-", StringComparison.Ordinal), recursive: true);
 
     private static double ToUnixSeconds(DateTime utc) => (utc - DateTime.UnixEpoch).TotalSeconds;
 }

@@ -123,6 +123,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         Directory.CreateDirectory(WorkDir);
         _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
+        if (IsMaster) RemoveStaleTemporaries();
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
         if (_env.IsDistributed)
         {
@@ -228,6 +229,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        problems.AddRange(WorkDirProblems());
         // TrainConfig.Parse refuses a cache over a trained ViT; a config built in code is checked here too.
         problems.AddRange(Config.Validate().Where(p => p.StartsWith("'cache_vision_features'", StringComparison.Ordinal)));
         if (Config.CacheVisionFeatures && File.Exists(Config.ResolvedVisionCacheDir))
@@ -676,7 +678,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _dp?.Heartbeat();
         var model = Model;
         string final = Path.Combine(WorkDir, $"iter_{_iteration}");
-        string temp = Path.Combine(WorkDir, $".iter_{_iteration}.tmp-{Guid.NewGuid():N}");
+        string temp = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointTempMarker}"));
         if (_dp is not null) temp = _dp.Broadcast(temp);
         if (IsMaster) Directory.CreateDirectory(temp);
         _dp?.Barrier();
@@ -693,11 +695,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_zero is not null) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerShardFile(Rank)));
             else if (IsMaster) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             _dp?.Barrier();
+            VlmTune.Diagnostics.TestPause.At("checkpoint", CancellationToken.None);
             if (IsMaster) CommitCheckpoint(temp, final);
         }
-        catch
+        catch (Exception e)
         {
             if (IsMaster) try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
+            if (IO.DiskFull.Is(e)) throw IO.DiskFull.Error($"checkpoint iter_{_iteration}", WorkDir, "no checkpoint was saved (the earlier ones are intact)", e);
             throw;
         }
         finally { foreach (var t in gathered) t.Dispose(); }
@@ -714,6 +718,31 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     }
 
     public static string OptimizerShardFile(int rank) => $"optimizer.rank{rank}.bin";
+
+    private const string CheckpointTempMarker = ".tmp-", CheckpointOldMarker = ".old-";
+
+    /// <summary>
+    /// What killed runs left in the work dir: half-written checkpoint folders, a checkpoint set aside for its
+    /// replacement (only once the replacement is in place) and temporary files of <see cref="LastCheckpointFile"/>.
+    /// Only those of dead processes: another run may be saving into the same work dir.
+    /// </summary>
+    private void RemoveStaleTemporaries()
+    {
+        static bool Iter(string name, string marker) => name.StartsWith(".iter_", StringComparison.Ordinal) && name.Contains(marker, StringComparison.Ordinal);
+        var removed = IO.OwnedTemporary.RemoveStale(WorkDir, n => Iter(n, CheckpointTempMarker) || n.StartsWith(LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
+        removed.AddRange(IO.OwnedTemporary.RemoveStale(WorkDir, n => Iter(n, CheckpointOldMarker)
+            && Directory.Exists(Path.Combine(WorkDir, n[1..n.IndexOf(CheckpointOldMarker, StringComparison.Ordinal)]))));
+        foreach (var path in removed) _log!.Info($"removed {path}, left by an interrupted run");
+    }
+
+    /// <summary>The work dir must be a folder outside the model folder (symlinks followed): checkpoints must not land in the model.</summary>
+    private IEnumerable<string> WorkDirProblems()
+    {
+        string workDir = Config.ResolvedWorkDir;
+        if (File.Exists(workDir)) yield return $"'work_dir': {Path.GetFullPath(workDir)} is a file{(Config.Data.Any(d => IO.RealPath.SameFile(d, workDir)) ? " (a data file)" : "")}";
+        else if (Directory.Exists(Config.Model) && IO.RealPath.IsSameOrInside(workDir, Config.Model))
+            yield return $"'work_dir': {Path.GetFullPath(workDir)} is {(IO.RealPath.Of(workDir) == IO.RealPath.Of(Config.Model) ? "" : "inside ")}the model folder {Path.GetFullPath(Config.Model)}; write checkpoints elsewhere";
+    }
 
     /// <summary>
     /// Name → fp32 value of every trained non-LoRA tensor. Under ZeRO-1 a master lives on its owner only, so each is
@@ -766,7 +795,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         string? old = null;
         if (Directory.Exists(final))
         {
-            old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
+            old = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointOldMarker}"));
             Directory.Move(final, old);
         }
         Directory.Move(temp, final);
@@ -786,9 +815,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     private void Resume(string dir)
     {
-        JsonNode state;
-        try { state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, StateFile)))!; }
-        catch (JsonException e) { throw new VlmTuneException($"--resume: {Path.Combine(dir, StateFile)} is corrupt: {e.Message}"); }
+        string statePath = Path.Combine(dir, StateFile);
+        var state = CheckpointFiles.ReadState(statePath);
         var problems = new List<string>();
         void Same<T>(string key, T expected) where T : notnull
         {
@@ -802,13 +830,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         Same("seed", Config.Seed);
         Same("samples", Dataset.Samples.Count);
         // Older checkpoints predate data parallelism: one process, no ZeRO.
-        int storedWorld = state["world_size"]?.GetValue<int>() ?? 1, storedZero = state["zero_stage"]?.GetValue<int>() ?? 0;
+        long storedWorld = CheckpointFiles.Integer(state, "world_size", statePath, fallback: 1), storedZero = CheckpointFiles.Integer(state, "zero_stage", statePath, fallback: 0);
         int zeroStage = _zero is null ? 0 : 1;
         if (storedWorld != WorldSize)
             problems.Add($"it was trained by {storedWorld} process(es) and this run has {WorldSize}: the global batch (batch_size × processes) would change; resume with --nproc-per-node {storedWorld}");
         if (storedZero != zeroStage) problems.Add($"'zero_stage' is {zeroStage} but the checkpoint was written with zero_stage {storedZero}");
-        var names = (state["trainable"] as JsonArray)?.Select(n => n?.GetValue<string>()).ToList() ?? [];
-        if (!names.SequenceEqual(_trainable.Select(t => (string?)t.Name)))
+        var names = CheckpointFiles.Strings(state, "trainable", statePath);
+        if (!names.SequenceEqual(_trainable.Select(t => t.Name)))
             problems.Add("the trained parameters differ from the checkpoint's (freeze_* or lora_targets changed)");
         if (problems.Count > 0)
             throw new ConfigException(Config.Source, problems.Select(p => $"--resume {dir}: {p}").ToList());
@@ -818,30 +846,38 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (_llmLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile)))
             {
+                AdapterCheckpoint.RequireFinite(file);
                 PeftAdapter.LoadWeights(model.language_model, file);
                 _masters!.Load(file, InAdapter("language_model."));   // exact fp32 masters where the model rounds
             }
         if (_visionLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile)))
             {
+                AdapterCheckpoint.RequireFinite(file);
                 PeftAdapter.LoadWeights(model.vision_model, file);
                 _masters!.Load(file, InAdapter("vision_model."));
             }
         if (_trainable.Any(t => !t.Name.Contains(".lora_")))
         {
-            if (TrainedWeights.LoadIfPresent(model, dir) == 0)
+            if (!File.Exists(Path.Combine(dir, TrainableFile)))
                 throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
-            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
-            _masters!.Load(file);
+            using (var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile))) AdapterCheckpoint.RequireFinite(file);
+            TrainedWeights.LoadIfPresent(model, dir);
+            using var trained = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
+            _masters!.Load(trained);
         }
         string optimizerFile = Path.Combine(dir, _zero is null ? OptimizerFile : OptimizerShardFile(Rank));
         if (!File.Exists(optimizerFile)) throw new VlmTuneException($"--resume: {dir} has no {Path.GetFileName(optimizerFile)} (an incomplete checkpoint?)");
-        _optimizer!.load_state_dict(optimizerFile);
-        _iteration = state["iteration"]!.GetValue<long>();
-        _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();
-        var c = state["counters"]!;
-        Counters.Restore(c["bad_records"]!.GetValue<long>(), c["broken_images"]!.GetValue<long>(), c["too_long"]!.GetValue<long>(),
-            c["label_mismatch"]!.GetValue<long>(), c["nan_skipped"]!.GetValue<long>());
+        var c = CheckpointFiles.Object(state, "counters", statePath);
+        long Counter(string key) => CheckpointFiles.Integer(c, key, $"{statePath} (counters)");
+        var counters = (Counter("bad_records"), Counter("broken_images"), Counter("too_long"), Counter("label_mismatch"), Counter("nan_skipped"));
+        long iteration = CheckpointFiles.Integer(state, "iteration", statePath), steps = CheckpointFiles.Integer(state, "optimizer_steps", statePath);
+        if (iteration < 0 || steps < 0 || steps > iteration)
+            throw new VlmTuneException($"--resume: {statePath}: iteration {iteration} with optimizer_steps {steps} is impossible; the checkpoint is damaged.");
+        CheckpointFiles.LoadOptimizer(_optimizer!, optimizerFile);
+        _iteration = iteration;
+        _optimizerSteps = steps;
+        Counters.Restore(counters.Item1, counters.Item2, counters.Item3, counters.Item4, counters.Item5);
         _lastCheckpoint = dir;
         _log!.Info($"resumed from {dir} at iteration {_iteration} (optimizer step {_optimizerSteps})");
     }
