@@ -266,7 +266,11 @@ public static class ModelMerger
     private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype)
     {
         string path = Path.Combine(baseDir, "config.json");
-        var root = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
+        // InternVLConfig.Load has read this file already; duplicate keys are refused rather than thrown from JsonObject.
+        JsonNode? parsed;
+        try { parsed = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
+        catch (JsonException e) { throw new CheckpointException($"{path}: invalid JSON: {e.Message}"); }
+        var root = parsed as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
         root["template"] = config.Template;
         if (dtype is { } d)
         {

@@ -16,7 +16,7 @@ internal static class CheckpointFiles
     public static JsonObject ReadState(string path)
     {
         JsonNode? node;
-        try { node = JsonNode.Parse(File.ReadAllText(path)); }
+        try { node = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw new VlmTuneException($"--resume: {path} is not valid JSON ({e.Message}); {Fix}."); }
         return node as JsonObject ?? throw new VlmTuneException($"--resume: {path} must hold a JSON object, not {Kind(node)}; {Fix}.");
     }
