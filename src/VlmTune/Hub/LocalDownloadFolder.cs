@@ -95,14 +95,22 @@ internal sealed class LocalDownloadFolder(string localDir)
     public (HubSource Source, HubRepoListing Listing)? ReadManifest()
     {
         if (!File.Exists(ManifestPath)) return null;
-        Manifest m;
-        try { m = JsonSerializer.Deserialize<Manifest>(File.ReadAllText(ManifestPath), ManifestJson)!; }
-        catch (JsonException e)
-        {
-            throw new HubDownloadException($"{ManifestPath} is damaged ({e.Message}); rerun without HF_HUB_OFFLINE to rewrite it.", e);
-        }
-        var files = m.Files.Select(f => new HubFile(f.Path, f.Size, f.Sha256, f.Etag)).ToList();
-        return (HubSourceNames.Parse(m.Source), new HubRepoListing(m.RepoId, m.Revision, m.Commit, files));
+        HubDownloadException Damaged(string why, Exception? inner = null) =>
+            new($"{ManifestPath} is damaged ({why}); rerun without HF_HUB_OFFLINE to rewrite it.", inner);
+        Manifest? m;
+        try { m = JsonSerializer.Deserialize<Manifest>(File.ReadAllText(ManifestPath), ManifestJson); }
+        catch (JsonException e) { throw Damaged(e.Message, e); }
+        // The deserializer leaves absent or null fields null whatever the record says.
+        if (m is null) throw Damaged("null instead of an object");
+        var missing = new[] { ("source", (object?)m.Source), ("repoId", m.RepoId), ("revision", m.Revision), ("commit", m.Commit), ("files", m.Files) }
+            .Where(f => f.Item2 is null).Select(f => f.Item1).ToList();
+        if (m.Files?.Any(f => f is null || f.Path is null) == true) missing.Add("files[].path");
+        if (missing.Count > 0) throw Damaged($"no {string.Join(", ", missing)}");
+        HubSource source;
+        try { source = HubSourceNames.Parse(m.Source); }
+        catch (VlmTuneException) { throw Damaged($"unknown source '{m.Source}'"); }
+        var files = m.Files!.Select(f => new HubFile(f.Path, f.Size, f.Sha256, f.Etag)).ToList();
+        return (source, new HubRepoListing(m.RepoId, m.Revision, m.Commit, files));
     }
 
     /// <summary>Writes beside the target and renames over it, so readers see the old or the new content, never half.</summary>

@@ -307,6 +307,22 @@ public sealed class HubDownloaderTests : IAsyncLifetime
     }
 
     [FixtureFact]
+    public async Task ADamagedManifestIsNamedInOfflineMode()
+    {
+        await Download(Options());
+        string manifest = Path.Combine(_dir, ".cache", "vlmtune", "download", ".manifest.json");
+        string good = File.ReadAllText(manifest);
+        // Fields missing or null: was "Value cannot be null. (Parameter 'source')".
+        foreach (var (damage, why) in new[] { ("\"files\": [", "\"files\": null, \"x\": ["), ("\"source\": \"hf\"", "\"source\": \"zz\"") })
+        {
+            File.WriteAllText(manifest, good.Replace(damage, why));
+            var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options() with { Offline = true }));
+            Assert.StartsWith($"{manifest} is damaged (", error.Message);
+            Assert.Contains("rerun without HF_HUB_OFFLINE", error.Message);
+        }
+    }
+
+    [FixtureFact]
     public async Task IncludeAndExcludePatternsPickTheFiles()
     {
         var options = Options() with { Include = ["*.json", "examples/"], Exclude = ["tokenizer*"] };
