@@ -183,6 +183,7 @@ public static class PeftAdapter
             throw new CheckpointException($"{weightsPath}: not found.{hint}");
         }
         using var file = SafetensorsFile.Open(weightsPath);
+        AdapterCheckpoint.RequireFinite(file);
         var attached = Attach(scope, config, dtype);
         try
         {
