@@ -48,7 +48,7 @@ public static class OogiriConverter
         var folder = Path.GetDirectoryName(inputFull)!;
         var outputFull = Path.GetFullPath(output);
         if (RealPath.SameFile(inputFull, outputFull) || RealPath.Of(inputFull) == RealPath.Of(outputFull))
-            throw new VlmTuneException($"--output {outputFull} is the input file {inputFull}{Via(outputFull)}; write the converted records to a new file.");
+            throw new VlmTuneException($"--output {outputFull} is the input file {inputFull}{Via(outputFull, inputFull)}; write the converted records to a new file.");
         if (Directory.Exists(outputFull)) throw new VlmTuneException($"--output {outputFull} is a folder; name a .json or .jsonl file.");
         var jsonLines = outputFull.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase);
         var outputDir = Path.GetDirectoryName(outputFull)!;
@@ -108,8 +108,9 @@ public static class OogiriConverter
         return new OogiriResult(read, kept, skipped);
     }
 
-    private static string Via(string output) =>
-        RealPath.Of(output) is var real && real != output ? $" (through {real})" : File.Exists(output) ? " (a hard link to it)" : "";
+    /// <summary>How an output path that differs from the input's reaches it: a symlink, or a hard link.</summary>
+    private static string Via(string output, string input) =>
+        output == input ? "" : RealPath.Of(output) is var real && real != output ? $" (through {real})" : " (a hard link to it)";
 
     /// <summary>
     /// Where images may come from: the dataset folder and its <c>images/</c> folder, each with its symlinks followed

@@ -5,11 +5,41 @@ using TorchSharp;
 namespace VlmTune.Training;
 
 /// <summary>
-/// Reading a checkpoint's own files on resume (<c>trainer_state.json</c>, <c>optimizer.bin</c>) with one clear line
-/// for a damaged or hand-edited file: which file, which field, what was expected, what to do.
+/// The trainer's files in its work dir: reading a checkpoint's own files on resume (<c>trainer_state.json</c>,
+/// <c>optimizer.bin</c>) with one clear line for a damaged or hand-edited file (which file, which field, what was
+/// expected, what to do), the temporaries of killed runs, and where the work dir may be.
 /// </summary>
 internal static class CheckpointFiles
 {
+    /// <summary>Checkpoint folders are written as <c>.iter_N.tmp-OWNER</c>; one being replaced is set aside as <c>.iter_N.old-OWNER</c>.</summary>
+    public const string TempMarker = ".tmp-", OldMarker = ".old-";
+
+    /// <summary>
+    /// Removes what killed runs left in the work dir: half-written checkpoint folders, a checkpoint set aside for its
+    /// replacement (only once the replacement is in place) and temporary files of the <c>last_checkpoint</c> pointer.
+    /// Only those of dead processes: another run may be saving into the same work dir.
+    /// </summary>
+    public static void RemoveStaleTemporaries(string workDir, Action<string> log)
+    {
+        static bool Iter(string name, string marker) => name.StartsWith(".iter_", StringComparison.Ordinal) && name.Contains(marker, StringComparison.Ordinal);
+        var removed = IO.OwnedTemporary.RemoveStale(workDir,
+            n => Iter(n, TempMarker) || n.StartsWith(Trainer.LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
+        removed.AddRange(IO.OwnedTemporary.RemoveStale(workDir,
+            n => Iter(n, OldMarker) && Directory.Exists(Path.Combine(workDir, n[1..n.IndexOf(OldMarker, StringComparison.Ordinal)]))));
+        foreach (var path in removed) log($"removed {path}, left by an interrupted run");
+    }
+
+    /// <summary>The work dir must be a folder outside the model folder (symlinks followed): checkpoints must not land in the model.</summary>
+    public static IEnumerable<string> WorkDirProblems(TrainConfig config)
+    {
+        string workDir = config.ResolvedWorkDir;
+        if (File.Exists(workDir))
+            yield return $"'work_dir': {Path.GetFullPath(workDir)} is a file{(config.Data.Any(d => IO.RealPath.SameFile(d, workDir)) ? " (a data file)" : "")}";
+        else if (Directory.Exists(config.Model) && IO.RealPath.IsSameOrInside(workDir, config.Model))
+            yield return $"'work_dir': {Path.GetFullPath(workDir)} is {(IO.RealPath.Of(workDir) == IO.RealPath.Of(config.Model) ? "" : "inside ")}" +
+                         $"the model folder {Path.GetFullPath(config.Model)}; write checkpoints elsewhere";
+    }
+
     private const string Fix = "the checkpoint is damaged; resume from an earlier iter_<n> (or start fresh without --resume)";
 
     /// <summary>trainer_state.json as a JSON object.</summary>

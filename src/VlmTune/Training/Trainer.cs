@@ -123,7 +123,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         Directory.CreateDirectory(WorkDir);
         _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
-        if (IsMaster) RemoveStaleTemporaries();
+        if (IsMaster) CheckpointFiles.RemoveStaleTemporaries(WorkDir, _log.Info);
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
         if (_env.IsDistributed)
         {
@@ -229,7 +229,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (!ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
-        problems.AddRange(WorkDirProblems());
+        problems.AddRange(CheckpointFiles.WorkDirProblems(Config));
         // TrainConfig.Parse refuses a cache over a trained ViT; a config built in code is checked here too.
         problems.AddRange(Config.Validate().Where(p => p.StartsWith("'cache_vision_features'", StringComparison.Ordinal)));
         if (Config.CacheVisionFeatures && File.Exists(Config.ResolvedVisionCacheDir))
@@ -678,7 +678,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _dp?.Heartbeat();
         var model = Model;
         string final = Path.Combine(WorkDir, $"iter_{_iteration}");
-        string temp = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointTempMarker}"));
+        string temp = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointFiles.TempMarker}"));
         if (_dp is not null) temp = _dp.Broadcast(temp);
         if (IsMaster) Directory.CreateDirectory(temp);
         _dp?.Barrier();
@@ -718,31 +718,6 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     }
 
     public static string OptimizerShardFile(int rank) => $"optimizer.rank{rank}.bin";
-
-    private const string CheckpointTempMarker = ".tmp-", CheckpointOldMarker = ".old-";
-
-    /// <summary>
-    /// What killed runs left in the work dir: half-written checkpoint folders, a checkpoint set aside for its
-    /// replacement (only once the replacement is in place) and temporary files of <see cref="LastCheckpointFile"/>.
-    /// Only those of dead processes: another run may be saving into the same work dir.
-    /// </summary>
-    private void RemoveStaleTemporaries()
-    {
-        static bool Iter(string name, string marker) => name.StartsWith(".iter_", StringComparison.Ordinal) && name.Contains(marker, StringComparison.Ordinal);
-        var removed = IO.OwnedTemporary.RemoveStale(WorkDir, n => Iter(n, CheckpointTempMarker) || n.StartsWith(LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
-        removed.AddRange(IO.OwnedTemporary.RemoveStale(WorkDir, n => Iter(n, CheckpointOldMarker)
-            && Directory.Exists(Path.Combine(WorkDir, n[1..n.IndexOf(CheckpointOldMarker, StringComparison.Ordinal)]))));
-        foreach (var path in removed) _log!.Info($"removed {path}, left by an interrupted run");
-    }
-
-    /// <summary>The work dir must be a folder outside the model folder (symlinks followed): checkpoints must not land in the model.</summary>
-    private IEnumerable<string> WorkDirProblems()
-    {
-        string workDir = Config.ResolvedWorkDir;
-        if (File.Exists(workDir)) yield return $"'work_dir': {Path.GetFullPath(workDir)} is a file{(Config.Data.Any(d => IO.RealPath.SameFile(d, workDir)) ? " (a data file)" : "")}";
-        else if (Directory.Exists(Config.Model) && IO.RealPath.IsSameOrInside(workDir, Config.Model))
-            yield return $"'work_dir': {Path.GetFullPath(workDir)} is {(IO.RealPath.Of(workDir) == IO.RealPath.Of(Config.Model) ? "" : "inside ")}the model folder {Path.GetFullPath(Config.Model)}; write checkpoints elsewhere";
-    }
 
     /// <summary>
     /// Name → fp32 value of every trained non-LoRA tensor. Under ZeRO-1 a master lives on its owner only, so each is
@@ -795,7 +770,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         string? old = null;
         if (Directory.Exists(final))
         {
-            old = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointOldMarker}"));
+            old = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointFiles.OldMarker}"));
             Directory.Move(final, old);
         }
         Directory.Move(temp, final);
@@ -859,12 +834,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             }
         if (_trainable.Any(t => !t.Name.Contains(".lora_")))
         {
-            if (!File.Exists(Path.Combine(dir, TrainableFile)))
+            if (File.Exists(Path.Combine(dir, TrainableFile)))
+                using (var trained = SafetensorsFile.Open(Path.Combine(dir, TrainableFile))) AdapterCheckpoint.RequireFinite(trained);
+            if (TrainedWeights.LoadIfPresent(model, dir) == 0)
                 throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
-            using (var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile))) AdapterCheckpoint.RequireFinite(file);
-            TrainedWeights.LoadIfPresent(model, dir);
-            using var trained = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
-            _masters!.Load(trained);
+            using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
+            _masters!.Load(file);
         }
         string optimizerFile = Path.Combine(dir, _zero is null ? OptimizerFile : OptimizerShardFile(Rank));
         if (!File.Exists(optimizerFile)) throw new VlmTuneException($"--resume: {dir} has no {Path.GetFileName(optimizerFile)} (an incomplete checkpoint?)");
