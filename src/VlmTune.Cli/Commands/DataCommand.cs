@@ -38,6 +38,13 @@ internal static class DataCommand
         };
         command.SetAction(parse => CliErrors.Run(() =>
         {
+            using var stop = StopSignals.Listen("removing the partial output");
+            return stop.Run(ct => Convert(parse, ct), $"nothing was written to {parse.GetValue(output)!.FullName}");
+        }));
+        return command;
+
+        int Convert(ParseResult parse, CancellationToken ct)
+        {
             var options = new OogiriOptions
             {
                 Types = parse.GetValue(types)!.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
@@ -47,21 +54,24 @@ internal static class DataCommand
             };
             var inputPath = parse.GetValue(input)!.FullName;
             var outputPath = parse.GetValue(output)!.FullName;
+            var reportPath = parse.GetValue(report)?.FullName;
+            foreach (var (flag, other) in new[] { ("--input", inputPath), ("--output", outputPath) })
+                if (reportPath is not null && (IO.RealPath.SameFile(reportPath, other) || IO.RealPath.Of(reportPath) == IO.RealPath.Of(other)))
+                    throw new VlmTuneException($"--report {reportPath} is the {flag} file {other}; name another file for the report.");
             var result = WithProgress($"converting {Path.GetFileName(inputPath)}",
-                progress => OogiriConverter.Convert(inputPath, outputPath, options, progress));
+                progress => OogiriConverter.Convert(inputPath, outputPath, options, progress, ct));
 
             Console.WriteLine($"read {result.Read} lines, kept {result.Kept}, skipped {result.Skipped.Count}");
             foreach (var reason in Enum.GetValues<OogiriSkipReason>())
                 Console.WriteLine($"  {ReasonName(reason),-14} {result.Count(reason)}");
             Console.WriteLine($"wrote {outputPath}");
-            if (parse.GetValue(report) is { } reportFile)
+            if (reportPath is not null)
             {
-                WriteReport(reportFile.FullName, inputPath, result);
-                Console.WriteLine($"skipped lines listed in {reportFile.FullName}");
+                WriteReport(reportPath, inputPath, result);
+                Console.WriteLine($"skipped lines listed in {reportPath}");
             }
             return 0;
-        }));
-        return command;
+        }
     }
 
     private static Command Validate()
@@ -156,9 +166,7 @@ internal static class DataCommand
         foreach (var skip in result.Skipped)
             text.Append(skip.Line.ToString(CultureInfo.InvariantCulture)).Append('\t').Append(ReasonName(skip.Reason)).Append('\t')
                 .Append(skip.Detail.ReplaceLineEndings(" ")).Append('\n');
-        var temp = path + $".tmp-{Environment.ProcessId}";
-        File.WriteAllText(temp, text.ToString(), new UTF8Encoding(false));
-        File.Move(temp, path, overwrite: true);
+        VlmTune.Checkpoints.AtomicFile.WriteAllText(path, text.ToString());   // UTF-8 without BOM
     }
 
     internal static string ReasonName(OogiriSkipReason reason) => reason switch
@@ -166,6 +174,7 @@ internal static class DataCommand
         OogiriSkipReason.Type => "type",
         OogiriSkipReason.MissingImage => "missing image",
         OogiriSkipReason.EmptyText => "empty text",
+        OogiriSkipReason.ImageOutside => "image outside",
         _ => "bad line",
     };
 

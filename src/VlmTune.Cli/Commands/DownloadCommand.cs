@@ -26,7 +26,15 @@ internal static class DownloadCommand
         {
             repoId, localDir, revision, token, endpoint, source, include, exclude, maxWorkers, offline,
         };
-        command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
+        command.SetAction(parse => CliErrors.Run(() =>
+        {
+            using var stop = StopSignals.Listen("closing the transfers (partial files stay and a rerun resumes them)");
+            return stop.Run(ct => Download(parse, ct).GetAwaiter().GetResult(),
+                $"partial files stay in {Path.GetFullPath(parse.GetValue(localDir)!)} and a rerun resumes them");
+        }));
+        return command;
+
+        async Task<int> Download(ParseResult parse, CancellationToken ct)
         {
             var options = new HubDownloadOptions
             {
@@ -47,8 +55,7 @@ internal static class DownloadCommand
                 $"{result.RepoId} ({result.Commit}): {result.Files.Count} files, {Size(result.TotalBytes)} in {result.LocalDir} " +
                 $"({result.DownloadedCount} downloaded, {upToDate} already up to date).");
             return 0;
-        }));
-        return command;
+        }
     }
 
     private static Task<HubDownloadResult> RunWithProgressAsync(HubDownloadOptions options, CancellationToken ct)

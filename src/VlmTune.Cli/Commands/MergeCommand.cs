@@ -23,7 +23,11 @@ internal static class MergeCommand
         {
             Base, Adapter, Out, DType, Force, NoVerify, MergeIntoNf4, MaxShardSize, Device,
         };
-        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, ct))));
+        command.SetAction(parse => CliErrors.Run(() =>
+        {
+            using var stop = StopSignals.Listen("finishing the current tensor, then removing the temporary folder");
+            return stop.Run(ct => Run(parse, ct), $"the temporary folder was removed; nothing was written to {Path.GetFullPath(parse.GetValue(Out)!)}");
+        }));
         return command;
     }
 

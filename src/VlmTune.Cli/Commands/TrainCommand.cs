@@ -1,5 +1,4 @@
 using System.CommandLine;
-using System.Runtime.InteropServices;
 using Spectre.Console;
 using VlmTune.Training;
 
@@ -27,11 +26,11 @@ internal static class TrainCommand
         {
             ConfigPath, Set, Resume, NprocPerNode, Zero,
         };
-        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Run(parse, ct)));
+        command.SetAction(parse => CliErrors.Run(() => Run(parse)));
         return command;
     }
 
-    private static Task<int> Run(ParseResult parse, CancellationToken ct)
+    private static int Run(ParseResult parse)
     {
         // Validate the whole config before anything heavy starts; every problem is listed.
         var overrides = (parse.GetValue(Set) ?? []).ToList();
@@ -45,36 +44,12 @@ internal static class TrainCommand
         if (nproc < 1) throw new VlmTune.VlmTuneException($"--nproc-per-node must be at least 1 (got {nproc})");
         bool isRank = Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } || Environment.GetEnvironmentVariable("SLURM_PROCID") is { Length: > 0 };
         if (nproc > 1 && !isRank)
-            return Task.FromResult(VlmTune.Distributed.Launcher.Run(nproc, Environment.GetCommandLineArgs()[1..], line => Console.Error.WriteLine(line)));
+            return VlmTune.Distributed.Launcher.Run(nproc, Environment.GetCommandLineArgs()[1..], line => Console.Error.WriteLine(line));
 
-        // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint; a second
-        // signal is left to its default action (terminate now).
-        var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        int signals = 0;
-        void OnSignal(PosixSignalContext context)
-        {
-            if (Interlocked.Increment(ref signals) > 1) return;
-            context.Cancel = true;
-            Console.Error.WriteLine("stopping: finishing the current iteration and saving a checkpoint (signal again to quit now)");
-            stop.Cancel();
-        }
-        var registrations = new[] { PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal), PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal) };
-
-        // Train on a foreground thread: should System.CommandLine return early on the signal, the process still stays
-        // alive until this thread has written its checkpoint.
-        var done = new TaskCompletionSource<int>();
-        var thread = new Thread(() =>
-        {
-            try { done.SetResult(Train(config, resume, stop.Token)); }
-            catch (Exception e) { done.SetException(e); }
-            finally
-            {
-                foreach (var r in registrations) r.Dispose();
-                stop.Dispose();
-            }
-        }) { IsBackground = false, Name = "vlmtune-train" };
-        thread.Start();
-        return done.Task;
+        // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint (exit code
+        // 130, as Launcher expects of its ranks); a second signal quits at once.
+        using var stop = StopSignals.Listen("finishing the current iteration and saving a checkpoint");
+        return Train(config, resume, stop.Token);
     }
 
     private static int NprocFromEnvironment()

@@ -98,6 +98,8 @@ public sealed class AdapterCheckpoint : IDisposable
                 problems.Add($"{dir}: no {PeftAdapter.ConfigFile}, {VisionAdapterDir}/ or {TrainedWeights.FileName} found; pass a PEFT LoRA adapter folder, an iter_<n> checkpoint of a training run, or its work dir");
             if (problems.Count > 0)
                 throw new CheckpointException($"{dir}: the adapter does not fit the base model:\n  " + string.Join("\n  ", problems));
+            // NaN weights would not fail loudly: the model would answer one token over and over (chat, serve, merge alike).
+            foreach (var file in loras.Select(l => l.Weights).Append(full).OfType<SafetensorsFile>()) RequireFinite(file);
         }
         catch
         {
@@ -106,6 +108,21 @@ public sealed class AdapterCheckpoint : IDisposable
             throw;
         }
         return new AdapterCheckpoint(Path.GetFullPath(dir), mode, loras, full);
+    }
+
+    /// <summary>Refuses a file of trained weights that holds NaN or infinite values, naming the file and its tensors.</summary>
+    public static void RequireFinite(SafetensorsFile file)
+    {
+        if (NonFiniteProblem(file) is { } problem) throw new CheckpointException(problem + ".");
+    }
+
+    private static string? NonFiniteProblem(SafetensorsFile file)
+    {
+        var bad = file.NonFiniteTensors();
+        if (bad.Count == 0) return null;
+        string names = string.Join(", ", bad.Take(4).Select(n => $"'{n}'")) + (bad.Count > 4 ? $" and {bad.Count - 4} more" : "");
+        return $"{file.Path}: tensor{(bad.Count == 1 ? "" : "s")} {names} hold{(bad.Count == 1 ? "s" : "")} NaN or infinite values " +
+               "(saved from a diverged run?); these weights cannot be used, take an earlier checkpoint";
     }
 
     /// <summary>A training work dir stands for its latest complete checkpoint.</summary>

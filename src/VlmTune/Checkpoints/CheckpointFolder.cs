@@ -49,7 +49,9 @@ public sealed class CheckpointFolder : ITensorSource, IDisposable
             using var doc = JsonDocument.Parse(File.ReadAllText(indexPath));
             if (!doc.RootElement.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
                 throw new CheckpointException($"{indexPath}: no \"weight_map\" object.");
-            weightMap = map.EnumerateObject().ToDictionary(p => p.Name, p => p.Value.GetString() ?? "");
+            weightMap = map.EnumerateObject().ToDictionary(p => p.Name, p => p.Value.ValueKind == JsonValueKind.String
+                ? p.Value.GetString()!
+                : throw new CheckpointException($"{indexPath}: weight_map[\"{p.Name}\"] must be a file name (a string), not {p.Value.GetRawText()}."));
         }
         catch (JsonException e) { throw new CheckpointException($"{indexPath}: invalid JSON: {e.Message}"); }
 

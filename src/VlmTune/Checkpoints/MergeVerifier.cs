@@ -40,7 +40,8 @@ public static class MergeVerifier
     public const string Question = "Describe this image in one sentence.";
     private const ulong ImageSeed = 20240607;
 
-    public static MergeVerifyResult Verify(string baseDir, string adapterDir, string mergedDir, AdapterApplyOptions apply, MergeVerifyOptions options)
+    public static MergeVerifyResult Verify(string baseDir, string adapterDir, string mergedDir, AdapterApplyOptions apply, MergeVerifyOptions options,
+        CancellationToken cancel = default)
     {
         var device = InternVLChat.ParseDevice(options.Device);
         var dtype = options.DType ?? ModelOptions.DefaultDType(device);
@@ -58,6 +59,7 @@ public static class MergeVerifier
             AdapterLoader.Apply(reference, adapterDir, apply);
             expected = Logits(reference, prompt.InputIds, pixels, tokenizer.ImgContextId);
         }
+        cancel.ThrowIfCancellationRequested();   // between the two loads: a stop request need not wait for the second
         Tensor actual;
         using (var merged = InternVLModelLoader.Load(mergedDir, modelOptions))
             actual = Logits(merged, prompt.InputIds, pixels, tokenizer.ImgContextId);

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using TorchSharp;
+using VlmTune.IO;
 using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Training;
@@ -46,8 +47,8 @@ public sealed record MergeResult
 /// <c>vlmtune merge</c>: base model folder + adapter → a model folder in the official InternVL2 layout. Tensors are
 /// streamed one at a time (never the whole model in memory): each LoRA branch is folded in as PEFT's merge_and_unload
 /// does (W + (B·A)·alpha/r in fp32, rounded once to the output dtype), trained full weights replace the base ones, the
-/// rest is copied. Everything is written into a temporary sibling folder, verified, and renamed at the end.
-/// See docs/merge.md.
+/// rest is copied. Everything is written into a temporary sibling folder, verified, and renamed at the end; the
+/// temporaries a killed merge left are removed when the next one starts. See docs/merge.md.
 /// </summary>
 public static class ModelMerger
 {
@@ -65,6 +66,8 @@ public static class ModelMerger
         var log = options.Log ?? (_ => { });
         string baseDir = FullPath(options.BaseDir), outDir = FullPath(options.OutDir), adapterDir = FullPath(options.AdapterDir);
         CheckPaths(baseDir, adapterDir, outDir, options);
+        string parent = Path.GetDirectoryName(outDir)!, outName = Path.GetFileName(outDir);
+        RemoveStaleTemporaries(parent, outName, log);
 
         var config = InternVLConfig.Load(baseDir);                     // validates the base config before any work
         using var checkpoint = CheckpointFolder.Open(baseDir);
@@ -94,7 +97,7 @@ public static class ModelMerger
         var layout = order.Select(n => new SafetensorsLayout(n, OutputDType(checkpoint.Entry(n).DType, options.DType), shapes[n])).ToList();
         var shards = PlanShards(layout, options.MaxShardBytes);
 
-        string temp = Path.Combine(Path.GetDirectoryName(outDir)!, $".{Path.GetFileName(outDir)}.merge-tmp-{Guid.NewGuid():N}");
+        string temp = OwnedTemporary.Name(Path.Combine(parent, $".{outName}{TempMarker}"));
         Directory.CreateDirectory(temp);
         try
         {
@@ -107,7 +110,10 @@ public static class ModelMerger
                 return t;
             }
             foreach (var (file, entries) in shards)
+            {
                 SafetensorsWriter.WriteStreaming(Path.Combine(temp, file), entries, i => Produce(entries[i]), disposeProduced: true);
+                Diagnostics.TestPause.At("merge-shard", cancel);
+            }
             if (shards.Count > 1) WriteIndex(temp, shards);
             WriteConfig(baseDir, temp, config, options.DType);
             var tokenizerConfig = TokenizerConfigWithChatTemplate(baseDir, config, log);
@@ -126,7 +132,7 @@ public static class ModelMerger
             if (options.Verify is { } v)
             {
                 cancel.ThrowIfCancellationRequested();
-                verify = MergeVerifier.Verify(baseDir, adapterDir, temp, new AdapterApplyOptions { Nf4Base = options.MergeIntoNf4 }, v);
+                verify = MergeVerifier.Verify(baseDir, adapterDir, temp, new AdapterApplyOptions { Nf4Base = options.MergeIntoNf4 }, v, cancel);
                 log($"verify: {verify}");
                 if (!verify.Passed)
                     throw new VlmTuneException($"verification failed: {verify}; the merged model does not reproduce base + adapter. Nothing was written to {outDir}.");
@@ -139,6 +145,11 @@ public static class ModelMerger
                 Shards = shards.Select(s => s.File).ToList(), TotalBytes = total, Verify = verify,
             };
         }
+        catch (Exception e) when (DiskFull.Is(e))
+        {
+            TryDelete(temp);
+            throw DiskFull.Error("the merged model", parent, $"nothing was written to {outDir}", e);
+        }
         catch
         {
             TryDelete(temp);
@@ -146,10 +157,21 @@ public static class ModelMerger
         }
     }
 
-    private static string FullPath(string path) => Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
+    private const string TempMarker = ".merge-tmp-", OldMarker = ".merge-old-";
 
-    private static bool IsUnder(string path, string folder) =>
-        path == folder || path.StartsWith(folder + Path.DirectorySeparatorChar, StringComparison.Ordinal);
+    /// <summary>
+    /// Removes what killed merges into <paramref name="outName"/> left: temporary folders (a whole model each), and a
+    /// replaced output whose deletion was cut short — only when the new output is in place (else it is the only copy).
+    /// </summary>
+    private static void RemoveStaleTemporaries(string parent, string outName, Action<string> log)
+    {
+        var removed = OwnedTemporary.RemoveStale(parent, n => n.StartsWith($".{outName}{TempMarker}", StringComparison.Ordinal)).ToList();
+        if (Directory.Exists(Path.Combine(parent, outName)))
+            removed.AddRange(OwnedTemporary.RemoveStale(parent, n => n.StartsWith($".{outName}{OldMarker}", StringComparison.Ordinal)));
+        foreach (var path in removed) log($"removed {path}, left by an interrupted merge");
+    }
+
+    private static string FullPath(string path) => Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
 
     /// <summary>All path problems at once, before anything is read or written.</summary>
     private static void CheckPaths(string baseDir, string adapterDir, string outDir, MergeOptions options)
@@ -158,9 +180,15 @@ public static class ModelMerger
         if (!Directory.Exists(baseDir)) problems.Add($"--base {baseDir}: folder not found");
         else if (!File.Exists(Path.Combine(baseDir, "config.json"))) problems.Add($"--base {baseDir}: no config.json (not an InternVL2 model folder)");
         if (!Directory.Exists(adapterDir)) problems.Add($"--adapter {adapterDir}: folder not found");
-        if (outDir == baseDir) problems.Add($"--out is the base model folder {baseDir}; write the merged model to a new folder");
-        else if (IsUnder(baseDir, outDir)) problems.Add($"--out {outDir} contains the base model folder {baseDir}; replacing it would delete the base");
-        if (outDir != baseDir && IsUnder(adapterDir, outDir)) problems.Add($"--out {outDir} contains the adapter folder {adapterDir}; replacing it would delete the adapter");
+        // Compared as the folders they are (symlinks followed), never as the strings given.
+        foreach (var (flag, what, input) in new[] { ("--base", "base model", baseDir), ("--adapter", "adapter", adapterDir) })
+        {
+            string real = RealPath.Of(input), realOut = RealPath.Of(outDir);
+            string shown = real == input ? input : $"{input} (that is {real})";
+            if (real == realOut) problems.Add($"--out is the {what} folder {shown}; write the merged model to a new folder");
+            else if (RealPath.IsSameOrInsideResolved(real, realOut)) problems.Add($"--out {outDir} contains the {what} folder {shown}; replacing it would delete the {what}");
+            else if (RealPath.IsSameOrInsideResolved(realOut, real)) problems.Add($"--out {outDir} is inside the {what} folder {shown}; write the merged model outside it");
+        }
         if (File.Exists(outDir)) problems.Add($"--out {outDir} is a file");
         else if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any() && !options.Force)
             problems.Add($"--out {outDir} is not empty; pass --force to replace it");
@@ -246,7 +274,11 @@ public static class ModelMerger
     private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype)
     {
         string path = Path.Combine(baseDir, "config.json");
-        var root = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
+        // InternVLConfig.Load has read this file already; duplicate keys are refused rather than thrown from JsonObject.
+        JsonNode? parsed;
+        try { parsed = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
+        catch (JsonException e) { throw new CheckpointException($"{path}: invalid JSON: {e.Message}"); }
+        var root = parsed as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
         root["template"] = config.Template;
         if (dtype is { } d)
         {
@@ -303,7 +335,7 @@ public static class ModelMerger
     private static void Publish(string temp, string outDir)
     {
         if (!Directory.Exists(outDir)) { Directory.Move(temp, outDir); return; }
-        string old = Path.Combine(Path.GetDirectoryName(outDir)!, $".{Path.GetFileName(outDir)}.merge-old-{Guid.NewGuid():N}");
+        string old = OwnedTemporary.Name(Path.Combine(Path.GetDirectoryName(outDir)!, $".{Path.GetFileName(outDir)}{OldMarker}"));
         Directory.Move(outDir, old);
         try { Directory.Move(temp, outDir); }
         catch

@@ -42,7 +42,8 @@ public sealed record PeftAdapterConfig
     {
         if (!File.Exists(path)) throw new CheckpointException($"{path}: adapter config not found.");
         JsonNode? root;
-        try { root = JsonNode.Parse(File.ReadAllText(path)); }
+        // Duplicate keys are an error here, not an ArgumentException when the object is first read.
+        try { root = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw new CheckpointException($"{path}: invalid JSON: {e.Message}"); }
         if (root is not JsonObject o) throw new CheckpointException($"{path}: expected a JSON object.");
 
@@ -65,8 +66,12 @@ public sealed record PeftAdapterConfig
             if (o[key] is JsonObject p && p.Count > 0) problems.Add($"{key} is not empty; per-module ranks/alphas are not supported");
         if (o["modules_to_save"] is JsonArray m && m.Count > 0) problems.Add("modules_to_save is not empty; such adapters carry full modules, which VlmTune does not load");
 
-        int r = (int)Num("r", 8);
-        if (r <= 0) problems.Add($"r must be positive (got {r})");
+        double rValue = Num("r", 8);
+        int r = rValue == Math.Floor(rValue) && rValue is >= 1 and <= int.MaxValue ? (int)rValue : 0;
+        if (r == 0 && o["r"] is JsonValue { } given && given.GetValueKind() == JsonValueKind.Number) problems.Add($"r must be a positive integer (got {given.ToJsonString()})");
+        // Read before the check below: a wrong type here is a problem to report, not a value to drop.
+        double alpha = Num("lora_alpha", 8), dropout = Num("lora_dropout", 0);
+        if (dropout is < 0 or >= 1) problems.Add($"lora_dropout must be in [0, 1) (got {dropout})");
         var targets = new List<string>();
         string? pattern = null;
         switch (o["target_modules"])
@@ -78,14 +83,16 @@ public sealed record PeftAdapterConfig
                 break;
             case JsonValue v when v.TryGetValue<string>(out var s):
                 pattern = s; break;
-            default:
+            case null:
                 problems.Add("target_modules is missing (a list of module names or a regex)"); break;
+            default:
+                problems.Add($"target_modules must be a list of module names or a regex string, not {o["target_modules"]!.ToJsonString()}"); break;
         }
         if (problems.Count > 0)
             throw new CheckpointException($"{path}: unsupported adapter:\n  " + string.Join("\n  ", problems));
         return new PeftAdapterConfig
         {
-            R = r, LoraAlpha = Num("lora_alpha", 8), LoraDropout = Num("lora_dropout", 0),
+            R = r, LoraAlpha = alpha, LoraDropout = dropout,
             TargetModules = targets, TargetModulesPattern = pattern,
             BaseModelNameOrPath = Str("base_model_name_or_path"), TaskType = Str("task_type"),
         };
@@ -176,6 +183,7 @@ public static class PeftAdapter
             throw new CheckpointException($"{weightsPath}: not found.{hint}");
         }
         using var file = SafetensorsFile.Open(weightsPath);
+        AdapterCheckpoint.RequireFinite(file);
         var attached = Attach(scope, config, dtype);
         try
         {
@@ -232,7 +240,7 @@ public static class AtomicFile
 {
     public static void WriteAllText(string path, string text)
     {
-        string temp = path + $".tmp-{Environment.ProcessId}-{Guid.NewGuid():N}";
+        string temp = IO.OwnedTemporary.Beside(path);
         try
         {
             File.WriteAllText(temp, text);

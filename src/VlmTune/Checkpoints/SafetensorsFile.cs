@@ -168,6 +168,18 @@ public sealed class SafetensorsFile : ITensorSource, IDisposable
 
     public bool Contains(string name) => Entries.ContainsKey(name);
 
+    /// <summary>Names of the floating-point tensors that hold NaN or infinity, in file order (read one at a time).</summary>
+    public IReadOnlyList<string> NonFiniteTensors()
+    {
+        var bad = new List<string>();
+        foreach (var e in Entries.Values.Where(e => e.DType is "F64" or "F32" or "F16" or "BF16").OrderBy(e => e.Begin))
+        {
+            using var scope = NewDisposeScope();
+            if (!Read(e.Name).isfinite().all().item<bool>()) bad.Add(e.Name);
+        }
+        return bad;
+    }
+
     string ITensorSource.Location => Path;
     IEnumerable<string> ITensorSource.Names => Entries.Keys;
     SafetensorsEntry ITensorSource.Entry(string name) => Entries[name];

@@ -31,7 +31,7 @@ public static class SafetensorsWriter
     {
         var header = Header(layout, metadata);
         string full = System.IO.Path.GetFullPath(path);
-        string temp = full + $".tmp-{Environment.ProcessId}-{Guid.NewGuid():N}";
+        string temp = IO.OwnedTemporary.Beside(full);
         try
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))

@@ -17,16 +17,20 @@ internal static class JsonRecords
 {
     private static readonly JsonDocumentOptions DocumentOptions = new() { MaxDepth = 256 };
 
-    /// <summary>Each non-blank line of a JSONL file. A malformed line gives an error record and reading goes on.</summary>
+    /// <summary>
+    /// Each non-blank line of a JSONL file. A malformed line gives an error record and reading goes on; so does a line
+    /// that is not UTF-8 (read with replacement characters it would be trained on as text).
+    /// </summary>
     public static IEnumerable<RawRecord> ReadLines(string file, bool parse = true)
     {
-        using var reader = new StreamReader(file, Encoding.UTF8, detectEncodingFromByteOrderMarks: true, bufferSize: 1 << 16);
-        long line = 0, index = 0;
-        while (reader.ReadLine() is { } text)
+        using var stream = new FileStream(file, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1);
+        var reader = new Utf8LineReader(stream, file);
+        long index = 0;
+        while (reader.Next() is var (line, text, badByte))
         {
-            line++;
-            if (string.IsNullOrWhiteSpace(text)) continue;
-            if (!parse) { yield return new RawRecord(line, index++, null, null); continue; }
+            if (text is not null && string.IsNullOrWhiteSpace(text)) continue;
+            if (!parse) { yield return new RawRecord(line, index++, null, null); continue; }   // a record all the same
+            if (text is null) { yield return new RawRecord(line, index++, null, Utf8LineReader.Problem(badByte)); continue; }
             JsonDocument? doc = null;
             string? error = null;
             try { doc = JsonDocument.Parse(text, DocumentOptions); }

@@ -1,13 +1,14 @@
 using System.Text;
 using System.Text.Encodings.Web;
 using System.Text.Json;
+using VlmTune.IO;
 using VlmTune.Text;
 using VlmTune.Vision;
 
 namespace VlmTune.Data;
 
 /// <summary>Why a line of the raw Oogiri-GO file was left out.</summary>
-public enum OogiriSkipReason { BadLine, Type, MissingImage, EmptyText }
+public enum OogiriSkipReason { BadLine, Type, MissingImage, EmptyText, ImageOutside }
 
 public sealed record OogiriSkip(long Line, OogiriSkipReason Reason, string Detail);
 
@@ -31,52 +32,73 @@ public sealed record OogiriResult(long Read, long Kept, IReadOnlyList<OogiriSkip
 /// <summary>
 /// Converts CLoT's Oogiri-GO jsonl (<c>{"type", "question", "image", "text", "star"}</c> per line, images at
 /// <c>images/&lt;image&gt;.jpg</c> beside it) into InternVL single-image chat records with the image's width and
-/// height. Nothing is dropped silently: every skipped line is counted by reason and listed with its line number.
+/// height. Nothing is dropped silently: every skipped line is counted by reason and listed with its line number (a line
+/// that is not valid UTF-8 too, rather than read with replacement characters). The input is never written: an output
+/// that is the input under another name, a symlink or a hard link is refused. The output appears complete or not at
+/// all (a temporary sibling renamed at the end); temporaries of killed conversions are removed when the next starts.
 /// </summary>
 public static class OogiriConverter
 {
-    public static OogiriResult Convert(string input, string output, OogiriOptions? options = null, IProgress<double>? progress = null)
+    public static OogiriResult Convert(string input, string output, OogiriOptions? options = null, IProgress<double>? progress = null,
+        CancellationToken cancel = default)
     {
         options ??= new OogiriOptions();
         var inputFull = Path.GetFullPath(input);
         if (!File.Exists(inputFull)) throw new VlmTuneException($"input file not found: {inputFull}");
         var folder = Path.GetDirectoryName(inputFull)!;
         var outputFull = Path.GetFullPath(output);
+        if (RealPath.SameFile(inputFull, outputFull) || RealPath.Of(inputFull) == RealPath.Of(outputFull))
+            throw new VlmTuneException($"--output {outputFull} is the input file {inputFull}{Via(outputFull, inputFull)}; write the converted records to a new file.");
+        if (Directory.Exists(outputFull)) throw new VlmTuneException($"--output {outputFull} is a folder; name a .json or .jsonl file.");
         var jsonLines = outputFull.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase);
-        Directory.CreateDirectory(Path.GetDirectoryName(outputFull)!);
+        var outputDir = Path.GetDirectoryName(outputFull)!;
+        Directory.CreateDirectory(outputDir);
+        OwnedTemporary.RemoveStale(outputDir, n => n.StartsWith(Path.GetFileName(outputFull) + ".tmp-", StringComparison.Ordinal));
+        var images = new ImageFolder(folder);
 
         var skipped = new List<OogiriSkip>();
         long read = 0, kept = 0;
-        var temp = outputFull + $".tmp-{Environment.ProcessId}";
+        var temp = OwnedTemporary.Beside(outputFull);
         try
         {
             using (var inputStream = new FileStream(inputFull, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16))
-            using (var reader = new StreamReader(inputStream, Encoding.UTF8, true, 1 << 16))
-            using (var outputStream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 16))
+            using (var outputStream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 16))
             {
+                var lines = new Utf8LineReader(inputStream, inputFull);
                 var writer = new RecordWriter(outputStream, jsonLines);
-                long lineNumber = 0;
                 var lastReport = 0L;
-                while (reader.ReadLine() is { } line)
+                while (lines.Next() is var (lineNumber, line, badUtf8))
                 {
-                    lineNumber++;
-                    if (string.IsNullOrWhiteSpace(line)) continue;
+                    cancel.ThrowIfCancellationRequested();
+                    if (line is not null && string.IsNullOrWhiteSpace(line)) continue;
                     read++;
                     if (progress is not null && inputStream.Position - lastReport > 1 << 20)
                     {
                         lastReport = inputStream.Position;
                         progress.Report((double)inputStream.Position / Math.Max(1, inputStream.Length));
                     }
-                    var skip = ConvertLine(line, lineNumber, folder, options, writer, kept);
-                    if (skip is null) { kept++; continue; }
+                    var skip = line is null
+                        ? new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, Utf8LineReader.Problem(badUtf8))
+                        : ConvertLine(line, lineNumber, images, options, writer, kept);
+                    if (skip is null)
+                    {
+                        kept++;
+                        if (kept == 1) Diagnostics.TestPause.At("convert-record", cancel);
+                        continue;
+                    }
                     if (skip.Reason == OogiriSkipReason.BadLine && options.Strict)
                         throw new VlmTuneException($"{inputFull}:{lineNumber}: {skip.Detail} (--strict stops at malformed lines; without it they are skipped and reported)");
                     skipped.Add(skip);
                 }
+                cancel.ThrowIfCancellationRequested();
                 writer.Finish();
                 outputStream.Flush(flushToDisk: true);
             }
             File.Move(temp, outputFull, overwrite: true);
+        }
+        catch (Exception e) when (DiskFull.Is(e))
+        {
+            throw DiskFull.Error(Path.GetFileName(outputFull), outputDir, $"{outputFull} was not written", e);
         }
         finally
         {
@@ -86,8 +108,29 @@ public static class OogiriConverter
         return new OogiriResult(read, kept, skipped);
     }
 
+    /// <summary>How an output path that differs from the input's reaches it: a symlink, or a hard link.</summary>
+    private static string Via(string output, string input) =>
+        output == input ? "" : RealPath.Of(output) is var real && real != output ? $" (through {real})" : " (a hard link to it)";
+
+    /// <summary>
+    /// Where images may come from: the dataset folder and its <c>images/</c> folder, each with its symlinks followed
+    /// (so <c>images/</c> may link to another disk); an image that is a symlink to elsewhere is left out.
+    /// </summary>
+    private sealed class ImageFolder(string folder)
+    {
+        private readonly string _realFolder = RealPath.Of(folder), _realImages = RealPath.Of(Path.Combine(folder, "images"));
+
+        public string Folder { get; } = folder;
+
+        public bool Contains(string path, out string real)
+        {
+            real = RealPath.Of(path);
+            return RealPath.IsSameOrInsideResolved(real, _realFolder) || RealPath.IsSameOrInsideResolved(real, _realImages);
+        }
+    }
+
     /// <summary>Writes the record for one line, or says why the line is skipped.</summary>
-    private static OogiriSkip? ConvertLine(string line, long lineNumber, string folder, OogiriOptions options, RecordWriter writer, long id)
+    private static OogiriSkip? ConvertLine(string line, long lineNumber, ImageFolder folder, OogiriOptions options, RecordWriter writer, long id)
     {
         JsonDocument doc;
         try { doc = JsonDocument.Parse(line); }
@@ -105,7 +148,7 @@ public static class OogiriConverter
         }
     }
 
-    private static OogiriSkip? ConvertRecord(JsonElement root, long lineNumber, string folder, OogiriOptions options, RecordWriter writer, long id)
+    private static OogiriSkip? ConvertRecord(JsonElement root, long lineNumber, ImageFolder images, OogiriOptions options, RecordWriter writer, long id)
     {
         if (root.ValueKind != JsonValueKind.Object) return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, "not a JSON object");
         var type = root.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String ? t.GetString()! : null;
@@ -121,8 +164,10 @@ public static class OogiriConverter
         if (string.IsNullOrEmpty(stem) || stem.Contains('/') || stem.Contains('\\') || stem.Contains(".."))
             return new OogiriSkip(lineNumber, OogiriSkipReason.BadLine, stem is null ? "no 'image' name" : $"image name '{stem}' is not a plain file name");
         var relative = $"images/{stem}.jpg";
-        var imagePath = Path.Combine(folder, "images", stem + ".jpg");
+        var imagePath = Path.Combine(images.Folder, "images", stem + ".jpg");
         if (!File.Exists(imagePath)) return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} not found");
+        if (!images.Contains(imagePath, out var real))
+            return new OogiriSkip(lineNumber, OogiriSkipReason.ImageOutside, $"{relative} is a symlink to {real}, outside the dataset folder");
         ImageInfo size;
         try { size = ImageDecoder.ReadInfo(imagePath); }
         catch (ImageException e) { return new OogiriSkip(lineNumber, OogiriSkipReason.MissingImage, $"{relative} has no readable image header: {e.Message}"); }

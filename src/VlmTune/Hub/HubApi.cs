@@ -66,7 +66,8 @@ internal sealed class HuggingFaceApi(HubSettings settings) : HubApi(settings)
 
     public override HubRepoListing ParseListing(JsonElement root)
     {
-        var commit = OptionalString(root, "sha") ?? Settings.Revision;
+        var sha = OptionalString(root, "sha");
+        var commit = sha is null ? Settings.Revision : HubPaths.ValidateGitId(Settings.RepoId, "the commit", sha);
         if (!root.TryGetProperty("siblings", out var siblings) || siblings.ValueKind != JsonValueKind.Array)
             throw new InvalidOperationException("no 'siblings' array");
         var files = new List<HubFile>();
@@ -79,8 +80,9 @@ internal sealed class HuggingFaceApi(HubSettings settings) : HubApi(settings)
             if (sha256 is not null && !HubPaths.IsSha256(sha256))
                 throw new InvalidOperationException($"'{path}' has an lfs.sha256 that is not 64 hex digits");
             var size = OptionalLong(s, "size") ?? OptionalLong(lfs, "size");
-            // The etag of an LFS file is its sha256; of a regular file, its git blob id.
-            files.Add(new HubFile(path, size, sha256, sha256 ?? OptionalString(s, "blobId")));
+            // The etag of an LFS file is its sha256; of a regular file, its git blob id (it names the partial file: checked).
+            var blobId = OptionalString(s, "blobId") is { } id ? HubPaths.ValidateGitId(Settings.RepoId, $"a blobId for '{path}'", id) : null;
+            files.Add(new HubFile(path, size, sha256, sha256 ?? blobId));
         }
         return new HubRepoListing(Settings.RepoId, Settings.Revision, commit, files);
     }

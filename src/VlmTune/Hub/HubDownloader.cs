@@ -33,6 +33,7 @@ public static class HubDownloader
         var fullListing = await http.WithRetriesAsync($"Listing the files of {settings.RepoId}", c => api.ListAsync(http, c), null, ct);
         var listing = Select(settings, fullListing);
         Directory.CreateDirectory(settings.LocalDir);
+        folder.RemoveStaleTemporaries();
         folder.WriteManifest(settings, fullListing);
         foreach (var f in listing.Files) progress?.Report(new HubDownloadProgress(f.Path, HubFileStatus.Queued, 0, f.Size));
 
@@ -45,6 +46,12 @@ public static class HubDownloader
             try
             {
                 results[i] = await DownloadFileAsync(http, api, folder, listing, file, progress, c);
+            }
+            catch (Exception e) when (IO.DiskFull.Is(e))
+            {
+                // Other files would fail the same way: stop them all.
+                throw new HubDownloadException(IO.DiskFull.Error(file.Path, settings.LocalDir,
+                    "the partial download stays and a rerun resumes it", e).Message, e);
             }
             catch (HubDownloadException e)
             {

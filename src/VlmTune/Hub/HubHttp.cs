@@ -10,7 +10,7 @@ internal enum HubRequestKind { Listing, File }
 /// What the hub itself (not the storage it redirects to) says about a file, as huggingface_hub reads it:
 /// <c>X-Linked-Etag</c> (else <c>ETag</c>; for LFS files the sha256), <c>X-Linked-Size</c>, <c>X-Repo-Commit</c>.
 /// </summary>
-internal sealed record HubFileHeaders(string? Etag, long? Size, string? Commit)
+internal sealed record HubFileHeaders(string? Etag, long? Size, string? Commit, bool EtagIsLinked = false)
 {
     /// <summary>The sha256 the etag carries, if it is one (git blob ids of regular files are 40 hex digits).</summary>
     public string? Sha256 => HubPaths.IsSha256(Etag) ? Etag : null;
@@ -170,10 +170,13 @@ internal sealed class HubHttp : IDisposable
 
     private static HubFileHeaders Merge(HubFileHeaders known, HttpResponseMessage response)
     {
-        var etag = Header(response, "X-Linked-Etag") ?? response.Headers.ETag?.Tag;
+        // X-Linked-Etag is the hub's word on the file's content. A plain ETag, even from storage on the hub's own
+        // origin, names only the bytes that server holds: it fills in when nothing linked is known, never overrides.
+        var linked = NormalizeEtag(Header(response, "X-Linked-Etag"));
+        var etag = linked ?? (known.EtagIsLinked ? known.Etag : NormalizeEtag(response.Headers.ETag?.Tag) ?? known.Etag);
         var size = long.TryParse(Header(response, "X-Linked-Size"), out var s) ? s : (long?)null;
-        return new HubFileHeaders(
-            NormalizeEtag(etag) ?? known.Etag, size ?? known.Size, Header(response, "X-Repo-Commit") ?? known.Commit);
+        return new HubFileHeaders(etag, size ?? known.Size, Header(response, "X-Repo-Commit") ?? known.Commit,
+            linked is not null || known.EtagIsLinked);
     }
 
     /// <summary>Strips the weak marker and quotes, as huggingface_hub's <c>_normalize_etag</c> does.</summary>

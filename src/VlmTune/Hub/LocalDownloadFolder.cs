@@ -21,10 +21,13 @@ internal sealed class LocalDownloadFolder(string localDir)
 
     public FilePaths PathsFor(HubFile file)
     {
-        var native = file.Path.Replace('/', Path.DirectorySeparatorChar);
+        // Listings are checked when parsed; this is where names meet paths, so a saved manifest is checked too.
+        var native = HubPaths.ValidateRelative(LocalDir, file.Path).Replace('/', Path.DirectorySeparatorChar);
         var book = Path.Combine(Root, native);
         // The etag in the partial's name keeps bytes of an older version of the file from being resumed.
         var etag = file.Etag is { Length: > 0 } e ? e : "unknown";
+        if (!HubPaths.IsGitId(etag) && etag != "unknown")
+            throw new HubDownloadException($"The etag '{HubPaths.Printable(etag)}' of {file.Path} is not a git object id or sha256; refusing to name a file after it.");
         return new FilePaths(Path.Combine(LocalDir, native), book + ".lock", book + ".metadata", $"{book}.{etag}.incomplete");
     }
 
@@ -92,24 +95,44 @@ internal sealed class LocalDownloadFolder(string localDir)
     public (HubSource Source, HubRepoListing Listing)? ReadManifest()
     {
         if (!File.Exists(ManifestPath)) return null;
-        Manifest m;
-        try { m = JsonSerializer.Deserialize<Manifest>(File.ReadAllText(ManifestPath), ManifestJson)!; }
-        catch (JsonException e)
-        {
-            throw new HubDownloadException($"{ManifestPath} is damaged ({e.Message}); rerun without HF_HUB_OFFLINE to rewrite it.", e);
-        }
-        var files = m.Files.Select(f => new HubFile(f.Path, f.Size, f.Sha256, f.Etag)).ToList();
-        return (HubSourceNames.Parse(m.Source), new HubRepoListing(m.RepoId, m.Revision, m.Commit, files));
+        HubDownloadException Damaged(string why, Exception? inner = null) =>
+            new($"{ManifestPath} is damaged ({why}); rerun without HF_HUB_OFFLINE to rewrite it.", inner);
+        Manifest? m;
+        try { m = JsonSerializer.Deserialize<Manifest>(File.ReadAllText(ManifestPath), ManifestJson); }
+        catch (JsonException e) { throw Damaged(e.Message, e); }
+        // The deserializer leaves absent or null fields null whatever the record says.
+        if (m is null) throw Damaged("null instead of an object");
+        var missing = new[] { ("source", (object?)m.Source), ("repoId", m.RepoId), ("revision", m.Revision), ("commit", m.Commit), ("files", m.Files) }
+            .Where(f => f.Item2 is null).Select(f => f.Item1).ToList();
+        if (m.Files?.Any(f => f is null || f.Path is null) == true) missing.Add("files[].path");
+        if (missing.Count > 0) throw Damaged($"no {string.Join(", ", missing)}");
+        HubSource source;
+        try { source = HubSourceNames.Parse(m.Source); }
+        catch (VlmTuneException) { throw Damaged($"unknown source '{m.Source}'"); }
+        var files = m.Files!.Select(f => new HubFile(f.Path, f.Size, f.Sha256, f.Etag)).ToList();
+        return (source, new HubRepoListing(m.RepoId, m.Revision, m.Commit, files));
     }
 
     /// <summary>Writes beside the target and renames over it, so readers see the old or the new content, never half.</summary>
     private static void WriteAtomically(string path, string content)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        var temp = $"{path}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp";
-        File.WriteAllText(temp, content);
-        File.Move(temp, path, overwrite: true);
+        var temp = IO.OwnedTemporary.Beside(path);
+        try
+        {
+            File.WriteAllText(temp, content);
+            File.Move(temp, path, overwrite: true);
+        }
+        catch
+        {
+            try { File.Delete(temp); } catch (IOException) { }
+            throw;
+        }
     }
+
+    /// <summary>Temporary files of bookkeeping writes that killed processes left (partials are kept: they resume).</summary>
+    public IReadOnlyList<string> RemoveStaleTemporaries() =>
+        IO.OwnedTemporary.RemoveStale(Root, n => n.Contains(".tmp-", StringComparison.Ordinal), recursive: true);
 
     private static double ToUnixSeconds(DateTime utc) => (utc - DateTime.UnixEpoch).TotalSeconds;
 }

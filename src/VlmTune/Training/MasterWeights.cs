@@ -58,6 +58,18 @@ public sealed class MasterWeights : IDisposable
         }
     }
 
+    /// <summary>Gives every optimized tensor that has no gradient a zero one, so that it takes part in the optimizer step.</summary>
+    public void FillMissingGradients()
+    {
+        using var noGrad = no_grad();
+        foreach (var master in OptimizerParameters)
+            if (master.grad is null)
+            {
+                using var zero = zeros_like(master);
+                master.grad = zero;   // the parameter keeps its own reference
+            }
+    }
+
     /// <summary>Rounds the masters into the model's weights (after an optimizer step or a resume).</summary>
     public void MastersToModel()
     {

@@ -123,6 +123,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         Directory.CreateDirectory(WorkDir);
         _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
+        if (IsMaster) CheckpointFiles.RemoveStaleTemporaries(WorkDir, _log.Info);
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
         if (_env.IsDistributed)
         {
@@ -231,6 +232,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (Config.Template is not null && !ConversationTemplate.KnownNames.Contains(Config.Template))
             problems.Add($"'template': unknown conversation template '{Config.Template}' (known: {string.Join(", ", ConversationTemplate.KnownNames)})");
         if (Config.ImageRoot is { } root && !Directory.Exists(root)) problems.Add($"'image_root': folder not found: {Path.GetFullPath(root)}");
+        problems.AddRange(CheckpointFiles.WorkDirProblems(Config));
         // TrainConfig.Parse refuses a cache over a trained ViT; a config built in code is checked here too.
         problems.AddRange(Config.Validate().Where(p => p.StartsWith("'cache_vision_features'", StringComparison.Ordinal)));
         if (Config.CacheVisionFeatures && File.Exists(Config.ResolvedVisionCacheDir))
@@ -631,12 +633,16 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         _dp?.FinishGradients();   // every rank now holds the global batch's gradient
         _masters!.GradientsToMasters();
+        // Every trainable tensor takes part in every step, with a zero gradient where the cycle gave it none (the
+        // projector after text-only batches), as under data parallelism and DeepSpeed. AdamW skips a tensor without a
+        // gradient but moves one with a zero gradient (momentum, weight decay): the step must not depend on whether a
+        // gradient tensor happens to exist, which a resumed run's do not until their first use.
+        _masters.FillMissingGradients();
         // The norm covers every trainable tensor; under ZeRO-1 the ones another rank updates count through their
         // (identical, reduced) model gradients.
         var withGrad = _masters.OptimizerParameters
             .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != Rank).Select(t => t.Param))
             .Where(p => p.grad is not null).ToList();
-        if (withGrad.Count == 0) { ClearGradients(); return null; }
         double norm = nn.utils.clip_grad_norm_(withGrad, Config.MaxNorm);
         if (!double.IsFinite(norm))
         {
@@ -679,7 +685,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _dp?.Heartbeat();
         var model = Model;
         string final = Path.Combine(WorkDir, $"iter_{_iteration}");
-        string temp = Path.Combine(WorkDir, $".iter_{_iteration}.tmp-{Guid.NewGuid():N}");
+        string temp = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointFiles.TempMarker}"));
         if (_dp is not null) temp = _dp.Broadcast(temp);
         if (IsMaster) Directory.CreateDirectory(temp);
         _dp?.Barrier();
@@ -696,11 +702,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_zero is not null) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerShardFile(Rank)));
             else if (IsMaster) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             _dp?.Barrier();
+            VlmTune.Diagnostics.TestPause.At("checkpoint", CancellationToken.None);
             if (IsMaster) CommitCheckpoint(temp, final);
         }
-        catch
+        catch (Exception e)
         {
             if (IsMaster) try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
+            if (IO.DiskFull.Is(e)) throw IO.DiskFull.Error($"checkpoint iter_{_iteration}", WorkDir, "no checkpoint was saved (the earlier ones are intact)", e);
             throw;
         }
         finally { foreach (var t in gathered) t.Dispose(); }
@@ -769,7 +777,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         string? old = null;
         if (Directory.Exists(final))
         {
-            old = Path.Combine(WorkDir, $".iter_{_iteration}.old-{Guid.NewGuid():N}");
+            old = IO.OwnedTemporary.Name(Path.Combine(WorkDir, $".iter_{_iteration}{CheckpointFiles.OldMarker}"));
             Directory.Move(final, old);
         }
         Directory.Move(temp, final);
@@ -789,9 +797,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
     private void Resume(string dir)
     {
-        JsonNode state;
-        try { state = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, StateFile)))!; }
-        catch (JsonException e) { throw new VlmTuneException($"--resume: {Path.Combine(dir, StateFile)} is corrupt: {e.Message}"); }
+        string statePath = Path.Combine(dir, StateFile);
+        var state = CheckpointFiles.ReadState(statePath);
         var problems = new List<string>();
         void Same<T>(string key, T expected) where T : notnull
         {
@@ -805,13 +812,13 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         Same("seed", Config.Seed);
         Same("samples", Dataset.Samples.Count);
         // Older checkpoints predate data parallelism: one process, no ZeRO.
-        int storedWorld = state["world_size"]?.GetValue<int>() ?? 1, storedZero = state["zero_stage"]?.GetValue<int>() ?? 0;
+        long storedWorld = CheckpointFiles.Integer(state, "world_size", statePath, fallback: 1), storedZero = CheckpointFiles.Integer(state, "zero_stage", statePath, fallback: 0);
         int zeroStage = _zero is null ? 0 : 1;
         if (storedWorld != WorldSize)
             problems.Add($"it was trained by {storedWorld} process(es) and this run has {WorldSize}: the global batch (batch_size × processes) would change; resume with --nproc-per-node {storedWorld}");
         if (storedZero != zeroStage) problems.Add($"'zero_stage' is {zeroStage} but the checkpoint was written with zero_stage {storedZero}");
-        var names = (state["trainable"] as JsonArray)?.Select(n => n?.GetValue<string>()).ToList() ?? [];
-        if (!names.SequenceEqual(_trainable.Select(t => (string?)t.Name)))
+        var names = CheckpointFiles.Strings(state, "trainable", statePath);
+        if (!names.SequenceEqual(_trainable.Select(t => t.Name)))
             problems.Add("the trained parameters differ from the checkpoint's (freeze_* or lora_targets changed)");
         if (problems.Count > 0)
             throw new ConfigException(Config.Source, problems.Select(p => $"--resume {dir}: {p}").ToList());
@@ -821,17 +828,21 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (_llmLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, PeftAdapter.WeightsFile)))
             {
+                AdapterCheckpoint.RequireFinite(file);
                 PeftAdapter.LoadWeights(model.language_model, file);
                 _masters!.Load(file, InAdapter("language_model."));   // exact fp32 masters where the model rounds
             }
         if (_visionLora is not null)
             using (var file = SafetensorsFile.Open(Path.Combine(dir, VisionAdapterDir, PeftAdapter.WeightsFile)))
             {
+                AdapterCheckpoint.RequireFinite(file);
                 PeftAdapter.LoadWeights(model.vision_model, file);
                 _masters!.Load(file, InAdapter("vision_model."));
             }
         if (_trainable.Any(t => !t.Name.Contains(".lora_")))
         {
+            if (File.Exists(Path.Combine(dir, TrainableFile)))
+                using (var trained = SafetensorsFile.Open(Path.Combine(dir, TrainableFile))) AdapterCheckpoint.RequireFinite(trained);
             if (TrainedWeights.LoadIfPresent(model, dir) == 0)
                 throw new VlmTuneException($"--resume: {dir} has no {TrainableFile} but this run trains non-LoRA weights.");
             using var file = SafetensorsFile.Open(Path.Combine(dir, TrainableFile));
@@ -839,12 +850,16 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         string optimizerFile = Path.Combine(dir, _zero is null ? OptimizerFile : OptimizerShardFile(Rank));
         if (!File.Exists(optimizerFile)) throw new VlmTuneException($"--resume: {dir} has no {Path.GetFileName(optimizerFile)} (an incomplete checkpoint?)");
-        _optimizer!.load_state_dict(optimizerFile);
-        _iteration = state["iteration"]!.GetValue<long>();
-        _optimizerSteps = state["optimizer_steps"]!.GetValue<long>();
-        var c = state["counters"]!;
-        Counters.Restore(c["bad_records"]!.GetValue<long>(), c["broken_images"]!.GetValue<long>(), c["too_long"]!.GetValue<long>(),
-            c["label_mismatch"]!.GetValue<long>(), c["nan_skipped"]!.GetValue<long>());
+        var c = CheckpointFiles.Object(state, "counters", statePath);
+        long Counter(string key) => CheckpointFiles.Integer(c, key, $"{statePath} (counters)");
+        var counters = (Counter("bad_records"), Counter("broken_images"), Counter("too_long"), Counter("label_mismatch"), Counter("nan_skipped"));
+        long iteration = CheckpointFiles.Integer(state, "iteration", statePath), steps = CheckpointFiles.Integer(state, "optimizer_steps", statePath);
+        if (iteration < 0 || steps < 0 || steps > iteration)
+            throw new VlmTuneException($"--resume: {statePath}: iteration {iteration} with optimizer_steps {steps} is impossible; the checkpoint is damaged.");
+        CheckpointFiles.LoadOptimizer(_optimizer!, optimizerFile);
+        _iteration = iteration;
+        _optimizerSteps = steps;
+        Counters.Restore(counters.Item1, counters.Item2, counters.Item3, counters.Item4, counters.Item5);
         _lastCheckpoint = dir;
         _log!.Info($"resumed from {dir} at iteration {_iteration} (optimizer step {_optimizerSteps})");
     }

@@ -248,7 +248,8 @@ public sealed class MergeTests : IDisposable
     [FixtureFact]
     public void AFailureMidWriteLeavesNoOutputAndNoTemporaryFolder()
     {
-        // A corrupt adapter: the last layer's LoRA B holds a NaN, so merging fails after most tensors were written.
+        // An adapter whose last layer's LoRA B is finite but huge: its merged weight overflows float16, so merging to
+        // float16 fails after most tensors were written. (NaN weights are refused before anything is written.)
         string adapter = Path.Combine(_dir, "bad-adapter");
         Directory.CreateDirectory(adapter);
         File.Copy(Path.Combine(Fixtures.Adapter, PeftAdapter.ConfigFile), Path.Combine(adapter, PeftAdapter.ConfigFile));
@@ -256,12 +257,12 @@ public sealed class MergeTests : IDisposable
         {
             var tensors = good.Entries.Keys.Order().Select(k => new KeyValuePair<string, Tensor>(k, good.Read(k))).ToList();
             var last = tensors.Single(t => t.Key == "base_model.model.model.layers.1.feed_forward.w2.lora_B.weight").Value;
-            last[0, 0] = float.NaN;
+            last[0, 0] = 1e30f;
             SafetensorsWriter.Write(Path.Combine(adapter, PeftAdapter.WeightsFile), tensors);
         }
         int written = 0;
-        var e = Assert.Throws<VlmTuneException>(() => Merge(Out(), adapter: adapter, progress: p => written = p.Done));
-        Assert.Contains("non-finite", e.Message);
+        var e = Assert.Throws<VlmTuneException>(() => Merge(Out(), ScalarType.Float16, adapter: adapter, progress: p => written = p.Done));
+        Assert.Contains("overflows", e.Message);
         Assert.Contains("layers.1.feed_forward.w2", e.Message);
         Assert.True(written > 0, "the failure came mid-write, after some tensors");
         Assert.False(Directory.Exists(Out()));

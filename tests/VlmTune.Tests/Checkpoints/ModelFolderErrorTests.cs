@@ -89,4 +89,40 @@ public sealed class ModelFolderErrorTests
         Assert.Contains("model-00002-of-00002.safetensors", e.Message);
         Assert.Contains("missing", e.Message);
     }
+
+    [FixtureFact]
+    public void IndexEntryThatIsNotAFileNameIsNamed()
+    {
+        using var b = new ModelFolderBuilder();
+        var dir = b.Build(shards: 2);
+        string index = Path.Combine(dir, CheckpointFolder.IndexFile);
+        File.WriteAllText(index, File.ReadAllText(index).Replace("\"model-00002-of-00002.safetensors\"", "2"));
+        var e = Assert.Throws<CheckpointException>(() => InternVLModelLoader.Load(dir, new ModelOptions()));
+        Assert.Contains(index, e.Message);
+        Assert.Contains("must be a file name (a string), not 2", e.Message);
+    }
+
+    [Theory]
+    [InlineData("\"lora_dropout\": \"x\"", "'lora_dropout' must be a number")]
+    [InlineData("\"lora_alpha\": [16]", "'lora_alpha' must be a number")]
+    [InlineData("\"r\": 8.5", "r must be a positive integer (got 8.5)")]
+    [InlineData("\"lora_dropout\": 1.5", "lora_dropout must be in [0, 1)")]
+    [InlineData("\"target_modules\": 5", "target_modules must be a list of module names or a regex string, not 5")]
+    [InlineData("\"r\": 16", "invalid JSON", true)]   // a second "r": was an ArgumentException without the file
+    public void AdapterConfigFieldsOfTheWrongTypeAreRefusedNotIgnored(string field, string message, bool duplicate = false)
+    {
+        string dir = Directory.CreateTempSubdirectory("vlmtune-adapter-config-").FullName;
+        try
+        {
+            string path = Path.Combine(dir, PeftAdapter.ConfigFile);
+            var fields = new Dictionary<string, string> { ["peft_type"] = "\"LORA\"", ["r"] = "8", ["lora_alpha"] = "16", ["target_modules"] = "[\"wqkv\"]" };
+            string key = field[1..field.IndexOf('"', 1)];
+            if (!duplicate) fields.Remove(key);
+            File.WriteAllText(path, "{" + string.Join(", ", fields.Select(f => $"\"{f.Key}\": {f.Value}").Append(field)) + "}");
+            var e = Assert.Throws<CheckpointException>(() => PeftAdapterConfig.Load(path));
+            Assert.Contains(path, e.Message);
+            Assert.Contains(message, e.Message);
+        }
+        finally { Directory.Delete(dir, true); }
+    }
 }

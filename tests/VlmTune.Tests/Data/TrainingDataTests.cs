@@ -55,6 +55,26 @@ public class TrainingDataTests
     }
 
     [Fact]
+    public void JsonLinesThatAreNotUtf8AreBadRecordsNotReplacementCharacters()
+    {
+        using var dir = new TempDir();
+        var good = Encoding.UTF8.GetBytes("""{"id": 0, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}""" + "\n");
+        byte[] bad = [.. Encoding.UTF8.GetBytes("{\"id\": 1, \"conversations\": [{\"from\": \"human\", \"value\": \"Hi "), 0xE6, 0xA2,
+            .. Encoding.UTF8.GetBytes("\"}, {\"from\": \"gpt\", \"value\": \"Hello\"}]}\n")];
+        File.WriteAllBytes(dir["data.jsonl"], [.. good, .. bad, .. good]);
+
+        var entries = TrainingData.ReadEntries(dir["data.jsonl"]).ToList();
+        Assert.Equal(3, entries.Count);
+        Assert.NotNull(entries[0].Sample);
+        Assert.NotNull(entries[2].Sample);
+        var problem = entries[1].Problem!;
+        Assert.Equal(DataProblemKind.BadJson, problem.Kind);
+        Assert.Equal(2, problem.Source.Line);
+        Assert.Contains("not valid UTF-8", problem.Message);
+        Assert.Equal(3, TrainingData.CountRecords(dir["data.jsonl"]));   // still a record, as InternVL counts lines
+    }
+
+    [Fact]
     public void SourcesNameFileLineAndIndex()
     {
         using var dir = MakeFormats();

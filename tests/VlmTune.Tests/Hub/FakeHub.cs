@@ -59,6 +59,15 @@ internal sealed class FakeHub : IAsyncDisposable
     /// <summary>An extra path put in the listings (to test that odd paths are refused).</summary>
     public string? ExtraListedPath { get; set; }
 
+    /// <summary>blobId the Hugging Face listing gives a file instead of its real one (a hostile or broken hub).</summary>
+    public ConcurrentDictionary<string, string> ListedBlobIds { get; } = new();
+
+    /// <summary>The listing's commit instead of <see cref="Commit"/>.</summary>
+    public string? ListedCommit { get; set; }
+
+    /// <summary>X-Linked-Etag the resolve answer gives an LFS file instead of its sha256 (storage still serves the real bytes).</summary>
+    public ConcurrentDictionary<string, string> LinkedEtags { get; } = new();
+
     private FakeHub(WebApplication app, IReadOnlyList<RepoFile> files)
     {
         _app = app;
@@ -136,11 +145,12 @@ internal sealed class FakeHub : IAsyncDisposable
             var siblings = Listed().Select(f => blobs
                 ? (object)new
                 {
-                    rfilename = f.Path, size = f.Bytes.LongLength, blobId = f.Lfs ? "0000000000000000000000000000000000000000" : f.BlobId,
+                    rfilename = f.Path, size = f.Bytes.LongLength,
+                    blobId = ListedBlobIds.TryGetValue(f.Path, out var id) ? id : f.Lfs ? "0000000000000000000000000000000000000000" : f.BlobId,
                     lfs = f.Lfs ? new { sha256 = f.Sha256, size = f.Bytes.LongLength, pointerSize = 134 } : null,
                 }
                 : new { rfilename = f.Path });
-            return Results.Json(new { _id = "x", id = RepoId, sha = Commit, siblings }, AsWritten);
+            return Results.Json(new { _id = "x", id = RepoId, sha = ListedCommit ?? Commit, siblings }, AsWritten);
         });
         _app.MapGet("/{owner}/{name}/resolve/{revision}/{**path}", (HttpContext ctx, string owner, string name, string revision, string path) =>
         {
@@ -150,7 +160,7 @@ internal sealed class FakeHub : IAsyncDisposable
             ctx.Response.Headers["X-Repo-Commit"] = Commit;
             if (!file.Lfs) return Serve(file, $"\"{file.BlobId}\"");
             // LFS: the hub answers with the metadata headers and a redirect to the storage that serves the bytes.
-            ctx.Response.Headers["X-Linked-Etag"] = $"\"{file.Sha256}\"";
+            ctx.Response.Headers["X-Linked-Etag"] = $"\"{LinkedEtags.GetValueOrDefault(file.Path, file.Sha256)}\"";
             ctx.Response.Headers["X-Linked-Size"] = file.Bytes.Length.ToString();
             var storage = CdnHost is null ? "" : $"http://{CdnHost}:{ctx.Request.Host.Port}";
             return Results.Redirect($"{storage}/cdn/{file.Sha256}?name={Uri.EscapeDataString(file.Path)}");

@@ -252,6 +252,77 @@ public sealed class HubDownloaderTests : IAsyncLifetime
     }
 
     [FixtureFact]
+    public async Task BlobIdsAndCommitsThatAreNotGitIdsAreRefusedBeforeAnythingIsWritten()
+    {
+        // The blob id names the partial file: "/../" in it put hub-chosen bytes outside --local-dir.
+        string escape = "vlmtune-escaped-" + Guid.NewGuid().ToString("N");
+        _hub.ListedBlobIds["config.json"] = $"/../../../../../{escape}";
+        var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options()));
+        Assert.Contains("blobId", error.Message);
+        Assert.Contains("'config.json'", error.Message);
+        Assert.Contains("not a git object id", error.Message);
+        Assert.Empty(_hub.Transfers("config.json"));
+        Assert.Empty(Directory.EnumerateFiles(Path.GetTempPath(), escape + "*"));
+        Assert.False(Directory.Exists(_dir));
+
+        _hub.ListedBlobIds.Clear();
+        _hub.ListedCommit = "main\nbad";
+        var commit = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options()));
+        Assert.Contains("the commit 'main\\u000abad'", commit.Message);   // shown on one line
+        Assert.DoesNotContain('\n', commit.Message);
+    }
+
+    [FixtureFact]
+    public async Task TheHubsLinkedEtagWinsOverThePlainEtagOfSameOriginStorage()
+    {
+        // No sha256 in the listing: the hub's X-Linked-Etag is the only word on the content. Storage on the hub's own
+        // origin answers with a plain ETag of the bytes it serves, which must not override it.
+        _hub.ListsNamesOnly = true;
+        string claimed = new string('a', 64);
+        _hub.LinkedEtags[Weights] = claimed;
+        var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options()));
+        Assert.Contains($"{Weights} is corrupt (sha256 is {_hub.File(Weights).Sha256}, the hub says {claimed})", error.Message);
+        Assert.False(File.Exists(Path.Combine(_dir, Weights)));
+        Assert.Empty(Partials());
+    }
+
+    [FixtureFact]
+    public async Task TemporariesOfKilledDownloadsAreRemovedAndPartialsKept()
+    {
+        var book = Path.Combine(_dir, ".cache", "vlmtune", "download");
+        Directory.CreateDirectory(Path.Combine(book, "examples"));
+        string dead = Path.Combine(book, "examples", Temporaries.OfDeadProcess("hello world.txt.metadata.tmp-"));
+        string live = Path.Combine(book, Temporaries.OfLiveProcess(".manifest.json.tmp-"));
+        File.WriteAllText(dead, "half");
+        File.WriteAllText(live, "half");
+        _hub.CutOnce(Weights, 3_000_000);
+        await Assert.ThrowsAnyAsync<Exception>(() => Download(Options() with { MaxRetries = 0 }));
+        long resumable = new FileInfo(Assert.Single(Partials())).Length;
+
+        await Download(Options());
+        Assert.False(File.Exists(dead));
+        Assert.True(File.Exists(live));
+        Assert.Equal($"bytes={resumable}-", _hub.Transfers(Weights).Last(r => r.Kind == "cdn").Range);   // the partial was kept
+        AssertIntactCopy(_hub.Files);
+    }
+
+    [FixtureFact]
+    public async Task ADamagedManifestIsNamedInOfflineMode()
+    {
+        await Download(Options());
+        string manifest = Path.Combine(_dir, ".cache", "vlmtune", "download", ".manifest.json");
+        string good = File.ReadAllText(manifest);
+        // Fields missing or null: was "Value cannot be null. (Parameter 'source')".
+        foreach (var (damage, why) in new[] { ("\"files\": [", "\"files\": null, \"x\": ["), ("\"source\": \"hf\"", "\"source\": \"zz\"") })
+        {
+            File.WriteAllText(manifest, good.Replace(damage, why));
+            var error = await Assert.ThrowsAsync<HubDownloadException>(() => Download(Options() with { Offline = true }));
+            Assert.StartsWith($"{manifest} is damaged (", error.Message);
+            Assert.Contains("rerun without HF_HUB_OFFLINE", error.Message);
+        }
+    }
+
+    [FixtureFact]
     public async Task IncludeAndExcludePatternsPickTheFiles()
     {
         var options = Options() with { Include = ["*.json", "examples/"], Exclude = ["tokenizer*"] };

@@ -19,15 +19,22 @@ public sealed class CliProcess : IDisposable
 
     private CliProcess(Process process) => _process = process;
 
-    public static CliProcess Start(IEnumerable<string> args, IDictionary<string, string>? env = null)
+    /// <param name="defaultSigint">
+    /// Start through python3 that resets SIGINT to its default first: a child of a background job inherits SIGINT
+    /// ignored, and then no Ctrl-C handler of the CLI would ever run.
+    /// </param>
+    public static CliProcess Start(IEnumerable<string> args, IDictionary<string, string>? env = null, bool defaultSigint = false)
     {
         var dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host && File.Exists(host) ? host : "dotnet";
-        var info = new ProcessStartInfo(dotnet)
+        var info = new ProcessStartInfo(defaultSigint ? "python3" : dotnet)
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        if (defaultSigint)
+            foreach (var a in new[] { "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])", dotnet })
+                info.ArgumentList.Add(a);
         info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "VlmTune.Cli.dll"));
         foreach (var a in args) info.ArgumentList.Add(a);
         foreach (var name in Scrubbed) info.Environment.Remove(name);
@@ -91,6 +98,19 @@ public sealed class CliProcess : IDisposable
         {
             if (Stdout.Contains(text, StringComparison.Ordinal)) return true;
             if (_process.HasExited) return Stdout.Contains(text, StringComparison.Ordinal);
+            await Task.Delay(20);
+        }
+        return false;
+    }
+
+    /// <summary>As <see cref="WaitForOutputAsync"/>, on stderr.</summary>
+    public async Task<bool> WaitForStderrAsync(string text, int timeoutSeconds = 30)
+    {
+        var deadline = DateTime.UtcNow.AddSeconds(timeoutSeconds);
+        while (DateTime.UtcNow < deadline)
+        {
+            if (Stderr.Contains(text, StringComparison.Ordinal)) return true;
+            if (_process.HasExited) return Stderr.Contains(text, StringComparison.Ordinal);
             await Task.Delay(20);
         }
         return false;
