@@ -143,7 +143,7 @@ def llm_config(v, vocab, tok):
         c.update(original_max_position_embeddings=v['orig_maxpos'], resid_pdrop=0.0, embd_pdrop=0.0,
                  rope_scaling=dict(type='su', short_factor=[float(round(1 + 0.1 * x, 4)) for x in rs.rand(half)],
                                    long_factor=[float(round(1 + 3 * x, 4)) for x in rs.rand(half)]),
-                 sliding_window=v['maxpos'], pad_token_id=tok.pad_token_id)
+                 sliding_window=None, pad_token_id=tok.pad_token_id)   # full attention, as VlmTune computes
     return c
 
 
@@ -203,7 +203,13 @@ def make(name, v, seed):
     for fn in keep: shutil.copy(os.path.join(tdir, fn), os.path.join(mdir, fn))
     eos_id = tok.convert_tokens_to_ids(get_conv_template(v['template']).sep.strip())
     write_json(os.path.join(mdir, 'generation_config.json'), dict(eos_token_id=[eos_id], _from_model_config=True))
-    model = model.float().eval()
+    # A fresh fp32 model with the bf16-rounded weights: `.to(bfloat16)` above also rounded the rotary `inv_freq`
+    # buffers, which a real bf16 checkpoint never stores (they are recomputed in fp32 at load).
+    stored = {k: t.float() for k, t in sd.items()}
+    model = build(v, cfg, tok).float()
+    missing, unexpected = model.load_state_dict(stored, strict=False)
+    assert not unexpected and all(k == 'language_model.lm_head.weight' for k in missing), (missing, unexpected)
+    model = model.eval()
     model.img_context_token_id = tok.convert_tokens_to_ids('<IMG_CONTEXT>')
 
     transform = build_transform(is_train=False, input_size=448)

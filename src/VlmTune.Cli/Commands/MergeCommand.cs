@@ -4,7 +4,7 @@ using VlmTune.Checkpoints;
 
 namespace VlmTune.Cli.Commands;
 
-/// <summary><c>vlmtune merge --base DIR --adapter CKPT_DIR --out DIR</c>: fold a fine-tuned adapter into a model folder in the official layout.</summary>
+/// <summary><c>vlmtune merge --base DIR --adapter CKPT_DIR --out DIR [--layout official|hf]</c>: fold a fine-tuned adapter into a model folder.</summary>
 internal static class MergeCommand
 {
     private static readonly Option<string> Base = new("--base") { Description = "Base InternVL2 model folder the adapter was trained on.", Required = true };
@@ -16,12 +16,13 @@ internal static class MergeCommand
     private static readonly Option<bool> MergeIntoNf4 = new("--merge-into-nf4") { Description = "QLoRA: merge into the NF4-dequantised LLM weights the adapter was trained on, instead of the original ones." };
     private static readonly Option<string> MaxShardSize = new("--max-shard-size") { Description = "Largest weight file (e.g. 5GB, 500MB, or bytes).", DefaultValueFactory = _ => "5GB" };
     private static readonly Option<string> Device = new("--device") { Description = "Device for the verification (cpu or cuda).", DefaultValueFactory = _ => "cpu" };
+    private static readonly Option<string> Layout = new("--layout") { Description = "official (InternVLChatModel, remote code) or hf (transformers' InternVLForConditionalGeneration).", DefaultValueFactory = _ => "official" };
 
     public static Command Create()
     {
-        var command = new Command("merge", "Merge a fine-tuned adapter into its base model: a model folder every tool loads (official InternVL2 layout).")
+        var command = new Command("merge", "Merge a fine-tuned adapter into its base model: a model folder every tool loads (official InternVL layout, or transformers' with --layout hf).")
         {
-            Base, Adapter, Out, DType, Force, NoVerify, MergeIntoNf4, MaxShardSize, Device,
+            Base, Adapter, Out, DType, Force, NoVerify, MergeIntoNf4, MaxShardSize, Device, Layout,
         };
         command.SetAction(parse => CliErrors.Run(() =>
         {
@@ -39,6 +40,7 @@ internal static class MergeCommand
             BaseDir = parse.GetValue(Base)!, AdapterDir = parse.GetValue(Adapter)!, OutDir = parse.GetValue(Out)!,
             DType = dtype, Force = parse.GetValue(Force), MergeIntoNf4 = parse.GetValue(MergeIntoNf4),
             MaxShardBytes = ModelMerger.ParseSize(parse.GetValue(MaxShardSize)!),
+            Layout = ParseLayout(parse.GetValue(Layout)!),
             Verify = parse.GetValue(NoVerify) ? null : new MergeVerifyOptions { Device = parse.GetValue(Device)! },
         };
 
@@ -84,4 +86,11 @@ internal static class MergeCommand
         Console.WriteLine($"merged model written to {result.OutDir}" + (result.Verify is { } v ? $" (verified: max |logit difference| {v.MaxAbsDiff:g3})" : " (not verified)"));
         return 0;
     }
+
+    internal static CheckpointLayout ParseLayout(string text) => text.Trim().ToLowerInvariant() switch
+    {
+        "official" => CheckpointLayout.Official,
+        "hf" => CheckpointLayout.Hf,
+        _ => throw new VlmTune.VlmTuneException($"--layout '{text}' is not a layout (official or hf)."),
+    };
 }

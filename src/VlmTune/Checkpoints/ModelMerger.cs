@@ -20,6 +20,8 @@ public sealed record MergeOptions
     public bool Force { get; init; }
     /// <summary>Merge LLM LoRA into the NF4-dequantised decoder weights (what QLoRA trained against) instead of the original ones.</summary>
     public bool MergeIntoNf4 { get; init; }
+    /// <summary>The layout written: the official InternVL one, or transformers' InternVLForConditionalGeneration (<see cref="HfLayout"/>).</summary>
+    public CheckpointLayout Layout { get; init; } = CheckpointLayout.Official;
     /// <summary>Largest shard in bytes (transformers' default "5GB"); a single larger tensor gets a shard of its own.</summary>
     public long MaxShardBytes { get; init; } = ModelMerger.DefaultMaxShardBytes;
     /// <summary>Reload the output and compare its logits with base + adapter; null skips the check.</summary>
@@ -44,10 +46,11 @@ public sealed record MergeResult
 }
 
 /// <summary>
-/// <c>vlmtune merge</c>: base model folder + adapter → a model folder in the official InternVL2 layout. Tensors are
-/// streamed one at a time (never the whole model in memory): each LoRA branch is folded in as PEFT's merge_and_unload
-/// does (W + (B·A)·alpha/r in fp32, rounded once to the output dtype), trained full weights replace the base ones, the
-/// rest is copied. Everything is written into a temporary sibling folder, verified, and renamed at the end; the
+/// <c>vlmtune merge</c>: base model folder + adapter → a model folder in the official InternVL layout or the Hugging
+/// Face one. Tensors are streamed one at a time (never the whole model in memory): each LoRA branch is folded in as
+/// PEFT's merge_and_unload does (W + (B·A)·alpha/r in fp32, rounded once to the output dtype), trained full weights
+/// replace the base ones, the rest is copied; in the hf layout each merged tensor is then renamed, or cut into q/k/v.
+/// Everything is written into a temporary sibling folder, verified, and renamed at the end; the
 /// temporaries a killed merge left are removed when the next one starts. See docs/merge.md.
 /// </summary>
 public static class ModelMerger
@@ -57,8 +60,18 @@ public static class ModelMerger
     /// <summary>Non-weight files of a model folder that belong to the merged model (plus every *.py remote-code file).</summary>
     public static readonly IReadOnlyList<string> CopiedFilePatterns =
     [
-        "*.py", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+        "*.py", "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
         "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+    ];
+
+    /// <summary>
+    /// What an hf-layout folder takes from the base: the tokenizer files as they are (with the tokenizer's own remote code,
+    /// e.g. InternLM2's), not the model's remote code; preprocessor_config.json and processor_config.json are written anew.
+    /// </summary>
+    public static readonly IReadOnlyList<string> HfCopiedFilePatterns =
+    [
+        "tokenization_*.py", "tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+        "generation_config.json", "chat_template.json", "chat_template.jinja",
     ];
 
     public static MergeResult Merge(MergeOptions options, CancellationToken cancel = default)
@@ -70,7 +83,9 @@ public static class ModelMerger
         RemoveStaleTemporaries(parent, outName, log);
 
         var config = InternVLConfig.Load(baseDir);                     // validates the base config before any work
-        using var checkpoint = CheckpointFolder.Open(baseDir);
+        bool hfOut = options.Layout == CheckpointLayout.Hf;
+        int imageTokenId = hfOut ? ImageContextId(baseDir) : 0;
+        using var checkpoint = ModelWeights.Open(baseDir, config);     // official names, whatever the base's layout
         var order = checkpoint.Names.OrderBy(n => Path.GetFileName(checkpoint.FileOf(n)), StringComparer.Ordinal)
             .ThenBy(n => checkpoint.Entry(n).Begin).ToList();         // the base's own tensor order
         var shapes = order.ToDictionary(n => n, n => checkpoint.Entry(n).Shape);
@@ -94,18 +109,50 @@ public static class ModelMerger
                 if (!lora.TryAdd(m.WeightName, (part, m)))
                     throw new CheckpointException($"{adapter.Dir}: '{m.Module}' has LoRA branches in two adapters ({lora[m.WeightName].Part.Dir} and {part.Dir}).");
 
-        var layout = order.Select(n => new SafetensorsLayout(n, OutputDType(checkpoint.Entry(n).DType, options.DType), shapes[n])).ToList();
+        if (config.Layout == CheckpointLayout.Hf && !hfOut)
+            log("note: the base is in the hf layout, which has no InternVL remote code (*.py); transformers needs those files beside an official-layout folder");
+        if (hfOut && config.Template != HfLayout.InferredTemplate)
+            log($"note: the hf layout has no template field; VlmTune reads hf folders with {HfLayout.InferredTemplate}, not this base's {config.Template} (--system sets the system message)");
+
+        // Each output tensor: its place in the files, and the merged official tensor (or part of it) it is cut from.
+        var outputs = new List<(SafetensorsLayout Entry, string Official, int Part, FusedQkv? Fused)>();
+        foreach (var n in order)
+        {
+            var dtype = OutputDType(checkpoint.Entry(n).DType, options.DType);
+            if (!hfOut) { outputs.Add((new SafetensorsLayout(n, dtype, shapes[n]), n, 0, null)); continue; }
+            var hf = HfLayout.ToHf(n, shapes[n], config);
+            for (int i = 0; i < hf.Names.Count; i++) outputs.Add((new SafetensorsLayout(hf.Names[i], dtype, hf.Shapes[i]), n, i, hf.Fused));
+        }
+        var layout = outputs.Select(o => o.Entry).ToList();
+        var source = outputs.ToDictionary(o => o.Entry.Name, StringComparer.Ordinal);
         var shards = PlanShards(layout, options.MaxShardBytes);
 
         string temp = OwnedTemporary.Name(Path.Combine(parent, $".{outName}{TempMarker}"));
         Directory.CreateDirectory(temp);
+        // The q/k/v parts of the fused tensor merged last: they are written one after the other.
+        string? splitOf = null;
+        Tensor?[] splitParts = [];
         try
         {
             int done = 0;
             Tensor Produce(SafetensorsLayout entry)
             {
                 cancel.ThrowIfCancellationRequested();
-                var t = MergedTensor(entry, checkpoint, adapter.FullWeights, lora, options.MergeIntoNf4, shapes);
+                var (_, official, part, fused) = source[entry.Name];
+                Tensor t;
+                if (fused is null) t = MergedTensor(official, entry.DType, checkpoint, adapter.FullWeights, lora, options.MergeIntoNf4, shapes);
+                else
+                {
+                    if (splitOf != official)
+                    {
+                        foreach (var left in splitParts) left?.Dispose();
+                        using var whole = MergedTensor(official, entry.DType, checkpoint, adapter.FullWeights, lora, options.MergeIntoNf4, shapes);
+                        splitParts = fused.Split(whole, config);
+                        splitOf = official;
+                    }
+                    t = splitParts[part] ?? throw new InvalidOperationException($"'{entry.Name}' was written twice.");
+                    splitParts[part] = null;                                  // the writer disposes it
+                }
                 options.Progress?.Invoke(new MergeProgress(++done, layout.Count, entry.Name));
                 return t;
             }
@@ -115,14 +162,20 @@ public static class ModelMerger
                 Diagnostics.TestPause.At("merge-shard", cancel);
             }
             if (shards.Count > 1) WriteIndex(temp, shards);
-            WriteConfig(baseDir, temp, config, options.DType);
+            WriteConfig(baseDir, temp, config, options.DType, options.Layout, imageTokenId);
             var tokenizerConfig = TokenizerConfigWithChatTemplate(baseDir, config, log);
-            foreach (var file in FilesToCopy(baseDir))
+            foreach (var file in FilesToCopy(baseDir, options.Layout))
             {
                 var destination = Path.Combine(temp, Path.GetFileName(file));
                 if (tokenizerConfig is not null && Path.GetFileName(file) == ChatTemplateExport.TokenizerConfigFile)
                     AtomicFile.WriteAllText(destination, tokenizerConfig);
                 else CopyContent(file, destination);
+            }
+            if (hfOut)
+            {
+                var indented = new JsonSerializerOptions { WriteIndented = true };
+                AtomicFile.WriteAllText(Path.Combine(temp, "preprocessor_config.json"), HfLayout.PreprocessorConfig(config).ToJsonString(indented));
+                AtomicFile.WriteAllText(Path.Combine(temp, "processor_config.json"), HfLayout.ProcessorConfig(config).ToJsonString(indented));
             }
             long total = layout.Sum(e => e.ByteLength);
             log($"wrote {layout.Count} tensors ({FormatBytes(total)}) in {shards.Count} file{(shards.Count == 1 ? "" : "s")}: " +
@@ -155,6 +208,19 @@ public static class ModelMerger
             TryDelete(temp);
             throw;
         }
+        finally
+        {
+            foreach (var left in splitParts) left?.Dispose();
+        }
+    }
+
+    /// <summary>The hf config's image_token_id: the id of &lt;IMG_CONTEXT&gt; among the base tokenizer's added tokens.</summary>
+    private static int ImageContextId(string baseDir)
+    {
+        var tokens = VlmTune.Text.TokenizerFileConfig.Read(baseDir).AddedTokens;
+        return tokens.TryGetValue("<IMG_CONTEXT>", out var id)
+            ? id
+            : throw new VlmTuneException($"merge --layout hf: {baseDir} has no <IMG_CONTEXT> among its tokenizer's added tokens (tokenizer_config.json, added_tokens.json), so the hf config's image_token_id cannot be written.");
     }
 
     private const string TempMarker = ".merge-tmp-", OldMarker = ".merge-old-";
@@ -210,16 +276,16 @@ public static class ModelMerger
         name.StartsWith("language_model.model.layers.", StringComparison.Ordinal) && name.EndsWith(".weight", StringComparison.Ordinal)
         && shapes.TryGetValue(name, out var s) && s.Length == 2;
 
-    /// <summary>One output tensor: trained replacement or base value, NF4 round trip if asked, plus the LoRA delta, in the output dtype.</summary>
-    private static Tensor MergedTensor(SafetensorsLayout entry, CheckpointFolder checkpoint, SafetensorsFile? full,
+    /// <summary>One merged official tensor: trained replacement or base value, NF4 round trip if asked, plus the LoRA delta, in the output dtype.</summary>
+    private static Tensor MergedTensor(string name, ScalarType dtype, ModelWeights checkpoint, SafetensorsFile? full,
         Dictionary<string, (LoraAdapterPart Part, LoraModule Module)> lora, bool intoNf4, IReadOnlyDictionary<string, long[]> shapes)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var value = full is not null && full.Contains(entry.Name) ? full.Read(entry.Name) : checkpoint.Read(entry.Name);
-        bool nf4 = intoNf4 && IsDecoderLinear(entry.Name, shapes);
-        if (!lora.TryGetValue(entry.Name, out var branch) && !nf4)
-            return value.to_type(entry.DType).MoveToOuterDisposeScope();
+        var value = full is not null && full.Contains(name) ? full.Read(name) : checkpoint.Read(name);
+        bool nf4 = intoNf4 && IsDecoderLinear(name, shapes);
+        if (!lora.TryGetValue(name, out var branch) && !nf4)
+            return value.to_type(dtype).MoveToOuterDisposeScope();
 
         var w = value.to_type(ScalarType.Float32);
         if (nf4)
@@ -233,9 +299,9 @@ public static class ModelMerger
             var b = branch.Part.Weights.Read(branch.Module.BKey).to_type(ScalarType.Float32);    // (out, r)
             w = LoraMerge.Merged(w, a, b, branch.Part.Config.Scaling, branch.Module.Module);
         }
-        var result = w.to_type(entry.DType);
+        var result = w.to_type(dtype);
         if (!result.isfinite().all().item<bool>())
-            throw new VlmTuneException($"'{entry.Name}': the merged weight overflows {entry.DType}; write a wider --dtype (bfloat16 or float32).");
+            throw new VlmTuneException($"'{name}': the merged weight overflows {dtype}; write a wider --dtype (bfloat16 or float32).");
         return result.MoveToOuterDisposeScope();
     }
 
@@ -268,10 +334,11 @@ public static class ModelMerger
     }
 
     /// <summary>
-    /// The base config.json with the template written explicitly (so no tool guesses it from the folder name), the
-    /// dtype fields set to the output dtype, and the LoRA flags cleared (the weights hold no LoRA branch any more).
+    /// The official config.json (the base's, or its hf config translated) with the template written explicitly (so no
+    /// tool guesses it from the folder name), the dtype fields set to the output dtype, and the LoRA flags cleared (the
+    /// weights hold no LoRA branch any more); for the hf layout that config translated by <see cref="HfLayout.ToHfConfig"/>.
     /// </summary>
-    private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype)
+    private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype, CheckpointLayout layout, int imageTokenId)
     {
         string path = Path.Combine(baseDir, "config.json");
         // InternVLConfig.Load has read this file already; duplicate keys are refused rather than thrown from JsonObject.
@@ -279,19 +346,25 @@ public static class ModelMerger
         try { parsed = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw new CheckpointException($"{path}: invalid JSON: {e.Message}"); }
         var root = parsed as JsonObject ?? throw new CheckpointException($"{path}: expected a JSON object.");
+        if (config.Layout == CheckpointLayout.Hf)
+        {
+            using var doc = JsonDocument.Parse(root.ToJsonString());
+            root = HfLayout.ToOfficialConfig(doc.RootElement, baseDir, []);   // parsed once already: no problems left
+        }
         root["template"] = config.Template;
+        string? dtypeName = dtype switch { null => null, ScalarType.BFloat16 => "bfloat16", ScalarType.Float16 => "float16", _ => "float32" };
         if (dtype is { } d)
         {
-            string name = d switch { ScalarType.BFloat16 => "bfloat16", ScalarType.Float16 => "float16", _ => "float32" };
             foreach (var node in new[] { root, root["llm_config"] as JsonObject, root["vision_config"] as JsonObject })
             {
                 if (node is null) continue;
-                if (node.ContainsKey("torch_dtype") || node == root) node["torch_dtype"] = name;
+                if (node.ContainsKey("torch_dtype") || node == root) node["torch_dtype"] = dtypeName;
                 if (node.ContainsKey("use_bfloat16")) node["use_bfloat16"] = d == ScalarType.BFloat16;
             }
         }
         foreach (var flag in new[] { "use_llm_lora", "use_backbone_lora" })
             if (root.ContainsKey(flag)) root[flag] = 0;
+        if (layout == CheckpointLayout.Hf) root = HfLayout.ToHfConfig(root, config, imageTokenId, dtypeName);
         AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 
@@ -317,10 +390,13 @@ public static class ModelMerger
         return updated;
     }
 
-    /// <summary>Tokenizer, generation and processor files and every *.py remote-code file at the top of the base folder.</summary>
-    public static IReadOnlyList<string> FilesToCopy(string baseDir) =>
-        CopiedFilePatterns.SelectMany(p => Directory.EnumerateFiles(baseDir, p, SearchOption.TopDirectoryOnly))
-            .Where(f => !f.EndsWith(".safetensors", StringComparison.Ordinal))
+    /// Tokenizer, generation and processor files and every *.py remote-code file at the top of the base folder; for the
+    /// hf layout, <see cref="HfCopiedFilePatterns"/>.
+    /// </summary>
+    public static IReadOnlyList<string> FilesToCopy(string baseDir, CheckpointLayout layout = CheckpointLayout.Official) =>
+        (layout == CheckpointLayout.Hf ? HfCopiedFilePatterns : CopiedFilePatterns)
+            .SelectMany(p => Directory.EnumerateFiles(baseDir, p, SearchOption.TopDirectoryOnly))
+            .Where(f => !f.EndsWith(".safetensors", StringComparison.Ordinal) && Path.GetFileName(f) != "config.json")
             .Distinct().OrderBy(f => f, StringComparer.Ordinal).ToList();
 
     /// <summary>Copies the bytes only: the merged folder is the user's own, not read-only like a cache or a fixture.</summary>

@@ -15,6 +15,8 @@ public interface ITensorSource
     /// <summary>The file holding <paramref name="name"/>, for messages.</summary>
     string FileOf(string name);
     Tensor Read(string name);
+    /// <summary>How the files name <paramref name="name"/>, for messages (an hf-layout folder stores other names).</summary>
+    string StoredName(string name) => name;
 }
 
 /// <summary>
@@ -26,7 +28,7 @@ public static class WeightLoader
 {
     /// <summary>Loads a model folder's weights into <paramref name="module"/>: every parameter must be stored, nothing else may be.</summary>
     /// <param name="include">Parameters to load (default: all but LoRA branches, which adapters supply).</param>
-    public static void LoadStrict(nn.Module module, CheckpointFolder checkpoint, Func<string, bool>? include = null)
+    public static void LoadStrict(nn.Module module, ITensorSource checkpoint, Func<string, bool>? include = null)
     {
         include ??= name => !name.Contains(".lora_");
         var targets = module.named_parameters().Where(p => include(p.name)).ToDictionary(p => p.name, p => p.parameter);
@@ -43,14 +45,14 @@ public static class WeightLoader
         var problems = new List<string>();
         var missing = requireAll ? targets.Keys.Where(k => !source.Contains(k)).OrderBy(k => k, StringComparer.Ordinal).ToList() : [];
         var unexpected = source.Names.Where(k => !targets.ContainsKey(k)).OrderBy(k => k, StringComparer.Ordinal).ToList();
-        if (missing.Count > 0) problems.Add($"missing tensor{Plural(missing)}: {List(missing)}");
-        if (unexpected.Count > 0) problems.Add($"unexpected tensor{Plural(unexpected)} (not part of this model): {List(unexpected)}");
+        if (missing.Count > 0) problems.Add($"missing tensor{Plural(missing)}: {List(missing, source)}");
+        if (unexpected.Count > 0) problems.Add($"unexpected tensor{Plural(unexpected)} (not part of this model): {List(unexpected, source)}");
         foreach (var (name, p) in targets)
         {
             if (!source.Contains(name)) continue;
             var stored = source.Entry(name).Shape;
             if (!stored.SequenceEqual(p.shape))
-                problems.Add($"shape mismatch for '{name}' in {Path.GetFileName(source.FileOf(name))}: expected [{string.Join(", ", p.shape)}], got [{string.Join(", ", stored)}]");
+                problems.Add($"shape mismatch for '{source.StoredName(name)}' in {Path.GetFileName(source.FileOf(name))}: expected [{string.Join(", ", p.shape)}], got [{string.Join(", ", stored)}]");
         }
         if (problems.Count > 0)
             throw new CheckpointException($"{source.Location}: {mismatch}:\n  " + string.Join("\n  ", problems));
@@ -69,6 +71,6 @@ public static class WeightLoader
 
     private static string Plural<T>(List<T> items) => items.Count == 1 ? "" : "s";
 
-    private static string List(List<string> names) =>
-        string.Join(", ", names.Take(12).Select(n => $"'{n}'")) + (names.Count > 12 ? $" and {names.Count - 12} more" : "");
+    private static string List(List<string> names, ITensorSource source) =>
+        string.Join(", ", names.Take(12).Select(n => $"'{source.StoredName(n)}'")) + (names.Count > 12 ? $" and {names.Count - 12} more" : "");
 }

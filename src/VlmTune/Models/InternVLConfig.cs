@@ -1,4 +1,5 @@
 using System.Text.Json;
+using VlmTune.Checkpoints;
 
 namespace VlmTune.Models;
 
@@ -93,8 +94,9 @@ public sealed record LlmConfig
 }
 
 /// <summary>
-/// InternVLChatConfig as written in an official model folder's config.json. Unknown fields are ignored (HF configs carry
-/// many generic ones); missing required fields are named in the error.
+/// InternVLChatConfig as written in an official model folder's config.json, or translated from the Hugging Face layout's
+/// (<see cref="HfLayout"/>). Unknown fields are ignored (HF configs carry many generic ones); missing required fields are
+/// named in the error.
 /// </summary>
 public sealed record InternVLConfig
 {
@@ -111,6 +113,8 @@ public sealed record InternVLConfig
     public int MinDynamicPatch { get; init; } = 1;
     public int MaxDynamicPatch { get; init; } = 12;
     public bool DynamicImageSize { get; init; } = true;
+    /// <summary>How the folder names its config fields and weights; every module keeps the official names either way.</summary>
+    public CheckpointLayout Layout { get; init; } = CheckpointLayout.Official;
 
     /// <summary>Image tokens per tile: (448/14)² patches, merged 2×2 by pixel shuffle = 256.</summary>
     public int NumImageToken => (int)Math.Round(Math.Pow(ForceImageSize / Vision.PatchSize, 2) * DownsampleRatio * DownsampleRatio);
@@ -125,20 +129,46 @@ public sealed record InternVLConfig
         JsonDocument doc;
         try { doc = JsonDocument.Parse(File.ReadAllText(path)); }
         catch (JsonException e) { throw new VlmTuneException($"{path}: invalid JSON: {e.Message}"); }
-        using (doc) return Parse(doc.RootElement, path);
+        using (doc) return Parse(doc.RootElement, path, Path.GetDirectoryName(Path.GetFullPath(path)));
     }
 
-    public static InternVLConfig Parse(JsonElement root, string source)
+    /// <summary>Parses a config.json of either layout.</summary>
+    /// <param name="modelDir">The folder, for the hf layout's preprocessor_config.json (tiling limits); null: its defaults.</param>
+    public static InternVLConfig Parse(JsonElement root, string source, string? modelDir = null)
     {
-        var r = new JsonFields(root, source, "");
+        var problems = new List<string>();
+        if (!HfLayout.IsHfConfig(root))
+            return ParseOfficial(root, source, "llm_config", problems) ?? throw Problems(source, problems);
+        var official = HfLayout.ToOfficialConfig(root, modelDir, problems);
+        if (problems.Count > 0) throw Problems(source, problems);
+        // Problems of the fields the translation carried over name them as the hf config does (text_config.…).
+        using var doc = JsonDocument.Parse(official.ToJsonString());
+        var config = ParseOfficial(doc.RootElement, source, "text_config", problems);
+        if (config is not null) HfLayout.CheckParsed(root, config, modelDir, problems);
+        if (problems.Count > 0) throw Problems(source, problems);
+        return config! with { Layout = CheckpointLayout.Hf };
+    }
+
+    private static VlmTuneException Problems(string source, List<string> problems)
+    {
+        var all = problems.Distinct().ToList();
+        return new VlmTuneException($"{source}: {(all.Count == 1 ? all[0] : "\n  " + string.Join("\n  ", all))}");
+    }
+
+    /// <summary>An official config, or null with the problems added to <paramref name="problems"/>.</summary>
+    /// <param name="llmLabel">How messages name the LLM section: llm_config, or text_config for a translated hf config.</param>
+    private static InternVLConfig? ParseOfficial(JsonElement root, string source, string llmLabel, List<string> problems)
+    {
+        string L = llmLabel;
+        var r = new JsonFields(root, source, "", problems);
         var v = r.Object("vision_config");
-        var l = r.Object("llm_config");
+        var l = r.Object("llm_config", label: L);
 
         string arch = l.Has("architectures") ? l.StringArrayFirst("architectures") : LlmArchitectures.InternLM2;
         if (LlmArchitectures.NotYetSupported.TryGetValue(arch, out var family))
-            r.Problems.Add($"llm_config.architectures is '{arch}' ({family}), which VlmTune does not support yet (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
+            r.Problems.Add($"{L}.architectures is '{arch}' ({family}), which VlmTune does not support yet (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
         else if (!LlmArchitectures.Supported.Contains(arch))
-            r.Problems.Add($"llm_config.architectures is '{arch}', which VlmTune does not support (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
+            r.Problems.Add($"{L}.architectures is '{arch}', which VlmTune does not support (supported: {string.Join(", ", LlmArchitectures.Supported)}).");
         bool internLm = arch == LlmArchitectures.InternLM2;
 
         RopeScaling? scaling = null;
@@ -151,12 +181,12 @@ public sealed record InternVLConfig
             else if (type is "dynamic" or "linear")
                 scaling = new RopeScaling(type, rs.Double("factor"));
             else if (type != "default")
-                r.Problems.Add($"llm_config.rope_scaling.type '{type}' is not supported (supported: dynamic, linear, longrope).");
+                r.Problems.Add($"{L}.rope_scaling.type '{type}' is not supported (supported: dynamic, linear, longrope).");
         }
         if (l.Bool("use_sliding_window", false))
-            r.Problems.Add("llm_config.use_sliding_window is true; VlmTune attends over the whole sequence (no released InternVL checkpoint uses a sliding window).");
+            r.Problems.Add($"{L}.use_sliding_window is true; VlmTune attends over the whole sequence (no released InternVL checkpoint uses a sliding window).");
         if (l.Has("partial_rotary_factor") && l.Double("partial_rotary_factor") != 1.0)
-            r.Problems.Add("llm_config.partial_rotary_factor other than 1 is not supported.");
+            r.Problems.Add($"{L}.partial_rotary_factor other than 1 is not supported.");
         // The Llama layout's bias switches: Qwen2 has q/k/v biases by definition, the others follow attention_bias.
         bool attentionBias = l.Bool("attention_bias", false);
 
@@ -189,9 +219,9 @@ public sealed record InternVLConfig
             HeadDim = l.Int("head_dim", 0),
         };
         if (internLm && llm.TieWordEmbeddings)
-            r.Problems.Add("llm_config.tie_word_embeddings is true, but InternLM2 checkpoints always store an output head of their own.");
+            r.Problems.Add($"{L}.tie_word_embeddings is true, but InternLM2 checkpoints always store an output head of their own.");
         if (scaling is { Type: "longrope" } lr && (lr.ShortFactor?.Count != llm.HeadDim / 2 || lr.LongFactor?.Count != llm.HeadDim / 2))
-            r.Problems.Add($"llm_config.rope_scaling: short_factor and long_factor need head_dim / 2 = {llm.HeadDim / 2} values each.");
+            r.Problems.Add($"{L}.rope_scaling: short_factor and long_factor need head_dim / 2 = {llm.HeadDim / 2} values each.");
         var config = new InternVLConfig
         {
             Vision = vision, Llm = llm,
@@ -203,15 +233,13 @@ public sealed record InternVLConfig
         };
         if (r.Problems.Count == 0)
         {
-            if (llm.HiddenSize % llm.NumAttentionHeads != 0 && !l.Has("head_dim")) r.Problems.Add("llm_config.hidden_size must be divisible by num_attention_heads (or head_dim given).");
-            if (llm.HeadDim % 2 != 0) r.Problems.Add($"llm_config head_dim {llm.HeadDim} must be even (rotary embedding).");
-            if (llm.NumAttentionHeads % llm.NumKeyValueHeads != 0) r.Problems.Add("llm_config.num_attention_heads must be divisible by num_key_value_heads.");
+            if (llm.HiddenSize % llm.NumAttentionHeads != 0 && !l.Has("head_dim")) r.Problems.Add($"{L}.hidden_size must be divisible by num_attention_heads (or head_dim given).");
+            if (llm.HeadDim % 2 != 0) r.Problems.Add($"{L} head_dim {llm.HeadDim} must be even (rotary embedding).");
+            if (llm.NumAttentionHeads % llm.NumKeyValueHeads != 0) r.Problems.Add($"{L}.num_attention_heads must be divisible by num_key_value_heads.");
             if (vision.HiddenSize % vision.NumAttentionHeads != 0) r.Problems.Add("vision_config.hidden_size must be divisible by num_attention_heads.");
             if (config.PsVersion != "v2") r.Problems.Add($"ps_version '{config.PsVersion}' is not supported (InternVL2 uses v2).");
         }
-        if (r.Problems.Count > 0)
-            { var all = r.Problems.Distinct().ToList(); throw new VlmTuneException($"{source}: {(all.Count == 1 ? all[0] : "\n  " + string.Join("\n  ", all))}"); }
-        return config;
+        return r.Problems.Count > 0 ? null : config;
     }
 }
 
@@ -224,12 +252,14 @@ internal sealed class JsonFields(JsonElement element, string source, string pref
 
     public JsonElement Element(string name) => element.GetProperty(name);
 
-    public JsonFields Object(string name)
+    /// <param name="label">The name messages give the object (default: <paramref name="name"/>).</param>
+    public JsonFields Object(string name, string? label = null)
     {
+        label ??= name;
         if (Has(name) && element.GetProperty(name).ValueKind == JsonValueKind.Object)
-            return new JsonFields(element.GetProperty(name), source, prefix + name + ".", Problems);
-        Problems.Add($"required field '{prefix}{name}' (an object) is missing.");
-        return new JsonFields(default, source, prefix + name + ".", Problems);
+            return new JsonFields(element.GetProperty(name), source, prefix + label + ".", Problems);
+        Problems.Add($"required field '{prefix}{label}' (an object) is missing.");
+        return new JsonFields(default, source, prefix + label + ".", Problems);
     }
 
     public int Int(string name, int? fallback = null)

@@ -92,7 +92,7 @@ public sealed class VisionFeatureCache : IDisposable
         text.Append(JsonSerializer.Serialize(config.Vision)).Append('\n');
         text.Append(CultureInfo.InvariantCulture,
             $"select_layer={config.SelectLayer} downsample_ratio={config.DownsampleRatio:R} ps_version={config.PsVersion} force_image_size={config.ForceImageSize} dtype={dtype} weights={(nf4 ? "nf4-block64-double-quant" : "as stored")}\n");
-        using var weights = CheckpointFolder.Open(modelDir);
+        using var weights = ModelWeights.Open(modelDir, config);   // official names in either layout
         foreach (var name in weights.Names.Where(n => n.StartsWith("vision_model.", StringComparison.Ordinal)).Order(StringComparer.Ordinal))
         {
             var e = weights.Entry(name);

@@ -86,9 +86,27 @@ public sealed class MergeCommandTests : IDisposable
         Assert.Contains("folder not found", r.Stderr);
         Assert.Contains("is not empty; pass --force", r.Stderr);     // every path problem at once
 
+        r = Run("merge", "--base", Fixtures.TinyModel, "--adapter", Fixtures.Adapter, "--out", Path.Combine(_dir, "onnx"), "--layout", "onnx");
+        Assert.Equal(1, r.ExitCode);
+        Assert.StartsWith("error: --layout 'onnx' is not a layout (official or hf).", r.Stderr);
+
         var chat = Run("chat", "--model", Fixtures.TinyModel, "--adapter", Path.Combine(_dir, "missing"), "--prompt", "hi");
         Assert.Equal(1, chat.ExitCode);
         Assert.Contains("adapter folder not found", chat.Stderr);
+    }
+
+    [FixtureFact]
+    public void LayoutHfWritesTransformersLayoutAndSaysTheTemplateIsNotKept()
+    {
+        string outDir = Path.Combine(_dir, "hf");
+        var r = Run("merge", "--base", Fixtures.TinyModel, "--adapter", Fixtures.Adapter, "--out", outDir, "--layout", "hf", "--no-verify");
+        Assert.True(r.ExitCode == 0, r.Stderr + r.Stdout);
+        Assert.Contains("note: the hf layout has no template field; VlmTune reads hf folders with internvl2_5, not this base's internlm2-chat", r.Stdout);
+        Assert.Contains("merge: 67/67 tensors", r.Stdout);   // 55 official tensors, 6 fused q/k/v become 18
+        using var config = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "config.json")));
+        Assert.Equal(HfLayout.Architecture, config.RootElement.GetProperty("architectures")[0].GetString());
+        using var weights = CheckpointFolder.Open(outDir);
+        Assert.Contains("model.language_model.layers.1.self_attn.v_proj.weight", weights.Names);
     }
 
     /// <summary>

@@ -10,9 +10,11 @@ namespace VlmTune.Tests.Models;
 
 /// <summary>
 /// Parity of every LLM family with goldens of the official InternVL code (tools/make_family_goldens.py; CPU, fp32 maths
-/// on bf16-stored weights, eager attention): logits, per-position logsumexp and argmax of the first pass, greedy ids with
-/// the KV cache, and for the Qwen families the LoRA loss, gradients and merged logits of a PEFT adapter. The variants
-/// cover 1 (qwen2), 3 (llama), 6 (llama_g6) and 8 (qwen3) query heads per KV head; the InternLM2 fixture covers 2.
+/// on bf16-stored weights, eager attention): the vision side (our image pipeline, ViT and projector against the
+/// official features), then the LLM on the official features: logits, per-position logsumexp and argmax of the first
+/// pass, greedy ids with the KV cache, and for the Qwen families the LoRA loss, gradients and merged logits of a PEFT
+/// adapter. The variants cover 1 (qwen2), 3 (llama), 4 (phi3), 6 (llama_g6) and 8 (qwen3) query heads per KV head;
+/// the InternLM2 fixture covers 2.
 /// </summary>
 public sealed class FamilyParityTests
 {
@@ -21,13 +23,38 @@ public sealed class FamilyParityTests
     public static TheoryData<string, string> Cases()
     {
         var data = new TheoryData<string, string>();
-        foreach (var v in new[] { "qwen2", "qwen3", "llama", "llama_g6" })
+        foreach (var v in Variants)
             foreach (var c in new[] { "one_image", "text_only", "two_images", "multi_turn" })
                 data.Add(v, c);
+        data.Add("phi3", "long_text");   // past original_max_position_embeddings: longrope's long factors
         return data;
     }
 
+    private static readonly string[] Variants = ["qwen2", "qwen3", "llama", "llama_g6", "phi3"];
+
+    public static TheoryData<string, string> Images()
+    {
+        var data = new TheoryData<string, string>();
+        foreach (var v in Variants)
+            foreach (var image in new[] { "clot", "tie", "tiny" })
+                data.Add(v, image);
+        return data;
+    }
+
+    /// <summary>Decoded, tiled and normalised by our pipeline, through the ViT (300M or 6B style) and mlp1.</summary>
     [FixtureTheory]
+    [MemberData(nameof(Images))]
+    public void VisionFeaturesMatchGolden(string variant, string image)
+    {
+        using var scope = NewDisposeScope();
+        using var model = Load(variant);
+        using var noGrad = no_grad();
+        var features = model.ExtractFeatures(Pixels(variant, [image]));
+        // JPEG decoders may differ by one level in a few pixels (clot.jpg); the PNGs decode exactly.
+        ModelParityTests.AssertClose(FamilyFixtures.GoldenTensors(variant).Read($"vit_features.{image}"), features, image == "clot" ? 2e-2 : Tol);
+    }
+
+    [Theory]
     [MemberData(nameof(Cases))]
     public void FirstPassLogitsMatchGolden(string variant, string caseName)
     {
@@ -51,7 +78,7 @@ public sealed class FamilyParityTests
         Assert.True(clear.sum().item<long>() > ids.Length / 2, "most positions must be clear choices");
     }
 
-    [FixtureTheory]
+    [Theory]
     [MemberData(nameof(Cases))]
     public void GreedyIdsWithTheCacheMatchGolden(string variant, string caseName)
     {
@@ -67,7 +94,7 @@ public sealed class FamilyParityTests
         Assert.Equal(expected[..firm], result.TokenIds.Take(firm).ToArray());
     }
 
-    [FixtureTheory]
+    [Theory]
     [InlineData("qwen2", false)]
     [InlineData("qwen3", true)]
     public void PeftAdapterLossGradientsAndMergeMatchGolden(string variant, bool checkpointing)
@@ -84,8 +111,7 @@ public sealed class FamilyParityTests
         var sample = meta.GetProperty("train_sample");
         var ids = FamilyFixtures.Longs(sample.GetProperty("input_ids"));
         var labels = FamilyFixtures.Longs(sample.GetProperty("labels"));
-        Tensor features;
-        using (no_grad()) features = model.ExtractFeatures(Pixels(variant, ["clot"]));
+        var features = golden.Read("vit_features.clot");
         var embeds = model.EmbedWithImages(tensor(ids).unsqueeze(0), features, ImageContextId(variant));
         var hidden = model.language_model.Forward(embeds, new DecoderInputs());
         var (loss, _) = CausalLmLoss.Compute(hidden, tensor(labels).unsqueeze(0), model.language_model.OutputHead);
@@ -147,12 +173,13 @@ public sealed class FamilyParityTests
         return cat(names.Select(n => processor.Process(FamilyFixtures.ImagePath(variant, n)).PixelValues).ToList(), 0);
     }
 
+    /// <summary>The official projector output of a case's images, so the LLM is compared on the very same inputs.</summary>
     private static Tensor? Features(InternVLChatModel model, string variant, string caseName)
     {
         var names = FamilyFixtures.Golden(variant).GetProperty("cases").GetProperty(caseName).GetProperty("images")
             .EnumerateArray().Select(e => e.GetString()!).ToList();
         if (names.Count == 0) return null;
-        using var noGrad = no_grad();
-        return model.ExtractFeatures(Pixels(variant, names));
+        var golden = FamilyFixtures.GoldenTensors(variant);
+        return cat(names.Select(n => golden.Read($"vit_features.{n}")).ToList(), 0);
     }
 }

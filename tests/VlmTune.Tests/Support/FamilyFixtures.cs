@@ -19,6 +19,22 @@ public static class FamilyFixtures
 
     public static string AdapterDir(string variant) => Path.Combine(Dir(variant), "adapter");
 
+    /// <summary>
+    /// A complete model folder in a new temporary directory (the caller deletes it): the committed files plus the
+    /// tokenizer's large ones from the shared fixtures (Qwen: vocab.json + merges.txt; Llama / Phi-3: tokenizer.model),
+    /// exactly as tools/make_family_goldens.py wrote them for the reference run.
+    /// </summary>
+    public static string CompleteModelDir(string variant)
+    {
+        var dir = Directory.CreateTempSubdirectory($"vlmtune-{variant}-").FullName;
+        foreach (var f in Directory.GetFiles(ModelDir(variant))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        if (File.Exists(Path.Combine(dir, "vocab.json")) || variant.StartsWith("qwen", StringComparison.Ordinal))
+            TokenizerFolders.WriteQwenVocabAndMerges(dir);
+        else
+            File.Copy(Path.Combine(TokenizerFolders.Llama2Dir, "tokenizer.model"), Path.Combine(dir, "tokenizer.model"));
+        return dir;
+    }
+
     private static readonly Dictionary<string, JsonDocument> Goldens = [];
     private static readonly Dictionary<string, SafetensorsFile> Tensors = [];
 

@@ -41,6 +41,19 @@ public static class TokenizerFolders
     /// <c>&lt;img&gt;</c>, <c>&lt;/img&gt;</c>, <c>&lt;IMG_CONTEXT&gt;</c>, <c>&lt;quad&gt;</c>, <c>&lt;/quad&gt;</c>,
     /// <c>&lt;ref&gt;</c>, <c>&lt;/ref&gt;</c>, <c>&lt;box&gt;</c>, <c>&lt;/box&gt;</c> (special).
     /// </summary>
+    /// <summary>
+    /// Only the two large files of a released Qwen folder (<c>vocab.json</c>, <c>merges.txt</c>), derived from the shared
+    /// <c>tokenizer.json</c>: what a checkpoint folder whose small tokenizer files are committed still needs.
+    /// </summary>
+    public static void WriteQwenVocabAndMerges(string dir)
+    {
+        var (vocab, merges, _) = Qwen.Value;
+        File.WriteAllText(Path.Combine(dir, "vocab.json"), vocab.ToJsonString());
+        var mergesText = new StringBuilder("#version: 0.2\n");
+        foreach (var merge in merges) mergesText.Append(merge).Append('\n');
+        File.WriteAllText(Path.Combine(dir, "merges.txt"), mergesText.ToString());
+    }
+
     public static void WriteQwen(string dir, QwenFlavor flavor)
     {
         Directory.CreateDirectory(dir);
@@ -50,10 +63,7 @@ public static class TokenizerFolders
         for (var i = 0; i < SpecialTokens.InternVL.Count; i++)
             added.Add(AddedToken(lastBaseId + 1 + i, SpecialTokens.InternVL[i], special: true));
 
-        File.WriteAllText(Path.Combine(dir, "vocab.json"), vocab.ToJsonString());
-        var mergesText = new StringBuilder("#version: 0.2\n");
-        foreach (var merge in merges) mergesText.Append(merge).Append('\n');
-        File.WriteAllText(Path.Combine(dir, "merges.txt"), mergesText.ToString());
+        WriteQwenVocabAndMerges(dir);
 
         var addedJson = new JsonObject();
         foreach (var t in added.OrderBy(t => (string)t["content"]!, StringComparer.Ordinal)) addedJson[(string)t["content"]!] = (int)t["id"]!;
