@@ -19,6 +19,7 @@ parser.add_argument('hf_dir'); parser.add_argument('official_dir'); parser.add_a
 parser.add_argument('--max-new-tokens', type=int, default=8)
 parser.add_argument('--device', default='cpu')
 parser.add_argument('--max-tiles', type=int, default=6)
+parser.add_argument('--prompt-ids', help='JSON file: `vlmtune chat --json` output (its prompt_ids) to use instead of the synthetic prompt')
 args = parser.parse_args()
 
 sys.modules['decord'] = types.SimpleNamespace(VideoReader=None, cpu=None)   # video only; not installed there
@@ -91,6 +92,9 @@ context = hf_cfg['image_token_id']
 tokens_per_tile = hf_cfg.get('image_seq_length', 256)
 # Every InternVL tokenizer adds <img>, </img>, <IMG_CONTEXT> in this order; the text ids are arbitrary but in every vocabulary.
 ids = [11, 22, 33, context - 2] + [context] * (tokens_per_tile * len(tiles)) + [context - 1, 44, 55, 66]
+if args.prompt_ids:
+    ids = json.load(open(args.prompt_ids))['prompt_ids']
+    assert ids.count(context) == tokens_per_tile * len(tiles), 'the prompt ids and the image disagree on the tile count'
 off.img_context_token_id = context
 
 

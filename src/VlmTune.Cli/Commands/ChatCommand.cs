@@ -26,7 +26,7 @@ internal static class ChatCommand
     private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "Fine-tuned adapter to run unmerged: a training checkpoint (iter_<n>/ or its work dir) or a PEFT LoRA folder." };
     private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained (default: the original weights)." };
-    private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, tiles." };
+    private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, prompt_ids, tiles." };
 
     public static Command Create()
     {
@@ -70,7 +70,7 @@ internal static class ChatCommand
                 var reply = chat.Chat(request, cancellation: ct);
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {
-                    text = reply.Text, token_ids = reply.TokenIds, prompt_tokens = reply.PromptTokens, tiles = reply.Tiles,
+                    text = reply.Text, token_ids = reply.TokenIds, prompt_tokens = reply.PromptTokens, prompt_ids = reply.PromptIds, tiles = reply.Tiles,
                     finish_reason = reply.FinishReason == FinishReason.Length ? "length" : "stop",
                 }, new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
             }

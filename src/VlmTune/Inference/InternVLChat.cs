@@ -44,7 +44,11 @@ public sealed record ChatRequest
     public SamplingOptions Sampling { get; init; } = new();
 }
 
-public sealed record ChatReply(string Text, IReadOnlyList<int> TokenIds, int PromptTokens, IReadOnlyList<int> Tiles, FinishReason FinishReason);
+public sealed record ChatReply(string Text, IReadOnlyList<int> TokenIds, int PromptTokens, IReadOnlyList<int> Tiles, FinishReason FinishReason)
+{
+    /// <summary>The prompt as token ids (template, image tokens and all): what parity checks compare with other tools.</summary>
+    public IReadOnlyList<int> PromptIds { get; init; } = [];
+}
 
 /// <summary>A prompt ready for the model: token ids and the pixel tiles of its images (all images concatenated).</summary>
 public sealed class PreparedPrompt(int[] inputIds, Tensor? pixels, IReadOnlyList<int> tiles) : IDisposable
@@ -164,7 +168,10 @@ public sealed class InternVLChat : IDisposable
             if (decoder?.Push(id) is { Length: > 0 } delta) onText!(delta);
         var result = stream.Completion.GetAwaiter().GetResult();
         if (decoder?.Flush() is { Length: > 0 } rest) onText!(rest);
-        return new ChatReply(Tokenizer.Decode(result.TokenIds), result.TokenIds, result.PromptTokens, prompt.Tiles, result.FinishReason);
+        return new ChatReply(Tokenizer.Decode(result.TokenIds), result.TokenIds, result.PromptTokens, prompt.Tiles, result.FinishReason)
+        {
+            PromptIds = [.. prompt.InputIds],
+        };
     }
 
     public void Dispose()

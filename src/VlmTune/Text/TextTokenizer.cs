@@ -160,6 +160,9 @@ public abstract class TextTokenizer
     /// <summary>Whether <paramref name="id"/> is a special token (dropped by <c>skip_special_tokens</c>).</summary>
     public bool IsSpecial(int id) => _specialIds.Contains(id);
 
+    /// <summary>Whether <paramref name="id"/> stands for text: a model token or an added token (not a padded embedding row).</summary>
+    public bool HasText(int id) => (uint)id < (uint)ModelVocabSize || IsAddedToken(id);
+
     /// <summary>Whether <paramref name="id"/> is an added token (written as its text, never as model bytes).</summary>
     public bool IsAddedToken(int id) => _addedTokenContents.ContainsKey(id);
 

@@ -36,6 +36,9 @@ public sealed class TokenStreamDecoder
             return Emit(text);
         }
         if (_skipSpecialTokens && _tokenizer.IsSpecial(id)) return "";
+        // Checkpoints pad the embedding past the tokenizer (Qwen3: 151,936 rows for 151,678 ids), so a model can emit an
+        // id that has no text: decoded as nothing, as Hugging Face's tokenizers do, rather than failing the answer.
+        if (!_tokenizer.HasText(id)) return "";
         _pending.AddRange(_tokenizer.TokenBytes(id));
         return Emit(TakeText(complete: false));
     }

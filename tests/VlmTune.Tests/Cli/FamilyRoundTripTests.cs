@@ -72,12 +72,12 @@ public sealed class FamilyRoundTripTests
 
             // vlmtune serve on the merged folder answers the same greedy tokens through the OpenAI API.
             int port = FreePort();
-            using var server = CliProcess.Start(["serve", "--model", merged, "--port", port.ToString(), "--allow-local-images", Path.GetDirectoryName(image)!]);
+            using var server = CliProcess.Start(["serve", "--model", merged, "--model-id", "tiny-family", "--port", port.ToString(), "--allow-local-images", Path.GetDirectoryName(image)!]);
             using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{port}"), Timeout = TimeSpan.FromSeconds(120) };
             await WaitReady(http);
             var body = new
             {
-                model = "vlmtune", max_tokens = 6, temperature = 0,
+                model = "tiny-family", max_tokens = 6, temperature = 0,
                 messages = new object[] { new { role = "user", content = new object[] {
                     new { type = "image_url", image_url = new { url = "file://" + image } }, new { type = "text", text = "What is in the picture?" } } } },
             };

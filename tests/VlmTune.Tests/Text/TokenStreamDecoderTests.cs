@@ -27,6 +27,18 @@ public class TokenStreamDecoderTests
         }
     }
 
+    /// <summary>Checkpoints pad their vocabulary (Qwen3: 151,936 rows, 151,678 ids); a padded id decodes to nothing.</summary>
+    [FixtureFact]
+    public void IdsOfPaddedEmbeddingRowsDecodeToNothing()
+    {
+        int padded = Tokenizer.VocabSize + 40;
+        Assert.False(Tokenizer.HasText(padded));
+        var ids = Tokenizer.Encode("hello", addBos: false);
+        Assert.Equal("hello", Tokenizer.Decode([.. ids, padded, padded]));
+        var decoder = Tokenizer.CreateStreamDecoder();
+        Assert.Equal("", decoder.Push(padded));
+    }
+
     [FixtureFact]
     public void HoldsBackACharacterUntilItsLastBytePiece()
     {
