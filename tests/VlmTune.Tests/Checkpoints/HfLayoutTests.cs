@@ -236,8 +236,10 @@ public sealed class HfLayoutTests : IDisposable
         Assert.Equal(12, pre["max_patches"]!.GetValue<int>());
         Assert.Equal(0.485, pre["image_mean"]![0]!.GetValue<double>());
         Assert.Equal(256, Json(Path.Combine(Out("hf"), "processor_config.json"))["image_seq_length"]!.GetValue<int>());
-        foreach (var file in Directory.GetFiles(BaseOf(variant)).Select(Path.GetFileName).Where(f => f!.StartsWith("tokenizer") || f == "added_tokens.json"))
+        // tokenizer_config.json gains the template's chat_template (what transformers and vLLM render); the rest is copied.
+        foreach (var file in Directory.GetFiles(BaseOf(variant)).Select(Path.GetFileName).Where(f => (f!.StartsWith("tokenizer") || f == "added_tokens.json") && f != "tokenizer_config.json"))
             Assert.Equal(File.ReadAllBytes(Path.Combine(BaseOf(variant), file!)), File.ReadAllBytes(Path.Combine(Out("hf"), file!)));
+        Assert.False(string.IsNullOrEmpty(Json(Path.Combine(Out("hf"), "tokenizer_config.json"))["chat_template"]?.GetValue<string>()));
         Assert.Empty(Directory.GetFiles(Out("hf"), "modeling_*.py"));
     }
 

@@ -90,6 +90,29 @@ public sealed class FamilyRoundTripTests
         finally { Directory.Delete(model, true); }
     }
 
+    /// <summary>QLoRA (NF4 decoder linears) and full fine-tuning run on each Llama-layout family and on Phi-3.</summary>
+    [FixtureTheory]
+    [InlineData("qwen2", "qlora")]
+    [InlineData("qwen3", "qlora")]
+    [InlineData("phi3", "qlora")]
+    [InlineData("qwen3", "full")]
+    [InlineData("llama", "full")]
+    public void QloraAndFullTrainingRun(string variant, string mode)
+    {
+        var model = FamilyFixtures.CompleteModelDir(variant);
+        using var data = new TrainTestData(samples: 4);
+        try
+        {
+            TrainResult trained;
+            using (var trainer = new Trainer(data.Config($"model={model}", $"mode={mode}", "max_steps=2", "save_steps=2", "dataloader_num_workers=0")))
+                trained = trainer.Train();
+            Assert.Equal(2, trained.Iterations);
+            Assert.Contains(trained.Losses, double.IsFinite);
+            Assert.NotNull(trained.LastCheckpoint);
+        }
+        finally { Directory.Delete(model, true); }
+    }
+
     private static bool SafetensorsHas(string file, string name)
     {
         using var f = VlmTune.Checkpoints.SafetensorsFile.Open(file);
