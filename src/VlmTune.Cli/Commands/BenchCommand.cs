@@ -234,7 +234,7 @@ internal static class BenchCommand
             Sync(device);
             double prefillS = clock.Elapsed.TotalSeconds;
 
-            if (checkSteps > 0 && fused is not null) CheckFused((InternLM2ForCausalLM)model.language_model, fused, cache, next, checkSteps, batch, device);
+            if (checkSteps > 0 && fused is not null) CheckFused(model.language_model, fused, cache, next, checkSteps, batch, device);
 
             // Greedy steps stay on the device: no host synchronisation inside the loop.
             Tensor Step(Tensor token)
@@ -282,7 +282,7 @@ internal static class BenchCommand
     /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
     private const double ClearMargin = 0.25;
 
-    private static void CheckFused(InternLM2ForCausalLM lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
+    private static void CheckFused(CausalLanguageModel lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
     {
         using var scope = NewDisposeScope();
         long length = prefilled.Length;

@@ -80,11 +80,15 @@ public static class FusedDecodePlan
 }
 
 /// <summary>
-/// One greedy/sampling decode step of InternLM2 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
+/// One greedy/sampling decode step of InternLM2, Llama or Qwen2 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
 /// through the driver API, instead of ~40 TorchSharp ops per layer whose host overhead (60–80 µs each) dominates a
 /// decode step. Same numerics as the TorchSharp path: bf16 storage, fp32 accumulation, RMSNorm and softmax in fp32,
 /// bf16 rounding wherever the reference rounds. The TorchSharp path stays the reference and the fallback: models on the
 /// CPU, in fp32, with unmerged LoRA or NF4 weights, and sequences past the dynamic-NTK threshold are not handled here.
+/// The kernels read InternLM2's grouped qkv layout (per KV head: its query heads, its key, its value); for the Llama
+/// layout the q/k/v projections (and Qwen2's biases) are packed into that order once, when the decoder is built: a copy
+/// of the attention input weights, so weights edited in place afterwards are not seen (adapters are merged at load,
+/// before the first decode step). Qwen3's q/k norms and Phi-3's fused projections decode through TorchSharp.
 /// </summary>
 public sealed class FusedDecoder
 {
@@ -92,12 +96,15 @@ public sealed class FusedDecoder
     public const string DisableVariable = "VLMTUNE_FUSED_DECODE";
     private const string Source = "decode.cu";
 
-    private static readonly ConditionalWeakTable<InternLM2ForCausalLM, Availability> Known = new();
+    private static readonly ConditionalWeakTable<CausalLanguageModel, Availability> Known = new();
 
     private sealed record Availability(FusedDecoder? Decoder, string? Reason);
 
-    private readonly InternLM2ForCausalLM _lm;
+    private readonly CausalLanguageModel _lm;
     private readonly LlmConfig _c;
+    private readonly Device _device;
+    private readonly Linear[] _linears;      // checked each step for LoRA or custom weights
+    private readonly Tensor[] _packed;       // the Llama layout's packed qkv weights and biases, owned here
     private readonly int _ordinal;
     private readonly object _gate = new();
     private readonly Parameter[] _weights;   // the parameters whose pointers are cached, to notice a swap
@@ -119,29 +126,77 @@ public sealed class FusedDecoder
     internal static string[] SkipForProfiling { get; set; } =
         (Environment.GetEnvironmentVariable("VLMTUNE_FUSED_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
-    private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
+    /// <summary>One layer's weights as the kernels read them; <c>QkvBias</c> is 0 when the projections have none.</summary>
+    private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr QkvBias, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
 
-    private FusedDecoder(InternLM2ForCausalLM lm)
+    /// <summary>A decoder layer's parts under one set of names, whatever the family.</summary>
+    private sealed record LayerParts(int Index, Parameter AttentionNorm, Linear[] Qkv, Linear Wo, Parameter FfnNorm, Linear W1, Linear W3, Linear W2)
+    {
+        /// <summary>The linear layers in order (q/k/v or wqkv, then wo, w1, w3, w2) with their checkpoint names.</summary>
+        public IEnumerable<(string Name, Linear L)> Named()
+        {
+            string[] names = Qkv.Length == 1
+                ? ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"]
+                : ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+            return names.Zip(Qkv.Concat([Wo, W1, W3, W2]), (n, l) => ($"layers.{Index}.{n}", l));
+        }
+    }
+
+    /// <summary>The parts of a family the kernels can run (InternLM2 or the Llama layout without q/k norms); null otherwise.</summary>
+    private static (Parameter Embedding, Parameter FinalNorm, Linear? Head, LayerParts[] Layers)? Parts(CausalLanguageModel lm) => lm switch
+    {
+        InternLM2ForCausalLM m => (m.model.tok_embeddings.weight, m.model.norm.weight, m.output, m.model.layers.Select(l => new LayerParts(l.Index,
+            l.attention_norm.weight, [l.attention.wqkv], l.attention.wo, l.ffn_norm.weight, l.feed_forward.w1, l.feed_forward.w3, l.feed_forward.w2)).ToArray()),
+        LlamaForCausalLM m when !m.Config.QkNorm => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index,
+            l.input_layernorm.weight, [l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], l.self_attn.o_proj, l.post_attention_layernorm.weight,
+            l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)).ToArray()),
+        _ => null,
+    };
+
+    /// <summary>
+    /// (q, k, v) projection weights (or biases) packed into the kernels' grouped order:
+    /// (kvh, groups + 2, head_dim, …), per KV head its query heads, then its key, then its value.
+    /// </summary>
+    internal static Tensor PackGroupedQkv(Tensor q, Tensor k, Tensor v, LlmConfig c)
+    {
+        using var scope = NewDisposeScope();
+        long kvh = c.NumKeyValueHeads, groups = c.KeyValueGroups, hd = c.HeadDim;
+        long[] rest = q.shape[1..];
+        Tensor Grouped(Tensor t, long n) => t.view([kvh, n, hd, .. rest]);
+        var packed = cat([Grouped(q, groups), Grouped(k, 1), Grouped(v, 1)], 1).reshape([-1, .. rest]).contiguous();   // ((H + 2·kvh)·d, …)
+        return packed.MoveToOuterDisposeScope();
+    }
+
+    private FusedDecoder(CausalLanguageModel lm)
     {
         _lm = lm;
         _c = lm.Config;
-        var device = lm.output.weight.device;
+        var (embedding, finalNorm, head, layers) = Parts(lm)!.Value;
+        var device = embedding.device;
+        _device = device;
         _ordinal = device.index < 0 ? 0 : device.index;
-        var m = lm.model;
-        _weights = [m.tok_embeddings.weight, m.norm.weight, lm.output.weight, .. m.layers.SelectMany(l => new[]
+        // A tied head (Qwen's tie_word_embeddings) reads the embedding: no module of its own to watch.
+        _linears = [.. layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. head is null ? [] : new[] { head }];
+        _weights = [embedding, finalNorm, .. layers.SelectMany(l => new[] { l.AttentionNorm, l.FfnNorm }), .. _linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        _embedding = TensorPointers.DataPointer(embedding);
+        _finalNorm = TensorPointers.DataPointer(finalNorm);
+        _outputHead = TensorPointers.DataPointer(head?.weight ?? embedding);
+        var packed = new List<Tensor>();
+        IntPtr Pack(Func<Linear, Tensor?> part, Linear[] qkv)
         {
-            l.attention_norm.weight, l.attention.wqkv.weight, l.attention.wo.weight, l.ffn_norm.weight,
-            l.feed_forward.w1.weight, l.feed_forward.w3.weight, l.feed_forward.w2.weight,
-        })];
-        _embedding = TensorPointers.DataPointer(m.tok_embeddings.weight);
-        _finalNorm = TensorPointers.DataPointer(m.norm.weight);
-        _outputHead = TensorPointers.DataPointer(lm.output.weight);
-        _layers = m.layers.Select(l => new LayerPointers(
-            TensorPointers.DataPointer(l.attention_norm.weight), TensorPointers.DataPointer(l.attention.wqkv.weight),
-            TensorPointers.DataPointer(l.attention.wo.weight), TensorPointers.DataPointer(l.ffn_norm.weight),
-            TensorPointers.DataPointer(l.feed_forward.w1.weight), TensorPointers.DataPointer(l.feed_forward.w3.weight),
-            TensorPointers.DataPointer(l.feed_forward.w2.weight))).ToArray();
-        _invFreq = m.Rotary.InvFreq(_c.RopeTheta, device).contiguous().DetachFromDisposeScope();
+            if (qkv.Length == 1) return part(qkv[0]) is { } own ? TensorPointers.DataPointer(own) : 0;
+            if (part(qkv[0]) is null) return 0;
+            using var noGrad = no_grad();
+            var t = PackGroupedQkv(part(qkv[0])!, part(qkv[1])!, part(qkv[2])!, _c).DetachFromDisposeScope();
+            packed.Add(t);
+            return TensorPointers.DataPointer(t);
+        }
+        _layers = layers.Select(l => new LayerPointers(
+            TensorPointers.DataPointer(l.AttentionNorm), Pack(x => x.weight, l.Qkv), Pack(x => x.bias, l.Qkv),
+            TensorPointers.DataPointer(l.Wo.weight), TensorPointers.DataPointer(l.FfnNorm),
+            TensorPointers.DataPointer(l.W1.weight), TensorPointers.DataPointer(l.W3.weight), TensorPointers.DataPointer(l.W2.weight))).ToArray();
+        _packed = [.. packed];
+        _invFreq = lm.Rotary.InvFreq(_c.RopeTheta, device).contiguous().DetachFromDisposeScope();
         _invFreqData = TensorPointers.DataPointer(_invFreq);
         _positionDivisor = _c.RopeScaling is { Type: "linear", Factor: var f } ? (float)f : 1f;
         _arch = CudaDriver.Shared.ComputeCapability(_ordinal);
@@ -154,22 +209,22 @@ public sealed class FusedDecoder
         KernelSwitch.IsOn(value ?? Environment.GetEnvironmentVariable(DisableVariable));
 
     /// <summary>Why this model cannot use the fused decoder (every reason at once); empty when it can.</summary>
-    public static IReadOnlyList<string> Problems(InternLM2ForCausalLM lm)
+    public static IReadOnlyList<string> Problems(CausalLanguageModel lm)
     {
         var problems = new List<string>();
         var c = lm.Config;
-        var weight = lm.output.weight;
-        if (weight.device_type != DeviceType.CUDA) problems.Add($"the model is on {weight.device}, not CUDA");
-        var m = lm.model;
-        var linears = m.layers.SelectMany(l => new (string Name, Linear L)[]
+        if (Parts(lm) is not { } parts)
         {
-            ($"layers.{l.Index}.attention.wqkv", l.attention.wqkv), ($"layers.{l.Index}.attention.wo", l.attention.wo),
-            ($"layers.{l.Index}.feed_forward.w1", l.feed_forward.w1), ($"layers.{l.Index}.feed_forward.w3", l.feed_forward.w3),
-            ($"layers.{l.Index}.feed_forward.w2", l.feed_forward.w2),
-        }).Append((Name: "output", L: lm.output)).ToList();
+            problems.Add(lm is LlamaForCausalLM ? $"{c.Architecture} with q/k norms (the kernels have none)" : $"{c.Architecture} (the kernels read the InternLM2 and Llama layouts)");
+            return problems;
+        }
+        var weight = parts.Embedding;
+        if (weight.device_type != DeviceType.CUDA) problems.Add($"the model is on {weight.device}, not CUDA");
+        var linears = parts.Layers.SelectMany(l => l.Named()).ToList();
+        if (parts.Head is { } head) linears.Add(("output", head));
         var tensors = linears.Select(x => (Name: x.Name, T: (Tensor)x.L.weight))
-            .Append(("tok_embeddings", m.tok_embeddings.weight)).Append(("norm", m.norm.weight))
-            .Concat(m.layers.SelectMany(l => new[] { ($"layers.{l.Index}.attention_norm", (Tensor)l.attention_norm.weight), ($"layers.{l.Index}.ffn_norm", l.ffn_norm.weight) }));
+            .Append(("embeddings", parts.Embedding)).Append(("norm", parts.FinalNorm))
+            .Concat(parts.Layers.SelectMany(l => new[] { ($"layers.{l.Index}.attention_norm", (Tensor)l.AttentionNorm), ($"layers.{l.Index}.ffn_norm", l.FfnNorm) }));
         var notBf16 = tensors.Where(t => t.Item2.dtype != ScalarType.BFloat16).Select(t => $"{t.Item1} ({t.Item2.dtype})").ToList();
         if (notBf16.Count > 0) problems.Add($"weights are not bfloat16: {Summary(notBf16)}");
         var notContiguous = tensors.Where(t => !t.Item2.is_contiguous()).Select(t => t.Item1).ToList();
@@ -178,7 +233,9 @@ public sealed class FusedDecoder
         if (lora.Count > 0) problems.Add($"unmerged LoRA on {Summary(lora)} (merge the adapter to decode fused)");
         var custom = linears.Where(x => x.L.WeightProvider is not null || x.L.BaseForward is not null).Select(x => x.Name).ToList();
         if (custom.Count > 0) problems.Add($"quantised or custom weights (e.g. NF4) on {Summary(custom)}");
-        if (linears.Any(x => x.L.bias is not null)) problems.Add("linear layers with bias");
+        // Biases only where the kernels add them: the q/k/v projections of the Llama layout (Qwen2).
+        var qkvWithBias = parts.Layers.SelectMany(l => l.Qkv.Length == 3 ? l.Qkv : []).ToHashSet();
+        if (linears.Any(x => x.L.bias is not null && !qkvWithBias.Contains(x.L))) problems.Add("linear layers with bias (other than q/k/v)");
         if (c.HiddenAct != "silu") problems.Add($"hidden_act {c.HiddenAct} (silu only)");
         if (c.HiddenSize % 8 != 0 || c.IntermediateSize % 8 != 0)
             problems.Add($"hidden_size {c.HiddenSize} and intermediate_size {c.IntermediateSize} must be multiples of 8 (16-byte loads)");
@@ -201,13 +258,11 @@ public sealed class FusedDecoder
     public static FusedDecoder? TryGet(CausalLanguageModel model, out string? reason)
     {
         if (!EnabledByEnvironment()) { reason = $"{DisableVariable}=0"; return null; }
-        // The kernels read InternLM2's per-group wqkv layout; the other families decode through TorchSharp.
-        if (model is not InternLM2ForCausalLM lm) { reason = $"not supported: {model.Config.Architecture} (the fused kernels cover InternLM2ForCausalLM)"; return null; }
-        var problems = Problems(lm);
+        var problems = Problems(model);
         if (problems.Count > 0) { reason = "not supported: " + string.Join("; ", problems); return null; }
-        var known = Known.GetValue(lm, model =>
+        var known = Known.GetValue(model, lm =>
         {
-            try { return new Availability(new FusedDecoder(model), null); }
+            try { return new Availability(new FusedDecoder(lm), null); }
             catch (CudaException e) { return new Availability(null, e.Message); }
         });
         reason = known.Reason;
@@ -223,26 +278,19 @@ public sealed class FusedDecoder
         if (!WeightsUnchanged()) return false;
         var keys = cache.KeysOf(0);   // the kernels write bf16 keys/values in place
         if (keys.dtype != ScalarType.BFloat16 || keys.device_type != DeviceType.CUDA || keys.shape[3] != _c.HeadDim) return false;
-        double theta = _lm.model.Rotary.Theta(cache.Length + 1);
+        double theta = _lm.Rotary.Theta(cache.Length + 1);
         if (theta != _c.RopeTheta) return false;
         return double.IsNaN(cache.Theta) || cache.Theta == theta;
     }
 
     private bool WeightsUnchanged()
     {
-        var m = _lm.model;
-        int i = 0;
-        bool Same(Parameter p) => ReferenceEquals(p, _weights[i++]);
-        if (!Same(m.tok_embeddings.weight) || !Same(m.norm.weight) || !Same(_lm.output.weight)) return false;
-        if (_lm.output.HasLora || _lm.output.WeightProvider is not null || _lm.output.BaseForward is not null) return false;
-        foreach (var l in m.layers)
-        {
-            if (!Same(l.attention_norm.weight) || !Same(l.attention.wqkv.weight) || !Same(l.attention.wo.weight) || !Same(l.ffn_norm.weight)
-                || !Same(l.feed_forward.w1.weight) || !Same(l.feed_forward.w3.weight) || !Same(l.feed_forward.w2.weight)) return false;
-            foreach (var lin in new[] { l.attention.wqkv, l.attention.wo, l.feed_forward.w1, l.feed_forward.w3, l.feed_forward.w2 })
-                if (lin.HasLora || lin.WeightProvider is not null || lin.BaseForward is not null) return false;
-        }
-        return true;
+        if (Parts(_lm) is not { } parts) return false;
+        Linear[] linears = [.. parts.Layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. parts.Head is null ? [] : new[] { parts.Head }];
+        Parameter[] now = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => new[] { l.AttentionNorm, l.FfnNorm }),
+            .. linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        if (now.Length != _weights.Length || now.Where((p, i) => !ReferenceEquals(p, _weights[i])).Any()) return false;
+        return linears.All(l => !l.HasLora && l.WeightProvider is null && l.BaseForward is null);
     }
 
     /// <summary>
@@ -273,7 +321,7 @@ public sealed class FusedDecoder
             int splits = FusedDecodePlan.AttentionSplits(total);
             var ws = WorkspaceFor(batch, splits);
             var module = Module(FusedDecodePlan.BatchBucket(batch));
-            var logits = empty(new long[] { batch, _c.VocabSize }, ScalarType.BFloat16, _lm.output.weight.device);
+            var logits = empty(new long[] { batch, _c.VocabSize }, ScalarType.BFloat16, _device);
 
             long d = _c.HiddenSize, hd = _c.HeadDim, kvh = _c.NumKeyValueHeads, heads = _c.NumAttentionHeads, inter = _c.IntermediateSize;
             long qkvWidth = (heads + 2 * kvh) * hd;
@@ -285,7 +333,8 @@ public sealed class FusedDecoder
 
             bool mma = TensorCoresAllowed && FusedDecodePlan.UseTensorCores(batch, _arch, _c);
             IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"),
-                plain = module.Function(mma ? "mma_plain" : "gemv_plain"), residual = module.Function(mma ? "mma_residual" : "gemv_residual"),
+                plain = module.Function(mma ? "mma_plain" : "gemv_plain"), biased = module.Function(mma ? "mma_bias" : "gemv_bias"),
+                residual = module.Function(mma ? "mma_residual" : "gemv_residual"),
                 gated = module.Function(mma ? "mma_gated" : "gemv_gated"), rope = module.Function("rope_append"),
                 split = module.Function("attention_split"), combine = module.Function("attention_combine");
             uint rows = (uint)batch;
@@ -305,7 +354,11 @@ public sealed class FusedDecoder
                 var w = _layers[i];
                 long keys = TensorPointers.DataPointer(cache.KeysOf(i)), values = TensorPointers.DataPointer(cache.ValuesOf(i));
                 if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps)]);
-                if (!skipGemv) driver.Launch(plain, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
+                if (!skipGemv)
+                {
+                    if (w.QkvBias == 0) driver.Launch(plain, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
+                    else driver.Launch(biased, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, w.QkvBias, ws.Qkv, batch, qkvWidth, d]);
+                }
                 if (!skipRope)
                     driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
                         [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity]);
@@ -358,7 +411,7 @@ public sealed class FusedDecoder
         if (_workspace is { } w && w.Batch == batch && w.Splits >= splits) return w;
         _workspace?.Dispose();
         // Room for more splits than needed now, so a growing sequence rarely reallocates.
-        _workspace = new Workspace(_c, batch, Math.Max(splits * 2, 16), _lm.output.weight.device);
+        _workspace = new Workspace(_c, batch, Math.Max(splits * 2, 16), _device);
         return _workspace;
     }
 

@@ -126,3 +126,60 @@ public class FusedDecoderTests
     [InlineData(3401, 27)]
     public void AttentionSplitsOf128Keys(long keys, int splits) => Assert.Equal(splits, FusedDecodePlan.AttentionSplits(keys));
 }
+
+/// <summary>
+/// The Llama layout on the fused path: its q/k/v projections (and Qwen2's biases) packed into the kernels' grouped
+/// order must compute what the InternLM2 attention computes with that packed wqkv, which is what the kernels implement.
+/// </summary>
+public class FusedDecoderLlamaLayoutTests
+{
+    [Theory]
+    [InlineData(6, 2, true)]    // 3 query heads per KV head, Qwen2's q/k/v biases
+    [InlineData(8, 1, false)]   // 8 per KV head, Llama without biases
+    public void PackedQkvGivesTheLlamaAttentionThroughTheInternLM2Layout(int heads, int kvHeads, bool bias)
+    {
+        using var scope = NewDisposeScope();
+        var c = new LlmConfig
+        {
+            Architecture = bias ? LlmArchitectures.Qwen2 : LlmArchitectures.Llama, HiddenSize = 48, NumHiddenLayers = 1,
+            NumAttentionHeads = heads, NumKeyValueHeads = kvHeads, IntermediateSize = 32, VocabSize = 64, HeadDim = 8, QkvBias = bias,
+        };
+        var o = new ModelOptions { Attention = AttentionKind.Exact };
+        using var llama = new LlamaAttention(c, o, 0);
+        using var intern = new InternLM2Attention(c with { Architecture = LlmArchitectures.InternLM2, QkvBias = false, Bias = bias }, o, 0);
+        using (no_grad())
+        {
+            foreach (var p in llama.parameters()) p.normal_(0, 0.2);
+            var (q, k, v) = (llama.q_proj, llama.k_proj, llama.v_proj);
+            intern.wqkv.weight.copy_(FusedDecoder.PackGroupedQkv(q.weight, k.weight, v.weight, c));
+            intern.wo.weight.copy_(llama.o_proj.weight);
+            if (bias)
+            {
+                intern.wqkv.bias!.copy_(FusedDecoder.PackGroupedQkv(q.bias!, k.bias!, v.bias!, c));
+                intern.wo.bias!.zero_();
+            }
+        }
+        var x = randn(2, 5, 48);
+        var positions = arange(5).unsqueeze(0).expand(2, 5);
+        var rope = new RotaryEmbedding(c).Tables(positions, 5, ScalarType.Float32);
+        using var noGrad = no_grad();
+        var expected = llama.Forward(x, rope, new DecoderInputs());
+        var actual = intern.Forward(x, rope, new DecoderInputs());
+        Assert.True((expected - actual).abs().max().item<float>() < 1e-5);
+    }
+
+    [Fact]
+    public void Qwen2IsSupportedWithItsBiasesAndQwen3AndPhi3SayWhyNot()
+    {
+        using var qwen2 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen2"), new ModelOptions { DType = ScalarType.BFloat16 });
+        var problem = Assert.Single(FusedDecoder.Problems(qwen2.language_model));   // q/k/v biases are handled
+        Assert.Contains("not CUDA", problem);
+        using var qwen3 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains("q/k norms", Assert.Single(FusedDecoder.Problems(qwen3.language_model)));
+        using var phi3 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains("Phi3ForCausalLM", Assert.Single(FusedDecoder.Problems(phi3.language_model)));
+        var llama = (LlamaForCausalLM)qwen2.language_model;
+        llama.model.layers[0].mlp.up_proj.AddLora(2, 4, 0, ScalarType.BFloat16);
+        Assert.Contains(FusedDecoder.Problems(qwen2.language_model), p => p.Contains("unmerged LoRA") && p.Contains("layers.0.mlp.up_proj"));
+    }
+}

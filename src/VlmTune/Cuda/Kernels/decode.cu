@@ -122,6 +122,7 @@ extern "C" __global__ void rms_norm(const bf16* __restrict__ x, const bf16* __re
 #define MODE_PLAIN 0
 #define MODE_RESIDUAL 1   // y = bf16(residual + bf16(acc))       (residual may alias y: each element is read then written by one lane)
 #define MODE_GATED 2      // y = bf16(silu(bf16(W1·x)) · bf16(W3·x)) with W3 in w_up
+#define MODE_BIAS 3       // y = bf16(acc + bias[n]), bias (N) in `residual`: one rounding, as a linear layer with bias
 
 template <int MODE>
 __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16* __restrict__ w, const bf16* __restrict__ w_up,
@@ -202,6 +203,7 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
                 if (lane == ((b + p) & 31) && n < N)
                 {
                     if (MODE == MODE_RESIDUAL) y[out + n] = f2bf(bf2f(residual[out + n]) + round_bf(s));
+                    else if (MODE == MODE_BIAS) y[out + n] = f2bf(s + bf2f(residual[n]));
                     else y[out + n] = f2bf(s);
                 }
             }
@@ -213,6 +215,11 @@ __device__ __forceinline__ void gemv_body(const bf16* __restrict__ x, const bf16
 extern "C" __global__ void __launch_bounds__(256) gemv_plain(const bf16* x, const bf16* w, bf16* y, int B, int N, int K)
 {
     gemv_body<MODE_PLAIN>(x, w, nullptr, nullptr, y, B, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemv_bias(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int B, int N, int K)
+{
+    gemv_body<MODE_BIAS>(x, w, nullptr, bias, y, B, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemv_residual(const bf16* x, const bf16* w, const bf16* residual, bf16* y, int B, int N, int K)
@@ -322,6 +329,7 @@ __device__ __forceinline__ void mma_body(const bf16* __restrict__ x, const bf16*
             y[o] = f2bf(silu * round_bf(s[T - 1]));
         }
         else if (MODE == MODE_RESIDUAL) y[o] = f2bf(bf2f(residual[o]) + round_bf(s[0]));
+        else if (MODE == MODE_BIAS) y[o] = f2bf(s[0] + bf2f(residual[n]));
         else y[o] = f2bf(s[0]);
     }
 }
@@ -330,6 +338,11 @@ __device__ __forceinline__ void mma_body(const bf16* __restrict__ x, const bf16*
 extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_plain(const bf16* x, const bf16* w, bf16* y, int B, int N, int K)
 {
     mma_body<MODE_PLAIN>(x, w, nullptr, nullptr, y, B, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_bias(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int B, int N, int K)
+{
+    mma_body<MODE_BIAS>(x, w, nullptr, bias, y, B, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_residual(const bf16* x, const bf16* w, const bf16* residual, bf16* y, int B, int N, int K)
