@@ -80,7 +80,7 @@ public static class FusedDecodePlan
 }
 
 /// <summary>
-/// One greedy/sampling decode step of InternLM2, Llama or Qwen2 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
+/// One greedy/sampling decode step of InternLM2, Llama, Qwen2 or Qwen3 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
 /// through the driver API, instead of ~40 TorchSharp ops per layer whose host overhead (60–80 µs each) dominates a
 /// decode step. Same numerics as the TorchSharp path: bf16 storage, fp32 accumulation, RMSNorm and softmax in fp32,
 /// bf16 rounding wherever the reference rounds. The TorchSharp path stays the reference and the fallback: models on the
@@ -88,7 +88,8 @@ public static class FusedDecodePlan
 /// The kernels read InternLM2's grouped qkv layout (per KV head: its query heads, its key, its value); for the Llama
 /// layout the q/k/v projections (and Qwen2's biases) are packed into that order once, when the decoder is built: a copy
 /// of the attention input weights, so weights edited in place afterwards are not seen (adapters are merged at load,
-/// before the first decode step). Qwen3's q/k norms and Phi-3's fused projections decode through TorchSharp.
+/// before the first decode step). Qwen3's per-head q/k norms run inside the RoPE kernel; Phi-3's fused projections
+/// decode through TorchSharp.
 /// </summary>
 public sealed class FusedDecoder
 {
@@ -127,11 +128,17 @@ public sealed class FusedDecoder
         (Environment.GetEnvironmentVariable("VLMTUNE_FUSED_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
     /// <summary>One layer's weights as the kernels read them; <c>QkvBias</c> is 0 when the projections have none.</summary>
-    private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr QkvBias, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
+    private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr QkvBias, IntPtr QNorm, IntPtr KNorm, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
 
     /// <summary>A decoder layer's parts under one set of names, whatever the family.</summary>
     private sealed record LayerParts(int Index, Parameter AttentionNorm, Linear[] Qkv, Linear Wo, Parameter FfnNorm, Linear W1, Linear W3, Linear W2)
     {
+        /// <summary>Qwen3's per-head query and key RMSNorm weights (head_dim); null for the others.</summary>
+        public Parameter? QNorm { get; init; }
+        public Parameter? KNorm { get; init; }
+
+        public IEnumerable<Parameter> Norms => new[] { AttentionNorm, FfnNorm }.Concat(QNorm is null ? [] : [QNorm, KNorm!]);
+
         /// <summary>The linear layers in order (q/k/v or wqkv, then wo, w1, w3, w2) with their checkpoint names.</summary>
         public IEnumerable<(string Name, Linear L)> Named()
         {
@@ -142,14 +149,14 @@ public sealed class FusedDecoder
         }
     }
 
-    /// <summary>The parts of a family the kernels can run (InternLM2 or the Llama layout without q/k norms); null otherwise.</summary>
+    /// <summary>The parts of a family the kernels can run (InternLM2 or the Llama layout); null otherwise.</summary>
     private static (Parameter Embedding, Parameter FinalNorm, Linear? Head, LayerParts[] Layers)? Parts(CausalLanguageModel lm) => lm switch
     {
         InternLM2ForCausalLM m => (m.model.tok_embeddings.weight, m.model.norm.weight, m.output, m.model.layers.Select(l => new LayerParts(l.Index,
             l.attention_norm.weight, [l.attention.wqkv], l.attention.wo, l.ffn_norm.weight, l.feed_forward.w1, l.feed_forward.w3, l.feed_forward.w2)).ToArray()),
-        LlamaForCausalLM m when !m.Config.QkNorm => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index,
+        LlamaForCausalLM m => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index,
             l.input_layernorm.weight, [l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], l.self_attn.o_proj, l.post_attention_layernorm.weight,
-            l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj)).ToArray()),
+            l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj) { QNorm = l.self_attn.q_norm?.weight, KNorm = l.self_attn.k_norm?.weight }).ToArray()),
         _ => null,
     };
 
@@ -177,7 +184,7 @@ public sealed class FusedDecoder
         _ordinal = device.index < 0 ? 0 : device.index;
         // A tied head (Qwen's tie_word_embeddings) reads the embedding: no module of its own to watch.
         _linears = [.. layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. head is null ? [] : new[] { head }];
-        _weights = [embedding, finalNorm, .. layers.SelectMany(l => new[] { l.AttentionNorm, l.FfnNorm }), .. _linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        _weights = [embedding, finalNorm, .. layers.SelectMany(l => l.Norms), .. _linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
         _embedding = TensorPointers.DataPointer(embedding);
         _finalNorm = TensorPointers.DataPointer(finalNorm);
         _outputHead = TensorPointers.DataPointer(head?.weight ?? embedding);
@@ -193,6 +200,7 @@ public sealed class FusedDecoder
         }
         _layers = layers.Select(l => new LayerPointers(
             TensorPointers.DataPointer(l.AttentionNorm), Pack(x => x.weight, l.Qkv), Pack(x => x.bias, l.Qkv),
+            l.QNorm is null ? 0 : TensorPointers.DataPointer(l.QNorm), l.KNorm is null ? 0 : TensorPointers.DataPointer(l.KNorm),
             TensorPointers.DataPointer(l.Wo.weight), TensorPointers.DataPointer(l.FfnNorm),
             TensorPointers.DataPointer(l.W1.weight), TensorPointers.DataPointer(l.W3.weight), TensorPointers.DataPointer(l.W2.weight))).ToArray();
         _packed = [.. packed];
@@ -215,7 +223,7 @@ public sealed class FusedDecoder
         var c = lm.Config;
         if (Parts(lm) is not { } parts)
         {
-            problems.Add(lm is LlamaForCausalLM ? $"{c.Architecture} with q/k norms (the kernels have none)" : $"{c.Architecture} (the kernels read the InternLM2 and Llama layouts)");
+            problems.Add($"{c.Architecture} (the kernels read the InternLM2 and Llama layouts)");
             return problems;
         }
         var weight = parts.Embedding;
@@ -224,7 +232,7 @@ public sealed class FusedDecoder
         if (parts.Head is { } head) linears.Add(("output", head));
         var tensors = linears.Select(x => (Name: x.Name, T: (Tensor)x.L.weight))
             .Append(("embeddings", parts.Embedding)).Append(("norm", parts.FinalNorm))
-            .Concat(parts.Layers.SelectMany(l => new[] { ($"layers.{l.Index}.attention_norm", (Tensor)l.AttentionNorm), ($"layers.{l.Index}.ffn_norm", l.FfnNorm) }));
+            .Concat(parts.Layers.SelectMany(l => l.Norms.Select((n, k) => ($"layers.{l.Index}.{new[] { "attention_norm", "ffn_norm", "q_norm", "k_norm" }[k]}", (Tensor)n))));
         var notBf16 = tensors.Where(t => t.Item2.dtype != ScalarType.BFloat16).Select(t => $"{t.Item1} ({t.Item2.dtype})").ToList();
         if (notBf16.Count > 0) problems.Add($"weights are not bfloat16: {Summary(notBf16)}");
         var notContiguous = tensors.Where(t => !t.Item2.is_contiguous()).Select(t => t.Item1).ToList();
@@ -287,7 +295,7 @@ public sealed class FusedDecoder
     {
         if (Parts(_lm) is not { } parts) return false;
         Linear[] linears = [.. parts.Layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. parts.Head is null ? [] : new[] { parts.Head }];
-        Parameter[] now = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => new[] { l.AttentionNorm, l.FfnNorm }),
+        Parameter[] now = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => l.Norms),
             .. linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
         if (now.Length != _weights.Length || now.Where((p, i) => !ReferenceEquals(p, _weights[i])).Any()) return false;
         return linears.All(l => !l.HasLora && l.WeightProvider is null && l.BaseForward is null);
@@ -361,7 +369,8 @@ public sealed class FusedDecoder
                 }
                 if (!skipRope)
                     driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
-                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity]);
+                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity,
+                         w.QNorm, w.KNorm, CudaDriver.Arg(eps)]);
                 if (!skipAttention)
                 {
                     driver.Launch(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,

@@ -361,11 +361,14 @@ extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gated(const bf1
 // Layer 0's launch also records the positions in the cache's (B, capacity) table (cache_positions, else null).
 // qkv row layout per KV head: [GROUPS query heads, key, value] x HEAD_DIM. cos/sin as Rotary.cs: fp32 angle
 // position·inv_freq (position / linear factor first), cos/sin rounded to bf16, rotate_half pairing (i, i + d/2).
+// With q_norm / k_norm (Qwen3; null otherwise) each query and key head is RMS-normalised over HEAD_DIM first, as
+// Layers.cs RmsNorm: fp32 mean of squares, x·rsqrt(mean + eps) rounded to bf16, times the bf16 weight.
 //                                                          grid (B, KVH), block (GROUPS + 2) * HEAD_DIM / 2
 extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __restrict__ q_out,
                                        bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                        const long long* __restrict__ positions, long long* __restrict__ cache_positions,
-                                       const float* __restrict__ inv_freq, float position_divisor, int col, int capacity)
+                                       const float* __restrict__ inv_freq, float position_divisor, int col, int capacity,
+                                       const bf16* __restrict__ q_norm, const bf16* __restrict__ k_norm, float norm_eps)
 {
     constexpr int HALF = HEAD_DIM / 2;
     int b = blockIdx.x, kv = blockIdx.y, kvh = gridDim.y;
@@ -375,6 +378,22 @@ extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __res
     if (cache_positions != nullptr && kv == 0 && threadIdx.x == 0) cache_positions[(long long)b * capacity + col] = position;
     const bf16* src = qkv + (((long long)b * kvh + kv) * (GROUPS + 2) + slot) * HEAD_DIM;
     long long cache_row = (((long long)b * kvh + kv) * capacity + col) * HEAD_DIM;
+    float a = bf2f(src[i]), bh = bf2f(src[i + HALF]);
+    if (q_norm != nullptr)   // the same for the whole block, so every thread reaches the barrier
+    {
+        __shared__ float squares[(GROUPS + 2) * HALF];
+        squares[threadIdx.x] = a * a + bh * bh;
+        __syncthreads();
+        if (slot <= GROUPS)
+        {
+            float sum = 0.f;   // a fixed order: the same result in every launch
+            for (int j = 0; j < HALF; j++) sum += squares[slot * HALF + j];
+            float r = rsqrtf(sum / HEAD_DIM + norm_eps);
+            const bf16* w = slot == GROUPS ? k_norm : q_norm;
+            a = round_bf(bf2f(w[i]) * round_bf(a * r));
+            bh = round_bf(bf2f(w[i + HALF]) * round_bf(bh * r));
+        }
+    }
     if (slot == GROUPS + 1)
     {
         v_cache[cache_row + i] = src[i];
@@ -385,7 +404,6 @@ extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __res
     if (position_divisor != 1.f) t = t / position_divisor;
     float angle = t * inv_freq[i];
     float c = round_bf(cosf(angle)), s = round_bf(sinf(angle));
-    float a = bf2f(src[i]), bh = bf2f(src[i + HALF]);
     bf16 lo = f2bf(round_bf(a * c) + round_bf(-bh * s));   // x·cos + rotate_half(x)·sin, each product a bf16 op
     bf16 hi = f2bf(round_bf(bh * c) + round_bf(a * s));
     if (slot == GROUPS)
