@@ -104,6 +104,63 @@ public abstract class DecoderLayer(string name, int index) : nn.Module(name)
     public abstract Tensor Forward(Tensor x, RotaryTables rope, DecoderInputs inputs);
 }
 
+/// <summary>The attention block of a family: its own projections (and norms) around <see cref="GroupedAttention"/>.</summary>
+public interface IAttention
+{
+    /// <summary>(B, T, D) normalised hidden states → (B, T, D) attention output.</summary>
+    Tensor Forward(Tensor x, RotaryTables rope, DecoderInputs inputs);
+}
+
+/// <summary>
+/// The Hugging Face decoder stack the Llama layout and Phi-3 share (<c>model.embed_tokens</c>, <c>model.layers</c>,
+/// <c>model.norm</c>); the families differ only in their attention and MLP modules.
+/// </summary>
+public sealed class HfModel<TAttention, TMlp> : nn.Module
+    where TAttention : nn.Module, IAttention where TMlp : nn.Module<Tensor, Tensor>
+{
+    public Embedding embed_tokens;
+    public ModuleList<HfDecoderLayer<TAttention, TMlp>> layers;
+    public RmsNorm norm;
+
+    public RotaryEmbedding Rotary { get; }
+
+    public HfModel(LlmConfig c, ModelOptions o, Func<int, TAttention> attention, Func<TMlp> mlp) : base("HfModel")
+    {
+        embed_tokens = new Embedding(c.VocabSize, c.HiddenSize, o);
+        layers = new ModuleList<HfDecoderLayer<TAttention, TMlp>>(Enumerable.Range(0, c.NumHiddenLayers)
+            .Select(i => new HfDecoderLayer<TAttention, TMlp>(c, o, i, attention(i), mlp())).ToArray());
+        norm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
+        Rotary = new RotaryEmbedding(c);
+        RegisterComponents();
+    }
+}
+
+/// <summary>A Hugging Face pre-norm decoder layer: <c>self_attn</c> and <c>mlp</c>, each after its RMSNorm, with residuals.</summary>
+public sealed class HfDecoderLayer<TAttention, TMlp> : DecoderLayer
+    where TAttention : nn.Module, IAttention where TMlp : nn.Module<Tensor, Tensor>
+{
+    public TAttention self_attn;
+    public TMlp mlp;
+    public RmsNorm input_layernorm;
+    public RmsNorm post_attention_layernorm;
+
+    public HfDecoderLayer(LlmConfig c, ModelOptions o, int index, TAttention attention, TMlp feedForward) : base("HfDecoderLayer", index)
+    {
+        self_attn = attention;
+        mlp = feedForward;
+        input_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
+        post_attention_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
+        RegisterComponents();
+    }
+
+    public override Tensor Forward(Tensor x, RotaryTables rope, DecoderInputs inputs)
+    {
+        using var scope = NewDisposeScope();
+        var h = x + self_attn.Forward(input_layernorm.forward(x), rope, inputs);
+        return (h + mlp.forward(post_attention_layernorm.forward(h))).MoveToOuterDisposeScope();
+    }
+}
+
 /// <summary>What a decoder pass needs besides the embeddings.</summary>
 public sealed record DecoderInputs
 {

@@ -13,7 +13,7 @@ namespace VlmTune.Models;
 /// </summary>
 public sealed class LlamaForCausalLM : CausalLanguageModel
 {
-    public LlamaModel model;
+    public HfModel<LlamaAttention, LlamaMlp> model;
     public Linear? lm_head;
 
     private readonly Linear _head;
@@ -21,7 +21,7 @@ public sealed class LlamaForCausalLM : CausalLanguageModel
 
     public LlamaForCausalLM(LlmConfig c, ModelOptions o) : base(c.Architecture, c)
     {
-        model = new LlamaModel(c, o);
+        model = new HfModel<LlamaAttention, LlamaMlp>(c, o, i => new LlamaAttention(c, o, i), () => new LlamaMlp(c, o));
         // Tied: no lm_head module (its checkpoint has no lm_head key); the head reads the embedding's weight.
         lm_head = c.TieWordEmbeddings ? null : new Linear(c.HiddenSize, c.VocabSize, false, o);
         RegisterComponents();
@@ -45,49 +45,7 @@ public sealed class LlamaForCausalLM : CausalLanguageModel
     }
 }
 
-public sealed class LlamaModel : nn.Module
-{
-    public Embedding embed_tokens;
-    public ModuleList<LlamaDecoderLayer> layers;
-    public RmsNorm norm;
-
-    public RotaryEmbedding Rotary { get; }
-
-    public LlamaModel(LlmConfig c, ModelOptions o) : base(nameof(LlamaModel))
-    {
-        embed_tokens = new Embedding(c.VocabSize, c.HiddenSize, o);
-        layers = new ModuleList<LlamaDecoderLayer>(Enumerable.Range(0, c.NumHiddenLayers).Select(i => new LlamaDecoderLayer(c, o, i)).ToArray());
-        norm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        Rotary = new RotaryEmbedding(c);
-        RegisterComponents();
-    }
-}
-
-public sealed class LlamaDecoderLayer : DecoderLayer
-{
-    public LlamaAttention self_attn;
-    public LlamaMlp mlp;
-    public RmsNorm input_layernorm;
-    public RmsNorm post_attention_layernorm;
-
-    public LlamaDecoderLayer(LlmConfig c, ModelOptions o, int index) : base(nameof(LlamaDecoderLayer), index)
-    {
-        self_attn = new LlamaAttention(c, o, index);
-        mlp = new LlamaMlp(c, o);
-        input_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        post_attention_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        RegisterComponents();
-    }
-
-    public override Tensor Forward(Tensor x, RotaryTables rope, DecoderInputs inputs)
-    {
-        using var scope = NewDisposeScope();
-        var h = x + self_attn.Forward(input_layernorm.forward(x), rope, inputs);
-        return (h + mlp.forward(post_attention_layernorm.forward(h))).MoveToOuterDisposeScope();
-    }
-}
-
-public sealed class LlamaAttention : nn.Module
+public sealed class LlamaAttention : nn.Module, IAttention
 {
     public Linear q_proj;
     public Linear k_proj;

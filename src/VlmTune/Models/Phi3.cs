@@ -10,7 +10,7 @@ namespace VlmTune.Models;
 /// </summary>
 public sealed class Phi3ForCausalLM : CausalLanguageModel
 {
-    public Phi3Model model;
+    public HfModel<Phi3Attention, Phi3Mlp> model;
     public Linear lm_head;
 
     private readonly IReadOnlyList<DecoderLayer> _layers;
@@ -18,7 +18,7 @@ public sealed class Phi3ForCausalLM : CausalLanguageModel
     public Phi3ForCausalLM(LlmConfig c, ModelOptions o) : base(nameof(Phi3ForCausalLM), c)
     {
         if (c.TieWordEmbeddings) throw new VlmTuneException("llm_config.tie_word_embeddings is true, but Phi-3 checkpoints store lm_head.");
-        model = new Phi3Model(c, o);
+        model = new HfModel<Phi3Attention, Phi3Mlp>(c, o, i => new Phi3Attention(c, o, i), () => new Phi3Mlp(c, o));
         lm_head = new Linear(c.HiddenSize, c.VocabSize, false, o);
         RegisterComponents();
         _layers = [.. model.layers];
@@ -39,49 +39,7 @@ public sealed class Phi3ForCausalLM : CausalLanguageModel
     }
 }
 
-public sealed class Phi3Model : nn.Module
-{
-    public Embedding embed_tokens;
-    public ModuleList<Phi3DecoderLayer> layers;
-    public RmsNorm norm;
-
-    public RotaryEmbedding Rotary { get; }
-
-    public Phi3Model(LlmConfig c, ModelOptions o) : base(nameof(Phi3Model))
-    {
-        embed_tokens = new Embedding(c.VocabSize, c.HiddenSize, o);
-        layers = new ModuleList<Phi3DecoderLayer>(Enumerable.Range(0, c.NumHiddenLayers).Select(i => new Phi3DecoderLayer(c, o, i)).ToArray());
-        norm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        Rotary = new RotaryEmbedding(c);
-        RegisterComponents();
-    }
-}
-
-public sealed class Phi3DecoderLayer : DecoderLayer
-{
-    public Phi3Attention self_attn;
-    public Phi3Mlp mlp;
-    public RmsNorm input_layernorm;
-    public RmsNorm post_attention_layernorm;
-
-    public Phi3DecoderLayer(LlmConfig c, ModelOptions o, int index) : base(nameof(Phi3DecoderLayer), index)
-    {
-        self_attn = new Phi3Attention(c, o, index);
-        mlp = new Phi3Mlp(c, o);
-        input_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        post_attention_layernorm = new RmsNorm(c.HiddenSize, c.RmsNormEps, o);
-        RegisterComponents();
-    }
-
-    public override Tensor Forward(Tensor x, RotaryTables rope, DecoderInputs inputs)
-    {
-        using var scope = NewDisposeScope();
-        var h = x + self_attn.Forward(input_layernorm.forward(x), rope, inputs);
-        return (h + mlp.forward(post_attention_layernorm.forward(h))).MoveToOuterDisposeScope();
-    }
-}
-
-public sealed class Phi3Attention : nn.Module
+public sealed class Phi3Attention : nn.Module, IAttention
 {
     public Linear qkv_proj;
     public Linear o_proj;
