@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Text;
+using System.Text.Json;
 using Spectre.Console;
 using VlmTune.Data;
 
@@ -9,11 +10,44 @@ namespace VlmTune.Cli.Commands;
 /// <summary><c>vlmtune data convert-oogiri</c> and <c>vlmtune data validate</c>: get training data ready, nothing lost silently.</summary>
 internal static class DataCommand
 {
-    public static Command Create() => new("data", "Convert and validate training data.")
+    public static Command Create() => new("data", "Convert, validate and browse training data.")
     {
         ConvertOogiri(),
         Validate(),
+        Browse(),
     };
+
+    private static readonly JsonSerializerOptions SummaryJson = new()
+    {
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower, WriteIndented = true,
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    };
+
+    /// <summary>The options <c>validate</c> and <c>browse</c> share, and how they become <see cref="ValidationOptions"/>.</summary>
+    private sealed class DataOptions
+    {
+        public readonly Option<DirectoryInfo?> ImageRoot = new("--image-root") { Description = "Folder image paths are relative to (default: the data file's folder; meta files use their own roots)." };
+        public readonly Option<DirectoryInfo?> Model = new("--model") { Description = "Model folder: its tokenizer and config.json measure token lengths." };
+        public readonly Option<int?> MaxLength = new("--max-length") { Description = "Maximum tokens per sample (text + image tokens); longer samples are errors (they would be truncated)." };
+        public readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Tiles per image (max_dynamic_patch; default from the model's config.json, else 12)." };
+
+        public IEnumerable<Option> All => [ImageRoot, Model, MaxLength, MaxTiles];
+
+        public ValidationOptions Bind(ParseResult parse)
+        {
+            var options = new ValidationOptions { MaxLength = parse.GetValue(MaxLength) };
+            if (parse.GetValue(Model) is { } modelDir)
+                options = ModelLength.Configure(options, modelDir.FullName);
+            if (parse.GetValue(MaxTiles) is { } tiles)
+            {
+                if (tiles < 1) throw new VlmTuneException($"--max-tiles must be at least 1, got {tiles}");
+                options = options with { MaxTiles = tiles };
+            }
+            if (options.MaxLength is not null && options.Length is null)
+                throw new VlmTuneException("--max-length needs --model (its tokenizer counts the tokens)");
+            return options;
+        }
+    }
 
     private static Command ConvertOogiri()
     {
@@ -77,33 +111,52 @@ internal static class DataCommand
     private static Command Validate()
     {
         var data = new Option<FileInfo>("--data") { Description = "Training data: InternVL JSON array or JSONL, OpenAI messages JSONL, or an InternVL meta file.", Required = true };
-        var imageRoot = new Option<DirectoryInfo?>("--image-root") { Description = "Folder image paths are relative to (default: the data file's folder; meta files use their own roots)." };
-        var model = new Option<DirectoryInfo?>("--model") { Description = "Model folder: its tokenizer and config.json measure token lengths." };
-        var maxLength = new Option<int?>("--max-length") { Description = "Maximum tokens per sample (text + image tokens); longer samples are errors (they would be truncated)." };
-        var maxTiles = new Option<int?>("--max-tiles") { Description = "Tiles per image (max_dynamic_patch; default from the model's config.json, else 12)." };
-        var command = new Command("validate", "Check every sample of training data and print a summary; exit code 1 when any has errors.")
-        {
-            data, imageRoot, model, maxLength, maxTiles,
-        };
+        var shared = new DataOptions();
+        var json = new Option<bool>("--json") { Description = "Print the summary as JSON (the facts `data browse` shows) instead of a table." };
+        var command = new Command("validate", "Check every sample of training data and print a summary; exit code 1 when any has errors.") { data, json };
+        foreach (var option in shared.All) command.Options.Add(option);
         command.SetAction(parse => CliErrors.Run(() =>
         {
             var dataPath = parse.GetValue(data)!.FullName;
-            var options = new ValidationOptions { MaxLength = parse.GetValue(maxLength) };
-            if (parse.GetValue(model) is { } modelDir)
-                options = ModelLength.Configure(options, modelDir.FullName);
-            if (parse.GetValue(maxTiles) is { } tiles)
-            {
-                if (tiles < 1) throw new VlmTuneException($"--max-tiles must be at least 1, got {tiles}");
-                options = options with { MaxTiles = tiles };
-            }
-            if (options.MaxLength is not null && options.Length is null)
-                throw new VlmTuneException("--max-length needs --model (its tokenizer counts the tokens)");
-
-            var entries = TrainingData.ReadEntries(dataPath, parse.GetValue(imageRoot)?.FullName);
-            var report = WithStatus($"validating {Path.GetFileName(dataPath)}",
-                status => DataValidator.Validate(entries, options, status));
-            PrintReport(report, options);
+            var options = shared.Bind(parse);
+            var entries = TrainingData.ReadEntries(dataPath, parse.GetValue(shared.ImageRoot)?.FullName);
+            var asJson = parse.GetValue(json);
+            var report = asJson ? DataValidator.Validate(entries, options)
+                : WithStatus($"validating {Path.GetFileName(dataPath)}", status => DataValidator.Validate(entries, options, status));
+            if (asJson) Console.WriteLine(JsonSerializer.Serialize(DataSummary.Of(report, options), SummaryJson));
+            else PrintReport(report, options);
             return report.ErrorCount == 0 ? 0 : 1;
+        }));
+        return command;
+    }
+
+    private static Command Browse()
+    {
+        var data = new Argument<FileInfo>("data") { Description = "Training data or an InternVL meta file (any format `train` reads)." };
+        var shared = new DataOptions();
+        var port = new Option<int>("--port") { Description = "Port to listen on (0: any free port).", DefaultValueFactory = _ => 8765 };
+        var host = new Option<string>("--host") { Description = "Address to bind; the data is only on this machine unless you pass another.", DefaultValueFactory = _ => "127.0.0.1" };
+        var command = new Command("browse", "Look at training data in the browser: samples, tiles, token counts, labels, problems and a summary.") { data, port, host };
+        foreach (var option in shared.All) command.Options.Add(option);
+        command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
+        {
+            var options = shared.Bind(parse);
+            using var browser = DatasetBrowser.Open(parse.GetValue(data)!.FullName, parse.GetValue(shared.ImageRoot)?.FullName, options);
+            await using var app = Serving.DatasetBrowserServer.Build(browser, parse.GetValue(host)!, parse.GetValue(port));
+            using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            void OnSignal(System.Runtime.InteropServices.PosixSignalContext signal) { signal.Cancel = true; stop.Cancel(); }
+            using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
+            using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
+            try { await app.StartAsync(); }
+            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException || e.InnerException is System.Net.Sockets.SocketException)
+            {
+                throw new VlmTuneException($"cannot listen on {parse.GetValue(host)}:{parse.GetValue(port)}: {e.Message}; pass another --port or --host.");
+            }
+            Console.WriteLine($"Browsing {browser.Path} on {Serving.VlmTuneServer.Address(app)} (counting the summary in the background). Ctrl-C to stop.");
+            try { await Task.Delay(Timeout.Infinite, stop.Token); }
+            catch (OperationCanceledException) { }
+            await app.StopAsync(CancellationToken.None);
+            return 0;
         }));
         return command;
     }

@@ -31,6 +31,18 @@ public sealed record ValidationOptions
     public int ImageCacheSize { get; init; } = 100_000;
 }
 
+/// <summary>One image of a sample as validation saw it: its stored size and tiles, or why it failed.</summary>
+/// <param name="Tiles">Tiles it becomes in training; null when it failed or could not be tiled.</param>
+/// <param name="MaxTiles">The tile budget it had (shared between a sample's images).</param>
+public sealed record ImageFacts(string Path, int Width, int Height, int? Tiles, int MaxTiles, string? Problem);
+
+/// <summary>What validation found in one record: its problems, its images, its training length (when measured).</summary>
+/// <param name="Length">Tokens in training (text + image); null when not measured or the sample has other problems.</param>
+public sealed record SampleFacts(DataEntry Entry, IReadOnlyList<DataProblem> Problems, IReadOnlyList<ImageFacts> Images, int? Length)
+{
+    public bool HasProblems => Problems.Count > 0;
+}
+
 public sealed class ValidationReport
 {
     public long Records { get; internal set; }
@@ -43,6 +55,30 @@ public sealed class ValidationReport
     public long ErrorCount => ErrorsByKind.Values.Sum();
     /// <summary>Samples over the maximum length (they would be truncated).</summary>
     public long TooLong => ErrorsByKind.GetValueOrDefault(DataProblemKind.TooLong);
+    /// <summary>Samples by their number of images.</summary>
+    public SortedDictionary<int, long> ImagesPerSample { get; } = new();
+    /// <summary>Images by the tiles they become (images that could not be tiled are not counted).</summary>
+    public SortedDictionary<int, long> TilesPerImage { get; } = new();
+
+    /// <summary>Counts one record's facts into the report (as <see cref="DataValidator.Validate"/> does for each).</summary>
+    public void Add(SampleFacts facts, ValidationOptions options)
+    {
+        Records++;
+        if (facts.Entry.Sample is { } sample)
+        {
+            Samples++;
+            Images += sample.Images.Count;
+            ImagesPerSample[sample.Images.Count] = ImagesPerSample.GetValueOrDefault(sample.Images.Count) + 1;
+            foreach (var image in facts.Images)
+                if (image.Tiles is { } t) TilesPerImage[t] = TilesPerImage.GetValueOrDefault(t) + 1;
+        }
+        foreach (var problem in facts.Problems)
+        {
+            ErrorsByKind[problem.Kind] = ErrorsByKind.GetValueOrDefault(problem.Kind) + 1;
+            if (Problems.Count < options.MaxListedProblems) Problems.Add(problem);
+        }
+        if (facts.Length is { } n) Lengths.Add(n);
+    }
 
     /// <summary>The p-th percentile (0..100, nearest rank) of <see cref="Lengths"/>.</summary>
     public int Percentile(double p)
@@ -66,6 +102,20 @@ public static class DataValidator
     public static ValidationReport Validate(IEnumerable<DataEntry> entries, ValidationOptions options, Action<long>? progress = null)
     {
         var report = new ValidationReport();
+        foreach (var batch in Check(entries, options).Chunk(BatchSize))
+        {
+            foreach (var facts in batch) report.Add(facts, options);
+            progress?.Invoke(report.Records);
+        }
+        return report;
+    }
+
+    /// <summary>
+    /// What validation finds in each record, in order: the one per-record check behind <see cref="Validate"/>, the
+    /// dataset browser and <c>data validate --json</c>. Images of each batch are checked in parallel and cached by path.
+    /// </summary>
+    public static IEnumerable<SampleFacts> Check(IEnumerable<DataEntry> entries, ValidationOptions options)
+    {
         var imageCache = new ConcurrentDictionary<string, ImageCheck>(StringComparer.Ordinal);
         foreach (var batch in entries.Chunk(BatchSize))
         {
@@ -73,24 +123,18 @@ public static class DataValidator
             var paths = batch.Where(e => e.Sample is not null).SelectMany(e => e.Sample!.Images).Distinct().Where(p => !imageCache.ContainsKey(p)).ToArray();
             Parallel.ForEach(paths, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, path => imageCache[path] = CheckImage(path));
             foreach (var entry in batch)
-            {
-                report.Records++;
-                if (entry.Problem is not null) { Add(report, entry.Problem, options); continue; }
-                var sample = entry.Sample!;
-                report.Samples++;
-                report.Images += sample.Images.Count;
-                var problems = CheckSample(sample, imageCache, options, out var length);
-                foreach (var problem in problems) Add(report, problem, options);
-                if (length is { } n) report.Lengths.Add(n);
-            }
-            progress?.Invoke(report.Records);
+                yield return entry.Problem is not null
+                    ? new SampleFacts(entry, [entry.Problem], [], null)
+                    : CheckSample(entry, imageCache, options);
         }
-        return report;
     }
 
-    private static List<DataProblem> CheckSample(TrainingSample sample, IReadOnlyDictionary<string, ImageCheck> images,
-                                                        ValidationOptions options, out int? length)
+    /// <summary>The facts of one sample on its own (the browser's detail view): the same check, its images decoded now.</summary>
+    public static SampleFacts Check(DataEntry entry, ValidationOptions options) => Check([entry], options).Single();
+
+    private static SampleFacts CheckSample(DataEntry entry, IReadOnlyDictionary<string, ImageCheck> images, ValidationOptions options)
     {
+        var sample = entry.Sample!;
         var problems = new List<DataProblem>();
         var source = sample.Source;
         var roleError = RoleError(sample.Conversations);
@@ -101,6 +145,7 @@ public static class DataValidator
                 $"{placeholders} <image> placeholder(s) for {sample.Images.Count} image(s)"));
 
         var tiles = new List<int>(sample.Images.Count);
+        var imageFacts = new List<ImageFacts>(sample.Images.Count);
         // As InternVL: several images share the tile budget, at least one tile each.
         var maxTiles = Math.Max(1, (sample.MaxDynamicPatch ?? options.MaxTiles) / Math.Max(1, sample.Images.Count));
         if (sample.Images.Count > 0 && options.MinTiles > maxTiles)
@@ -109,24 +154,30 @@ public static class DataValidator
         foreach (var path in sample.Images)
         {
             var check = images[path];
+            int? imageTiles = null;
             if (check.Problem is { } kind) problems.Add(new DataProblem(kind, source, $"image {path}: {check.Message}"));
-            else if (options.MinTiles <= maxTiles) tiles.Add(options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail));
+            else if (options.MinTiles <= maxTiles)
+            {
+                imageTiles = options.Tiles(check.Width, check.Height, options.MinTiles, maxTiles, options.UseThumbnail);
+                tiles.Add(imageTiles.Value);
+            }
+            imageFacts.Add(new ImageFacts(path, check.Width, check.Height, imageTiles, maxTiles, check.Message));
         }
 
         // Only a sample that is otherwise sound can be rendered the way training will.
-        length = null;
+        int? length = null;
         if (options.Length is not null && problems.Count == 0)
         {
             try { length = options.Length.Count(sample.Conversations, tiles); }
             catch (VlmTuneException e)
             {
                 problems.Add(new DataProblem(DataProblemKind.BadRecord, source, e.Message));
-                return problems;
+                return new SampleFacts(entry, problems, imageFacts, null);
             }
             if (options.MaxLength is { } max && length > max)
                 problems.Add(new DataProblem(DataProblemKind.TooLong, source, $"{length} tokens, over the maximum length {max} (it would be truncated)"));
         }
-        return problems;
+        return new SampleFacts(entry, problems, imageFacts, length);
     }
 
     /// <summary>Turns must be: an optional system turn, then human and gpt alternating, ending with gpt.</summary>
@@ -142,12 +193,6 @@ public static class DataValidator
         }
         if (turns[^1].From != ConversationTurn.Gpt) return "the last turn is from 'human' and has no gpt answer to learn from";
         return null;
-    }
-
-    private static void Add(ValidationReport report, DataProblem problem, ValidationOptions options)
-    {
-        report.ErrorsByKind[problem.Kind] = report.ErrorsByKind.GetValueOrDefault(problem.Kind) + 1;
-        if (report.Problems.Count < options.MaxListedProblems) report.Problems.Add(problem);
     }
 
     private readonly record struct ImageCheck(DataProblemKind? Problem, string? Message, int Width, int Height);

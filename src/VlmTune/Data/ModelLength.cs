@@ -19,6 +19,14 @@ public sealed class TrainingLength : ISampleLengthCounter
         _conversations = new ConversationTokenizer(tokenizer, template, numImageToken, maxLength: int.MaxValue);
     }
 
+    public TextTokenizer Tokenizer => _tokenizer;
+
+    /// <summary>The sample tokenized as training tokenizes it, cut at <paramref name="maxLength"/>: ids, labels, full length.</summary>
+    public TokenizedSample Tokenize(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles, int maxLength, string where) =>
+        new ConversationTokenizer(_tokenizer, _conversations.Template, _conversations.NumImageToken, maxLength).Tokenize(conversation, imageTiles, where);
+
+    public int NumImageToken => _conversations.NumImageToken;
+
     public int Count(IReadOnlyList<ConversationTurn> conversation, IReadOnlyList<int> imageTiles)
     {
         // Render with one tile per image and add the rest arithmetically: the same count as rendering every
