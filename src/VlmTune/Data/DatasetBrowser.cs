@@ -75,6 +75,7 @@ public sealed record SampleDetail(BrowsedSample Sample, IReadOnlyList<TileGrid?>
 /// </summary>
 public sealed class DatasetBrowser : IDisposable
 {
+    private const int SniffRecords = 100;
     private readonly Func<IEnumerable<DataEntry>> _read;
     private readonly ValidationReport _report = new();
     private readonly List<bool> _hasProblem = new();
@@ -103,10 +104,13 @@ public sealed class DatasetBrowser : IDisposable
     {
         var full = System.IO.Path.GetFullPath(path);
         IEnumerable<DataEntry> Read() => TrainingData.ReadEntries(full, imageRoot);
-        var first = Read().Take(1).ToList();
-        if (first.Count == 0) throw new VlmTuneException($"{full} holds no records; it is not training data.");
-        if (first[0].Problem is { Kind: DataProblemKind.BadJson } problem)
-            throw new VlmTuneException($"{full} is not training data: {problem}");
+        // Not JSON at the start, or nothing like a sample among the first records: the wrong file, not broken data.
+        var head = Read().Take(SniffRecords).ToList();
+        if (head.Count == 0) throw new VlmTuneException($"{full} holds no records; it is not training data.");
+        if (head[0].Problem is { Kind: DataProblemKind.BadJson } problem)
+            throw new VlmTuneException($"{full} is not training data: {problem.Message} (line {problem.Source.Line})");
+        if (head.All(e => e.Sample is null))
+            throw new VlmTuneException($"{full} is not training data: none of its first {head.Count} record(s) is a sample (line {head[0].Problem!.Source.Line}: {head[0].Problem!.Message})");
         return new DatasetBrowser(full, Read, options, holdAfterFirstBatch);
     }
 
