@@ -69,7 +69,7 @@ public sealed record ConversationTemplate(
     public const string InternVL25SystemMessage = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。";
 
     /// <summary>InternVL2-2B/8B/26B and InternVL2-Llama3-76B (see docs/model.md); trained with <c>preprocess_internlm</c>.</summary>
-    public static ConversationTemplate InternLM2Chat { get; } = new(
+    public static ConversationTemplate InternLM2Chat { get; } = WithMptJinja(new(
         Name: "internlm2-chat",
         SystemTemplate: "<|im_start|>system\n{system_message}",
         SystemMessage: InternVL2SystemMessage,
@@ -77,8 +77,7 @@ public sealed record ConversationTemplate(
         AssistantRole: "<|im_start|>assistant\n",
         Separator: "<|im_end|>",
         StopTokens: ["<|im_end|>"],
-        Labels: TrainingLabelStyle.InternLM,
-        JinjaChatTemplate: ChatTemplates.ImStartNoNewline);
+        Labels: TrainingLabelStyle.InternLM));
 
     /// <summary>
     /// InternVL2-1B (Qwen2) and InternVL2-40B (Yi): the same text as <c>internlm2-chat</c>; only the training labels
@@ -92,7 +91,7 @@ public sealed record ConversationTemplate(
     };
 
     /// <summary>InternVL2-4B (Phi-3-mini); trained with <c>preprocess_phi3</c>.</summary>
-    public static ConversationTemplate Phi3Chat { get; } = new(
+    public static ConversationTemplate Phi3Chat { get; } = WithMptJinja(new(
         Name: "phi3-chat",
         SystemTemplate: "<|system|>\n{system_message}",
         SystemMessage: InternVL2SystemMessage,
@@ -100,11 +99,10 @@ public sealed record ConversationTemplate(
         AssistantRole: "<|assistant|>\n",
         Separator: "<|end|>",
         StopTokens: ["<|end|>"],
-        Labels: TrainingLabelStyle.Phi3,
-        JinjaChatTemplate: ChatTemplates.Phi3);
+        Labels: TrainingLabelStyle.Phi3));
 
     /// <summary>Every InternVL2.5, InternVL3 and InternVL3.5 dense checkpoint; trained with <c>preprocess_internvl2_5</c>.</summary>
-    public static ConversationTemplate InternVL25 { get; } = new(
+    public static ConversationTemplate InternVL25 { get; } = WithMptJinja(new(
         Name: "internvl2_5",
         SystemTemplate: "<|im_start|>system\n{system_message}",
         SystemMessage: InternVL25SystemMessage,
@@ -112,8 +110,11 @@ public sealed record ConversationTemplate(
         AssistantRole: "<|im_start|>assistant\n",
         Separator: "<|im_end|>\n",
         StopTokens: ["<|im_end|>"],
-        Labels: TrainingLabelStyle.InternVL25,
-        JinjaChatTemplate: ChatTemplates.ImStartNewline);
+        Labels: TrainingLabelStyle.InternVL25));
+
+    /// <summary>The template with the Jinja <c>chat_template</c> generated from its own MPT strings.</summary>
+    private static ConversationTemplate WithMptJinja(ConversationTemplate t) =>
+        t with { JinjaChatTemplate = ChatTemplates.Mpt(t.SystemTemplate, t.UserRole, t.AssistantRole, t.Separator) };
 
     private static readonly Dictionary<string, ConversationTemplate> Registry = new(StringComparer.Ordinal)
     {
@@ -205,86 +206,44 @@ public sealed record ConversationTemplate(
 /// </summary>
 internal static class ChatTemplates
 {
-    /// <summary>internlm2-chat and Hermes-2: ChatML tokens, no newline after &lt;|im_end|&gt;.</summary>
-    public const string ImStartNoNewline = """
-        {%- if messages and messages[0]['role'] == 'system' -%}
-            {%- set system_message = messages[0]['content'] -%}
-            {%- set loop_messages = messages[1:] -%}
-        {%- else -%}
-            {%- set system_message = default_system_message -%}
-            {%- set loop_messages = messages -%}
-        {%- endif -%}
-        {{- '<|im_start|>system\n' + system_message + '<|im_end|>' -}}
-        {%- for message in loop_messages -%}
-            {%- if message['role'] == 'user' -%}
-                {{- '<|im_start|>user\n' -}}
-            {%- elif message['role'] == 'assistant' -%}
-                {{- '<|im_start|>assistant\n' -}}
+    /// <summary>
+    /// conversation.py's MPT rendering (the system prompt, then role + message + separator for every message) as a Jinja
+    /// <c>chat_template</c>, generated from a template's own strings so the two renderings cannot drift apart.
+    /// </summary>
+    public static string Mpt(string systemTemplate, string userRole, string assistantRole, string separator)
+    {
+        const string Placeholder = "{system_message}";
+        int at = systemTemplate.IndexOf(Placeholder, StringComparison.Ordinal);
+        // As Render: a system template without the placeholder is written as it is, without the message.
+        string system = at < 0
+            ? StringLiteral(systemTemplate + separator)
+            : $"{StringLiteral(systemTemplate[..at])} + system_message + {StringLiteral(systemTemplate[(at + Placeholder.Length)..] + separator)}";
+        return $$$"""
+            {%- if messages and messages[0]['role'] == 'system' -%}
+                {%- set system_message = messages[0]['content'] -%}
+                {%- set loop_messages = messages[1:] -%}
             {%- else -%}
-                {{- raise_exception('Only the first message may be a system message; the others are from the user or the assistant.') -}}
+                {%- set system_message = default_system_message -%}
+                {%- set loop_messages = messages -%}
             {%- endif -%}
-            {%- if message['content'] -%}
-                {{- message['content'] + '<|im_end|>' -}}
+            {{- {{{system}}} -}}
+            {%- for message in loop_messages -%}
+                {%- if message['role'] == 'user' -%}
+                    {{- {{{StringLiteral(userRole)}}} -}}
+                {%- elif message['role'] == 'assistant' -%}
+                    {{- {{{StringLiteral(assistantRole)}}} -}}
+                {%- else -%}
+                    {{- raise_exception('Only the first message may be a system message; the others are from the user or the assistant.') -}}
+                {%- endif -%}
+                {%- if message['content'] -%}
+                    {{- message['content'] + {{{StringLiteral(separator)}}} -}}
+                {%- endif -%}
+            {%- endfor -%}
+            {%- if add_generation_prompt -%}
+                {{- {{{StringLiteral(assistantRole)}}} -}}
             {%- endif -%}
-        {%- endfor -%}
-        {%- if add_generation_prompt -%}
-            {{- '<|im_start|>assistant\n' -}}
-        {%- endif -%}
-        """;
-
-    /// <summary>internvl2_5: ChatML tokens, each part ends with &lt;|im_end|&gt; and a newline.</summary>
-    public const string ImStartNewline = """
-        {%- if messages and messages[0]['role'] == 'system' -%}
-            {%- set system_message = messages[0]['content'] -%}
-            {%- set loop_messages = messages[1:] -%}
-        {%- else -%}
-            {%- set system_message = default_system_message -%}
-            {%- set loop_messages = messages -%}
-        {%- endif -%}
-        {{- '<|im_start|>system\n' + system_message + '<|im_end|>\n' -}}
-        {%- for message in loop_messages -%}
-            {%- if message['role'] == 'user' -%}
-                {{- '<|im_start|>user\n' -}}
-            {%- elif message['role'] == 'assistant' -%}
-                {{- '<|im_start|>assistant\n' -}}
-            {%- else -%}
-                {{- raise_exception('Only the first message may be a system message; the others are from the user or the assistant.') -}}
-            {%- endif -%}
-            {%- if message['content'] -%}
-                {{- message['content'] + '<|im_end|>\n' -}}
-            {%- endif -%}
-        {%- endfor -%}
-        {%- if add_generation_prompt -%}
-            {{- '<|im_start|>assistant\n' -}}
-        {%- endif -%}
-        """;
-
-    /// <summary>phi3-chat: Phi-3's role tokens, each part ends with &lt;|end|&gt; (no newline).</summary>
-    public const string Phi3 = """
-        {%- if messages and messages[0]['role'] == 'system' -%}
-            {%- set system_message = messages[0]['content'] -%}
-            {%- set loop_messages = messages[1:] -%}
-        {%- else -%}
-            {%- set system_message = default_system_message -%}
-            {%- set loop_messages = messages -%}
-        {%- endif -%}
-        {{- '<|system|>\n' + system_message + '<|end|>' -}}
-        {%- for message in loop_messages -%}
-            {%- if message['role'] == 'user' -%}
-                {{- '<|user|>\n' -}}
-            {%- elif message['role'] == 'assistant' -%}
-                {{- '<|assistant|>\n' -}}
-            {%- else -%}
-                {{- raise_exception('Only the first message may be a system message; the others are from the user or the assistant.') -}}
-            {%- endif -%}
-            {%- if message['content'] -%}
-                {{- message['content'] + '<|end|>' -}}
-            {%- endif -%}
-        {%- endfor -%}
-        {%- if add_generation_prompt -%}
-            {{- '<|assistant|>\n' -}}
-        {%- endif -%}
-        """;
+            """;
+    }
 
     /// <summary>A single-quoted Jinja string literal of <paramref name="value"/> (Jinja2 and @huggingface/jinja read the same escapes).</summary>
     public static string StringLiteral(string value)
