@@ -104,7 +104,6 @@ public sealed class FusedDecoder
     private readonly CausalLanguageModel _lm;
     private readonly LlmConfig _c;
     private readonly Device _device;
-    private readonly Linear[] _linears;      // checked each step for LoRA or custom weights
     private readonly Tensor[] _packed;       // the Llama layout's packed qkv weights and biases, owned here
     private readonly int _ordinal;
     private readonly object _gate = new();
@@ -182,9 +181,7 @@ public sealed class FusedDecoder
         var device = embedding.device;
         _device = device;
         _ordinal = device.index < 0 ? 0 : device.index;
-        // A tied head (Qwen's tie_word_embeddings) reads the embedding: no module of its own to watch.
-        _linears = [.. layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. head is null ? [] : new[] { head }];
-        _weights = [embedding, finalNorm, .. layers.SelectMany(l => l.Norms), .. _linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        _weights = Watched(Parts(lm)!.Value).Parameters;
         _embedding = TensorPointers.DataPointer(embedding);
         _finalNorm = TensorPointers.DataPointer(finalNorm);
         _outputHead = TensorPointers.DataPointer(head?.weight ?? embedding);
@@ -294,11 +291,21 @@ public sealed class FusedDecoder
     private bool WeightsUnchanged()
     {
         if (Parts(_lm) is not { } parts) return false;
-        Linear[] linears = [.. parts.Layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. parts.Head is null ? [] : new[] { parts.Head }];
-        Parameter[] now = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => l.Norms),
-            .. linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        var (linears, now) = Watched(parts);
         if (now.Length != _weights.Length || now.Where((p, i) => !ReferenceEquals(p, _weights[i])).Any()) return false;
         return linears.All(l => !l.HasLora && l.WeightProvider is null && l.BaseForward is null);
+    }
+
+    /// <summary>
+    /// The linear layers a step reads (a tied head is the embedding: no module of its own) and every parameter whose
+    /// pointer the decoder caches, in one order: the constructor records them, each step compares.
+    /// </summary>
+    private static (Linear[] Linears, Parameter[] Parameters) Watched((Parameter Embedding, Parameter FinalNorm, Linear? Head, LayerParts[] Layers) parts)
+    {
+        Linear[] linears = [.. parts.Layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. parts.Head is null ? [] : new[] { parts.Head }];
+        Parameter[] parameters = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => l.Norms),
+            .. linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
+        return (linears, parameters);
     }
 
     /// <summary>

@@ -26,13 +26,8 @@ public sealed class InternLM2ForCausalLM : CausalLanguageModel
     public override IReadOnlyList<DecoderLayer> Layers => _layers;
     public override nn.Module LayerStack => model.layers;
     public override RotaryEmbedding Rotary => model.Rotary;
+    public override RmsNorm FinalNorm => model.norm;
     public override IReadOnlyList<string> OfficialLoraTargets { get; } = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"];
-
-    public override Tensor Forward(Tensor inputsEmbeds, DecoderInputs inputs)
-    {
-        using var scope = NewDisposeScope();
-        return model.norm.forward(RunLayers(inputsEmbeds, inputs)).MoveToOuterDisposeScope();
-    }
 }
 
 public sealed class InternLM2Model : nn.Module

@@ -19,8 +19,15 @@ public abstract class CausalLanguageModel : nn.Module
     /// <summary>Token embeddings (B, T) → (B, T, D).</summary>
     public Tensor Embed(Tensor ids) => TokenEmbedding.forward(ids);
 
-    /// <summary>Final hidden states (B, T, D) for input embeddings (B, T, D).</summary>
-    public abstract Tensor Forward(Tensor inputsEmbeds, DecoderInputs inputs);
+    /// <summary>Final hidden states (B, T, D) for input embeddings (B, T, D): every layer, then the final RMSNorm.</summary>
+    public Tensor Forward(Tensor inputsEmbeds, DecoderInputs inputs)
+    {
+        using var scope = NewDisposeScope();
+        return FinalNorm.forward(RunLayers(inputsEmbeds, inputs)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The RMSNorm after the last decoder layer (<c>model.norm</c>).</summary>
+    public abstract RmsNorm FinalNorm { get; }
 
     /// <summary>Logits (…, V) of hidden states; the caller picks which positions need them.</summary>
     public Tensor Logits(Tensor hidden) => OutputHead.forward(hidden);
@@ -57,6 +64,9 @@ public abstract class CausalLanguageModel : nn.Module
     /// </summary>
     public abstract IReadOnlyList<string> OfficialLoraTargets { get; }
 
+    /// <summary>What LoRA adapts when the recipe names nothing: the official targets and the output head unless it is tied.</summary>
+    public IReadOnlyList<string> DefaultLoraTargets => [.. OfficialLoraTargets, .. OutputHeadName is { } head ? [head] : Array.Empty<string>()];
+
     /// <summary>Runs each decoder layer; set by training to checkpoint layers (recompute activations in backward).</summary>
     public Func<DecoderLayer, Tensor, RotaryTables, DecoderInputs, Tensor>? LayerRunner { get; set; }
 
@@ -64,7 +74,7 @@ public abstract class CausalLanguageModel : nn.Module
     /// The pass every family shares: positions (given, per packed sample, or past + 0..T-1), one rotary table for all
     /// layers, the cache re-rotated when dynamic NTK changes the base, each layer's input released once consumed.
     /// </summary>
-    protected Tensor RunLayers(Tensor x, DecoderInputs inputs)
+    private Tensor RunLayers(Tensor x, DecoderInputs inputs)
     {
         long b = x.shape[0], t = x.shape[1];
         long past = inputs.Cache?.Length ?? 0;

@@ -35,14 +35,9 @@ public sealed class LlamaForCausalLM : CausalLanguageModel
     public override IReadOnlyList<DecoderLayer> Layers => _layers;
     public override nn.Module LayerStack => model.layers;
     public override RotaryEmbedding Rotary => model.Rotary;
+    public override RmsNorm FinalNorm => model.norm;
     public override IReadOnlyList<string> OfficialLoraTargets { get; } =
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"];
-
-    public override Tensor Forward(Tensor inputsEmbeds, DecoderInputs inputs)
-    {
-        using var scope = NewDisposeScope();
-        return model.norm.forward(RunLayers(inputsEmbeds, inputs)).MoveToOuterDisposeScope();
-    }
 }
 
 public sealed class LlamaAttention : nn.Module, IAttention

@@ -30,13 +30,8 @@ public sealed class Phi3ForCausalLM : CausalLanguageModel
     public override IReadOnlyList<DecoderLayer> Layers => _layers;
     public override nn.Module LayerStack => model.layers;
     public override RotaryEmbedding Rotary => model.Rotary;
+    public override RmsNorm FinalNorm => model.norm;
     public override IReadOnlyList<string> OfficialLoraTargets { get; } = ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"];
-
-    public override Tensor Forward(Tensor inputsEmbeds, DecoderInputs inputs)
-    {
-        using var scope = NewDisposeScope();
-        return model.norm.forward(RunLayers(inputsEmbeds, inputs)).MoveToOuterDisposeScope();
-    }
 }
 
 public sealed class Phi3Attention : nn.Module, IAttention
