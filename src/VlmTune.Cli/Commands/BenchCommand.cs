@@ -105,7 +105,7 @@ internal static class BenchCommand
             if (mode != TrainMode.Full)
                 PeftAdapter.Attach(model.language_model, new PeftAdapterConfig
                 {
-                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = [.. model.language_model.OfficialLoraTargets, .. OutputHead(model.language_model)],
+                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = model.language_model.DefaultLoraTargets,
                 }, dtype);
             else foreach (var p in model.language_model.parameters()) p.requires_grad_(true);
             foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
@@ -275,9 +275,6 @@ internal static class BenchCommand
     /// text ids (1000…90000) never hit. Its value changes nothing in the timing.
     /// </summary>
     private static int RandomImageContextId(InternVLConfig config) => config.Llm.VocabSize - 1;
-
-    /// <summary>The LoRA target of the output head, as the seed recipe adapts it (none for a tied head).</summary>
-    private static string[] OutputHead(CausalLanguageModel lm) => lm.OutputHeadName is { } name ? [name] : [];
 
     /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
     private const double ClearMargin = 0.25;

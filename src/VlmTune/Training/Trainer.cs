@@ -306,7 +306,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         if (Config.UsesLora)
         {
             var llm = model.language_model;
-            List<string> targets = Config.LoraTargets ?? [.. llm.OfficialLoraTargets, .. llm.OutputHeadName is { } head ? [head] : Array.Empty<string>()];
+            List<string> targets = [.. Config.LoraTargets ?? llm.DefaultLoraTargets];
             if (llm.OutputHeadName is null && Config.LoraTargets is { } asked && asked.Any(t => t is "lm_head" or "output"))
                 throw new VlmTuneException($"{Config.Model}: 'lora_targets' names the output head, but this model ties it to the token embeddings (tie_word_embeddings); leave it out.");
             _llmLora = new PeftAdapterConfig

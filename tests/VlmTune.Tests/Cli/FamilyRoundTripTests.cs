@@ -25,9 +25,7 @@ public sealed class FamilyRoundTripTests
         try
         {
             var c = FamilyFixtures.Golden(variant).GetProperty("cases").GetProperty(caseName);
-            var expected = c.GetProperty("greedy_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
-            var margins = c.GetProperty("margins").EnumerateArray().Select(e => e.GetDouble()).ToArray();
-            int firm = Array.FindIndex(margins, m => m < 1e-3) is var i and >= 0 ? i + 1 : expected.Length;
+            var (expected, firm) = FamilyFixtures.GreedyIds(c);
             var args = new List<string> { "chat", "--model", dir, "--prompt", c.GetProperty("question").GetString()!, "--max-new-tokens", firm.ToString(), "--json" };
             foreach (var image in c.GetProperty("images").EnumerateArray())
                 args.AddRange(["--image", FamilyFixtures.ImagePath(variant, image.GetString()!)]);
@@ -71,7 +69,7 @@ public sealed class FamilyRoundTripTests
             Assert.Equal(await ChatIds(model, image, adapter: trained.LastCheckpoint), fromMerged);
 
             // vlmtune serve on the merged folder answers the same greedy tokens through the OpenAI API.
-            int port = FreePort();
+            int port = VlmTune.Tests.Distributed.TcpRendezvousTests.FreePort();
             using var server = CliProcess.Start(["serve", "--model", merged, "--model-id", "tiny-family", "--port", port.ToString(), "--allow-local-images", Path.GetDirectoryName(image)!]);
             using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{port}"), Timeout = TimeSpan.FromSeconds(120) };
             await WaitReady(http);
@@ -127,15 +125,6 @@ public sealed class FamilyRoundTripTests
         Assert.True(code == 0, stderr);
         using var json = JsonDocument.Parse(stdout);
         return json.RootElement.GetProperty("token_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
-    }
-
-    private static int FreePort()
-    {
-        var l = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
-        l.Start();
-        int port = ((System.Net.IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return port;
     }
 
     private static async Task WaitReady(HttpClient http)

@@ -62,5 +62,17 @@ public static class FamilyFixtures
     public static string ImagePath(string variant, string name) =>
         Path.Combine(Fixtures.TinyDir, "images", Golden(variant).GetProperty("images").GetProperty(name).GetString()!);
 
+    /// <summary>
+    /// A case's official greedy ids and how many of them to hold an implementation to: up to and including the first
+    /// step the reference decided by less than 1e-3 (a tie no implementation is held to).
+    /// </summary>
+    public static (int[] Ids, int Firm) GreedyIds(JsonElement goldenCase)
+    {
+        var ids = goldenCase.GetProperty("greedy_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        var margins = goldenCase.GetProperty("margins").EnumerateArray().Select(e => e.GetDouble()).ToArray();
+        int firm = Array.FindIndex(margins, m => m < 1e-3) is var i and >= 0 ? i + 1 : ids.Length;
+        return (ids, firm);
+    }
+
     public static long[] Longs(JsonElement array) => array.EnumerateArray().Select(e => e.GetInt64()).ToArray();
 }
