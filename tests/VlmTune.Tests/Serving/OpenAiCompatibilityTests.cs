@@ -172,24 +172,37 @@ public sealed class OpenAiCompatibilityTests(ServerFixture fixture) : IClassFixt
     {
         await using var server = await fixture.StartAsync(new VlmTune.Serving.ServerOptions { MaxConcurrentRequests = 256 });
         var body = JsonSerializer.Serialize(TestServer.UserRequest("Tell me a long story.", maxTokens: 2000, stream: true));
-        int streaming = 0;
-        async Task CutAfterHalfASecond()
+        // Half the clients give up at a fixed time, wherever their request is then (queued, in prefill or streaming);
+        // the other half wait for their stream to start (generously: a loaded 2-core CI machine prefills 200 requests
+        // slowly) and cut it a moment later, so some cuts surely happen mid-stream whatever the machine's speed.
+        int streaming = 0, started = 0, cutMidStream = 0;
+        async Task Client(bool waitForStream)
         {
-            using var cut = new CancellationTokenSource(TimeSpan.FromSeconds(0.5));
+            using var cut = new CancellationTokenSource(waitForStream ? TimeSpan.FromSeconds(120) : TimeSpan.FromSeconds(0.5));
+            bool midStream = false;
             try
             {
                 using var response = await server.PostJsonAsync(body, cancellation: cut.Token);
                 Interlocked.Increment(ref streaming);
                 await using var stream = await response.Content.ReadAsStreamAsync(cut.Token);
                 var buffer = new byte[4096];
+                if (waitForStream)
+                {
+                    Assert.True(await stream.ReadAsync(buffer, cut.Token) > 0);
+                    midStream = true;
+                    Interlocked.Increment(ref started);
+                    cut.CancelAfter(TimeSpan.FromSeconds(0.3));
+                }
                 while (await stream.ReadAsync(buffer, cut.Token) > 0) { }
             }
+            catch (OperationCanceledException) when (midStream) { Interlocked.Increment(ref cutMidStream); }
             catch (OperationCanceledException) { }
             catch (HttpRequestException) { }
             catch (IOException) { }
         }
-        await Task.WhenAll(Enumerable.Range(0, 200).Select(_ => CutAfterHalfASecond()));
-        Assert.True(streaming > 1, $"only {streaming} of the requests were streaming when cut");
+        await Task.WhenAll(Enumerable.Range(0, 200).Select(i => Client(waitForStream: i % 2 == 0)));
+        Assert.True(started == 100, $"only {started} of the 100 waiting clients saw their stream start ({streaming} of 200 got headers)");
+        Assert.True(cutMidStream > 1, $"only {cutMidStream} of the 100 started streams were still running when cut");
 
         // Every cut request leaves the batch and the queue (the engine notices at its next step).
         var engine = server.Client.Engine;
