@@ -8,6 +8,7 @@ using VlmTune.Checkpoints;
 using VlmTune.Models;
 using VlmTune.Training;
 using static TorchSharp.torch;
+using VlmTune.Data;
 
 namespace VlmTune.Cli.Commands;
 

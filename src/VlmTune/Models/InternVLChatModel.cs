@@ -41,7 +41,7 @@ public sealed class InternVLChatModel : nn.Module
 
     /// <summary>
     /// The vision tower's part: tiles (N, 3, 448, 448) → pixel-shuffled ViT features (N, 256, 4C), the projector's input.
-    /// What a frozen ViT gives for an image never changes, so training can cache this (Training/VisionFeatureCache).
+    /// What a frozen ViT gives for an image never changes, so training can cache this (Data/VisionFeatureCache).
     /// </summary>
     /// <param name="grad">Build the autograd graph through the ViT (false: it runs under no_grad).</param>
     public Tensor VisionFeatures(Tensor pixels, bool grad = true)

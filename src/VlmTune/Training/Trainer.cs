@@ -9,6 +9,7 @@ using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Vision;
 using static TorchSharp.torch;
+using VlmTune.Data;
 
 namespace VlmTune.Training;
 

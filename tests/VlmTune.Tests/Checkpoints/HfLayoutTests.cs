@@ -6,6 +6,7 @@ using VlmTune.Checkpoints;
 using VlmTune.Models;
 using VlmTune.Tests.Support;
 using static TorchSharp.torch;
+using VlmTune.Data;
 
 namespace VlmTune.Tests.Checkpoints;
 
@@ -298,10 +299,10 @@ public sealed class HfLayoutTests : IDisposable
         Assert.Equal(0.0, MaxDiff(LogitsWithAdapter(BaseOf("qwen3")), LogitsWithAdapter(Out("hf-base"))));
         // The vision-feature cache identifies an hf folder's ViT weights too (by their official names).
         var config = InternVLConfig.Load(Out("hf-base"));
-        string before = VlmTune.Training.VisionFeatureCache.Fingerprint(Out("hf-base"), config, ScalarType.Float32);
+        string before = VlmTune.Data.VisionFeatureCache.Fingerprint(Out("hf-base"), config, ScalarType.Float32);
         string changed = CopyFolder(Out("hf-base"), "hf-changed-vit");
         RewriteWeights(changed, t => t.Select(kv => kv.Key == "model.vision_tower.encoder.layer.0.lambda_1" ? new KeyValuePair<string, Tensor>(kv.Key, kv.Value.to_type(ScalarType.Float32)) : kv));
-        Assert.NotEqual(before, VlmTune.Training.VisionFeatureCache.Fingerprint(changed, InternVLConfig.Load(changed), ScalarType.Float32));
+        Assert.NotEqual(before, VlmTune.Data.VisionFeatureCache.Fingerprint(changed, InternVLConfig.Load(changed), ScalarType.Float32));
     }
 
     [FixtureFact]

@@ -3,6 +3,7 @@ using VlmTune.Models;
 using VlmTune.Tests.Support;
 using VlmTune.Training;
 using static TorchSharp.torch;
+using VlmTune.Data;
 
 namespace VlmTune.Tests.Training;
 

@@ -1,4 +1,5 @@
 using VlmTune.Training;
+using VlmTune.Data;
 
 namespace VlmTune.Tests.Training;
 

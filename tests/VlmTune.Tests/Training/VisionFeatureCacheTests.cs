@@ -5,6 +5,7 @@ using VlmTune.Tests.Support;
 using VlmTune.Training;
 using VlmTune.Vision;
 using static TorchSharp.torch;
+using VlmTune.Data;
 
 namespace VlmTune.Tests.Training;
 

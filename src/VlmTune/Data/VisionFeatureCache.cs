@@ -7,7 +7,7 @@ using VlmTune.Models;
 using VlmTune.Vision;
 using static TorchSharp.torch;
 
-namespace VlmTune.Training;
+namespace VlmTune.Data;
 
 /// <summary>A sample's images as the cache knows them: the entry key and each image's tile count.</summary>
 public sealed record VisionCacheEntry(string Key, int[] TilesPerImage)

@@ -1,4 +1,4 @@
-namespace VlmTune.Training;
+namespace VlmTune.Data;
 
 /// <summary>
 /// Sequence packing (<c>pack_to_max_length: true</c>): the samples of a micro-batch share rows of at most

@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace VlmTune.Training;
+namespace VlmTune.Data;
 
 /// <summary>
 /// XTuner's LengthGroupedSampler (single process): each epoch, a seeded random permutation is cut into mega-batches of
