@@ -1,7 +1,7 @@
 using System.Text.Json;
 using VlmTune.Models;
 using VlmTune.Training;
-using static VlmTune.Training.Trainer;
+using static VlmTune.Checkpoints.IterCheckpoint;
 
 namespace VlmTune.Checkpoints;
 
@@ -133,7 +133,7 @@ public sealed class AdapterCheckpoint : IDisposable
             || File.Exists(Path.Combine(dir, TrainedWeights.FileName));
         if (isCheckpoint) return dir;
         if (File.Exists(Path.Combine(dir, LastCheckpointFile)) || Directory.EnumerateDirectories(dir, "iter_*").Any())
-            return LatestCheckpoint(dir)
+            return Latest(dir)
                 ?? throw new CheckpointException($"{Path.GetFullPath(dir)}: a training work dir without a complete checkpoint (iter_<n>/ with {StateFile}).");
         return dir;
     }

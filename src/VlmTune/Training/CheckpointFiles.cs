@@ -1,6 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using TorchSharp;
+using static VlmTune.Checkpoints.IterCheckpoint;
 
 namespace VlmTune.Training;
 
@@ -11,9 +12,6 @@ namespace VlmTune.Training;
 /// </summary>
 internal static class CheckpointFiles
 {
-    /// <summary>Checkpoint folders are written as <c>.iter_N.tmp-OWNER</c>; one being replaced is set aside as <c>.iter_N.old-OWNER</c>.</summary>
-    public const string TempMarker = ".tmp-", OldMarker = ".old-";
-
     /// <summary>
     /// Removes what killed runs left in the work dir: half-written checkpoint folders, a checkpoint set aside for its
     /// replacement (only once the replacement is in place) and temporary files of the <c>last_checkpoint</c> pointer.
@@ -23,7 +21,7 @@ internal static class CheckpointFiles
     {
         static bool Iter(string name, string marker) => name.StartsWith(".iter_", StringComparison.Ordinal) && name.Contains(marker, StringComparison.Ordinal);
         var removed = IO.OwnedTemporary.RemoveStale(workDir,
-            n => Iter(n, TempMarker) || n.StartsWith(Trainer.LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
+            n => Iter(n, TempMarker) || n.StartsWith(LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
         removed.AddRange(IO.OwnedTemporary.RemoveStale(workDir,
             n => Iter(n, OldMarker) && Directory.Exists(Path.Combine(workDir, n[1..n.IndexOf(OldMarker, StringComparison.Ordinal)]))));
         foreach (var path in removed) log($"removed {path}, left by an interrupted run");

@@ -121,8 +121,8 @@ public sealed class MergeCommandTests : IDisposable
         using (var trainer = new Trainer(data.Config("max_steps=6", "lr=0.01", "vision_lora_r=4", "freeze_projector=false", "dataloader_num_workers=0")))
             trained = trainer.Train();
         string checkpoint = trained.LastCheckpoint!;
-        Assert.True(File.Exists(Path.Combine(checkpoint, Trainer.TrainableFile)));
-        Assert.True(File.Exists(Path.Combine(checkpoint, Trainer.VisionAdapterDir, PeftAdapter.WeightsFile)));
+        Assert.True(File.Exists(Path.Combine(checkpoint, IterCheckpoint.TrainableFile)));
+        Assert.True(File.Exists(Path.Combine(checkpoint, IterCheckpoint.VisionAdapterDir, PeftAdapter.WeightsFile)));
 
         string outDir = Path.Combine(_dir, "merged");
         var r = Run("merge", "--base", Fixtures.TinyModel, "--adapter", data.WorkDir, "--out", outDir, "--dtype", "float32");
@@ -138,7 +138,7 @@ public sealed class MergeCommandTests : IDisposable
                 Assert.False(baseWeights.Read(name).to_type(TorchSharp.torch.ScalarType.Float32).allclose(merged.Read(name), 0, 0), name);
 
         // The checkpoint's vision_lora/ alone is a plain PEFT adapter of the vision encoder (names relative to vision_model).
-        var visionOnly = ModelMerger.Merge(new MergeOptions { BaseDir = Fixtures.TinyModel, AdapterDir = Path.Combine(checkpoint, Trainer.VisionAdapterDir), OutDir = Path.Combine(_dir, "vision-only") });
+        var visionOnly = ModelMerger.Merge(new MergeOptions { BaseDir = Fixtures.TinyModel, AdapterDir = Path.Combine(checkpoint, IterCheckpoint.VisionAdapterDir), OutDir = Path.Combine(_dir, "vision-only") });
         Assert.True(visionOnly.Verify!.Passed, visionOnly.Verify.ToString());
         Assert.Equal(8, visionOnly.LoraModules);   // qkv, proj, fc1, fc2 of 2 ViT layers
 

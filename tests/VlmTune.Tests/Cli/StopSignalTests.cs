@@ -1,3 +1,4 @@
+using VlmTune.Checkpoints;
 using VlmTune.Tests.Data;
 using VlmTune.Tests.Hub;
 using VlmTune.Tests.Support;
@@ -130,7 +131,7 @@ public sealed class StopSignalTests : IDisposable
             Assert.Equal(130, await cli.WaitAsync(120));
             Assert.Contains("SIGTERM: stopping: finishing the current iteration and saving a checkpoint", cli.Stderr);
         }
-        var checkpoint = Trainer.LatestCheckpoint(data.WorkDir);
+        var checkpoint = IterCheckpoint.Latest(data.WorkDir);
         Assert.NotNull(checkpoint);
         Assert.Empty(Directory.GetDirectories(data.WorkDir, ".iter_*"));
 

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using VlmTune.Checkpoints;
 using VlmTune.Tests.Support;
 using VlmTune.Tests.Training;
 using VlmTune.Training;
@@ -58,7 +59,7 @@ public sealed class TrainCommandTests
         Assert.Contains("stopping", stderr.Result);
         Assert.DoesNotContain('\u001b', string.Join("\n", lines) + rest);    // no progress bar or colours when piped
         Assert.Contains("interrupted", rest);
-        var checkpoint = Trainer.LatestCheckpoint(data.WorkDir);
+        var checkpoint = IterCheckpoint.Latest(data.WorkDir);
         Assert.NotNull(checkpoint);
         Assert.True(File.Exists(Path.Combine(checkpoint, "adapter_model.safetensors")));
         Assert.Contains("--resume auto", rest);

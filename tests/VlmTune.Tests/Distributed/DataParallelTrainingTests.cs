@@ -94,9 +94,9 @@ public class DataParallelTrainingTests
         Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(w2, "iter_6")) < 1e-4);
         Assert.True(MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(wz, "iter_6")) < 1e-4);
         // ZeRO-1: one optimizer shard per rank, no unsharded one.
-        Assert.True(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerShardFile(0))));
-        Assert.True(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerShardFile(1))));
-        Assert.False(File.Exists(Path.Combine(wz, "iter_6", Trainer.OptimizerFile)));
+        Assert.True(File.Exists(Path.Combine(wz, "iter_6", IterCheckpoint.OptimizerShardFile(0))));
+        Assert.True(File.Exists(Path.Combine(wz, "iter_6", IterCheckpoint.OptimizerShardFile(1))));
+        Assert.False(File.Exists(Path.Combine(wz, "iter_6", IterCheckpoint.OptimizerFile)));
         // Only rank 0 writes the run folder.
         Assert.Single(Directory.GetDirectories(w2), d => !Path.GetFileName(d).StartsWith("iter_", StringComparison.Ordinal));
     }
@@ -138,7 +138,7 @@ public class DataParallelTrainingTests
         Assert.Equal(7, dead.ExitCode);
         Assert.Contains("rank 1 exited with code 7", dead.Stderr);
         Assert.Contains("rank 1 disconnected", dead.Stderr);   // rank 0 noticed and named it
-        Assert.True(File.Exists(Path.Combine(crash, "iter_2", Trainer.StateFile)));
+        Assert.True(File.Exists(Path.Combine(crash, "iter_2", IterCheckpoint.StateFile)));
         Assert.False(Directory.Exists(Path.Combine(crash, "iter_4")));
         Assert.Empty(Directory.GetDirectories(crash, ".iter_*"));
 
@@ -169,9 +169,9 @@ public class DataParallelTrainingTests
         Assert.DoesNotContain("error:", job.Stderr);
         Assert.Contains("interrupted after", job.Stdout);
         // Both ranks agreed on the stop: one checkpoint, complete, at an iteration both reached.
-        var checkpoint = Trainer.LatestCheckpoint(work);
+        var checkpoint = IterCheckpoint.Latest(work);
         Assert.NotNull(checkpoint);
-        Assert.True(File.Exists(Path.Combine(checkpoint, Trainer.StateFile)));
+        Assert.True(File.Exists(Path.Combine(checkpoint, IterCheckpoint.StateFile)));
         long stoppedAt = long.Parse(Path.GetFileName(checkpoint)["iter_".Length..]);
         Assert.InRange(stoppedAt, 3, 399);
         var resumed = await Train(config, work, 2, "--resume", "auto", "--set", $"max_steps={stoppedAt + 2}");
@@ -190,6 +190,6 @@ public class DataParallelTrainingTests
         Assert.NotEqual(0, hung.ExitCode);
         Assert.Contains("rank(s) 1 of 2 did not arrive", hung.Stderr);
         Assert.Contains("stopping the other ranks", hung.Stderr);
-        Assert.True(File.Exists(Path.Combine(work, "iter_2", Trainer.StateFile)));
+        Assert.True(File.Exists(Path.Combine(work, "iter_2", IterCheckpoint.StateFile)));
     }
 }

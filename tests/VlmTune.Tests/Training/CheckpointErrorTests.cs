@@ -32,7 +32,7 @@ public sealed class CheckpointErrorTests
 
     private static void EditState(string checkpoint, Action<JsonObject> edit)
     {
-        string path = Path.Combine(checkpoint, Trainer.StateFile);
+        string path = Path.Combine(checkpoint, IterCheckpoint.StateFile);
         var state = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
         edit(state);
         File.WriteAllText(path, state.ToJsonString());
@@ -43,7 +43,7 @@ public sealed class CheckpointErrorTests
     {
         using var data = new TrainTestData(samples: 3);
         string checkpoint = TrainedCheckpoint(data);
-        string optimizer = Path.Combine(checkpoint, Trainer.OptimizerFile), state = Path.Combine(checkpoint, Trainer.StateFile);
+        string optimizer = Path.Combine(checkpoint, IterCheckpoint.OptimizerFile), state = Path.Combine(checkpoint, IterCheckpoint.StateFile);
         byte[] optimizerBytes = File.ReadAllBytes(optimizer), stateText = File.ReadAllBytes(state);
 
         // A truncated optimizer.bin said only "Attempted to read past the end of the stream."
@@ -95,7 +95,7 @@ public sealed class CheckpointErrorTests
         Directory.CreateDirectory(data.WorkDir);
         string dead = Temporaries.Folder(Path.Combine(data.WorkDir, Temporaries.OfDeadProcess(".iter_4.tmp-")));
         string live = Temporaries.Folder(Path.Combine(data.WorkDir, Temporaries.OfLiveProcess(".iter_4.tmp-")));
-        string pointer = Path.Combine(data.WorkDir, Temporaries.OfDeadProcess(Trainer.LastCheckpointFile + ".tmp-"));
+        string pointer = Path.Combine(data.WorkDir, Temporaries.OfDeadProcess(IterCheckpoint.LastCheckpointFile + ".tmp-"));
         File.WriteAllText(pointer, "iter_");
         // A checkpoint set aside for its replacement: removed only once the replacement exists.
         string replaced = Temporaries.Folder(Path.Combine(data.WorkDir, Temporaries.OfDeadProcess(".iter_2.old-")));

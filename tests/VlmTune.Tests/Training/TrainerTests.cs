@@ -69,7 +69,7 @@ public sealed class TrainerTests
         Assert.Contains(missing, e.Message);
         Directory.CreateDirectory(Path.Combine(data.Dir, "half"));
         e = Assert.Throws<ConfigException>(() => new Trainer(data.Config(), new TrainerOptions { Resume = Path.Combine(data.Dir, "half") }).Setup());
-        Assert.Contains(Trainer.StateFile, e.Message);
+        Assert.Contains(IterCheckpoint.StateFile, e.Message);
     }
 
     [FixtureFact]
@@ -133,21 +133,21 @@ public sealed class TrainerTests
         Assert.Empty(Directory.GetDirectories(data.WorkDir, ".iter_*"));
         string last = Path.Combine(data.WorkDir, "iter_12");
         Assert.Equal(last, result.LastCheckpoint);
-        foreach (var f in new[] { PeftAdapter.ConfigFile, PeftAdapter.WeightsFile, Trainer.TrainableFile, Trainer.OptimizerFile, Trainer.StateFile })
+        foreach (var f in new[] { PeftAdapter.ConfigFile, PeftAdapter.WeightsFile, IterCheckpoint.TrainableFile, IterCheckpoint.OptimizerFile, IterCheckpoint.StateFile })
             Assert.True(File.Exists(Path.Combine(last, f)), f);
         using (var adapter = SafetensorsFile.Open(Path.Combine(last, PeftAdapter.WeightsFile)))
         {
             Assert.Contains("base_model.model.model.layers.0.attention.wqkv.lora_A.weight", adapter.Entries.Keys);
             Assert.Contains("base_model.model.output.lora_B.weight", adapter.Entries.Keys);
         }
-        using (var trained = SafetensorsFile.Open(Path.Combine(last, Trainer.TrainableFile)))
+        using (var trained = SafetensorsFile.Open(Path.Combine(last, IterCheckpoint.TrainableFile)))
             Assert.Equal(["mlp1.0.bias", "mlp1.0.weight", "mlp1.1.bias", "mlp1.1.weight", "mlp1.3.bias", "mlp1.3.weight"], trained.Entries.Keys.Order());
 
         // A checkpoint folder that a kill -9 left half-written (a temporary sibling) is never picked up.
         Directory.CreateDirectory(Path.Combine(data.WorkDir, ".iter_16.tmp-dead"));
         Directory.CreateDirectory(Path.Combine(data.WorkDir, "iter_20"));   // no trainer_state.json: incomplete
-        File.Delete(Path.Combine(data.WorkDir, Trainer.LastCheckpointFile));
-        Assert.Equal(last, Trainer.LatestCheckpoint(data.WorkDir));
+        File.Delete(Path.Combine(data.WorkDir, IterCheckpoint.LastCheckpointFile));
+        Assert.Equal(last, IterCheckpoint.Latest(data.WorkDir));
 
         // The checkpoint applies to a fresh model for inference: adapter merged, trained projector loaded.
         using var model = GoldenSample.FreshModel();
@@ -191,10 +191,10 @@ public sealed class TrainerTests
         using var trainer = new Trainer(data.Config("vision_lora_r=4", "max_steps=2", "freeze_projector=true"));
         var result = trainer.Train();
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l)));
-        string adapter = Path.Combine(result.LastCheckpoint!, Trainer.VisionAdapterDir);
+        string adapter = Path.Combine(result.LastCheckpoint!, IterCheckpoint.VisionAdapterDir);
         using (var file = SafetensorsFile.Open(Path.Combine(adapter, PeftAdapter.WeightsFile)))
             Assert.Contains("base_model.model.encoder.layers.0.attn.qkv.lora_A.weight", file.Entries.Keys);
-        Assert.False(File.Exists(Path.Combine(result.LastCheckpoint!, Trainer.TrainableFile)));   // projector frozen: nothing else trained
+        Assert.False(File.Exists(Path.Combine(result.LastCheckpoint!, IterCheckpoint.TrainableFile)));   // projector frozen: nothing else trained
         using var model = GoldenSample.FreshModel();
         PeftAdapter.Load(model.vision_model, adapter);
         Assert.Equal(8, PeftAdapter.LoraLinears(model.vision_model).Count());

@@ -1,0 +1,158 @@
+using TorchSharp.Modules;
+using VlmTune.Checkpoints;
+using VlmTune.Data;
+using VlmTune.Distributed;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+/// <summary>
+/// The optimizer side of a run: AdamW over fp32 master weights (bf16 parameters are trained through fp32 copies,
+/// held in host memory with optimizer_offload), gradient clipping with the non-finite check, the ZeRO-1 partition of
+/// the optimizer state over data-parallel ranks, and the optimizer's part of a checkpoint.
+/// </summary>
+public sealed class TrainingOptimizer : IDisposable
+{
+    private readonly TrainConfig _config;
+    private readonly IReadOnlyList<(string Name, Parameter Param)> _trainable;
+    private readonly DataParallel? _dp;
+    private readonly ZeroPartition? _zero;
+    private readonly int _rank;
+    private readonly MasterWeights _masters;
+    private readonly OptimizerHelper _adamW;
+
+    /// <summary>Optimizer steps taken (including those before a resume).</summary>
+    public long Steps { get; private set; }
+    public int ZeroStage => _zero is null ? 0 : 1;
+
+    public TrainingOptimizer(TrainConfig config, IReadOnlyList<(string Name, Parameter Param)> trainable, DataParallel? dp, int rank, Action<string> info)
+    {
+        _config = config;
+        _trainable = trainable;
+        _dp = dp;
+        _rank = rank;
+        var optimized = trainable;
+        if (dp is not null && config.ZeroStage == 1)
+        {
+            _zero = ZeroPartition.Plan(trainable.Select(t => (t.Name, t.Param.numel())).ToList(), dp.WorldSize);
+            optimized = trainable.Where(t => _zero.Owner[t.Name] == rank).ToList();
+            info($"zero-1: rank {rank} keeps the optimizer state of {optimized.Count} of {trainable.Count} tensors " +
+                 $"({optimized.Sum(t => t.Param.numel()):N0} parameters; load imbalance {_zero.Imbalance:F2})");
+            if (optimized.Count == 0)
+                throw new VlmTuneException($"zero_stage 1: rank {rank} owns no trainable tensor ({trainable.Count} tensors over {dp.WorldSize} ranks); use zero_stage: 0.");
+        }
+        _masters = MasterWeights.Create(optimized, config.OptimizerOffload ? CPU : null);
+        if (config.OptimizerOffload)
+            info($"optimizer offload: fp32 masters and AdamW state of {optimized.Sum(t => t.Param.numel()):N0} parameters in host memory, AdamW on the CPU");
+        else if (_masters.Any) info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
+        _adamW = optim.AdamW(_masters.OptimizerParameters, config.Lr, config.Betas[0], config.Betas[1], 1e-8, config.WeightDecay);
+    }
+
+    public void SetLearningRate(double lr)
+    {
+        foreach (var group in _adamW.ParamGroups) group.LearningRate = lr;
+    }
+
+    /// <summary>
+    /// Clips, checks and applies the accumulated gradients; returns the gradient norm before clipping. A non-finite
+    /// norm stops the run or, with nan_policy: skip, skips the step (counted in <paramref name="counters"/>).
+    /// </summary>
+    public double Step(long iteration, IReadOnlyList<string> samples, DataCounters counters, Action<string> warn)
+    {
+        _dp?.FinishGradients();   // every rank now holds the global batch's gradient
+        _masters.GradientsToMasters();
+        // Every trainable tensor takes part in every step, with a zero gradient where the cycle gave it none (the
+        // projector after text-only batches), as under data parallelism and DeepSpeed. AdamW skips a tensor without a
+        // gradient but moves one with a zero gradient (momentum, weight decay): the step must not depend on whether a
+        // gradient tensor happens to exist, which a resumed run's do not until their first use.
+        _masters.FillMissingGradients();
+        // The norm covers every trainable tensor; under ZeRO-1 the ones another rank updates count through their
+        // (identical, reduced) model gradients.
+        var withGrad = _masters.OptimizerParameters
+            .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != _rank).Select(t => t.Param))
+            .Where(p => p.grad is not null).ToList();
+        double norm = nn.utils.clip_grad_norm_(withGrad, _config.MaxNorm);
+        if (!double.IsFinite(norm))
+        {
+            string what = $"iteration {iteration + 1} (optimizer step {Steps + 1}): the gradient norm is {norm} after samples {string.Join(", ", samples)}";
+            if (_config.NanPolicy == NanPolicy.Stop)
+                throw new TrainingDivergedException($"{what}; stopping (set nan_policy: skip to skip such steps).");
+            counters.AddNanSkipped();
+            warn($"{what}; optimizer step skipped ({counters.NanSkipped} so far)");
+            ClearGradients();
+            return norm;
+        }
+        _adamW.step();
+        ClearGradients();
+        _masters.MastersToModel();
+        // ZeRO-1: each tensor's owner updated it; everyone takes the owner's new value.
+        if (_zero is not null) _dp!.BroadcastFromOwners(_trainable.Select(t => ((Tensor)t.Param, _zero.Owner[t.Name])).ToList());
+        Steps++;
+        return norm;
+    }
+
+    /// <summary>Drops the gradients of an unfinished accumulation cycle (a stop mid-cycle).</summary>
+    public void DropGradients()
+    {
+        ClearGradients();
+        _masters.ZeroModelGradients();
+    }
+
+    private void ClearGradients()
+    {
+        _adamW.zero_grad();
+        if (_zero is null) return;
+        using var noGrad = no_grad();
+        foreach (var (name, p) in _trainable)
+            if (_zero.Owner[name] != _rank) p.grad?.zero_();
+    }
+
+    /// <summary>Name → fp32 master of the tensors this rank optimises (a master is the parameter itself where that is fp32).</summary>
+    public IReadOnlyDictionary<string, Tensor> Masters() => _masters.Pairs.ToDictionary(p => p.Name, p => (Tensor)p.Master);
+
+    /// <summary>
+    /// Name → fp32 value of every trained non-LoRA tensor. Under ZeRO-1 a master lives on its owner only, so each is
+    /// broadcast from there (every rank takes part; the temporaries go into <paramref name="temporaries"/>).
+    /// </summary>
+    public List<KeyValuePair<string, Tensor>> TrainedNonLoraMasters(List<Tensor> temporaries)
+    {
+        var masters = Masters();
+        var result = new List<KeyValuePair<string, Tensor>>();
+        var transfers = new List<(Tensor, int)>();
+        foreach (var (name, param) in _trainable.Where(t => !t.Name.Contains(".lora_")))
+        {
+            if (masters.TryGetValue(name, out var master) && _zero is null) { result.Add(new(name, master)); continue; }
+            int owner = _zero!.Owner[name];
+            var value = owner == _rank ? masters[name] : empty(param.shape, ScalarType.Float32, param.device).DetachFromDisposeScope();
+            if (owner != _rank) temporaries.Add(value);
+            transfers.Add((value, owner));
+            result.Add(new(name, value));
+        }
+        if (transfers.Count > 0) _dp!.BroadcastFromOwners(transfers);
+        return result;
+    }
+
+    /// <summary>This rank's optimizer file in a checkpoint: the whole state, or its ZeRO-1 shard.</summary>
+    public string StateFileName => _zero is null ? IterCheckpoint.OptimizerFile : IterCheckpoint.OptimizerShardFile(_rank);
+
+    /// <summary>Writes the optimizer state into a checkpoint folder being written (ZeRO-1: every rank its shard; else rank 0).</summary>
+    public void SaveState(string dir)
+    {
+        if (_zero is not null || _rank == 0) _adamW.save_state_dict(Path.Combine(dir, StateFileName));
+    }
+
+    /// <summary>Restores masters (exact fp32 values where the model rounds) from a checkpoint's weights file.</summary>
+    public void LoadMasters(SafetensorsFile file, Func<string, string?>? nameInFile = null) => _masters.Load(file, nameInFile);
+
+    public void LoadState(string file, long steps)
+    {
+        CheckpointFiles.LoadOptimizer(_adamW, file);
+        Steps = steps;
+    }
+
+    public void Dispose()
+    {
+        _adamW.Dispose();
+        _masters.Dispose();
+    }
+}
