@@ -80,8 +80,10 @@ internal static class BenchCommand
     private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { DefaultValueFactory = _ => true };
 
     /// <summary>
-    /// The XTuner QLoRA recipe's step on random InternVL2 weights: vision frozen (no graph), projector trained, LoRA on
-    /// every LLM linear and the output head, LLM layers checkpointed, chunked fp32 loss, AdamW, clipping.
+    /// The trainer's own step (<see cref="ModelPreparation"/>, <see cref="MicroBatchStep"/>, <see cref="TrainingOptimizer"/>:
+    /// LoRA autocast, fp32 masters, chunked fp32 loss, clipping, AdamW) on random weights and a synthetic batch, with
+    /// the recipe's defaults (TrainConfig: LoRA r=128 α=256 on the official targets and an untied head, projector
+    /// trained, ViT frozen) and the options' overrides.
     /// </summary>
     private static int Train(ParseResult parse)
     {
@@ -95,27 +97,24 @@ internal static class BenchCommand
         foreach (var modeName in parse.GetValue(Mode)!)
         {
             var mode = modeName switch { "lora" => TrainMode.Lora, "qlora" => TrainMode.Qlora, "full" => TrainMode.Full, _ => throw new VlmTuneException($"--mode '{modeName}' is not lora, qlora or full.") };
+            var recipe = new TrainConfig
+            {
+                Model = parse.GetValue(Config)!, Mode = mode, LoraR = r, GradientCheckpointing = parse.GetValue(Checkpointing),
+                Device = device.ToString(), Dtype = dtype == ScalarType.BFloat16 ? "bf16" : "fp32", AccumulativeCounts = 1,
+            };
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
             RandomInit.Apply(model, seed: 0);
-            long llmParams = model.language_model.parameters().Sum(p => p.numel()) - model.language_model.TokenEmbedding.weight.numel();
-            long vitParams = model.vision_model.parameters().Sum(p => p.numel());
-            foreach (var p in model.parameters()) p.requires_grad_(false);
-            string? nf4Check = null;
-            if (mode == TrainMode.Qlora) nf4Check = CheckNf4Kernel(Qlora.QuantizeLanguageModel(model.language_model));
-            if (mode != TrainMode.Full)
-                PeftAdapter.Attach(model.language_model, new PeftAdapterConfig
-                {
-                    R = r, LoraAlpha = 2 * r, LoraDropout = 0.05, TargetModules = model.language_model.DefaultLoraTargets,
-                }, dtype);
-            else foreach (var p in model.language_model.parameters()) p.requires_grad_(true);
-            foreach (var p in model.mlp1.parameters()) p.requires_grad_(true);
-            foreach (var (name, p) in model.named_parameters()) if (name.Contains(".lora_")) p.requires_grad_(true);
-            ActivationCheckpointing.Apply(model.language_model, parse.GetValue(Checkpointing), new DropoutSeeds(0));
-            model.eval();
-            model.language_model.train();
-            var trainable = model.parameters().Where(p => p.requires_grad).ToList();
-            using var optimizer = optim.AdamW(trainable, lr: 1e-5, weight_decay: 0.05);
+            var flops = TrainingFlops.Of(model, visionTrainable: false);   // before NF4 packs the weights
+            var prepared = ModelPreparation.Apply(model, recipe, dtype, _ => { });
+            string? nf4Check = mode == TrainMode.Qlora ? CheckNf4Kernel(prepared.QuantizedLlmWeights) : null;
+            var seeds = new DropoutSeeds(recipe.Seed);
+            ActivationCheckpointing.Apply(model.language_model, recipe.GradientCheckpointing, seeds);
+            using var optimizer = new TrainingOptimizer(recipe, prepared.Trainable, dp: null, rank: 0, _ => { });
+            optimizer.SetLearningRate(recipe.Lr);
+            var counters = new DataCounters();
+            var step = new MicroBatchStep(model, new ImageFeatureSupply(model, null, device, dtype, prepared.VisionTrainable, prepared.ProjectorTrainable),
+                recipe, device, imgContext, counters, dp: null, warn: Console.Error.WriteLine);
 
             var rng = new Random(1);
             var ids = new long[batch * seq];
@@ -123,27 +122,26 @@ internal static class BenchCommand
             for (int b = 0; b < batch; b++)
                 for (int i = 0; i < seq; i++)
                 {
-                    long id = i >= 16 && i < 16 + imageTokens ? imgContext : rng.Next(1000, 90000);
+                    long id = i >= 16 && i < 16 + imageTokens ? imgContext : rng.Next(1000, Math.Min(90000, config.Llm.VocabSize - 1));
                     ids[b * seq + i] = id;
                     labels[b * seq + i] = i < Math.Min(16 + imageTokens + 40, seq - 16) ? -100 : id;   // prompt and image unsupervised
                 }
-            using var inputIds = tensor(ids, device: device).view(batch, seq);
-            using var targets = tensor(labels, device: device).view(batch, seq);
-            using var pixels = randn(new long[] { batch * tiles, 3, 448, 448 }, dtype, device);
+            using var synthetic = new TrainBatch
+            {
+                Iteration = 0, InputIds = tensor(ids, device: device).view(batch, seq), Labels = tensor(labels, device: device).view(batch, seq),
+                Pixels = randn(new long[] { batch * tiles, 3, 448, 448 }, dtype, device), SampleIds = [.. Enumerable.Range(0, batch).Select(i => $"synthetic-{i}")],
+                Tokens = (long)batch * seq, Tiles = batch * tiles, Skipped = 0,
+            };
 
+            long iteration = 0;
             double Step()
             {
-                using var scope = NewDisposeScope();
-                var features = model.ExtractFeatures(pixels, visionGrad: false, projectorGrad: true);
-                var embeds = model.EmbedWithImages(inputIds, features, imgContext);
-                var hidden = model.language_model.Forward(embeds, new DecoderInputs());
-                var (loss, _) = CausalLmLoss.Compute(hidden, targets, model.language_model.OutputHead);
-                loss.backward();
-                BackwardScratch.Release();
-                nn.utils.clip_grad_norm_(trainable, 1.0);
-                optimizer.step();
-                optimizer.zero_grad();
-                return loss.item<float>();
+                seeds.StartMicroBatch(iteration);
+                manual_seed(seeds.ForMicroBatch());
+                var result = step.Run(synthetic, iteration, cycleSize: 1, reduce: true, optimizer.Steps, stopRequested: false);
+                optimizer.Step(iteration, synthetic.SampleIds, counters, Console.Error.WriteLine);
+                iteration++;
+                return result.Loss;
             }
 
             for (int i = 0; i < parse.GetValue(TrainWarmup); i++) Step();
@@ -156,15 +154,13 @@ internal static class BenchCommand
             Sync(device);
             double perStep = clock.Elapsed.TotalSeconds / steps;
             double tokensPerS = batch * (double)seq / perStep;
-            // Model FLOPs per token: 6·N for the LLM (forward + backward), 2·N for the frozen ViT's forward per image token.
-            double flops = 6.0 * llmParams * batch * seq + 2.0 * vitParams * batch * tiles * 1025;
             Console.WriteLine(JsonSerializer.Serialize(new
             {
                 bench = "train", mode = modeName, device = device.ToString(), dtype = dtype.ToString(), batch_size = batch, tiles_per_sample = tiles,
-                seq_len = seq, lora_r = mode == TrainMode.Full ? 0 : r, gradient_checkpointing = parse.GetValue(Checkpointing),
+                seq_len = seq, lora_r = mode == TrainMode.Full ? 0 : r, lora_alpha = mode == TrainMode.Full ? 0 : recipe.LoraAlpha, gradient_checkpointing = recipe.GradientCheckpointing,
                 s_per_step = Math.Round(perStep, 4), tokens_per_s = Math.Round(tokensPerS, 1), samples_per_s = Math.Round(batch / perStep, 2),
-                mfu_h100_bf16 = Math.Round(flops / perStep / 989e12, 4), loss = Math.Round(lastLoss, 4),
-                trainable_params = trainable.Sum(p => p.numel()),
+                mfu_h100_bf16 = Math.Round(flops.Mfu((long)batch * seq, (long)batch * tiles, perStep, 989.0), 4), loss = Math.Round(lastLoss, 4),
+                trainable_params = prepared.TrainableCount,
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
                 peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
                 nf4_dequantize = nf4Check,

@@ -11,7 +11,8 @@ public sealed record PreparedModel(
     PeftAdapterConfig? LlmLora,
     PeftAdapterConfig? VisionLora,
     bool VisionTrainable,
-    bool ProjectorTrainable)
+    bool ProjectorTrainable,
+    IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizedLlmWeights)
 {
     public long TrainableCount => Trainable.Sum(t => t.Param.numel());
 }
@@ -31,10 +32,11 @@ public static class ModelPreparation
     public static PreparedModel Apply(InternVLChatModel model, TrainConfig config, ScalarType dtype, Action<string> info)
     {
         foreach (var p in model.parameters()) p.requires_grad_(false);
+        IReadOnlyList<(string Name, Nf4Tensor Weight)> quantized = [];
         if (config.Mode == TrainMode.Qlora)
         {
-            int n = Qlora.QuantizeLanguageModel(model.language_model).Count;
-            info($"qlora: {n} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
+            quantized = Qlora.QuantizeLanguageModel(model.language_model);
+            info($"qlora: {quantized.Count} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
         }
         if (config.QuantizeVision)
         {
@@ -79,7 +81,7 @@ public static class ModelPreparation
         List<(string Name, Parameter Param)> trainable = [.. model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter))];
         if (trainable.Count == 0) throw new VlmTuneException($"{config.Source}: the config trains nothing (every part is frozen).");
         var prepared = new PreparedModel(trainable, llmLora, visionLora, VisionTrainable: !config.FreezeVision || config.VisionLoraR > 0,
-            ProjectorTrainable: !config.FreezeProjector);
+            ProjectorTrainable: !config.FreezeProjector, quantized);
         info($"trainable parameters: {prepared.TrainableCount:N0} in {trainable.Count} tensors ({string.Join(", ", trainable.Select(t => t.Name.Split('.')[0]).Distinct())})");
 
         model.eval();

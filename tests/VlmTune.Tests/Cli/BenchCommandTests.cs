@@ -31,4 +31,27 @@ public class BenchCommandTests
         Assert.Contains("error: --fused true: the fused decoder is unavailable", stderr);
         Assert.Contains("not CUDA", stderr);
     }
+
+    [FixtureFact]
+    public async Task TrainRunsTheTrainersStepInEveryMode()
+    {
+        // 1 tile (256 image tokens) + 80 text tokens per sample; two steps each of LoRA, QLoRA and full fine-tuning on CPU.
+        var (code, stdout, stderr) = await CliProcess.RunAsync(
+        [
+            "bench", "train", "--config", Path.Combine(Fixtures.TinyModel, "config.json"), "--device", "cpu", "--mode", "lora", "qlora", "full",
+            "--batch-size", "2", "--tiles-per-sample", "1", "--seq-len", "336", "--lora-r", "4", "--steps", "2", "--warmup-steps", "1",
+        ], timeoutSeconds: 300);
+        Assert.True(code == 0, stderr);
+        var results = stdout.Trim().Split('\n').Select(l => JsonDocument.Parse(l).RootElement).ToDictionary(r => r.GetProperty("mode").GetString()!);
+        Assert.Equal(["full", "lora", "qlora"], results.Keys.Order());
+        foreach (var (mode, r) in results)
+        {
+            Assert.True(double.IsFinite(r.GetProperty("loss").GetDouble()), mode);
+            Assert.True(r.GetProperty("tokens_per_s").GetDouble() > 0, mode);
+        }
+        // The recipe's LoRA (TrainConfig's alpha, the model's default targets) and what full fine-tuning trains.
+        Assert.Equal(256, results["lora"].GetProperty("lora_alpha").GetDouble());
+        Assert.Equal(results["lora"].GetProperty("trainable_params").GetInt64(), results["qlora"].GetProperty("trainable_params").GetInt64());
+        Assert.True(results["full"].GetProperty("trainable_params").GetInt64() > 10 * results["lora"].GetProperty("trainable_params").GetInt64());
+    }
 }
