@@ -38,18 +38,18 @@ internal static class TrainCommand
         var config = TrainConfig.Load(parse.GetValue(ConfigPath)!, overrides);
         string? resume = parse.GetValue(Resume);
 
-        // Not started as a rank (torchrun / Slurm / our own launcher set RANK or SLURM_PROCID) but asked for several
+        // Not started as a rank (torchrun / Slurm / our own launcher set their variables) but asked for several
         // processes: become the launcher. The config was checked once, here, before any rank starts.
+        var env = VlmTune.Distributed.DistributedEnvironment.FromProcess();
         int nproc = parse.GetValue(NprocPerNode) ?? NprocFromEnvironment();
         if (nproc < 1) throw new VlmTune.VlmTuneException($"--nproc-per-node must be at least 1 (got {nproc})");
-        bool isRank = Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } || Environment.GetEnvironmentVariable("SLURM_PROCID") is { Length: > 0 };
-        if (nproc > 1 && !isRank)
+        if (nproc > 1 && !env.StartedByLauncher)
             return VlmTune.Distributed.Launcher.Run(nproc, Environment.GetCommandLineArgs()[1..], line => Console.Error.WriteLine(line));
 
         // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint (exit code
         // 130, as Launcher expects of its ranks); a second signal quits at once.
         using var stop = StopSignals.Listen("finishing the current iteration and saving a checkpoint");
-        return Train(config, resume, stop.Token);
+        return Train(config, resume, env, stop.Token);
     }
 
     private static int NprocFromEnvironment()
@@ -59,20 +59,19 @@ internal static class TrainCommand
         return int.TryParse(raw, out var n) && n >= 1 ? n : throw new VlmTune.VlmTuneException($"NPROC_PER_NODE='{raw}' is not a positive integer");
     }
 
-    private static int Train(TrainConfig config, string? resume, CancellationToken ct)
+    private static int Train(TrainConfig config, string? resume, VlmTune.Distributed.DistributedEnvironment env, CancellationToken ct)
     {
         // One progress bar for a data-parallel job: rank 0's; the other ranks print only warnings and errors.
-        bool otherRank = Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } r && r != "0";
-        bool interactive = !otherRank && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+        bool interactive = env.IsMaster && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         if (!interactive)
         {
-            using var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = Console.WriteLine });
+            using var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = Console.WriteLine, Distributed = env });
             trainer.Setup();
-            return Report(trainer.Train(ct));
+            return Report(trainer.Train(ct), env);
         }
 
         TrainResult? result = null;
-        using (var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = line => AnsiConsole.WriteLine(line) }))
+        using (var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = line => AnsiConsole.WriteLine(line), Distributed = env }))
         {
             trainer.Setup();
             AnsiConsole.Progress()
@@ -89,12 +88,12 @@ internal static class TrainCommand
                     });
                 });
         }
-        return Report(result!);
+        return Report(result!, env);
     }
 
-    private static int Report(TrainResult result)
+    private static int Report(TrainResult result, VlmTune.Distributed.DistributedEnvironment env)
     {
-        if (Environment.GetEnvironmentVariable("RANK") is { Length: > 0 } rank && rank != "0") return result.Interrupted ? 130 : 0;   // rank 0 reports
+        if (!env.IsMaster) return result.Interrupted ? 130 : 0;   // rank 0 reports
         Console.WriteLine(result.Interrupted
             ? result.LastCheckpoint is null
                 ? "interrupted before the first optimizer step; nothing to resume"

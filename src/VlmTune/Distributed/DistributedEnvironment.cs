@@ -16,6 +16,8 @@ public sealed record DistributedEnvironment(
 
     public bool IsDistributed => WorldSize > 1;
     public bool IsMaster => Rank == 0;
+    /// <summary>This process is a rank of a job (torchrun's, Slurm's or our launcher's variables), not a lone process.</summary>
+    public bool StartedByLauncher => Source != Single.Source;
 
     public static DistributedEnvironment Single { get; } = new(0, 1, 0, 1, 0, 1, "127.0.0.1", DefaultMasterPort, "single process");
 

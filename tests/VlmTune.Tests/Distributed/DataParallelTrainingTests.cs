@@ -124,6 +124,31 @@ public class DataParallelTrainingTests
     }
 
     [FixtureFact]
+    public async Task SlurmLaunchedRanksTrainTogetherAndOnlyRankZeroReports()
+    {
+        // srun starts every rank itself (no --nproc-per-node): the ranks must know they are ranks from SLURM_* alone.
+        using var data = new TrainTestData();
+        string config = WriteConfig(data, "slurm", "max_steps=2");
+        string work = Path.Combine(data.Dir, "slurm-work");
+        var port = TcpRendezvousTests.FreePort();
+        var ranks = Enumerable.Range(0, 2).Select(r => CliProcess.Start(["train", config, "--set", $"work_dir={work}", "--nproc-per-node", "2"], new Dictionary<string, string>
+        {
+            ["SLURM_PROCID"] = r.ToString(), ["SLURM_NTASKS"] = "2", ["SLURM_LOCALID"] = r.ToString(), ["SLURM_NODEID"] = "0",
+            ["SLURM_NNODES"] = "1", ["SLURM_JOB_NODELIST"] = "localhost", ["MASTER_PORT"] = port.ToString(),
+        })).ToList();
+        try
+        {
+            foreach (var p in ranks)
+                Assert.True(await p.WaitAsync(180) == 0, $"stdout:\n{p.Stdout}\nstderr:\n{p.Stderr}");
+            Assert.Contains("data parallel: 2 ranks (Slurm", ranks[0].Stdout);
+            Assert.Contains("done: 2 iterations", ranks[0].Stdout);
+            Assert.DoesNotContain("done:", ranks[1].Stdout);
+            Assert.True(File.Exists(Path.Combine(work, "iter_2", IterCheckpoint.StateFile)));
+        }
+        finally { foreach (var p in ranks) p.Dispose(); }
+    }
+
+    [FixtureFact]
     public async Task ARankThatDiesEndsTheJobAndItsLastCheckpointResumesUnderZeroOne()
     {
         using var data = new TrainTestData(samples: 12);
