@@ -23,7 +23,7 @@ public sealed record ValidationOptions
     public TileCounter Tiles { get; init; } = (w, h, min, max, thumbnail) => DynamicPreprocess.CountTiles(w, h, min, max, thumbnail);
     public int MinTiles { get; init; } = 1;
     /// <summary>Tiles of a single image (InternVL's max_dynamic_patch; a meta dataset's own value wins).</summary>
-    public int MaxTiles { get; init; } = 12;
+    public int MaxTiles { get; init; } = VlmTune.Models.InternVLConfig.DefaultMaxDynamicPatch;
     public bool UseThumbnail { get; init; } = true;
     /// <summary>Problems kept with full detail in the report; all are counted.</summary>
     public int MaxListedProblems { get; init; } = 200;
@@ -146,8 +146,8 @@ public static class DataValidator
 
         var tiles = new List<int>(sample.Images.Count);
         var imageFacts = new List<ImageFacts>(sample.Images.Count);
-        // As InternVL: several images share the tile budget, at least one tile each.
-        var maxTiles = Math.Max(1, (sample.MaxDynamicPatch ?? options.MaxTiles) / Math.Max(1, sample.Images.Count));
+        // As InternVL's fine-tuning (and the trainer's encoder): several images share the tile budget, at least one tile each.
+        var maxTiles = new ImageProcessorOptions { MaxTiles = options.MaxTiles }.ForImages(sample.Images.Count, TileSharing.SplitBetweenImages, sample.MaxDynamicPatch).MaxTiles;
         if (sample.Images.Count > 0 && options.MinTiles > maxTiles)
             problems.Add(new DataProblem(DataProblemKind.BadRecord, source,
                 $"{sample.Images.Count} images leave {maxTiles} tile(s) each, below min_dynamic_patch {options.MinTiles}"));

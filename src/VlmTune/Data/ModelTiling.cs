@@ -3,6 +3,15 @@ using VlmTune.Vision;
 
 namespace VlmTune.Data;
 
+/// <summary>How the images of one sample (or request) share the most-tiles budget.</summary>
+public enum TileSharing
+{
+    /// <summary>Each image may take the whole budget: the official <c>chat()</c> demos, LMDeploy and vLLM serve this way.</summary>
+    PerImage,
+    /// <summary>The images split it, at least one tile each: the official fine-tuning dataset (<c>max_dynamic_patch // num_image</c>).</summary>
+    SplitBetweenImages,
+}
+
 /// <summary>
 /// The image tiling a model folder was released with (config.json: <c>force_image_size</c>, <c>min/max_dynamic_patch</c>,
 /// <c>use_thumbnail</c>, <c>dynamic_image_size</c>): the one default that chat, serving, validation and training start
@@ -22,5 +31,16 @@ public static class ModelTiling
             MaxTiles = dynamic ? maxTiles ?? config.MaxDynamicPatch : 1,
             UseThumbnail = dynamic && config.UseThumbnail,
         };
+    }
+
+    /// <summary>
+    /// The tile budget of each image of a sample or request with <paramref name="imageCount"/> images: the one rule
+    /// validation, training's encoder, chat and serving apply (<paramref name="maxTiles"/>: a sample's own
+    /// max_dynamic_patch, from an InternVL meta file; null: the options').
+    /// </summary>
+    public static ImageProcessorOptions ForImages(this ImageProcessorOptions options, int imageCount, TileSharing sharing, int? maxTiles = null)
+    {
+        int budget = maxTiles ?? options.MaxTiles;
+        return options with { MaxTiles = sharing == TileSharing.PerImage ? budget : Math.Max(1, budget / Math.Max(1, imageCount)) };
     }
 }

@@ -47,8 +47,8 @@ public sealed class SampleEncoder(ConversationTokenizer tokenizer, ImageProcesso
     /// <summary>Images decoded and tiled by <see cref="Encode"/> so far (all threads).</summary>
     public long ImagesDecoded => Interlocked.Read(ref _imagesDecoded);
 
-    private ImageProcessorOptions OptionsFor(TrainingSample s) =>
-        s.MaxDynamicPatch is { } max ? images with { MaxTiles = max } : images;
+    // Several images share the sample's budget, as in the official fine-tuning dataset (and in data validate).
+    private ImageProcessorOptions OptionsFor(TrainingSample s) => images.ForImages(s.Images.Count, TileSharing.SplitBetweenImages, s.MaxDynamicPatch);
 
     /// <summary>
     /// Token length (images counted from their headers, not decoded), positive for samples with images and negative

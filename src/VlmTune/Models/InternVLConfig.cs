@@ -111,7 +111,9 @@ public sealed record InternVLConfig
     public string PsVersion { get; init; } = "v2";
     public bool UseThumbnail { get; init; } = true;
     public int MinDynamicPatch { get; init; } = 1;
-    public int MaxDynamicPatch { get; init; } = 12;
+    public int MaxDynamicPatch { get; init; } = DefaultMaxDynamicPatch;
+    /// <summary>max_dynamic_patch of a config.json that does not say (the official code's default).</summary>
+    public const int DefaultMaxDynamicPatch = 12;
     public bool DynamicImageSize { get; init; } = true;
     /// <summary>How the folder names its config fields and weights; every module keeps the official names either way.</summary>
     public CheckpointLayout Layout { get; init; } = CheckpointLayout.Official;
@@ -228,7 +230,7 @@ public sealed record InternVLConfig
             Template = r.String("template", "internlm2-chat"), SystemMessage = r.Has("system_message") ? r.String("system_message") : null, DownsampleRatio = r.Double("downsample_ratio", 0.5),
             ForceImageSize = r.Int("force_image_size", vision.ImageSize), SelectLayer = r.Int("select_layer", -1),
             PsVersion = r.String("ps_version", "v2"), UseThumbnail = r.Bool("use_thumbnail", true),
-            MinDynamicPatch = r.Int("min_dynamic_patch", 1), MaxDynamicPatch = r.Int("max_dynamic_patch", 12),
+            MinDynamicPatch = r.Int("min_dynamic_patch", 1), MaxDynamicPatch = r.Int("max_dynamic_patch", DefaultMaxDynamicPatch),
             DynamicImageSize = r.Bool("dynamic_image_size", true),
         };
         if (r.Problems.Count == 0)
