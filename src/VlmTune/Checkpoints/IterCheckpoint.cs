@@ -12,7 +12,9 @@ namespace VlmTune.Checkpoints;
 ///     trainable.safetensors    trained non-LoRA weights (projector, full fine-tuning)
 ///     optimizer.bin | optimizer.rankR.bin               AdamW state (ZeRO-1: one shard per rank)
 ///     trainer_state.json       iteration, counters, the resolved config
-///   .iter_N.tmp-OWNER/         a checkpoint being written; .iter_N.old-OWNER/ one being replaced
+///     eval.json                the evaluation at that iteration (eval_data), when there was one
+///   best/                      the checkpoint of the lowest eval loss (save_best), laid out as iter_N/
+///   .iter_N.tmp-OWNER/         a checkpoint being written; .iter_N.old-OWNER/ one being replaced (.best.* alike)
 /// </code>
 /// </summary>
 public static class IterCheckpoint
@@ -22,6 +24,8 @@ public static class IterCheckpoint
     public const string OptimizerFile = "optimizer.bin";
     public const string VisionAdapterDir = "vision_lora";
     public const string LastCheckpointFile = "last_checkpoint";
+    public const string BestFolder = "best";
+    public const string EvalFile = "eval.json";
     /// <summary>Checkpoint folders are written as <c>.iter_N.tmp-OWNER</c>; one being replaced is set aside as <c>.iter_N.old-OWNER</c>.</summary>
     public const string TempMarker = ".tmp-", OldMarker = ".old-";
 

@@ -95,9 +95,15 @@ public sealed class InternVLChat : IDisposable
         }
         var template = ModelLength.ModelTemplate(model.Config);
         var images = new ImageProcessor(model.Config.ImageOptions(options.MaxTiles) with { Limits = options.ImageLimits });
-        var stop = template.StopTokens.Select(tokenizer.TokenToId).ToHashSet();   // model.chat(): eos = sep.strip()
+        return new InternVLChat(model, tokenizer, template, images, StopIdsFor(modelDir, template, tokenizer));
+    }
+
+    /// <summary>The ids that end an answer: the template's stop tokens (model.chat(): eos = sep.strip()) and generation_config.json's eos_token_id.</summary>
+    public static IReadOnlySet<int> StopIdsFor(string modelDir, ConversationTemplate template, TextTokenizer tokenizer)
+    {
+        var stop = template.StopTokens.Select(tokenizer.TokenToId).ToHashSet();
         stop.UnionWith(GenerationConfigEosIds(modelDir));
-        return new InternVLChat(model, tokenizer, template, images, stop);
+        return stop;
     }
 
     public static Device ParseDevice(string name)

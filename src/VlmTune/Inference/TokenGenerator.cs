@@ -17,7 +17,8 @@ public static class TokenGenerator
 {
     public static GenerationResult Generate(
         InternVLChatModel model, IReadOnlyList<int> promptIds, Tensor? imageFeatures, int imageContextId,
-        SamplingOptions sampling, IReadOnlySet<int> stopIds, Action<int>? onToken = null, CancellationToken cancellation = default)
+        SamplingOptions sampling, IReadOnlySet<int> stopIds, Action<int>? onToken = null, CancellationToken cancellation = default,
+        bool allowFused = true)
     {
         var problems = sampling.Validate().ToList();
         if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
@@ -28,7 +29,8 @@ public static class TokenGenerator
         using var cache = new KvCache(lm.Config, 1, promptIds.Count + sampling.MaxNewTokens, model.Options.DType, device);
         using var sampler = new Sampler(sampling, device);
         // Decode steps use the fused CUDA kernels where the model allows (VLMTUNE_FUSED_DECODE=0 turns them off).
-        var fused = device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, out _) : null;
+        // allowFused false: weights that change between calls (a model in training) must not be packed once and cached.
+        var fused = allowFused && device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, out _) : null;
         Tensor? seen = sampling.RepetitionPenalty != 1.0
             ? tensor(promptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0).DetachFromDisposeScope()
             : null;

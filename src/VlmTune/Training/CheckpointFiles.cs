@@ -19,7 +19,8 @@ internal static class CheckpointFiles
     /// </summary>
     public static void RemoveStaleTemporaries(string workDir, Action<string> log)
     {
-        static bool Iter(string name, string marker) => name.StartsWith(".iter_", StringComparison.Ordinal) && name.Contains(marker, StringComparison.Ordinal);
+        static bool Iter(string name, string marker) =>
+            (name.StartsWith(".iter_", StringComparison.Ordinal) || name.StartsWith($".{BestFolder}{marker}", StringComparison.Ordinal)) && name.Contains(marker, StringComparison.Ordinal);
         var removed = IO.OwnedTemporary.RemoveStale(workDir,
             n => Iter(n, TempMarker) || n.StartsWith(LastCheckpointFile + ".tmp-", StringComparison.Ordinal)).ToList();
         removed.AddRange(IO.OwnedTemporary.RemoveStale(workDir,

@@ -15,6 +15,17 @@ public sealed record PreparedModel(
     IReadOnlyList<(string Name, Nf4Tensor Weight)> QuantizedLlmWeights)
 {
     public long TrainableCount => Trainable.Sum(t => t.Param.numel());
+
+    /// <summary>
+    /// The modules' modes while training: the model in eval mode except the LLM (LoRA dropout) and a trained ViT.
+    /// Evaluation switches everything to eval mode and comes back here.
+    /// </summary>
+    public void RestoreTrainingModes(InternVLChatModel model)
+    {
+        model.eval();
+        model.language_model.train();
+        if (VisionTrainable) model.vision_model.train();
+    }
 }
 
 /// <summary>
@@ -84,9 +95,7 @@ public static class ModelPreparation
             ProjectorTrainable: !config.FreezeProjector, quantized);
         info($"trainable parameters: {prepared.TrainableCount:N0} in {trainable.Count} tensors ({string.Join(", ", trainable.Select(t => t.Name.Split('.')[0]).Distinct())})");
 
-        model.eval();
-        model.language_model.train();                 // LoRA dropout
-        if (prepared.VisionTrainable) model.vision_model.train();
+        prepared.RestoreTrainingModes(model);
         return prepared;
     }
 }

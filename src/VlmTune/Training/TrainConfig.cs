@@ -96,6 +96,19 @@ public sealed class TrainConfig
     /// <summary>Checkpointed layer inputs wait in pinned host memory between the forward and backward pass.</summary>
     public bool ActivationOffload { get; set; }
 
+    // Evaluation during training (see docs/training.md).
+    /// <summary>Held-out data files (any training data format); empty: no evaluation.</summary>
+    public List<string> EvalData { get; set; } = [];
+    /// <summary>Iterations between evaluations, after an optimizer step (null: save_steps; 0: only at the end). The run's end always evaluates.</summary>
+    public long? EvalSteps { get; set; }
+    /// <summary>The first this many eval samples are evaluated (null: all).</summary>
+    public int? EvalMaxSamples { get; set; }
+    /// <summary>Eval samples whose first question is answered greedily at each evaluation (written to the run folder and the checkpoint).</summary>
+    public int EvalGenerate { get; set; } = 4;
+    public int EvalMaxNewTokens { get; set; } = 64;
+    /// <summary>Keep the checkpoint of the lowest eval loss as &lt;work_dir&gt;/best (never pruned).</summary>
+    public bool SaveBest { get; set; }
+
     // Outputs.
     public string? Name { get; set; }
     public string? WorkDir { get; set; }
@@ -115,6 +128,9 @@ public sealed class TrainConfig
     public string RunName => Name ?? Path.GetFileNameWithoutExtension(Source);
     public string ResolvedWorkDir => WorkDir ?? Path.Combine("work_dirs", RunName);
     public string ResolvedVisionCacheDir => VisionCacheDir ?? Path.Combine(ResolvedWorkDir, "vision_cache");
+    public bool Evaluates => EvalData.Count > 0;
+    /// <summary>Iterations between evaluations (0: only at the end).</summary>
+    public long ResolvedEvalSteps => EvalSteps ?? SaveSteps;
 
     private sealed record Field(string Key, string Kind, Func<TrainConfig, object?> Get, Func<TrainConfig, YamlNode, string?> Set);
 
@@ -165,6 +181,12 @@ public sealed class TrainConfig
         Bool("optimizer_offload", (c, v) => c.OptimizerOffload = v, c => c.OptimizerOffload),
         Bool("quantize_vision", (c, v) => c.QuantizeVision = v, c => c.QuantizeVision),
         Bool("activation_offload", (c, v) => c.ActivationOffload = v, c => c.ActivationOffload),
+        StrList("eval_data", (c, v) => c.EvalData = v ?? [], c => c.EvalData, nullMeansDefault: true),
+        OptLong("eval_steps", (c, v) => c.EvalSteps = v, c => c.EvalSteps),
+        OptInt("eval_max_samples", (c, v) => c.EvalMaxSamples = v, c => c.EvalMaxSamples),
+        Int("eval_generate", (c, v) => c.EvalGenerate = v, c => c.EvalGenerate),
+        Int("eval_max_new_tokens", (c, v) => c.EvalMaxNewTokens = v, c => c.EvalMaxNewTokens),
+        Bool("save_best", (c, v) => c.SaveBest = v, c => c.SaveBest),
         OptStr("name", (c, v) => c.Name = v, c => c.Name),
         OptStr("work_dir", (c, v) => c.WorkDir = v, c => c.WorkDir),
         Int("log_interval", (c, v) => c.LogInterval = v, c => c.LogInterval),
@@ -284,6 +306,13 @@ public sealed class TrainConfig
         if (SaveSteps < 0) p.Add($"'save_steps': must not be negative (got {SaveSteps})");
         if (SaveSteps > 0 && AccumulativeCounts > 0 && SaveSteps % AccumulativeCounts != 0)
             p.Add($"'save_steps': {SaveSteps} is not a multiple of accumulative_counts ({AccumulativeCounts}); checkpoints are taken after optimizer steps");
+        if (EvalSteps < 0) p.Add($"'eval_steps': must not be negative (got {EvalSteps})");
+        if (EvalSteps > 0 && AccumulativeCounts > 0 && EvalSteps % AccumulativeCounts != 0)
+            p.Add($"'eval_steps': {EvalSteps} is not a multiple of accumulative_counts ({AccumulativeCounts}); evaluations follow optimizer steps");
+        if (EvalMaxSamples < 1) p.Add($"'eval_max_samples': must be at least 1 or null (got {EvalMaxSamples})");
+        if (EvalGenerate < 0) p.Add($"'eval_generate': must not be negative (got {EvalGenerate})");
+        if (EvalMaxNewTokens < 1) p.Add($"'eval_max_new_tokens': must be at least 1 (got {EvalMaxNewTokens})");
+        if (SaveBest && EvalData.Count == 0) p.Add("'save_best': needs eval_data (the best checkpoint is the one of the lowest eval loss)");
         if (Mode == TrainMode.Full && LlmFrozen && FreezeVision && FreezeProjector && VisionLoraR == 0)
             p.Add("'mode': full with freeze_llm, freeze_vision and freeze_projector all true trains nothing");
         if (PeakTflops is <= 0) p.Add($"'peak_tflops': must be positive (got {PeakTflops})");
@@ -303,7 +332,7 @@ public sealed class TrainConfig
         c.FreezeLlm = LlmFrozen;
         if (Dtype == "auto") c.Dtype = Device == "cpu" ? "fp32" : "bf16";
         if (CacheVisionFeatures) c.VisionCacheDir = ResolvedVisionCacheDir;
-        c.Data = [.. Data]; c.LoraTargets = LoraTargets is null ? null : [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
+        c.Data = [.. Data]; c.EvalData = [.. EvalData]; c.EvalSteps = ResolvedEvalSteps; c.LoraTargets = LoraTargets is null ? null : [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
         return c;
     }
 

@@ -85,6 +85,30 @@ public sealed class TrainLog : IDisposable
         if (_scalars is not null) lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
     }
 
+    /// <summary>
+    /// <c>Iter(val) [  40/1242]  eval_loss: 1.2345  eval_samples: 50  eval_tokens: 1234</c>, the scalars line
+    /// <c>{"eval_loss": ..., "iter": 40, "step": 40}</c> and the answers as <c>eval/iter_40.json</c> in the run folder.
+    /// </summary>
+    public void Evaluation(EvalResult r, long totalIters)
+    {
+        var ci = CultureInfo.InvariantCulture;
+        int width = totalIters.ToString(ci).Length;
+        Info(string.Create(ci, $"Iter(val) [{r.Iteration.ToString(ci).PadLeft(width)}/{totalIters}]  eval_loss: {FormatLoss(r.Loss)}  eval_samples: {r.Samples}  eval_tokens: {r.Tokens}"));
+        foreach (var a in r.Answers)
+            Info($"eval sample {a.Index}: {Shorten(a.Question)} → {Shorten(a.Answer)} (reference: {Shorten(a.Reference)})");
+        if (_scalars is null) return;
+        var scalars = new Dictionary<string, object?> { ["eval_loss"] = double.IsFinite(r.Loss) ? r.Loss : null, ["iter"] = r.Iteration, ["step"] = r.Iteration };
+        lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
+        Directory.CreateDirectory(Path.Combine(RunDir, "eval"));
+        VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "eval", $"iter_{r.Iteration}.json"), r.ToJson());
+    }
+
+    private static string Shorten(string text)
+    {
+        var line = text.ReplaceLineEndings(" ");
+        return line.Length > 80 ? line[..80] + "…" : line;
+    }
+
     private static string FormatLoss(double loss) => double.IsNaN(loss) ? "skipped" : loss.ToString("F4", CultureInfo.InvariantCulture);
 
     /// <summary>Python's str(timedelta(seconds=int(eta))): H:MM:SS, with "N days, " in front past a day.</summary>

@@ -38,6 +38,8 @@ public sealed class TrainResult
     public required DataCounters Counters { get; init; }
     /// <summary>Stopped early by cancellation (Ctrl-C); a checkpoint was saved.</summary>
     public bool Interrupted { get; init; }
+    /// <summary>The evaluations of this session (eval_data), in order.</summary>
+    public IReadOnlyList<EvalResult> Evaluations { get; init; } = [];
 }
 
 /// <summary>A non-finite loss or gradient norm stopped the run (nan_policy: stop).</summary>
@@ -65,6 +67,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     private TrainingOptimizer? _optimizer;
     private TrainingCheckpointer? _checkpointer;
     private MicroBatchStep? _step;
+    private TrainingEvaluator? _evaluator;
+    private ConversationTokenizer? _conversations;
+    private ImageProcessorOptions? _tiling;
+    private double? _bestEvalLoss;
+    private readonly List<EvalResult> _evaluations = [];
     private LrSchedule? _schedule;
     private TrainLog? _log;
     private DropoutSeeds? _seeds;
@@ -117,7 +124,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         try
         {
-            SetupData(SetupModel());
+            _conversations = SetupModel();
+            SetupData(_conversations);
             SetupTraining(resumeDir);
         }
         catch (Exception e) when (_dp is not null && e is not DistributedException)
@@ -155,6 +163,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             log.Info($"vision feature cache: {_visionCache.Directory} ({_visionCache.EntriesAtOpen} entries, {_visionCache.BytesAtOpen / 1048576.0:F1} MiB); " +
                      $"the frozen ViT's features of each sample's images are stored on first use and reused (model fingerprint {_visionCache.ModelFingerprint[..12]})");
         }
+        _tiling = images;
         _encoder = new SampleEncoder(tokenizer, images, Counters, m => log.Warning(m)) { VisionCache = _visionCache };
 
         _dataset = TrainDataset.Build(Config.Data, Config.ImageRoot, _encoder, Counters, m => log.Warning(m), Math.Max(1, Config.DataloaderNumWorkers));
@@ -199,6 +208,14 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _images = new ImageFeatureSupply(model, _visionCache, _device, _dtype, _prepared.VisionTrainable, _prepared.ProjectorTrainable);
         _step = new MicroBatchStep(model, _images, Config, _device, _tokenizer!.ImgContextId, Counters, _dp, log.Warning);
         _checkpointer = new TrainingCheckpointer(Config, WorkDir, model, _prepared, _optimizer, _dp, log);
+        if (Config.Evaluates)
+        {
+            _evaluator = new TrainingEvaluator(Config, model, _prepared, _tokenizer!, _conversations!, _tiling!, _device, _dtype, _dp, log.Warning);
+            _bestEvalLoss = Config.SaveBest ? TrainingCheckpointer.BestEvalLoss(WorkDir) : null;
+            long every = Config.ResolvedEvalSteps;
+            log.Info($"evaluation: {_evaluator.SampleCount} samples of {string.Join(", ", Config.EvalData)}{(every > 0 ? $" every {every} iterations and" : "")} at the end; " +
+                     $"{Math.Min(Config.EvalGenerate, _evaluator.SampleCount)} answered greedily each time{(Config.SaveBest ? $"; the lowest eval loss is kept as {Path.Combine(WorkDir, IterCheckpoint.BestFolder)}{(_bestEvalLoss is { } b ? $" (so far {b:F4})" : "")}" : "")}");
+        }
         if (resumeDir is not null) _iteration = _checkpointer.Resume(resumeDir, Dataset.Samples.Count, Counters).Iteration;
     }
 
@@ -208,6 +225,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var problems = new List<string>();
         if (!Directory.Exists(Config.Model)) problems.Add($"'model': folder not found: {Path.GetFullPath(Config.Model)}");
         else if (!File.Exists(Path.Combine(Config.Model, "config.json"))) problems.Add($"'model': {Path.GetFullPath(Config.Model)} has no config.json (not an InternVL2 model folder)");
+        foreach (var file in Config.EvalData)
+            if (!File.Exists(file)) problems.Add($"'eval_data': file not found: {Path.GetFullPath(file)}");
         foreach (var file in Config.Data)
         {
             if (!File.Exists(file)) { problems.Add($"'data': file not found: {Path.GetFullPath(file)}"); continue; }
@@ -317,8 +336,11 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                     }
                     gpuMemory?.Reset();
                 }
+                EvalResult? eval = null;
+                if (stepNow && _evaluator is not null && Config.ResolvedEvalSteps > 0 && _iteration % Config.ResolvedEvalSteps == 0 && _iteration < TotalIterations)
+                    eval = Evaluate(cancel);
                 if (stepNow && Config.SaveSteps > 0 && _iteration % Config.SaveSteps == 0 && _iteration < TotalIterations)
-                    SaveCheckpoint();
+                    SaveCheckpoint(eval);
             }
         }
         catch (Exception e) when (_dp is not null && e is not DistributedException)
@@ -342,8 +364,8 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         }
         else
         {
-            // A resume of a finished run has nothing new to save; any run that trained writes its final state.
-            if (_iteration > start || _checkpointer!.Last is null) SaveCheckpoint();
+            // A resume of a finished run has nothing new to save; any run that trained writes its final state, evaluated.
+            if (_iteration > start || _checkpointer!.Last is null) SaveCheckpoint(_evaluator is null ? null : Evaluate(cancel));
             log.Info($"training finished: {_iteration} iterations, {optimizer.Steps} optimizer steps; skipped: {Counters}");
             if (_visionCache is { } vc)
                 log.Info($"vision cache: {ImageSamplesFromCache} of {ImageSamples} samples with images came from the cache this run{(WorldSize > 1 ? " on rank 0" : "")}, " +
@@ -352,15 +374,39 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         return new TrainResult
         {
             WorkDir = WorkDir, RunDir = RunDir, Iterations = _iteration, OptimizerSteps = optimizer.Steps, Losses = losses,
-            LastCheckpoint = _checkpointer!.Last, Counters = Counters, Interrupted = interrupted,
+            LastCheckpoint = _checkpointer!.Last, Counters = Counters, Interrupted = interrupted, Evaluations = [.. _evaluations],
         };
     }
 
+    /// <summary>Evaluates on eval_data (every rank), logs it, and keeps the checkpoint of a new lowest eval loss (save_best).</summary>
+    private EvalResult? Evaluate(CancellationToken cancel)
+    {
+        _dp?.Heartbeat();
+        var result = _evaluator!.Run(_iteration, cancel);
+        if (result is null)
+        {
+            _log!.Warning($"evaluation at iteration {_iteration} stopped by the interruption");
+            return null;
+        }
+        _dp?.Barrier();   // rank 0's answers take a while; the others wait here rather than in the next collective
+        _dp?.Heartbeat();
+        _log!.Evaluation(result, TotalIterations);
+        _evaluations.Add(result);
+        if (Config.SaveBest && double.IsFinite(result.Loss) && !(result.Loss >= _bestEvalLoss))
+        {
+            _bestEvalLoss = result.Loss;
+            _checkpointer!.Save(new TrainingPosition(_iteration, Optimizer.Steps), TotalIterations, Dataset.Samples.Count, Counters, result, asBest: true);
+        }
+        return result;
+    }
+
     /// <summary>Writes <c>iter_&lt;n&gt;/</c> for the current iteration (see <see cref="TrainingCheckpointer.Save"/>).</summary>
-    public string SaveCheckpoint()
+    public string SaveCheckpoint() => SaveCheckpoint(null);
+
+    private string SaveCheckpoint(EvalResult? eval)
     {
         if (_checkpointer is null) throw new InvalidOperationException("call Setup() first.");
-        return _checkpointer.Save(new TrainingPosition(_iteration, Optimizer.Steps), TotalIterations, Dataset.Samples.Count, Counters);
+        return _checkpointer.Save(new TrainingPosition(_iteration, Optimizer.Steps), TotalIterations, Dataset.Samples.Count, Counters, eval);
     }
 
     public void Dispose()

@@ -51,11 +51,14 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
     /// iteration. Rank 0 writes the folder; under ZeRO-1 each rank adds its optimizer shard (a shared filesystem across
     /// nodes, as DeepSpeed needs); the rename happens only once every part is in.
     /// </summary>
-    public string Save(TrainingPosition at, long totalIterations, int samples, DataCounters counters)
+    /// <param name="eval">The evaluation at this iteration, if any: stored as <c>eval.json</c> and its loss in the state.</param>
+    /// <param name="asBest">Write <c>best/</c> (the lowest eval loss so far) instead of <c>iter_N/</c>: not pruned, not the latest.</param>
+    public string Save(TrainingPosition at, long totalIterations, int samples, DataCounters counters, EvalResult? eval = null, bool asBest = false)
     {
         dp?.Heartbeat();
-        string final = Path.Combine(workDir, FolderName(at.Iteration));
-        string temp = IO.OwnedTemporary.Name(Path.Combine(workDir, $".{FolderName(at.Iteration)}{TempMarker}"));
+        string name = asBest ? BestFolder : FolderName(at.Iteration);
+        string final = Path.Combine(workDir, name);
+        string temp = IO.OwnedTemporary.Name(Path.Combine(workDir, $".{name}{TempMarker}"));
         if (dp is not null) temp = dp.Broadcast(temp);
         if (IsMaster) Directory.CreateDirectory(temp);
         dp?.Barrier();
@@ -72,17 +75,23 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
             optimizer.SaveState(temp);
             dp?.Barrier();
             VlmTune.Diagnostics.TestPause.At("checkpoint", CancellationToken.None);
-            if (IsMaster) Commit(temp, final, State(at, totalIterations, samples, counters));
+            if (IsMaster && eval is not null) AtomicFile.WriteAllText(Path.Combine(temp, EvalFile), eval.ToJson());
+            if (IsMaster) Commit(temp, final, State(at, totalIterations, samples, counters, eval));
         }
         catch (Exception e)
         {
             if (IsMaster) try { Directory.Delete(temp, recursive: true); } catch (IOException) { }
-            if (IO.DiskFull.Is(e)) throw IO.DiskFull.Error($"checkpoint {FolderName(at.Iteration)}", workDir, "no checkpoint was saved (the earlier ones are intact)", e);
+            if (IO.DiskFull.Is(e)) throw IO.DiskFull.Error($"checkpoint {name}", workDir, "no checkpoint was saved (the earlier ones are intact)", e);
             throw;
         }
         finally { foreach (var t in gathered) t.Dispose(); }
         dp?.Barrier();
         dp?.Heartbeat();
+        if (asBest)
+        {
+            if (IsMaster) log.Info($"new best eval loss {eval?.Loss:F4} at iteration {at.Iteration}: saved {final}");
+            return final;
+        }
         Last = final;
         if (IsMaster)
         {
@@ -93,7 +102,16 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
         return final;
     }
 
-    private JsonObject State(TrainingPosition at, long totalIterations, int samples, DataCounters counters) => new()
+    /// <summary>The eval loss stored with <c>best/</c> of a work dir, or null (none yet, or an older checkpoint).</summary>
+    public static double? BestEvalLoss(string workDir)
+    {
+        string path = Path.Combine(workDir, BestFolder, StateFile);
+        if (!File.Exists(path)) return null;
+        var state = CheckpointFiles.ReadState(path);
+        return state["eval_loss"] is JsonValue v && v.TryGetValue<double>(out var loss) ? loss : null;
+    }
+
+    private JsonObject State(TrainingPosition at, long totalIterations, int samples, DataCounters counters, EvalResult? eval) => new()
     {
         ["iteration"] = at.Iteration,
         ["optimizer_steps"] = at.OptimizerSteps,
@@ -112,6 +130,7 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
             ["bad_records"] = counters.BadRecords, ["broken_images"] = counters.BrokenImages, ["too_long"] = counters.TooLong,
             ["label_mismatch"] = counters.LabelMismatch, ["nan_skipped"] = counters.NanSkipped,
         },
+        ["eval_loss"] = eval is { Loss: var loss } && double.IsFinite(loss) ? loss : null,
         ["config"] = config.Resolved().ToYaml(),
     };
 

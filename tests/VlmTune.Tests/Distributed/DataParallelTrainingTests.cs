@@ -124,6 +124,30 @@ public class DataParallelTrainingTests
     }
 
     [FixtureFact]
+    public async Task TwoProcessesEvaluateTheSameLossAsOne()
+    {
+        // Five eval samples over two ranks (3 + 2): the summed loss and token counts give the single process's token mean.
+        using var data = new TrainTestData();
+        string[] eval = ["max_steps=4", "save_steps=2", "eval_steps=2", $"eval_data={data.DataFile}", "eval_max_samples=5", "eval_generate=1", "eval_max_new_tokens=4"];
+        string one = Path.Combine(data.Dir, "one"), two = Path.Combine(data.Dir, "two");
+        var single = await Train(WriteConfig(data, "eval1", ["batch_size=4", .. eval]), one, 1);   // the same global batch
+        Assert.True(single.Code == 0, single.Err);
+        var pair = await Train(WriteConfig(data, "eval2", ["batch_size=2", .. eval]), two, 2);
+        Assert.True(pair.Code == 0, pair.Err);
+        static List<double> EvalLosses(string workDir) =>
+            File.ReadAllLines(Directory.GetFiles(workDir, "scalars.json", SearchOption.AllDirectories).Single()).Select(l => JsonDocument.Parse(l).RootElement)
+                .Where(e => e.TryGetProperty("eval_loss", out _)).Select(e => e.GetProperty("eval_loss").GetDouble()).ToList();
+        var expected = EvalLosses(one);
+        var actual = EvalLosses(two);
+        Assert.Equal(2, expected.Count);
+        Assert.Equal(2, actual.Count);
+        // Training itself follows the single process to ~1e-4 (reduction order); so does the evaluation that follows it.
+        for (int i = 0; i < 2; i++) Assert.True(Math.Abs(expected[i] - actual[i]) <= 1e-3 * expected[i], $"evaluation {i + 1}: {actual[i]} vs {expected[i]}");
+        Assert.Contains("eval_samples: 5", pair.Out);
+        Assert.Single(Directory.GetFiles(Path.Combine(two, "iter_4"), IterCheckpoint.EvalFile));
+    }
+
+    [FixtureFact]
     public async Task SlurmLaunchedRanksTrainTogetherAndOnlyRankZeroReports()
     {
         // srun starts every rank itself (no --nproc-per-node): the ranks must know they are ranks from SLURM_* alone.
