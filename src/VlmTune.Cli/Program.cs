@@ -12,6 +12,7 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
     MergeCommand.Create(),
     TrainCommand.Create(),
     PlotCommand.Create(),
+    DashboardCommand.Create(),
     DistSelftestCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();
