@@ -11,6 +11,8 @@ var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal mo
     DataCommand.Create(),
     MergeCommand.Create(),
     TrainCommand.Create(),
+    PlotCommand.Create(),
+    DashboardCommand.Create(),
     DistSelftestCommand.Create(),
 };
 return await root.Parse(args).InvokeAsync();

@@ -119,6 +119,16 @@ public sealed class TrainConfig
     public int SaveTotalLimit { get; set; } = 2;
     /// <summary>Peak dense TFLOPS of the device for the MFU column (default: 989, an H100 SXM in bf16; none on CPU).</summary>
     public double? PeakTflops { get; set; }
+    /// <summary>
+    /// Where the scalars go besides the log and vis_data/scalars.json, as Hugging Face's <c>report_to</c> (one name or a
+    /// list): <c>tensorboard</c> writes TensorBoard event files into vis_data/; <c>all</c> means every integration vlmtune
+    /// has (TensorBoard); <c>none</c> (or an empty list, the default) nothing more.
+    /// </summary>
+    public List<string> ReportTo { get; set; } = [];
+
+    public bool ReportsToTensorBoard => ReportTo.Contains("tensorboard") || ReportTo.Contains("all");
+
+    private static readonly string[] Integrations = ["tensorboard", "all", "none"];
 
     /// <summary>Where the config came from (for messages and the default run name).</summary>
     public string Source { get; private set; } = "<config>";
@@ -193,6 +203,7 @@ public sealed class TrainConfig
         Long("save_steps", (c, v) => c.SaveSteps = v, c => c.SaveSteps),
         Int("save_total_limit", (c, v) => c.SaveTotalLimit = v, c => c.SaveTotalLimit),
         OptNum("peak_tflops", (c, v) => c.PeakTflops = v, c => c.PeakTflops),
+        StrList("report_to", (c, v) => c.ReportTo = v!, c => c.ReportTo),
     ];
 
     public static IReadOnlyList<string> Keys => Fields.Select(f => f.Key).ToList();
@@ -316,6 +327,9 @@ public sealed class TrainConfig
         if (Mode == TrainMode.Full && LlmFrozen && FreezeVision && FreezeProjector && VisionLoraR == 0)
             p.Add("'mode': full with freeze_llm, freeze_vision and freeze_projector all true trains nothing");
         if (PeakTflops is <= 0) p.Add($"'peak_tflops': must be positive (got {PeakTflops})");
+        foreach (var r in ReportTo.Where(r => !Integrations.Contains(r)).Distinct())
+            p.Add($"'report_to': '{r}' is not an integration vlmtune writes (use {string.Join(", ", Integrations)}; a list is accepted)");
+        if (ReportTo.Contains("none") && ReportTo.Count > 1) p.Add($"'report_to': none cannot be combined with [{string.Join(", ", ReportTo)}]");
         if (Name is { } n && (n.Length == 0 || n.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 || n is "." or ".."))
             p.Add($"'name': '{n}' cannot name a folder");
         return p;
@@ -332,7 +346,7 @@ public sealed class TrainConfig
         c.FreezeLlm = LlmFrozen;
         if (Dtype == "auto") c.Dtype = Device == "cpu" ? "fp32" : "bf16";
         if (CacheVisionFeatures) c.VisionCacheDir = ResolvedVisionCacheDir;
-        c.Data = [.. Data]; c.EvalData = [.. EvalData]; c.EvalSteps = ResolvedEvalSteps; c.LoraTargets = LoraTargets is null ? null : [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas];
+        c.Data = [.. Data]; c.EvalData = [.. EvalData]; c.EvalSteps = ResolvedEvalSteps; c.LoraTargets = LoraTargets is null ? null : [.. LoraTargets]; c.VisionLoraTargets = [.. VisionLoraTargets]; c.Betas = [.. Betas]; c.ReportTo = [.. ReportTo];
         return c;
     }
 

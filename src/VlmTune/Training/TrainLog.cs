@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text.Json;
+using VlmTune.Training.Reports;
 
 namespace VlmTune.Training;
 
@@ -11,21 +12,28 @@ public sealed record IterationStats(
 /// <summary>
 /// The run folder <c>work_dirs/&lt;name&gt;/&lt;YYYYMMDD_HHMMSS&gt;/</c> as mmengine lays it out: <c>&lt;timestamp&gt;.log</c> with
 /// mmengine-format lines, <c>vis_data/scalars.json</c> (one JSON object per logged iteration) and
-/// <c>vis_data/config.yaml</c> (the resolved config). Every line also goes to <see cref="Echo"/>.
+/// <c>vis_data/config.yaml</c> (the resolved config); with <c>report_to: tensorboard</c> also TensorBoard event files in
+/// <c>vis_data/</c>; and when it is closed, <c>curves.png</c> (<see cref="TrainingCurves"/>). Every line also goes to
+/// <see cref="Echo"/>.
 /// </summary>
 public sealed class TrainLog : IDisposable
 {
     private readonly StreamWriter? _log;
     private readonly StreamWriter? _scalars;
+    private readonly TensorBoardWriter? _tensorBoard;
     private readonly string? _prefix;
     private readonly object _gate = new();
+    private bool _closed;
 
     public string RunDir { get; }
     public string LogPath { get; }
     public string ScalarsPath { get; }
     public Action<string>? Echo { get; set; }
+    /// <summary>The TensorBoard events file (report_to: tensorboard), or null.</summary>
+    public string? TensorBoardPath => _tensorBoard?.Path;
+    public string CurvesPath => RunDir.Length == 0 ? "" : Path.Combine(RunDir, TrainingCurves.FileName);
 
-    public TrainLog(string workDir, string resolvedConfigYaml, DateTime? now = null)
+    public TrainLog(string workDir, string resolvedConfigYaml, DateTime? now = null, bool tensorBoard = false)
     {
         string timestamp = (now ?? DateTime.Now).ToString("yyyyMMdd_HHmmss", CultureInfo.InvariantCulture);
         RunDir = Path.Combine(workDir, timestamp);
@@ -36,6 +44,7 @@ public sealed class TrainLog : IDisposable
         VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
         _log = new StreamWriter(LogPath, append: true) { AutoFlush = true };
         _scalars = new StreamWriter(ScalarsPath, append: true) { AutoFlush = true };
+        if (tensorBoard) _tensorBoard = TensorBoardWriter.Create(Path.Combine(RunDir, "vis_data"));
     }
 
     /// <summary>
@@ -83,11 +92,24 @@ public sealed class TrainLog : IDisposable
             ["tokens_per_s"] = s.TokensPerSecond, ["optimizer_step"] = s.OptimizerStep,
         };
         if (_scalars is not null) lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
+        _tensorBoard?.Scalars(s.Iter, [("train/loss", s.Loss), ("train/lr", s.Lr), ("train/grad_norm", s.GradNorm ?? double.NaN),
+            ("train/tokens_per_s", s.TokensPerSecond)]);
     }
 
     /// <summary>
-    /// <c>Iter(val) [  40/1242]  eval_loss: 1.2345  eval_samples: 50  eval_tokens: 1234</c>, the scalars line
-    /// <c>{"eval_loss": ..., "iter": 40, "step": 40}</c> and the answers as <c>eval/iter_40.json</c> in the run folder.
+    /// An evaluation's loss: the scalars line <c>{"eval_loss": L, "iter": N, "step": N}</c> (no <c>loss</c> key, so
+    /// readers tell it from a training line) and <c>eval/loss</c> in TensorBoard.
+    /// </summary>
+    public void Evaluation(long iter, double evalLoss)
+    {
+        var scalars = new Dictionary<string, object?> { ["eval_loss"] = double.IsFinite(evalLoss) ? evalLoss : null, ["iter"] = iter, ["step"] = iter };
+        if (_scalars is not null) lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
+        _tensorBoard?.Scalars(iter, [("eval/loss", evalLoss)]);
+    }
+
+    /// <summary>
+    /// <c>Iter(val) [  40/1242]  eval_loss: 1.2345  eval_samples: 50  eval_tokens: 1234</c> with a line per answer, the
+    /// scalars (above) and the answers as <c>eval/iter_40.json</c> in the run folder (the dashboard shows them).
     /// </summary>
     public void Evaluation(EvalResult r, long totalIters)
     {
@@ -96,9 +118,8 @@ public sealed class TrainLog : IDisposable
         Info(string.Create(ci, $"Iter(val) [{r.Iteration.ToString(ci).PadLeft(width)}/{totalIters}]  eval_loss: {FormatLoss(r.Loss)}  eval_samples: {r.Samples}  eval_tokens: {r.Tokens}"));
         foreach (var a in r.Answers)
             Info($"eval sample {a.Index}: {Shorten(a.Question)} → {Shorten(a.Answer)} (reference: {Shorten(a.Reference)})");
+        Evaluation(r.Iteration, r.Loss);
         if (_scalars is null) return;
-        var scalars = new Dictionary<string, object?> { ["eval_loss"] = double.IsFinite(r.Loss) ? r.Loss : null, ["iter"] = r.Iteration, ["step"] = r.Iteration };
-        lock (_gate) _scalars.WriteLine(JsonSerializer.Serialize(scalars));
         Directory.CreateDirectory(Path.Combine(RunDir, "eval"));
         VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "eval", $"iter_{r.Iteration}.json"), r.ToJson());
     }
@@ -119,8 +140,36 @@ public sealed class TrainLog : IDisposable
         return t.Days > 0 ? $"{t.Days} day{(t.Days == 1 ? "" : "s")}, {hms}" : hms;
     }
 
+    /// <summary>Closes the files and draws <c>curves.png</c> from what the run logged (nothing when it logged nothing).</summary>
     public void Dispose()
     {
-        lock (_gate) { _log?.Dispose(); _scalars?.Dispose(); }
+        lock (_gate)
+        {
+            if (_closed) return;
+            _closed = true;
+            _scalars?.Dispose();
+            _tensorBoard?.Dispose();
+        }
+        if (_scalars is not null) WriteCurves();
+        lock (_gate) _log?.Dispose();
+    }
+
+    private void WriteCurves()
+    {
+        try
+        {
+            var scalars = RunScalars.ReadLenient(ScalarsPath);
+            if (scalars.IsEmpty) return;
+            string label = $"{Path.GetFileName(Path.GetDirectoryName(RunDir))}/{Path.GetFileName(RunDir)}";
+            TrainingCurves.Write(CurvesPath, [new CurveRun(label, scalars)]);
+            Info($"training curves: {CurvesPath}");
+        }
+        // The curves are a report: whatever stops them (a full disk, a missing native library) must not fail a
+        // finished run, whose checkpoint is already saved. The warning itself may fail on a full disk.
+        catch (Exception e)
+        {
+            try { Warning($"training curves not written to {CurvesPath}: {e.Message}"); }
+            catch (IOException) { }
+        }
     }
 }

@@ -113,7 +113,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
-        _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml()) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
+        _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml(), tensorBoard: Config.ReportsToTensorBoard) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
         if (IsMaster) CheckpointFiles.RemoveStaleTemporaries(WorkDir, _log.Info);
         _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
         if (_env.IsDistributed)
