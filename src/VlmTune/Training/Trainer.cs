@@ -22,6 +22,8 @@ public sealed record TrainerOptions
     public Action<TrainProgress>? Progress { get; init; }
     /// <summary>This process's place in a data-parallel job; null: read from the launcher's variables (RANK, WORLD_SIZE, ...).</summary>
     public DistributedEnvironment? Distributed { get; init; }
+    /// <summary>The entry point's environment switches: NF4 kernel, GPU isolation, memory trace, test fault and pause.</summary>
+    public RuntimeSwitches Switches { get; init; } = RuntimeSwitches.Defaults;
 }
 
 public sealed record TrainProgress(long Iteration, long TotalIterations, double Loss, double Lr);
@@ -115,7 +117,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         _env = _options.Distributed ?? DistributedEnvironment.FromProcess();
         // Each rank sees only its own GPU, before anything initialises CUDA (CheckInputs asks whether CUDA is there).
-        if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env);
+        if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env, _options.Switches.GpuIsolated);
         var resumeDir = CheckInputs();
         _device = torch.device(Config.Device);
         _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => ModelOptions.DefaultDType(_device) };
@@ -295,12 +297,12 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
 
         if (Config.Mode == TrainMode.Qlora)
         {
-            int n = Qlora.QuantizeLanguageModel(model.language_model).Count;
+            int n = Qlora.QuantizeLanguageModel(model.language_model, cudaKernel: _options.Switches.Nf4Kernel).Count;
             _log!.Info($"qlora: {n} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
         }
         if (Config.QuantizeVision)
         {
-            int n = Qlora.QuantizeVisionModel(model.vision_model).Count;
+            int n = Qlora.QuantizeVisionModel(model.vision_model, cudaKernel: _options.Switches.Nf4Kernel).Count;
             _log!.Info($"quantize_vision: {n} ViT linear layers stored as NF4");
         }
         if (Config.UsesLora)
@@ -377,7 +379,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             while (_iteration < TotalIterations)
             {
                 _dp?.Heartbeat();
-                InjectedFault.At(Rank, _iteration);
+                _options.Switches.TestFault?.At(Rank, _iteration);
                 // Ranks stop together, at the iteration after any of them was asked to (the request travels with the
                 // per-iteration agreement), or the others would wait in a collective for it.
                 if (_dp is null ? cancel.IsCancellationRequested : _stopAgreed)
@@ -392,7 +394,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 double lr = _schedule.At(it);
                 foreach (var group in _optimizer!.ParamGroups) group.LearningRate = lr;
                 _seeds!.StartMicroBatch(it);
-                VlmTune.Diagnostics.MemoryTrace.BeginIteration(it + 1, gpuMemory);
+                VlmTune.Diagnostics.MemoryTrace.BeginIteration(it + 1, gpuMemory, _options.Switches.MemoryTraceIteration);
                 manual_seed(_seeds.ForMicroBatch());   // dropout outside checkpointed layers: same masks after a resume
 
                 using var batch = loader.Next();
@@ -702,7 +704,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             if (_zero is not null) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerShardFile(Rank)));
             else if (IsMaster) _optimizer!.save_state_dict(Path.Combine(temp, OptimizerFile));
             _dp?.Barrier();
-            VlmTune.Diagnostics.TestPause.At("checkpoint", CancellationToken.None);
+            VlmTune.Diagnostics.TestPause.At(_options.Switches.TestPause, "checkpoint", CancellationToken.None);
             if (IsMaster) CommitCheckpoint(temp, final);
         }
         catch (Exception e)
@@ -872,30 +874,5 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _visionCache?.Dispose();
         _model?.Dispose();
         _dp?.Dispose();
-    }
-}
-
-/// <summary>
-/// Test aid for the failure handling of data-parallel jobs: VLMTUNE_TEST_FAULT=exit|hang:RANK:ITERATION makes that rank
-/// die (exit code 7, no cleanup, as a crash would) or stop responding when it reaches that iteration.
-/// </summary>
-internal static class InjectedFault
-{
-    private static readonly (string Kind, int Rank, long Iteration)? Fault = Parse(Environment.GetEnvironmentVariable("VLMTUNE_TEST_FAULT"));
-
-    private static (string, int, long)? Parse(string? raw)
-    {
-        var parts = raw?.Split(':');
-        return parts is [var kind and ("exit" or "hang"), var r, var i] && int.TryParse(r, out var rank) && long.TryParse(i, out var it)
-            ? (kind, rank, it) : null;
-    }
-
-    public static void At(int rank, long iteration)
-    {
-        if (Fault is not { } f || f.Rank != rank || f.Iteration != iteration) return;
-        Console.Error.WriteLine($"VLMTUNE_TEST_FAULT: rank {rank} {(f.Kind == "exit" ? "dies" : "hangs")} at iteration {iteration}");
-        Console.Error.Flush();
-        if (f.Kind == "exit") VlmTune.Diagnostics.ProcessExit.Now(7);
-        Thread.Sleep(Timeout.Infinite);
     }
 }

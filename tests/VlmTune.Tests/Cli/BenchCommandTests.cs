@@ -31,4 +31,15 @@ public class BenchCommandTests
         Assert.Contains("error: --fused true: the fused decoder is unavailable", stderr);
         Assert.Contains("not CUDA", stderr);
     }
+
+    /// <summary>VLMTUNE_FUSED_DECODE=0 travels from the CLI's start-up to the decoder: off before any model check.</summary>
+    [FixtureFact]
+    public async Task FusedDecodeSwitchFromTheEnvironmentReachesTheDecoder()
+    {
+        var (code, _, stderr) = await CliProcess.RunAsync(Decode("--fused", "true"),
+            new Dictionary<string, string> { [RuntimeSwitches.FusedDecodeVariable] = "0" }, timeoutSeconds: 120);
+        Assert.Equal(1, code);
+        Assert.Contains($"error: --fused true: the fused decoder is unavailable: {RuntimeSwitches.FusedDecodeVariable}=0", stderr);
+        Assert.DoesNotContain("not CUDA", stderr);
+    }
 }
