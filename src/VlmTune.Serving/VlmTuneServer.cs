@@ -152,8 +152,8 @@ public static class VlmTuneServer
         return new InternVLChatClient(chat, engine, new ChatClientOptions
         {
             ModelId = options.ModelId ?? DefaultModelId(options.ModelDir),
-            DefaultMaxTokens = options.DefaultMaxTokens,
-            MaxTokensLimit = options.MaxTokens,
+            DefaultMaxNewTokens = options.DefaultMaxTokens,
+            MaxNewTokensLimit = options.MaxTokens,
             MaxImagesPerRequest = options.MaxImagesPerRequest,
             MaxTilesPerRequest = options.MaxTilesPerRequest,
             ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels },
