@@ -54,7 +54,8 @@ public static class FusedDecodePlan
     /// <see cref="FusedDecodeTuning.TensorCores"/> false keeps the CUDA-core GEMV.
     /// </summary>
     public static bool UseTensorCores(int batch, (int Major, int Minor) arch, LlmConfig c, FusedDecodeTuning? tuning = null) =>
-        (tuning ?? FusedDecodeTuning.Default).TensorCores && BatchBucket(batch) >= 8 && arch.Major >= 8 && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
+        (tuning ?? FusedDecodeTuning.Default).TensorCores && BatchBucket(batch) >= 8 && arch.Major >= 8
+        && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
 
     /// <summary>Grid of a tensor-core GEMV: one block per 16 output rows (per batch bucket).</summary>
     public static (uint X, uint Y, uint Z) MmaGrid(long outFeatures, int batch) =>
