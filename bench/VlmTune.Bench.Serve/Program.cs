@@ -17,7 +17,8 @@ int maxTokens = int.Parse(arguments.GetValueOrDefault("max-tokens") ?? "64");
 string? image = arguments.GetValueOrDefault("image");
 string device = arguments.GetValueOrDefault("device") ?? "cpu";
 
-using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device });
+// An entry point: the VLMTUNE_* switches (e.g. VLMTUNE_FUSED_DECODE=0) are read here, as the CLI reads them.
+using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device, Switches = VlmTune.RuntimeSwitches.FromEnvironment() });
 var options = new ServerOptions { ModelDir = model, ModelId = "bench", Port = 0, MaxBatch = levels.Max(), MaxConcurrentRequests = 4 * levels.Max() };
 var client = VlmTuneServer.CreateChatClient(chat, options);
 using var engine = client.Engine;

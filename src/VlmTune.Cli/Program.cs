@@ -1,16 +1,25 @@
 using System.CommandLine;
+using VlmTune;
 using VlmTune.Cli.Commands;
 
-// Program only wires: each command lives in Commands/ with its options and behaviour.
+// Program only wires: each command lives in Commands/ with its options and behaviour. The VLMTUNE_* switches are read
+// here, once, and handed to the commands that pass them on (docs/runtime-switches.md).
+RuntimeSwitches switches;
+try { switches = RuntimeSwitches.FromEnvironment(); }
+catch (VlmTuneException e)
+{
+    Console.Error.WriteLine($"error: {e.Message}");
+    return 1;
+}
 var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal models from .NET.")
 {
-    ChatCommand.Create(),
-    ServeCommand.Create(),
-    BenchCommand.Create(),
+    ChatCommand.Create(switches),
+    ServeCommand.Create(switches),
+    BenchCommand.Create(switches),
     DownloadCommand.Create(),
-    DataCommand.Create(),
-    MergeCommand.Create(),
-    TrainCommand.Create(),
+    DataCommand.Create(switches),
+    MergeCommand.Create(switches),
+    TrainCommand.Create(switches),
     PlotCommand.Create(),
     DashboardCommand.Create(),
     DistSelftestCommand.Create(),

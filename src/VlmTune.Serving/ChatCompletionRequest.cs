@@ -22,7 +22,8 @@ public sealed record ChatCompletionRequest
     public double? TopP { get; init; }
     public int? TopK { get; init; }
     public double? RepetitionPenalty { get; init; }
-    public int? MaxTokens { get; init; }
+    /// <summary>max_completion_tokens, else max_tokens; its range is checked where every entry point's is (<see cref="SamplingOptions.Problems"/>).</summary>
+    public int? MaxNewTokens { get; init; }
     public IReadOnlyList<string> Stop { get; init; } = [];
     public long? Seed { get; init; }
     public bool Stream { get; init; }
@@ -75,8 +76,7 @@ public sealed record ChatCompletionRequest
         var rep = Number(root, "repetition_penalty");
         if (rep is < SamplingOptions.MinRepetitionPenalty or > SamplingOptions.MaxRepetitionPenalty)
             throw Bad($"'repetition_penalty' must be between {SamplingOptions.MinRepetitionPenalty} and {SamplingOptions.MaxRepetitionPenalty} (got {rep}).", "repetition_penalty");
-        var maxTokens = Int(root, "max_completion_tokens") ?? Int(root, "max_tokens");
-        if (maxTokens is < 1) throw Bad($"'max_tokens' must be ≥ 1 (got {maxTokens}).", "max_tokens");
+        var maxNewTokens = Int(root, "max_completion_tokens") ?? Int(root, "max_tokens");
         long? seed = null;
         if (root.TryGetProperty("seed", out var se) && se.ValueKind != JsonValueKind.Null)
             seed = se.ValueKind == JsonValueKind.Number && se.TryGetInt64(out var sv) ? sv : throw Bad("'seed' must be an integer.", "seed");
@@ -84,7 +84,7 @@ public sealed record ChatCompletionRequest
         return new ChatCompletionRequest
         {
             Model = model, Messages = messages, Temperature = temperature, TopP = topP, TopK = topK, RepetitionPenalty = rep,
-            MaxTokens = maxTokens, Stop = stop, Seed = seed, Stream = stream, IncludeUsage = includeUsage,
+            MaxNewTokens = maxNewTokens, Stop = stop, Seed = seed, Stream = stream, IncludeUsage = includeUsage,
         };
     }
 

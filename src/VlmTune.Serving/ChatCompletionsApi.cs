@@ -71,16 +71,17 @@ public static class ChatCompletionsApi
             body = null;
             if (request.Model != state.ModelId)
                 throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
-            if (request.MaxTokens > state.Options.MaxTokens)
-                throw ApiException.BadRequest($"'max_tokens' must be at most {state.Options.MaxTokens} (got {request.MaxTokens}).", "max_tokens");
-            var messages = await ToMessagesAsync(request, state, cancellation);
             var options = new ChatOptions
             {
                 // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
                 Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
-                MaxOutputTokens = request.MaxTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
+                MaxOutputTokens = request.MaxNewTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
             };
             if (request.RepetitionPenalty is { } rp) options.AdditionalProperties = new() { ["repetition_penalty"] = rp };
+            // The client's own check (max_tokens against the server's limit among them), before any image is read or fetched.
+            try { state.Client.SamplingFor(options); }
+            catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
+            var messages = await ToMessagesAsync(request, state, cancellation);
             try { return (state.Client.Prepare(messages, options), request.Stream, request.IncludeUsage); }
             catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
             catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }

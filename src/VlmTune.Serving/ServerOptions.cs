@@ -39,7 +39,9 @@ public sealed record ServerOptions
     public int MaxConcurrentLargeBodies { get; init; } = 4;
     /// <summary>Open TCP connections Kestrel accepts; beyond it new connections are closed at once.</summary>
     public long MaxConnections { get; init; } = 1000;
+    /// <summary>Largest max_tokens a request may ask for (named for the configuration key; the client's <c>MaxNewTokensLimit</c>).</summary>
     public int MaxTokens { get; init; } = 4096;
+    /// <summary>max_tokens of a request that gives none (the client's <c>DefaultMaxNewTokens</c>).</summary>
     public int DefaultMaxTokens { get; init; } = 512;
     /// <summary>Requests in flight (running or waiting) before new ones get 429.</summary>
     public int MaxConcurrentRequests { get; init; } = 128;

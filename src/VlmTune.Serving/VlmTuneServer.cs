@@ -136,7 +136,10 @@ public static class VlmTuneServer
         return app;
     }
 
-    /// <summary>The engine and chat client the server's options describe, over a loaded model (the caller disposes the engine).</summary>
+    /// <summary>
+    /// The engine and chat client the server's options describe, over a loaded model (the caller disposes the engine);
+    /// the engine decodes with the switches the model was loaded with (<see cref="InternVLChat.Switches"/>).
+    /// </summary>
     public static InternVLChatClient CreateChatClient(InternVLChat chat, ServerOptions options)
     {
         var engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
@@ -145,12 +148,12 @@ public static class VlmTuneServer
             MaxCacheTokens = options.KvCacheTokens,
             MaxQueue = options.MaxConcurrentRequests,
             MaxContextTokens = options.MaxContextTokens,
-        });
+        }.With(chat.Switches));
         return new InternVLChatClient(chat, engine, new ChatClientOptions
         {
             ModelId = options.ModelId ?? DefaultModelId(options.ModelDir),
-            DefaultMaxTokens = options.DefaultMaxTokens,
-            MaxTokensLimit = options.MaxTokens,
+            DefaultMaxNewTokens = options.DefaultMaxTokens,
+            MaxNewTokensLimit = options.MaxTokens,
             MaxImagesPerRequest = options.MaxImagesPerRequest,
             MaxTilesPerRequest = options.MaxTilesPerRequest,
             ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels },

@@ -29,18 +29,18 @@ internal static class BenchCommand
     private static readonly Option<bool?> Fused = new("--fused") { Description = "Decode with the fused CUDA kernels (default: where supported)." };
     private static readonly Option<int> Check = new("--check") { Description = "Also run this many steps of both decoders from one prefilled cache and print how far their logits differ.", DefaultValueFactory = _ => 0 };
 
-    public static Command Create()
+    public static Command Create(RuntimeSwitches switches)
     {
         var decode = new Command("decode", "Prefill an image prompt, then time greedy decoding.")
         {
             Config, Device, DType, Batch, PromptTokens, Tiles, NewTokens, Warmup, Fused, Check,
         };
-        decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse))));
+        decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse, switches))));
         var train = new Command("train", "Time LoRA / QLoRA / full training steps on a synthetic batch.")
         {
             Config, Device, DType, Mode, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
         };
-        train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse))));
+        train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse, switches))));
         var makeModel = new Command("make-model", "Write a model folder with random weights in the official layout (for end-to-end runs without a download).")
         {
             Config, TokenizerFrom, Out, Seed,
@@ -85,7 +85,7 @@ internal static class BenchCommand
     /// the recipe's defaults (TrainConfig: LoRA r=128 α=256 on the official targets and an untied head, projector
     /// trained, ViT frozen) and the options' overrides.
     /// </summary>
-    private static int Train(ParseResult parse)
+    private static int Train(ParseResult parse, RuntimeSwitches switches)
     {
         var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
         var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
@@ -106,7 +106,7 @@ internal static class BenchCommand
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
             RandomInit.Apply(model, seed: 0);
             var flops = TrainingFlops.Of(model, visionTrainable: false);   // before NF4 packs the weights
-            var prepared = ModelPreparation.Apply(model, recipe, dtype, _ => { });
+            var prepared = ModelPreparation.Apply(model, recipe, dtype, _ => { }, nf4CudaKernel: switches.Nf4Kernel);
             string? nf4Check = mode == TrainMode.Qlora ? CheckNf4Kernel(prepared.QuantizedLlmWeights) : null;
             var seeds = new DropoutSeeds(recipe.Seed);
             ActivationCheckpointing.Apply(model.language_model, recipe.GradientCheckpointing, seeds);
@@ -187,7 +187,7 @@ internal static class BenchCommand
         return $"cuda kernel: {identical}/{weights.Count} weights identical to the tensor-op path" + (differing.Count == 0 ? "" : "; differ: " + string.Join(", ", differing.Take(3)));
     }
 
-    private static int Decode(ParseResult parse)
+    private static int Decode(ParseResult parse, RuntimeSwitches switches)
     {
         var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
         var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
@@ -204,7 +204,7 @@ internal static class BenchCommand
         FusedDecoder? fused = null;
         if (parse.GetValue(Fused) != false)
         {
-            fused = FusedDecoder.TryGet(model.language_model, out var reason);
+            fused = FusedDecoder.TryGet(model.language_model, switches.FusedDecode, out var reason);
             if (fused is null && parse.GetValue(Fused) == true) throw new VlmTuneException($"--fused true: the fused decoder is unavailable: {reason}");
             if (fused is null) Console.Error.WriteLine($"fused decoding unavailable ({reason}); timing the TorchSharp path");
         }
@@ -231,14 +231,14 @@ internal static class BenchCommand
             Sync(device);
             double prefillS = clock.Elapsed.TotalSeconds;
 
-            if (checkSteps > 0 && fused is not null) CheckFused(model.language_model, fused, cache, next, checkSteps, batch, device);
+            if (checkSteps > 0 && fused is not null) CheckFused(model.language_model, fused, switches.FusedTuning, cache, next, checkSteps, batch, device);
 
             // Greedy steps stay on the device: no host synchronisation inside the loop.
             Tensor Step(Tensor token)
             {
                 using var stepScope = NewDisposeScope();
                 if (fused is not null && fused.CanStep(cache))
-                    return fused.Greedy(fused.Step(token, cache)).MoveToOuterDisposeScope();
+                    return fused.Greedy(fused.Step(token, cache, tuning: switches.FusedTuning)).MoveToOuterDisposeScope();
                 var h = model.language_model.Forward(model.language_model.Embed(token), new DecoderInputs { Cache = cache });
                 return model.language_model.Logits(h).argmax(-1).MoveToOuterDisposeScope();
             }
@@ -276,7 +276,7 @@ internal static class BenchCommand
     /// <summary>A greedy choice whose top-2 logit margin exceeds this is "clear" in the check's agreement count.</summary>
     private const double ClearMargin = 0.25;
 
-    private static void CheckFused(CausalLanguageModel lm, FusedDecoder fused, KvCache prefilled, Tensor first, int steps, int batch, Device device)
+    private static void CheckFused(CausalLanguageModel lm, FusedDecoder fused, FusedDecodeTuning tuning, KvCache prefilled, Tensor first, int steps, int batch, Device device)
     {
         using var scope = NewDisposeScope();
         long length = prefilled.Length;
@@ -296,7 +296,7 @@ internal static class BenchCommand
             var keyMask = arange(length + i + 1, device: device).unsqueeze(0) >= startsTensor;        // (B, S+1)
             var h = lm.Forward(lm.Embed(token), new DecoderInputs { PositionIds = positions, Cache = reference, KeyMask = keyMask });
             var want = lm.Logits(h)[.., 0];                                                             // (B, V)
-            var got = fused.Step(token, candidate, positions, firstColumn);
+            var got = fused.Step(token, candidate, positions, firstColumn, tuning);
             double diff = (want.to_type(ScalarType.Float32) - got.to_type(ScalarType.Float32)).abs().max().item<float>();
             if (i == 0) firstDiff = diff;
             maxDiff = Math.Max(maxDiff, diff);

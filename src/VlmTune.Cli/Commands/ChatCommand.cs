@@ -28,17 +28,17 @@ internal static class ChatCommand
     private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained (default: the original weights)." };
     private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, prompt_ids, tiles." };
 
-    public static Command Create()
+    public static Command Create(RuntimeSwitches switches)
     {
         var command = new Command("chat", "Chat with an InternVL2 model, with images.")
         {
             Model, Images, Prompt, System, MaxNewTokens, Temperature, TopP, TopK, RepetitionPenalty, Seed, MaxTiles, Device, DType, Adapter, Nf4Base, Json,
         };
-        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, ct))));
+        command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse, switches, ct))));
         return command;
     }
 
-    private static int Run(ParseResult parse, CancellationToken ct)
+    private static int Run(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
         var sampling = new SamplingOptions
         {
@@ -56,7 +56,7 @@ internal static class ChatCommand
         using var chat = InternVLChat.Load(parse.GetValue(Model)!, new ChatLoadOptions
         {
             Device = parse.GetValue(Device)!, DType = ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
-            AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base), MergeAdapter = false,
+            AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base), MergeAdapter = false, Switches = switches,
         });
         string? system = parse.GetValue(System);
         string? prompt = parse.GetValue(Prompt);

@@ -10,9 +10,9 @@ namespace VlmTune.Cli.Commands;
 /// <summary><c>vlmtune data convert-oogiri</c> and <c>vlmtune data validate</c>: get training data ready, nothing lost silently.</summary>
 internal static class DataCommand
 {
-    public static Command Create() => new("data", "Convert, validate and browse training data.")
+    public static Command Create(RuntimeSwitches switches) => new("data", "Convert, validate and browse training data.")
     {
-        ConvertOogiri(),
+        ConvertOogiri(switches),
         Validate(),
         Browse(),
     };
@@ -49,7 +49,7 @@ internal static class DataCommand
         }
     }
 
-    private static Command ConvertOogiri()
+    private static Command ConvertOogiri(RuntimeSwitches switches)
     {
         var input = new Option<FileInfo>("--input") { Description = "CLoT Oogiri-GO jsonl (e.g. DIR/cn.jsonl); images are read from images/<image>.jpg beside it.", Required = true };
         var output = new Option<FileInfo>("--output") { Description = "Output file: a JSON array (.json) or JSON lines (.jsonl).", Required = true };
@@ -85,6 +85,7 @@ internal static class DataCommand
                     .ToHashSet(StringComparer.Ordinal),
                 Prompt = parse.GetValue(prompt)!,
                 Strict = parse.GetValue(strict),
+                TestPause = switches.TestPause,
             };
             var inputPath = parse.GetValue(input)!.FullName;
             var outputPath = parse.GetValue(output)!.FullName;

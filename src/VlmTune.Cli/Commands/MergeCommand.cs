@@ -18,7 +18,7 @@ internal static class MergeCommand
     private static readonly Option<string> Device = new("--device") { Description = "Device for the verification (cpu or cuda).", DefaultValueFactory = _ => "cpu" };
     private static readonly Option<string> Layout = new("--layout") { Description = "official (InternVLChatModel, remote code) or hf (transformers' InternVLForConditionalGeneration).", DefaultValueFactory = _ => "official" };
 
-    public static Command Create()
+    public static Command Create(RuntimeSwitches switches)
     {
         var command = new Command("merge", "Merge a fine-tuned adapter into its base model: a model folder every tool loads (official InternVL layout, or transformers' with --layout hf).")
         {
@@ -27,12 +27,12 @@ internal static class MergeCommand
         command.SetAction(parse => CliErrors.Run(() =>
         {
             using var stop = StopSignals.Listen("finishing the current tensor, then removing the temporary folder");
-            return stop.Run(ct => Run(parse, ct), $"the temporary folder was removed; nothing was written to {Path.GetFullPath(parse.GetValue(Out)!)}");
+            return stop.Run(ct => Run(parse, switches, ct), $"the temporary folder was removed; nothing was written to {Path.GetFullPath(parse.GetValue(Out)!)}");
         }));
         return command;
     }
 
-    private static int Run(ParseResult parse, CancellationToken ct)
+    private static int Run(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
         var dtype = ChatCommand.ParseDType(parse.GetValue(DType));
         var options = new MergeOptions
@@ -42,6 +42,7 @@ internal static class MergeCommand
             MaxShardBytes = ModelMerger.ParseSize(parse.GetValue(MaxShardSize)!),
             Layout = ParseLayout(parse.GetValue(Layout)!),
             Verify = parse.GetValue(NoVerify) ? null : new MergeVerifyOptions { Device = parse.GetValue(Device)! },
+            TestPause = switches.TestPause,
         };
 
         MergeResult result;

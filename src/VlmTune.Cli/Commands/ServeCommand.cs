@@ -25,13 +25,13 @@ internal static class ServeCommand
     private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
     private static readonly Option<string[]> AllowedHosts = new("--allowed-hosts") { Description = "Host header names accepted besides loopback ones (example.com, *.example.com, * for any; repeatable)." };
 
-    public static Command Create()
+    public static Command Create(RuntimeSwitches switches)
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
             Model, Adapter, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
-        command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, ct)));
+        command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, switches, ct)));
         return command;
     }
 
@@ -65,13 +65,13 @@ internal static class ServeCommand
         return options;
     }
 
-    private static async Task<int> RunAsync(ParseResult parse, CancellationToken ct)
+    private static async Task<int> RunAsync(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
         var options = Bind(parse);
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
         {
             Device = options.Device, DType = ChatCommand.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
-            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels }, AdapterDir = options.AdapterDir,
+            ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels }, AdapterDir = options.AdapterDir, Switches = switches,
         });
         var client = VlmTuneServer.CreateChatClient(chat, options);
         using var engine = client.Engine;

@@ -20,17 +20,17 @@ internal static class TrainCommand
     };
     private static readonly Option<int?> Zero = new("--zero") { Description = "ZeRO stage: 1 shards the optimizer state over the processes (same as --set zero_stage=1)." };
 
-    public static Command Create()
+    public static Command Create(RuntimeSwitches switches)
     {
         var command = new Command("train", "Fine-tune an InternVL2 model from a YAML config (full, LoRA or QLoRA). Ctrl-C saves a checkpoint.")
         {
             ConfigPath, Set, Resume, NprocPerNode, Zero,
         };
-        command.SetAction(parse => CliErrors.Run(() => Run(parse)));
+        command.SetAction(parse => CliErrors.Run(() => Run(parse, switches)));
         return command;
     }
 
-    private static int Run(ParseResult parse)
+    private static int Run(ParseResult parse, RuntimeSwitches switches)
     {
         // Validate the whole config before anything heavy starts; every problem is listed.
         var overrides = (parse.GetValue(Set) ?? []).ToList();
@@ -49,7 +49,7 @@ internal static class TrainCommand
         // Ctrl-C (SIGINT) or SIGTERM asks the trainer to stop at the next iteration and save a checkpoint (exit code
         // 130, as Launcher expects of its ranks); a second signal quits at once.
         using var stop = StopSignals.Listen("finishing the current iteration and saving a checkpoint");
-        return Train(config, resume, env, stop.Token);
+        return Train(config, new TrainerOptions { Resume = resume, Switches = switches, Distributed = env }, stop.Token);
     }
 
     private static int NprocFromEnvironment()
@@ -59,19 +59,20 @@ internal static class TrainCommand
         return int.TryParse(raw, out var n) && n >= 1 ? n : throw new VlmTune.VlmTuneException($"NPROC_PER_NODE='{raw}' is not a positive integer");
     }
 
-    private static int Train(TrainConfig config, string? resume, VlmTune.Distributed.DistributedEnvironment env, CancellationToken ct)
+    private static int Train(TrainConfig config, TrainerOptions options, CancellationToken ct)
     {
+        var env = options.Distributed ?? VlmTune.Distributed.DistributedEnvironment.Single;
         // One progress bar for a data-parallel job: rank 0's; the other ranks print only warnings and errors.
         bool interactive = env.IsMaster && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         if (!interactive)
         {
-            using var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = Console.WriteLine, Distributed = env });
+            using var trainer = new Trainer(config, options with { Echo = Console.WriteLine });
             trainer.Setup();
             return Report(trainer.Train(ct), env);
         }
 
         TrainResult? result = null;
-        using (var trainer = new Trainer(config, new TrainerOptions { Resume = resume, Echo = line => AnsiConsole.WriteLine(line), Distributed = env }))
+        using (var trainer = new Trainer(config, options with { Echo = line => AnsiConsole.WriteLine(line) }))
         {
             trainer.Setup();
             AnsiConsole.Progress()

@@ -13,6 +13,8 @@ public sealed record AdapterApplyOptions
     /// original weights. Off by default, matching <c>vlmtune merge</c>, which merges into the original weights.
     /// </summary>
     public bool Nf4Base { get; init; }
+    /// <summary>With <see cref="Nf4Base"/>: dequantise with our CUDA kernel (<see cref="RuntimeSwitches.Nf4Kernel"/>).</summary>
+    public bool Nf4Kernel { get; init; } = true;
     /// <summary>
     /// Fold the LoRA branches into the loaded weights afterwards (fp32, rounded once to the model dtype), so decoding
     /// costs what the base model costs (serving). Not with <see cref="Nf4Base"/>.
@@ -44,7 +46,7 @@ public static class AdapterLoader
         using var adapter = AdapterCheckpoint.Open(dir, shapes);
 
         int trained = TrainedWeights.LoadIfPresent(model, adapter.Dir);
-        if (options.Nf4Base) Qlora.QuantizeLanguageModel(model.language_model);
+        if (options.Nf4Base) Qlora.QuantizeLanguageModel(model.language_model, cudaKernel: options.Nf4Kernel);
         foreach (var part in adapter.Loras)
         {
             nn.Module scope = part.Root switch

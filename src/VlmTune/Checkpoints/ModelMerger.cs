@@ -28,6 +28,8 @@ public sealed record MergeOptions
     public MergeVerifyOptions? Verify { get; init; } = new();
     public Action<MergeProgress>? Progress { get; init; }
     public Action<string>? Log { get; init; }
+    /// <summary>Test aid: the pause point of <see cref="RuntimeSwitches.TestPause"/> (VLMTUNE_TEST_PAUSE); null: none.</summary>
+    public string? TestPause { get; init; }
 }
 
 /// <summary>Progress of the tensor loop: <paramref name="Done"/> of <paramref name="Total"/> written, the last being <paramref name="Tensor"/>.</summary>
@@ -159,7 +161,7 @@ public static class ModelMerger
             foreach (var (file, entries) in shards)
             {
                 SafetensorsWriter.WriteStreaming(Path.Combine(temp, file), entries, i => Produce(entries[i]), disposeProduced: true);
-                Diagnostics.TestPause.At("merge-shard", cancel);
+                Diagnostics.TestPause.At(options.TestPause, "merge-shard", cancel);
             }
             if (shards.Count > 1) WriteIndex(temp, shards);
             WriteConfig(baseDir, temp, config, options.DType, options.Layout, imageTokenId);

@@ -66,7 +66,7 @@ public sealed unsafe class Nvrtc
             trySystemLoader ? ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so"] : [],
             "Fused CUDA decoding compiles its kernels with NVRTC: install a CUDA build of PyTorch (its wheels ship " +
             "nvidia/cuda_nvrtc or nvidia/cu13) or the CUDA toolkit, and add the folder to LD_LIBRARY_PATH; " +
-            "or set VLMTUNE_FUSED_DECODE=0 to decode with TorchSharp ops only.");
+            $"or set {RuntimeSwitches.FusedDecodeVariable}=0 to decode with TorchSharp ops only.");
         // NVRTC dlopens its builtins library by name at compile time: load the one beside it first so that lookup
         // finds it already loaded even when its folder is not on LD_LIBRARY_PATH.
         var dir = System.IO.Path.GetDirectoryName(path);

@@ -22,6 +22,8 @@ public sealed record OogiriOptions
     public string Prompt { get; init; } = DefaultPrompt;
     /// <summary>Fail on the first malformed line instead of skipping it.</summary>
     public bool Strict { get; init; }
+    /// <summary>Test aid: the pause point of <see cref="RuntimeSwitches.TestPause"/> (VLMTUNE_TEST_PAUSE); null: none.</summary>
+    public string? TestPause { get; init; }
 }
 
 public sealed record OogiriResult(long Read, long Kept, IReadOnlyList<OogiriSkip> Skipped)
@@ -83,7 +85,7 @@ public static class OogiriConverter
                     if (skip is null)
                     {
                         kept++;
-                        if (kept == 1) Diagnostics.TestPause.At("convert-record", cancel);
+                        if (kept == 1) Diagnostics.TestPause.At(options.TestPause, "convert-record", cancel);
                         continue;
                     }
                     if (skip.Reason == OogiriSkipReason.BadLine && options.Strict)

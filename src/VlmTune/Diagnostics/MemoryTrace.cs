@@ -1,15 +1,14 @@
 namespace VlmTune.Diagnostics;
 
 /// <summary>
-/// Where a training step's GPU memory peaks: with VLMTUNE_MEMORY_TRACE=N (an iteration number) and the cudaMallocAsync
-/// allocator backend, iteration N prints, at each marked phase (vision, decoder forward, loss, every checkpointed
-/// layer's recompute and backward, optimizer step), the bytes in use and the highest since the previous mark. Reads
+/// Where a training step's GPU memory peaks: with VLMTUNE_MEMORY_TRACE=N (an iteration number, passed in as
+/// <see cref="RuntimeSwitches.MemoryTraceIteration"/>) and the cudaMallocAsync allocator backend, iteration N prints,
+/// at each marked phase (vision, decoder forward, loss, every checkpointed layer's recompute and backward, optimizer
+/// step), the bytes in use and the highest since the previous mark. Reads
 /// the pool counters the host updates at each allocation, so no synchronisation is added. Off: one branch per mark.
 /// </summary>
 public static class MemoryTrace
 {
-    public const string Variable = "VLMTUNE_MEMORY_TRACE";
-    private static readonly long TracedIteration = long.TryParse(Environment.GetEnvironmentVariable(Variable), out var n) ? n : -1;
     private static GpuMemoryMonitor? _monitor;
     private static long _windowPeak;
 
@@ -17,10 +16,10 @@ public static class MemoryTrace
     internal static long WindowPeak => Interlocked.Read(ref _windowPeak);
     internal static void ResetWindow() => Interlocked.Exchange(ref _windowPeak, 0);
 
-    /// <summary>Starts tracing when <paramref name="iteration"/> (1-based) is the traced one; stops otherwise.</summary>
-    public static void BeginIteration(long iteration, GpuMemoryMonitor? monitor)
+    /// <summary>Starts tracing when <paramref name="iteration"/> (1-based) is <paramref name="traced"/>; stops otherwise.</summary>
+    public static void BeginIteration(long iteration, GpuMemoryMonitor? monitor, long? traced)
     {
-        _monitor = iteration == TracedIteration && monitor is { Source: GpuMemoryMonitor.MemorySource.AllocatorPool } ? monitor : null;
+        _monitor = iteration == traced && monitor is { Source: GpuMemoryMonitor.MemorySource.AllocatorPool } ? monitor : null;
         if (_monitor is null) return;
         Console.Error.WriteLine($"memory trace, iteration {iteration} (MiB: in use now / peak since the previous mark):");
         Mark("start");

@@ -51,24 +51,25 @@ public sealed partial class DataParallel : IDisposable
     /// <summary>
     /// Before anything touches CUDA: restricts this process to its GPU (LOCAL_RANK-th of those visible), so "cuda" means
     /// that GPU for TorchSharp, NCCL and the driver alike. The variable must be set in the native environment (setenv):
-    /// .NET's Environment.SetEnvironmentVariable does not reach the CUDA runtime.
+    /// .NET's Environment.SetEnvironmentVariable does not reach the CUDA runtime. <paramref name="isolated"/>: the
+    /// launcher already did (<see cref="RuntimeSwitches.GpuIsolated"/>); a second call in one process does nothing.
     /// </summary>
-    public static void BindLocalGpu(DistributedEnvironment env)
+    public static void BindLocalGpu(DistributedEnvironment env, bool isolated)
     {
-        if (!env.IsDistributed || Environment.GetEnvironmentVariable(IsolatedVariable) == "1") return;
+        if (!env.IsDistributed || isolated || Volatile.Read(ref _bound)) return;
         var visible = Environment.GetEnvironmentVariable("CUDA_VISIBLE_DEVICES");
         var list = visible is null ? null : visible.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
         string mine = list is null ? env.LocalRank.ToString() : env.LocalRank < list.Length ? list[env.LocalRank]
             : throw new DistributedException($"LOCAL_RANK={env.LocalRank} but CUDA_VISIBLE_DEVICES='{visible}' lists only {list.Length} GPU(s).");
         if (setenv("CUDA_VISIBLE_DEVICES", mine, 1) != 0) throw new DistributedException("setenv(CUDA_VISIBLE_DEVICES) failed");
-        setenv(IsolatedVariable, "1", 1);
+        setenv(RuntimeSwitches.GpuIsolatedVariable, "1", 1);   // for processes this one starts
         // .NET keeps its own copy of the environment: update it too, for readers such as GpuMemoryMonitor.
         Environment.SetEnvironmentVariable("CUDA_VISIBLE_DEVICES", mine);
-        Environment.SetEnvironmentVariable(IsolatedVariable, "1");
+        Environment.SetEnvironmentVariable(RuntimeSwitches.GpuIsolatedVariable, "1");
+        Volatile.Write(ref _bound, true);
     }
 
-    /// <summary>Set by the launcher (and by <see cref="BindLocalGpu"/>) when CUDA_VISIBLE_DEVICES already holds this rank's one GPU.</summary>
-    public const string IsolatedVariable = "VLMTUNE_GPU_ISOLATED";
+    private static bool _bound;   // this process narrowed CUDA_VISIBLE_DEVICES already: LOCAL_RANK no longer indexes it
 
     [LibraryImport("libc", StringMarshalling = StringMarshalling.Utf8)]
     private static partial int setenv(string name, string value, int overwrite);

@@ -53,7 +53,7 @@ public static class Launcher
             ["MASTER_ADDR"] = string.IsNullOrWhiteSpace(master) ? "127.0.0.1" : master.Trim(),
             ["MASTER_PORT"] = port.ToString(),
             ["CUDA_VISIBLE_DEVICES"] = gpus is null ? localRank.ToString() : gpus[localRank],
-            [DataParallel.IsolatedVariable] = "1",
+            [RuntimeSwitches.GpuIsolatedVariable] = "1",   // CUDA_VISIBLE_DEVICES above is already the rank's one GPU
         };
     }
 

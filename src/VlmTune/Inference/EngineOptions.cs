@@ -25,9 +25,15 @@ public sealed record EngineOptions
 
     /// <summary>
     /// Decode steps with the fused CUDA kernels (<see cref="FusedDecoder"/>) where the model allows; false keeps the
-    /// TorchSharp ops. VLMTUNE_FUSED_DECODE=0 turns them off for every engine.
+    /// TorchSharp ops. The CLI sets it from VLMTUNE_FUSED_DECODE (<see cref="RuntimeSwitches.FusedDecode"/>).
     /// </summary>
     public bool FusedDecode { get; init; } = true;
+
+    /// <summary>The fused kernels' diagnostics for tuning and timing runs (<see cref="RuntimeSwitches.FusedTuning"/>).</summary>
+    public FusedDecodeTuning FusedTuning { get; init; } = FusedDecodeTuning.Default;
+
+    /// <summary>These options with the decode switches of <paramref name="switches"/>.</summary>
+    public EngineOptions With(RuntimeSwitches switches) => this with { FusedDecode = switches.FusedDecode, FusedTuning = switches.FusedTuning };
 
     public IEnumerable<string> Validate()
     {

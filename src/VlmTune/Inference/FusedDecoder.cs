@@ -51,9 +51,11 @@ public static class FusedDecodePlan
     /// <summary>
     /// Whether a batch uses the tensor-core GEMV (mma.sync, sm_80+): from 8 rows on, where the CUDA-core kernel's
     /// per-row FMAs and input unpacking start to cost more than streaming the weights. K must be a multiple of 32.
+    /// <see cref="FusedDecodeTuning.TensorCores"/> false keeps the CUDA-core GEMV.
     /// </summary>
-    public static bool UseTensorCores(int batch, (int Major, int Minor) arch, LlmConfig c) =>
-        BatchBucket(batch) >= 8 && arch.Major >= 8 && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
+    public static bool UseTensorCores(int batch, (int Major, int Minor) arch, LlmConfig c, FusedDecodeTuning? tuning = null) =>
+        (tuning ?? FusedDecodeTuning.Default).TensorCores && BatchBucket(batch) >= 8 && arch.Major >= 8
+        && c.HiddenSize % 32 == 0 && c.IntermediateSize % 32 == 0 && c.NumAttentionHeads * c.HeadDim % 32 == 0;
 
     /// <summary>Grid of a tensor-core GEMV: one block per 16 output rows (per batch bucket).</summary>
     public static (uint X, uint Y, uint Z) MmaGrid(long outFeatures, int batch) =>
@@ -62,12 +64,12 @@ public static class FusedDecodePlan
     /// <summary>Attention splits over <paramref name="keys"/> cached keys (the new one included).</summary>
     public static int AttentionSplits(long keys) => (int)CeilDiv(keys, AttentionChunk);
 
-    /// <summary>Compile-time defines of the kernel module for a model's head shape and a batch bucket.</summary>
-    public static IReadOnlyDictionary<string, int> Defines(LlmConfig c, int bucket, int? gemvUnroll = null, int? mmaUnroll = null) => new Dictionary<string, int>
+    /// <summary>Compile-time defines of the kernel module for a model's head shape and a batch bucket (unrolling: the tuning's, if set).</summary>
+    public static IReadOnlyDictionary<string, int> Defines(LlmConfig c, int bucket, FusedDecodeTuning? tuning = null) => new Dictionary<string, int>
     {
         // More weight loads in flight per lane where a lane holds few accumulators (small batches).
-        ["GEMV_UNROLL"] = gemvUnroll ?? (bucket <= 4 ? 4 : 1),
-        ["MMA_UNROLL"] = mmaUnroll ?? 4,
+        ["GEMV_UNROLL"] = tuning?.GemvUnroll ?? (bucket <= 4 ? 4 : 1),
+        ["MMA_UNROLL"] = tuning?.MmaUnroll ?? 4,
         ["HEAD_DIM"] = c.HeadDim,
         ["GROUPS"] = c.KeyValueGroups,
         ["MAXB"] = bucket,
@@ -77,6 +79,45 @@ public static class FusedDecodePlan
     };
 
     private static long CeilDiv(long a, long b) => (a + b - 1) / b;
+}
+
+/// <summary>The kernel groups of a fused decode step, for <see cref="FusedDecodeTuning.Skip"/>.</summary>
+[Flags]
+public enum FusedKernels
+{
+    None = 0,
+    Gemv = 1,
+    Attention = 2,
+    Norm = 4,
+    Rope = 8,
+    /// <summary>The token embedding lookup; left out only with everything else ("all").</summary>
+    Embedding = 16,
+    All = Gemv | Attention | Norm | Rope | Embedding,
+}
+
+/// <summary>
+/// Diagnostics of the fused decode kernels for tuning and timing runs (VLMTUNE_FUSED_MMA, VLMTUNE_FUSED_GEMV_UNROLL,
+/// VLMTUNE_FUSED_MMA_UNROLL, VLMTUNE_FUSED_SKIP through <see cref="RuntimeSwitches"/>); the defaults are what production runs.
+/// </summary>
+public sealed record FusedDecodeTuning
+{
+    public static FusedDecodeTuning Default { get; } = new();
+
+    /// <summary>The names VLMTUNE_FUSED_SKIP accepts.</summary>
+    public static readonly IReadOnlyDictionary<string, FusedKernels> SkipNames = new Dictionary<string, FusedKernels>
+    {
+        ["gemv"] = FusedKernels.Gemv, ["attention"] = FusedKernels.Attention, ["norm"] = FusedKernels.Norm,
+        ["rope"] = FusedKernels.Rope, ["all"] = FusedKernels.All,
+    };
+
+    /// <summary>false: the CUDA-core GEMV for every batch size, never the tensor-core one.</summary>
+    public bool TensorCores { get; init; } = true;
+    /// <summary>The GEMV kernels' k-loop unrolling (GEMV_UNROLL); null: the plan's.</summary>
+    public int? GemvUnroll { get; init; }
+    /// <summary>The tensor-core GEMV's k-loop unrolling (MMA_UNROLL); null: the plan's.</summary>
+    public int? MmaUnroll { get; init; }
+    /// <summary>Kernel groups left out of each step. The results are garbage; the step time then shows what the rest costs.</summary>
+    public FusedKernels Skip { get; init; }
 }
 
 /// <summary>
@@ -93,8 +134,6 @@ public static class FusedDecodePlan
 /// </summary>
 public sealed class FusedDecoder
 {
-    /// <summary>Set to 0 to decode with TorchSharp ops only.</summary>
-    public const string DisableVariable = "VLMTUNE_FUSED_DECODE";
     private const string Source = "decode.cu";
 
     private static readonly ConditionalWeakTable<CausalLanguageModel, Availability> Known = new();
@@ -115,16 +154,6 @@ public sealed class FusedDecoder
     private readonly float _positionDivisor;
     private readonly (int Major, int Minor) _arch;
     private Workspace? _workspace;
-
-    /// <summary>Diagnostics: VLMTUNE_FUSED_MMA=0 keeps the CUDA-core GEMV for every batch size.</summary>
-    internal static bool TensorCoresAllowed { get; set; } = Environment.GetEnvironmentVariable("VLMTUNE_FUSED_MMA") != "0";
-
-    /// <summary>
-    /// Diagnostics for timing: kernel groups to leave out (comma-separated: gemv, attention, norm, rope, all) via
-    /// VLMTUNE_FUSED_SKIP. The results are garbage; the step time then shows what the rest costs.
-    /// </summary>
-    internal static string[] SkipForProfiling { get; set; } =
-        (Environment.GetEnvironmentVariable("VLMTUNE_FUSED_SKIP") ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
 
     /// <summary>One layer's weights as the kernels read them; <c>QkvBias</c> is 0 when the projections have none.</summary>
     private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr QkvBias, IntPtr QNorm, IntPtr KNorm, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
@@ -209,10 +238,6 @@ public sealed class FusedDecoder
         Module(1);
     }
 
-    /// <summary>True unless VLMTUNE_FUSED_DECODE=0 (or false/off).</summary>
-    public static bool EnabledByEnvironment(string? value = null) =>
-        KernelSwitch.IsOn(value ?? Environment.GetEnvironmentVariable(DisableVariable));
-
     /// <summary>Why this model cannot use the fused decoder (every reason at once); empty when it can.</summary>
     public static IReadOnlyList<string> Problems(CausalLanguageModel lm)
     {
@@ -256,13 +281,14 @@ public sealed class FusedDecoder
     private static string Summary(List<string> names) => names.Count <= 3 ? string.Join(", ", names) : $"{string.Join(", ", names.Take(3))} and {names.Count - 3} more";
 
     /// <summary>
-    /// The model's fused decoder (built and compiled once per model), or null with the reason: disabled by
-    /// <see cref="DisableVariable"/>, a model it does not handle, or CUDA libraries that are absent or fail.
-    /// A model that changes later (LoRA attached, weights replaced) is caught by <see cref="CanStep"/>.
+    /// The model's fused decoder (built and compiled once per model), or null with the reason: turned off
+    /// (<paramref name="enabled"/> false: <see cref="RuntimeSwitches.FusedDecode"/>), a model it does not handle, or
+    /// CUDA libraries that are absent or fail. A model that changes later (LoRA attached, weights replaced) is caught
+    /// by <see cref="CanStep"/>.
     /// </summary>
-    public static FusedDecoder? TryGet(CausalLanguageModel model, out string? reason)
+    public static FusedDecoder? TryGet(CausalLanguageModel model, bool enabled, out string? reason)
     {
-        if (!EnabledByEnvironment()) { reason = $"{DisableVariable}=0"; return null; }
+        if (!enabled) { reason = $"{RuntimeSwitches.FusedDecodeVariable}=0"; return null; }
         var problems = Problems(model);
         if (problems.Count > 0) { reason = "not supported: " + string.Join("; ", problems); return null; }
         var known = Known.GetValue(model, lm =>
@@ -313,10 +339,11 @@ public sealed class FusedDecoder
     /// cache.Length, and returns the logits (B, V) in the model dtype. <paramref name="positions"/> (B, 1) int64 gives
     /// each row's RoPE position (null: cache.Length for every row); <paramref name="firstColumn"/> (B) int32 each row's
     /// first valid cache column (null: 0), for right-aligned batches whose shorter rows are left-padded.
-    /// Check <see cref="CanStep"/> first.
+    /// <paramref name="tuning"/>: the diagnostics switches (null: the defaults). Check <see cref="CanStep"/> first.
     /// </summary>
-    public Tensor Step(Tensor ids, KvCache cache, Tensor? positions = null, Tensor? firstColumn = null)
+    public Tensor Step(Tensor ids, KvCache cache, Tensor? positions = null, Tensor? firstColumn = null, FusedDecodeTuning? tuning = null)
     {
+        tuning ??= FusedDecodeTuning.Default;
         int batch = (int)ids.shape[0];
         if (ids.numel() != batch || ids.dtype != ScalarType.Int64 || ids.device_type != DeviceType.CUDA)
             throw new ArgumentException($"ids must be (B, 1) int64 on CUDA, got ({string.Join(", ", ids.shape)}) {ids.dtype} on {ids.device}", nameof(ids));
@@ -335,7 +362,7 @@ public sealed class FusedDecoder
             long col = cache.Length, total = col + 1, capacity = cache.Capacity;
             int splits = FusedDecodePlan.AttentionSplits(total);
             var ws = WorkspaceFor(batch, splits);
-            var module = Module(FusedDecodePlan.BatchBucket(batch));
+            var module = Module(FusedDecodePlan.BatchBucket(batch), tuning);
             var logits = empty(new long[] { batch, _c.VocabSize }, ScalarType.BFloat16, _device);
 
             long d = _c.HiddenSize, hd = _c.HeadDim, kvh = _c.NumKeyValueHeads, heads = _c.NumAttentionHeads, inter = _c.IntermediateSize;
@@ -346,7 +373,7 @@ public sealed class FusedDecoder
             long first = firstColumn is null ? 0 : TensorPointers.DataPointer(firstColumn);
             long cachePositions = TensorPointers.DataPointer(cache.PositionsTensor);
 
-            bool mma = TensorCoresAllowed && FusedDecodePlan.UseTensorCores(batch, _arch, _c);
+            bool mma = FusedDecodePlan.UseTensorCores(batch, _arch, _c, tuning);
             IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"),
                 plain = module.Function(mma ? "mma_plain" : "gemv_plain"), biased = module.Function(mma ? "mma_bias" : "gemv_bias"),
                 residual = module.Function(mma ? "mma_residual" : "gemv_residual"),
@@ -359,11 +386,11 @@ public sealed class FusedDecoder
             var hiddenGrid = Grid(d);
             var gatedGrid = mma ? FusedDecodePlan.MmaGrid(inter, batch) : FusedDecodePlan.GatedGrid(inter, batch);
             uint ropeThreads = (uint)((_c.KeyValueGroups + 2) * hd / 2);
-            bool all = SkipForProfiling.Contains("all"), skipGemv = all || SkipForProfiling.Contains("gemv"),
-                skipAttention = all || SkipForProfiling.Contains("attention"), skipNorm = all || SkipForProfiling.Contains("norm"),
-                skipRope = all || SkipForProfiling.Contains("rope");
+            var skip = tuning.Skip;
+            bool skipGemv = skip.HasFlag(FusedKernels.Gemv), skipAttention = skip.HasFlag(FusedKernels.Attention),
+                skipNorm = skip.HasFlag(FusedKernels.Norm), skipRope = skip.HasFlag(FusedKernels.Rope);
 
-            if (!all) driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
+            if (!skip.HasFlag(FusedKernels.Embedding)) driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
             for (int i = 0; i < _layers.Length; i++)
             {
                 var w = _layers[i];
@@ -415,11 +442,8 @@ public sealed class FusedDecoder
         return ids;
     }
 
-    private KernelModule Module(int bucket) =>
-        KernelModule.Get(Source, _ordinal, FusedDecodePlan.Defines(_c, bucket, EnvironmentInt("VLMTUNE_FUSED_GEMV_UNROLL"), EnvironmentInt("VLMTUNE_FUSED_MMA_UNROLL")));
-
-    /// <summary>Diagnostics: unrolling overrides for tuning runs.</summary>
-    private static int? EnvironmentInt(string name) => int.TryParse(Environment.GetEnvironmentVariable(name), out var v) && v > 0 ? v : null;
+    private KernelModule Module(int bucket, FusedDecodeTuning? tuning = null) =>
+        KernelModule.Get(Source, _ordinal, FusedDecodePlan.Defines(_c, bucket, tuning));
 
     /// <summary>Activations of one step, kept between steps (reallocated when the batch or the split count grows).</summary>
     private Workspace WorkspaceFor(int batch, int splits)

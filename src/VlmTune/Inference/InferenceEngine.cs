@@ -323,7 +323,7 @@ public sealed class InferenceEngine : IDisposable
         {
             // Row r's entries are its last Length_r columns: its first valid column is cache.Length − Length_r.
             var first = ragged ? tensor(_batch.Select(s => (int)(cache.Length - s.Length)).ToArray(), device: device) : null;   // (B)
-            var fusedLogits = fused.Step(ids, cache, positions, first);                                                      // (B, V)
+            var fusedLogits = fused.Step(ids, cache, positions, first, _options.FusedTuning);   // (B, V)
             foreach (var s in _batch) s.Length++;
             SampleAndAccept(_batch, fusedLogits);
             return;
@@ -349,7 +349,7 @@ public sealed class InferenceEngine : IDisposable
         var ids = tensor(new long[] { seq.LastToken }, device: device).view(1, 1);
         if (Fused() is { } fused && fused.CanStep(seq.Cache!))
         {
-            var fusedLogits = fused.Step(ids, seq.Cache!);
+            var fusedLogits = fused.Step(ids, seq.Cache!, tuning: _options.FusedTuning);
             seq.Length++;
             SampleAndAccept([seq], fusedLogits);
             return;
@@ -364,8 +364,8 @@ public sealed class InferenceEngine : IDisposable
     {
         if (_fusedResolved) return _fused;
         _fusedResolved = true;
-        if (_options.FusedDecode && _model.Options.Device.type == DeviceType.CUDA)
-            _fused = FusedDecoder.TryGet(_model.language_model, out _);
+        if (_model.Options.Device.type == DeviceType.CUDA)
+            _fused = FusedDecoder.TryGet(_model.language_model, _options.FusedDecode, out _);
         return _fused;
     }
 

@@ -31,6 +31,8 @@ public sealed record ChatLoadOptions
     public bool MergeAdapter { get; init; } = true;
     /// <summary>Run the adapter, unmerged, on NF4-quantised LLM decoder weights, as QLoRA trained it (default: the original weights).</summary>
     public bool AdapterNf4Base { get; init; }
+    /// <summary>The entry point's environment switches: fused decoding in <see cref="InternVLChat.Engine"/>, the NF4 kernel.</summary>
+    public RuntimeSwitches Switches { get; init; } = RuntimeSwitches.Defaults;
 }
 
 /// <summary>One user turn: the question, its images (in &lt;image&gt; order) and what came before.</summary>
@@ -72,9 +74,13 @@ public sealed class InternVLChat : IDisposable
     /// <summary>The template's stop tokens (&lt;|im_end|&gt;) and the eos ids of generation_config.json.</summary>
     public IReadOnlySet<int> StopIds { get; }
 
-    private InternVLChat(InternVLChatModel model, TextTokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds)
+    /// <summary>The switches it was loaded with (<see cref="ChatLoadOptions.Switches"/>), for the engines that run it.</summary>
+    public RuntimeSwitches Switches { get; }
+
+    private InternVLChat(InternVLChatModel model, TextTokenizer tokenizer, ConversationTemplate template, ImageProcessor images, IReadOnlySet<int> stopIds,
+        RuntimeSwitches switches)
     {
-        Model = model; Tokenizer = tokenizer; Template = template; Images = images; StopIds = stopIds;
+        Model = model; Tokenizer = tokenizer; Template = template; Images = images; StopIds = stopIds; Switches = switches;
     }
 
     public static InternVLChat Load(string modelDir, ChatLoadOptions? options = null)
@@ -86,7 +92,13 @@ public sealed class InternVLChat : IDisposable
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
         if (options.AdapterDir is { } adapter)
         {
-            try { Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions { Nf4Base = options.AdapterNf4Base, MergeIntoWeights = options.MergeAdapter && !options.AdapterNf4Base }); }
+            try
+            {
+                Checkpoints.AdapterLoader.Apply(model, adapter, new Checkpoints.AdapterApplyOptions
+                {
+                    Nf4Base = options.AdapterNf4Base, Nf4Kernel = options.Switches.Nf4Kernel, MergeIntoWeights = options.MergeAdapter && !options.AdapterNf4Base,
+                });
+            }
             catch
             {
                 model.Dispose();
@@ -95,7 +107,7 @@ public sealed class InternVLChat : IDisposable
         }
         var template = ModelLength.ModelTemplate(model.Config);
         var images = new ImageProcessor(model.Config.ImageOptions(options.MaxTiles) with { Limits = options.ImageLimits });
-        return new InternVLChat(model, tokenizer, template, images, StopIdsFor(modelDir, template, tokenizer));
+        return new InternVLChat(model, tokenizer, template, images, StopIdsFor(modelDir, template, tokenizer), options.Switches);
     }
 
     /// <summary>The ids that end an answer: the template's stop tokens (model.chat(): eos = sep.strip()) and generation_config.json's eos_token_id.</summary>
@@ -158,7 +170,7 @@ public sealed class InternVLChat : IDisposable
     /// </summary>
     public InferenceEngine Engine
     {
-        get { lock (_engineLock) return _engine ??= new InferenceEngine(Model, Tokenizer.ImgContextId); }
+        get { lock (_engineLock) return _engine ??= new InferenceEngine(Model, Tokenizer.ImgContextId, new EngineOptions().With(Switches)); }
     }
 
     /// <summary>Answers one turn; <paramref name="onText"/> receives the text as it is generated.</summary>

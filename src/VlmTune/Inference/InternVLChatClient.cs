@@ -12,10 +12,10 @@ public sealed record ChatClientOptions
 {
     /// <summary>The model name reported in responses (and accepted by the server).</summary>
     public string ModelId { get; init; } = "internvl2";
-    /// <summary>max_tokens when a request gives none (capped by what the context leaves).</summary>
-    public int DefaultMaxTokens { get; init; } = 512;
-    /// <summary>Largest max_tokens a request may ask for.</summary>
-    public int MaxTokensLimit { get; init; } = 4096;
+    /// <summary><see cref="SamplingOptions.MaxNewTokens"/> when a request gives none (capped by what the context leaves).</summary>
+    public int DefaultMaxNewTokens { get; init; } = 512;
+    /// <summary>Largest <see cref="SamplingOptions.MaxNewTokens"/> a request may ask for.</summary>
+    public int MaxNewTokensLimit { get; init; } = 4096;
     public int MaxImagesPerRequest { get; init; } = 8;
     /// <summary>Tiles of all images of a request together (each image is 1..max_tiles + thumbnail).</summary>
     public int MaxTilesPerRequest { get; init; } = 64;
@@ -249,7 +249,7 @@ public sealed class InternVLChatClient : IChatClient
         for (int i = 0; i + 1 < turns.Count; i += 2) history.Add(new ChatTurn(turns[i].Text, turns[i + 1].Text));
         string question = turns[^1].Text;
 
-        var sampling = Sampling(options);
+        var sampling = SamplingFor(options);
         var processed = new List<ProcessedImage>();
         try
         {
@@ -262,7 +262,7 @@ public sealed class InternVLChatClient : IChatClient
             int room = _engine.ContextLimit - prompt.InputIds.Length;
             if (room < 1)
                 throw new ChatInputException($"The prompt is {prompt.InputIds.Length} tokens, which leaves no room in the context of {_engine.ContextLimit}; shorten the conversation or send fewer images.", "messages");
-            if (options?.MaxOutputTokens is null) sampling = sampling with { MaxNewTokens = Math.Min(_options.DefaultMaxTokens, room) };
+            if (options?.MaxOutputTokens is null) sampling = sampling with { MaxNewTokens = Math.Min(_options.DefaultMaxNewTokens, room) };
             Tensor? pixels = processed.Count == 0 ? null : cat(processed.Select(p => p.PixelValues).ToList(), 0).DetachFromDisposeScope();
             var request = new GenerationRequest { PromptIds = prompt.InputIds, Pixels = pixels, Sampling = sampling, StopIds = _chat.StopIds };
             return new PreparedChat(request, tiles, options?.StopSequences?.ToArray() ?? []);
@@ -288,9 +288,14 @@ public sealed class InternVLChatClient : IChatClient
         catch (ImageException e) { throw new ChatInputException(e.Message, "image_url"); }
     }
 
-    private SamplingOptions Sampling(ChatOptions? options)
+    /// <summary>
+    /// The sampling a request's <paramref name="options"/> ask for, checked (<see cref="SamplingOptions.Problems"/> with
+    /// <see cref="ChatClientOptions.MaxNewTokensLimit"/>): a <see cref="ChatInputException"/> names the field at fault.
+    /// <see cref="Prepare"/> calls it; the server calls it first too, so bad parameters are refused before images are read.
+    /// </summary>
+    public SamplingOptions SamplingFor(ChatOptions? options)
     {
-        var s = new SamplingOptions { MaxNewTokens = _options.DefaultMaxTokens };
+        var s = new SamplingOptions { MaxNewTokens = _options.DefaultMaxNewTokens };
         if (options is null) return s;
         if (options.Temperature is { } t) s = s with { Temperature = t };
         if (options.TopP is { } p) s = s with { TopP = p };
@@ -304,15 +309,10 @@ public sealed class InternVLChatClient : IChatClient
                 throw new ChatInputException($"repetition_penalty must be a number (got '{rp}').", "repetition_penalty");
             }
         }
-        if (options.MaxOutputTokens is { } max)
-        {
-            if (max < 1 || max > _options.MaxTokensLimit)
-                throw new ChatInputException($"max_tokens must be between 1 and {_options.MaxTokensLimit} (got {max}).", "max_tokens");
-            s = s with { MaxNewTokens = max };
-        }
+        if (options.MaxOutputTokens is { } max) s = s with { MaxNewTokens = max };
         var problems = new List<(string Param, string Message)>();
         if (options.Temperature is > 2) problems.Add(("temperature", $"temperature must be between 0 and 2 (got {options.Temperature})."));
-        problems.AddRange(s.Problems());
+        problems.AddRange(s.Problems(_options.MaxNewTokensLimit));
         if (problems.Count > 0) throw new ChatInputException(string.Join(" ", problems.Select(p => p.Message)), problems[0].Param);
         return s;
     }

@@ -15,11 +15,13 @@ public sealed record GenerationResult(IReadOnlyList<int> TokenIds, FinishReason 
 /// </summary>
 public static class TokenGenerator
 {
+    /// <summary><paramref name="switches"/>: the fused decoding switches (null: <see cref="RuntimeSwitches.Defaults"/>).</summary>
     public static GenerationResult Generate(
         InternVLChatModel model, IReadOnlyList<int> promptIds, Tensor? imageFeatures, int imageContextId,
         SamplingOptions sampling, IReadOnlySet<int> stopIds, Action<int>? onToken = null, CancellationToken cancellation = default,
-        bool allowFused = true)
+        RuntimeSwitches? switches = null, bool allowFused = true)
     {
+        switches ??= RuntimeSwitches.Defaults;
         var problems = sampling.Validate().ToList();
         if (problems.Count > 0) throw new VlmTuneException(string.Join(" ", problems));
         var device = model.Options.Device;
@@ -28,9 +30,9 @@ public static class TokenGenerator
         using var noGrad = no_grad();
         using var cache = new KvCache(lm.Config, 1, promptIds.Count + sampling.MaxNewTokens, model.Options.DType, device);
         using var sampler = new Sampler(sampling, device);
-        // Decode steps use the fused CUDA kernels where the model allows (VLMTUNE_FUSED_DECODE=0 turns them off).
-        // allowFused false: weights that change between calls (a model in training) must not be packed once and cached.
-        var fused = allowFused && device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, out _) : null;
+        // Decode steps use the fused CUDA kernels where the model allows, unless the switch turns them off. allowFused
+        // false: weights that change between calls (a model in training) must not be packed once and cached.
+        var fused = allowFused && device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, switches.FusedDecode, out _) : null;
         Tensor? seen = sampling.RepetitionPenalty != 1.0
             ? tensor(promptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0).DetachFromDisposeScope()
             : null;
@@ -63,7 +65,7 @@ public static class TokenGenerator
                 }
                 if (fused is not null && fused.CanStep(cache))
                 {
-                    logits = fused.Step(next.view(1, 1).to_type(ScalarType.Int64).contiguous(), cache).MoveToOuterDisposeScope();   // (1, V)
+                    logits = fused.Step(next.view(1, 1).to_type(ScalarType.Int64).contiguous(), cache, tuning: switches.FusedTuning).MoveToOuterDisposeScope();   // (1, V)
                     continue;
                 }
                 var hidden = lm.Forward(lm.Embed(next.view(1, 1)), new DecoderInputs { Cache = cache });

@@ -1,5 +1,5 @@
-using System.Reflection;
 using TorchSharp;
+using VlmTune.Interop;
 using static TorchSharp.torch;
 
 namespace VlmTune.Training;
@@ -15,18 +15,16 @@ namespace VlmTune.Training;
 /// </list>
 /// A function's <c>forward</c> calls <see cref="Remember"/>; its caller calls <see cref="AfterApply"/> with the applied
 /// output. The cache entries become zero-stride views of one zero (same shape and dtype, so a missing gradient still
-/// materialises as zeros); the handle is released.
+/// materialises as zeros); the handle is released. The cache is TorchSharp-internal (<see cref="TorchSharpInternals"/>):
+/// on a TorchSharp without it, the caches stay as TorchSharp keeps them, with a warning.
 /// </summary>
 public static class LeanAutograd
 {
     [ThreadStatic] private static autograd.AutogradContext? _context;
     [ThreadStatic] private static Tensor? _forwardOutput;
 
-    private static readonly FieldInfo? NodeField = typeof(autograd.AutogradContext).GetField("_node", BindingFlags.NonPublic | BindingFlags.Instance);
-
     /// <summary>The node's per-output cache (null if TorchSharp no longer has it: tests pin it, so an upgrade fails loudly).</summary>
-    internal static IReadOnlyList<Tensor>? OutputCacheOf(autograd.AutogradContext ctx) =>
-        NodeField?.GetValue(ctx) is { } node ? OutputCache(node) : null;
+    internal static IReadOnlyList<Tensor>? OutputCacheOf(autograd.AutogradContext ctx) => TorchSharpInternals.OutputCache(ctx);
 
     /// <summary>Call from a custom function's forward with its context and the tensor it returns.</summary>
     public static void Remember(autograd.AutogradContext ctx, Tensor output)
@@ -41,7 +39,12 @@ public static class LeanAutograd
         var ctx = _context; var output = _forwardOutput;
         _context = null; _forwardOutput = null;
         if (output is not null && !ReferenceEquals(output, applied)) output.Dispose();
-        if (ctx is null || NodeField?.GetValue(ctx) is not { } node || OutputCache(node) is not { } cache) return applied;
+        if (ctx is null) return applied;
+        if (TorchSharpInternals.OutputCache(ctx) is not { } cache)
+        {
+            TorchSharpInternals.WarnOnce("custom autograd functions keep TorchSharp's full-size output caches (more activation memory)");
+            return applied;
+        }
         for (int i = 0; i < cache.Count; i++)
         {
             if (cache[i] is not { } full || full.numel() <= 1) continue;
@@ -51,7 +54,4 @@ public static class LeanAutograd
         }
         return applied;
     }
-
-    private static List<Tensor>? OutputCache(object node) =>
-        node.GetType().GetField("_outputCache", BindingFlags.NonPublic | BindingFlags.Instance)?.GetValue(node) as List<Tensor>;
 }

@@ -40,18 +40,19 @@ public static class ModelPreparation
     /// </summary>
     public static ScalarType LoraDType(TrainConfig config, ScalarType dtype) => config.OptimizerOffload ? dtype : ScalarType.Float32;
 
-    public static PreparedModel Apply(InternVLChatModel model, TrainConfig config, ScalarType dtype, Action<string> info)
+    /// <param name="nf4CudaKernel">Dequantise NF4 weights with the CUDA kernel (VLMTUNE_NF4_KERNEL).</param>
+    public static PreparedModel Apply(InternVLChatModel model, TrainConfig config, ScalarType dtype, Action<string> info, bool nf4CudaKernel = true)
     {
         foreach (var p in model.parameters()) p.requires_grad_(false);
         IReadOnlyList<(string Name, Nf4Tensor Weight)> quantized = [];
         if (config.Mode == TrainMode.Qlora)
         {
-            quantized = Qlora.QuantizeLanguageModel(model.language_model);
+            quantized = Qlora.QuantizeLanguageModel(model.language_model, cudaKernel: nf4CudaKernel);
             info($"qlora: {quantized.Count} LLM linear layers stored as NF4 (block 64, double-quantised absmax)");
         }
         if (config.QuantizeVision)
         {
-            int n = Qlora.QuantizeVisionModel(model.vision_model).Count;
+            int n = Qlora.QuantizeVisionModel(model.vision_model, cudaKernel: nf4CudaKernel).Count;
             info($"quantize_vision: {n} ViT linear layers stored as NF4");
         }
         var loraDType = LoraDType(config, dtype);

@@ -22,6 +22,8 @@ public sealed class Nf4Tensor : IDisposable
     public float Offset { get; init; }
     public required long[] Shape { get; init; }
     public required ScalarType DType { get; init; }
+    /// <summary>Dequantise on CUDA with our kernel; false: tensor ops (VLMTUNE_NF4_KERNEL=0, <see cref="RuntimeSwitches.Nf4Kernel"/>).</summary>
+    public bool CudaKernel { get; init; } = true;
 
     public bool DoubleQuantized => Absmax2 is not null;
     public long Count => Shape.Aggregate(1L, (a, b) => a * b);
@@ -81,7 +83,6 @@ public sealed class Nf4Tensor : IDisposable
 /// </summary>
 public static class Nf4CudaDequantizer
 {
-    public const string DisableVariable = "VLMTUNE_NF4_KERNEL";
     private static readonly object Gate = new();
     private static readonly Dictionary<int, Tensor> DynamicMaps = new();
     private static string? _unavailable;
@@ -91,8 +92,7 @@ public static class Nf4CudaDequantizer
 
     public static Tensor? TryDequantize(Nf4Tensor q, ScalarType dtype)
     {
-        if (q.Packed.device_type != DeviceType.CUDA || dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || _unavailable is not null) return null;
-        if (!VlmTune.Cuda.KernelSwitch.IsOn(Environment.GetEnvironmentVariable(DisableVariable))) return null;
+        if (!q.CudaKernel || q.Packed.device_type != DeviceType.CUDA || dtype is not (ScalarType.BFloat16 or ScalarType.Float32) || _unavailable is not null) return null;
         int ordinal = q.Packed.device_index < 0 ? 0 : q.Packed.device_index;
         VlmTune.Cuda.KernelModule module;
         Tensor map;
@@ -180,7 +180,7 @@ public static class Nf4
     }
 
     /// <summary>Quantises <paramref name="weight"/> (any float dtype and device) to NF4, on its device.</summary>
-    public static Nf4Tensor Quantize(Tensor weight, bool doubleQuant = true)
+    public static Nf4Tensor Quantize(Tensor weight, bool doubleQuant = true, bool cudaKernel = true)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
@@ -211,7 +211,7 @@ public static class Nf4
             Packed = packed.contiguous().MoveToOuterDisposeScope(),
             Absmax = absmaxStored.contiguous().MoveToOuterDisposeScope(),
             Absmax2 = absmax2?.contiguous().MoveToOuterDisposeScope(),
-            Offset = offset, Shape = weight.shape, DType = weight.dtype,
+            Offset = offset, Shape = weight.shape, DType = weight.dtype, CudaKernel = cudaKernel,
         };
         return result;
     }
@@ -266,10 +266,10 @@ public static class Nf4
     /// Replaces a linear layer's weight by NF4 storage: the forward pass dequantises on the fly, the backward pass
     /// dequantises again to propagate to the input (the base weight is frozen; LoRA branches still train).
     /// </summary>
-    public static Nf4Tensor QuantizeLinear(Linear linear, bool doubleQuant = true)
+    public static Nf4Tensor QuantizeLinear(Linear linear, bool doubleQuant = true, bool cudaKernel = true)
     {
         if (linear.BaseForward is not null) throw new InvalidOperationException("the layer is already quantised.");
-        var q = Quantize(linear.weight, doubleQuant);
+        var q = Quantize(linear.weight, doubleQuant, cudaKernel);
         var bias = linear.bias;
         linear.BaseForward = x =>
         {

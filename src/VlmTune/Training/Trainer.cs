@@ -21,6 +21,8 @@ public sealed record TrainerOptions
     public Action<TrainProgress>? Progress { get; init; }
     /// <summary>This process's place in a data-parallel job; null: read from the launcher's variables (RANK, WORLD_SIZE, ...).</summary>
     public DistributedEnvironment? Distributed { get; init; }
+    /// <summary>The entry point's environment switches: NF4 kernel, GPU isolation, memory trace, test fault and pause.</summary>
+    public RuntimeSwitches Switches { get; init; } = RuntimeSwitches.Defaults;
 }
 
 public sealed record TrainProgress(long Iteration, long TotalIterations, double Loss, double Lr);
@@ -106,7 +108,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         _env = _options.Distributed ?? DistributedEnvironment.FromProcess();
         // Each rank sees only its own GPU, before anything initialises CUDA (CheckInputs asks whether CUDA is there).
-        if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env);
+        if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env, _options.Switches.GpuIsolated);
         var resumeDir = CheckInputs();
         _device = torch.device(Config.Device);
         _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => ModelOptions.DefaultDType(_device) };
@@ -189,7 +191,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         var model = Model;
         bool visionTrainable = !Config.FreezeVision || Config.VisionLoraR > 0;
         _flops = TrainingFlops.Of(model, visionTrainable);   // before NF4 packs the weights
-        _prepared = ModelPreparation.Apply(model, Config, _dtype, log.Info);
+        _prepared = ModelPreparation.Apply(model, Config, _dtype, log.Info, _options.Switches.Nf4Kernel);
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
         _seeds = new DropoutSeeds(Config.Seed + Rank * 1_000_003L);
@@ -207,7 +209,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         _optimizer = new TrainingOptimizer(Config, _prepared.Trainable, _dp, Rank, log.Info);
         _images = new ImageFeatureSupply(model, _visionCache, _device, _dtype, _prepared.VisionTrainable, _prepared.ProjectorTrainable);
         _step = new MicroBatchStep(model, _images, Config, _device, _tokenizer!.ImgContextId, Counters, _dp, log.Warning);
-        _checkpointer = new TrainingCheckpointer(Config, WorkDir, model, _prepared, _optimizer, _dp, log);
+        _checkpointer = new TrainingCheckpointer(Config, WorkDir, model, _prepared, _optimizer, _dp, log, _options.Switches.TestPause);
         if (Config.Evaluates)
         {
             _evaluator = new TrainingEvaluator(Config, model, _prepared, _tokenizer!, _conversations!, _tiling!, _device, _dtype, _dp, log.Warning);
@@ -287,7 +289,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             while (_iteration < TotalIterations)
             {
                 _dp?.Heartbeat();
-                InjectedFault.At(Rank, _iteration);
+                _options.Switches.TestFault?.At(Rank, _iteration);
                 // Ranks stop together, at the iteration after any of them was asked to (the request travels with the
                 // per-iteration agreement), or the others would wait in a collective for it.
                 if (_dp is null ? cancel.IsCancellationRequested : step.StopAgreed)
@@ -303,7 +305,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 double lr = _schedule.At(it);
                 optimizer.SetLearningRate(lr);
                 _seeds!.StartMicroBatch(it);
-                VlmTune.Diagnostics.MemoryTrace.BeginIteration(it + 1, gpuMemory);
+                VlmTune.Diagnostics.MemoryTrace.BeginIteration(it + 1, gpuMemory, _options.Switches.MemoryTraceIteration);
                 manual_seed(_seeds.ForMicroBatch());   // dropout outside checkpointed layers: same masks after a resume
 
                 using var batch = loader.Next();

@@ -17,8 +17,9 @@ public sealed record TrainingPosition(long Iteration, long OptimizerSteps);
 /// an interrupted write is never taken for a checkpoint, keeping save_total_limit of them, and resuming — after
 /// checking that the checkpoint was trained the way this run trains.
 /// </summary>
+/// <param name="testPause">VLMTUNE_TEST_PAUSE: tests stop a save between its parts here.</param>
 public sealed class TrainingCheckpointer(TrainConfig config, string workDir, InternVLChatModel model, PreparedModel prepared,
-    TrainingOptimizer optimizer, DataParallel? dp, TrainLog log)
+    TrainingOptimizer optimizer, DataParallel? dp, TrainLog log, string? testPause = null)
 {
     private int Rank => dp?.Rank ?? 0;
     private int WorldSize => dp?.WorldSize ?? 1;
@@ -74,7 +75,7 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
             if (IsMaster && full.Count > 0) TrainedWeights.Save(temp, full);
             optimizer.SaveState(temp);
             dp?.Barrier();
-            VlmTune.Diagnostics.TestPause.At("checkpoint", CancellationToken.None);
+            VlmTune.Diagnostics.TestPause.At(testPause, "checkpoint", CancellationToken.None);
             if (IsMaster && eval is not null) AtomicFile.WriteAllText(Path.Combine(temp, EvalFile), eval.ToJson());
             if (IsMaster) Commit(temp, final, State(at, totalIterations, samples, counters, eval));
         }

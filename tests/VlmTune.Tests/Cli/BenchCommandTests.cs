@@ -54,4 +54,15 @@ public class BenchCommandTests
         Assert.Equal(results["lora"].GetProperty("trainable_params").GetInt64(), results["qlora"].GetProperty("trainable_params").GetInt64());
         Assert.True(results["full"].GetProperty("trainable_params").GetInt64() > 10 * results["lora"].GetProperty("trainable_params").GetInt64());
     }
+
+    /// <summary>VLMTUNE_FUSED_DECODE=0 travels from the CLI's start-up to the decoder: off before any model check.</summary>
+    [FixtureFact]
+    public async Task FusedDecodeSwitchFromTheEnvironmentReachesTheDecoder()
+    {
+        var (code, _, stderr) = await CliProcess.RunAsync(Decode("--fused", "true"),
+            new Dictionary<string, string> { [RuntimeSwitches.FusedDecodeVariable] = "0" }, timeoutSeconds: 120);
+        Assert.Equal(1, code);
+        Assert.Contains($"error: --fused true: the fused decoder is unavailable: {RuntimeSwitches.FusedDecodeVariable}=0", stderr);
+        Assert.DoesNotContain("not CUDA", stderr);
+    }
 }

@@ -96,6 +96,15 @@ public sealed class ChatCommandTests
         finally { File.Delete(path); }
     }
 
+    /// <summary>The CLI checks --max-new-tokens with the one check before it loads anything.</summary>
+    [Fact]
+    public void BadMaxNewTokensIsRefusedBeforeTheModelLoads()
+    {
+        var r = Run(["chat", "--model", "/nonexistent/model", "--prompt", "hi", "--max-new-tokens", "0"]);
+        AssertFails(r, "max_tokens must be ≥ 1 (got 0).");
+        Assert.DoesNotContain("/nonexistent/model", r.Stderr);
+    }
+
     [FixtureFact]
     public void MissingImageFileFails()
     {

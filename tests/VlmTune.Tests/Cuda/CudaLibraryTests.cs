@@ -44,7 +44,7 @@ public class CudaLibraryTests
             Assert.Contains(Path.Combine(empty, "libnvrtc.so*"), e.Message);
             Assert.Contains(Path.Combine(broken, "libnvrtc.so.13"), e.Message);   // present but not loadable: tried, listed
             Assert.Contains("LD_LIBRARY_PATH", e.Message);
-            Assert.Contains(FusedDecoder.DisableVariable + "=0", e.Message);
+            Assert.Contains(RuntimeSwitches.FusedDecodeVariable + "=0", e.Message);
             Assert.IsAssignableFrom<VlmTuneException>(e);
         }
         finally { Directory.Delete(empty, true); Directory.Delete(broken, true); }

@@ -17,7 +17,7 @@ public class LauncherTests
         Assert.Equal("127.0.0.1", env["MASTER_ADDR"]);
         Assert.Equal("40123", env["MASTER_PORT"]);
         Assert.Equal("1", env["CUDA_VISIBLE_DEVICES"]);
-        Assert.Equal("1", env[DataParallel.IsolatedVariable]);
+        Assert.Equal("1", env[RuntimeSwitches.GpuIsolatedVariable]);
         // The variables the launcher sets are what the ranks parse.
         var parsed = DistributedEnvironment.FromEnvironment(env);
         Assert.Equal((1, 2, 1, 0, 1), (parsed.Rank, parsed.WorldSize, parsed.LocalRank, parsed.NodeRank, parsed.NodeCount));

@@ -58,6 +58,20 @@ public sealed class ChatClientTests(ServerFixture fixture) : IClassFixture<Serve
         Assert.Equal(4, prepared.Request.Sampling.MaxNewTokens);
     }
 
+    /// <summary>The .NET entry points refuse a bad max tokens through the one check: the client with its limit, the chat API through the engine.</summary>
+    [FixtureFact]
+    public async Task BadMaxNewTokensIsRefusedByTheOneCheck()
+    {
+        using var engine = new InferenceEngine(fixture.Chat.Model, fixture.Chat.Tokenizer.ImgContextId);
+        IChatClient client = new InternVLChatClient(fixture.Chat, engine, new ChatClientOptions { MaxNewTokensLimit = 5 });
+        var e = await Assert.ThrowsAsync<ChatInputException>(() => client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi")], new ChatOptions { MaxOutputTokens = 6 }));
+        Assert.Equal(("max_tokens", "max_tokens must be between 1 and 5 (got 6)."), (e.Param, e.Message));
+
+        var chat = Assert.Throws<InvalidGenerationRequestException>(() =>
+            fixture.Chat.Chat(new ChatRequest { Question = "hi", Sampling = new SamplingOptions { MaxNewTokens = 0 } }));
+        Assert.Equal(("max_tokens", "max_tokens must be ≥ 1 (got 0)."), (chat.Param, chat.Message));
+    }
+
     [Fact]
     public void StopSequencesHoldBackPartialMatches()
     {

@@ -22,7 +22,7 @@ public class FusedDecoderTests
         var problems = FusedDecoder.Problems(lm);
         Assert.Contains(problems, p => p.Contains("not CUDA"));
         Assert.Contains(problems, p => p.Contains("not bfloat16") && p.Contains("Float32"));
-        Assert.Null(FusedDecoder.TryGet(lm, out var reason));
+        Assert.Null(FusedDecoder.TryGet(lm, enabled: true, out var reason));
         Assert.StartsWith("not supported", reason);
     }
 
@@ -63,17 +63,12 @@ public class FusedDecoderTests
         Assert.Contains(FusedDecoder.Problems(lm), p => p.Contains("16 query heads per KV head"));
     }
 
-    [Theory]
-    [InlineData(null, true)]
-    [InlineData("1", true)]
-    [InlineData("", true)]
-    [InlineData("0", false)]
-    [InlineData("false", false)]
-    [InlineData(" off ", false)]
-    public void EnvironmentSwitchTurnsItOff(string? value, bool enabled)
+    [Fact]
+    public void SwitchedOffBeforeAnyModelCheck()
     {
-        if (value is null) Assert.Equal(Environment.GetEnvironmentVariable(FusedDecoder.DisableVariable) is not ("0" or "false" or "off"), FusedDecoder.EnabledByEnvironment());
-        else Assert.Equal(enabled, FusedDecoder.EnabledByEnvironment(value));
+        using var lm = Model(ScalarType.Float32);
+        Assert.Null(FusedDecoder.TryGet(lm, enabled: false, out var reason));
+        Assert.Equal($"{RuntimeSwitches.FusedDecodeVariable}=0", reason);
     }
 
     [Fact]
@@ -117,6 +112,23 @@ public class FusedDecoderTests
         Assert.True(FusedDecodePlan.UseTensorCores(32, (8, 0), c));
         Assert.False(FusedDecodePlan.UseTensorCores(32, (7, 5), c));  // no bf16 mma before sm_80
         Assert.False(FusedDecodePlan.UseTensorCores(32, (9, 0), c with { IntermediateSize = 168 }));   // K not a multiple of 32
+    }
+
+    /// <summary>VLMTUNE_FUSED_MMA and the unroll switches, passed in, change the plan the kernels are launched and compiled with.</summary>
+    [Fact]
+    public void TuningSwitchesChangeThePlan()
+    {
+        var c = CudaLibraryTests.TinyConfig();
+        var tuning = RuntimeSwitches.FromEnvironment(new System.Collections.Hashtable
+        {
+            [RuntimeSwitches.FusedMmaVariable] = "0", [RuntimeSwitches.FusedGemvUnrollVariable] = "2", [RuntimeSwitches.FusedMmaUnrollVariable] = "8",
+        }).FusedTuning;
+        Assert.False(FusedDecodePlan.UseTensorCores(32, (9, 0), c, tuning));
+        Assert.True(FusedDecodePlan.UseTensorCores(32, (9, 0), c, FusedDecodeTuning.Default));
+        var defines = FusedDecodePlan.Defines(c, 1, tuning);
+        Assert.Equal((2, 8), (defines["GEMV_UNROLL"], defines["MMA_UNROLL"]));
+        var plain = FusedDecodePlan.Defines(c, 1);
+        Assert.Equal((4, 4), (plain["GEMV_UNROLL"], plain["MMA_UNROLL"]));
     }
 
     [Theory]

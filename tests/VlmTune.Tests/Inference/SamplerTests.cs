@@ -102,4 +102,14 @@ public sealed class SamplerTests
         var problems = new SamplingOptions { Temperature = -1, TopP = 0, TopK = -2, RepetitionPenalty = 0, MaxNewTokens = 0 }.Problems().ToList();
         Assert.Equal(["temperature", "top_p", "top_k", "repetition_penalty", "max_tokens"], problems.Select(p => p.Param));
     }
+
+    /// <summary>The one max-tokens check: ≥ 1 always, at most the caller's limit when it has one.</summary>
+    [Fact]
+    public void MaxNewTokensIsCheckedAgainstTheCallersLimit()
+    {
+        Assert.Empty(new SamplingOptions { MaxNewTokens = 6 }.Problems());
+        Assert.Equal(("max_tokens", "max_tokens must be between 1 and 5 (got 6)."), Assert.Single(new SamplingOptions { MaxNewTokens = 6 }.Problems(5)));
+        Assert.Empty(new SamplingOptions { MaxNewTokens = 5 }.Problems(5));
+        Assert.Equal(("max_tokens", "max_tokens must be ≥ 1 (got 0)."), Assert.Single(new SamplingOptions { MaxNewTokens = 0 }.Problems()));
+    }
 }

@@ -112,6 +112,22 @@ public sealed class BadInputTests(ServerFixture fixture) : IClassFixture<ServerF
         Assert.Equal(200, (int)ok.StatusCode);
     }
 
+    /// <summary>
+    /// Over HTTP max_tokens goes through the one check (the chat client's, with the server's limit), before any image is
+    /// read: a limit far below the context shows the check itself answered, not the engine's context check.
+    /// </summary>
+    [FixtureFact]
+    public async Task MaxTokensIsRefusedByTheOneCheckBeforeImagesAreRead()
+    {
+        await using var server = await fixture.StartAsync(new ServerOptions { MaxContextTokens = 1000, MaxTokens = 5 });
+        async Task<string?> Refused(string body) =>
+            (await ErrorAssert.IsError(await server.PostJsonAsync(body), 400, "max_tokens")).GetProperty("message").GetString();
+        Assert.Equal("max_tokens must be between 1 and 5 (got 6).", await Refused(Request(extra: "\"max_tokens\": 6")));
+        Assert.Equal("max_tokens must be between 1 and 5 (got 0).", await Refused(Request(extra: "\"max_completion_tokens\": 0")));
+        Assert.Equal("max_tokens must be between 1 and 5 (got 6).", await Refused(Request(images: ["http://example.com/cat.png"], extra: "\"max_tokens\": 6")));
+        Assert.Equal(200, (int)(await server.PostJsonAsync(Request(extra: "\"max_tokens\": 5"))).StatusCode);
+    }
+
     [FixtureFact]
     public async Task OversizedBodyIs413()
     {

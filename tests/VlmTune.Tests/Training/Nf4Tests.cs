@@ -141,6 +141,20 @@ public sealed class Nf4Tests
         Assert.True((layer.lora_B.weight.grad! - b.grad!).abs().max().item<float>() <= 1e-5);
     }
 
+    /// <summary>VLMTUNE_NF4_KERNEL=0 (<see cref="RuntimeSwitches.Nf4Kernel"/>) travels with every weight QLoRA quantises.</summary>
+    [Fact]
+    public void KernelSwitchTravelsWithTheQuantisedWeights()
+    {
+        using var lm = new InternLM2ForCausalLM(VlmTune.Tests.Cuda.CudaLibraryTests.TinyConfig(), new ModelOptions());
+        var off = Qlora.QuantizeLanguageModel(lm, cudaKernel: false);
+        Assert.NotEmpty(off);
+        Assert.All(off, w => Assert.False(w.Weight.CudaKernel));
+        foreach (var (_, w) in off) w.Dispose();
+        using var layer = new Linear(64, 32, false, new ModelOptions());
+        using var single = Nf4.QuantizeLinear(layer);
+        Assert.True(single.CudaKernel);   // on unless switched off
+    }
+
     [FixtureFact]
     public void QloraLossIsWithinTwoPercentOfLora()
     {
