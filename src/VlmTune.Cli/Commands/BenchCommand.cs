@@ -2,10 +2,12 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using TorchSharp;
+using VlmTune.Autograd;
 using VlmTune.Diagnostics;
 using VlmTune.Inference;
 using VlmTune.Checkpoints;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Training;
 using static TorchSharp.torch;
 

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using Spectre.Console;
 using VlmTune.Checkpoints;
+using VlmTune.Models;
 
 namespace VlmTune.Cli.Commands;
 

@@ -33,7 +33,7 @@ public sealed class TrainLog : IDisposable
         Directory.CreateDirectory(Path.Combine(RunDir, "vis_data"));
         LogPath = Path.Combine(RunDir, timestamp + ".log");
         ScalarsPath = Path.Combine(RunDir, "vis_data", "scalars.json");
-        VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
+        IO.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
         _log = new StreamWriter(LogPath, append: true) { AutoFlush = true };
         _scalars = new StreamWriter(ScalarsPath, append: true) { AutoFlush = true };
     }
