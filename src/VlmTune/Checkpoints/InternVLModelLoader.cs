@@ -2,6 +2,7 @@ using VlmTune.Models;
 
 namespace VlmTune.Checkpoints;
 
+/// <summary>A model folder as a ready <see cref="InternVLChatModel"/>: Models defines the modules, this folder reads the files into them.</summary>
 public static class InternVLModelLoader
 {
     /// <summary>

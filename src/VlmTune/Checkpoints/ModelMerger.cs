@@ -352,7 +352,7 @@ public static class ModelMerger
             root = HfConfig.ToOfficialConfig(doc.RootElement, baseDir, []);   // parsed once already: no problems left
         }
         root["template"] = config.Template;
-        string? dtypeName = dtype switch { null => null, ScalarType.BFloat16 => "bfloat16", ScalarType.Float16 => "float16", _ => "float32" };
+        string? dtypeName = dtype is { } named ? TensorPlacement.ConfigName(named) : null;
         if (dtype is { } d)
         {
             foreach (var node in new[] { root, root["llm_config"] as JsonObject, root["vision_config"] as JsonObject })
