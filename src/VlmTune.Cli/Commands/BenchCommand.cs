@@ -2,10 +2,12 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using TorchSharp;
+using VlmTune.Autograd;
 using VlmTune.Diagnostics;
 using VlmTune.Inference;
 using VlmTune.Checkpoints;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Training;
 using static TorchSharp.torch;
 using VlmTune.Data;
@@ -19,8 +21,8 @@ namespace VlmTune.Cli.Commands;
 internal static class BenchCommand
 {
     private static readonly Option<string> Config = new("--config") { Description = "config.json giving the model shapes.", Required = true };
-    private static readonly Option<string> Device = new("--device") { DefaultValueFactory = _ => "cuda" };
-    private static readonly Option<string?> DType = new("--dtype") { Description = "Default: bfloat16 on CUDA, float32 on CPU." };
+    private static readonly Option<string> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames}.", DefaultValueFactory = _ => "cuda" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: bfloat16 on CUDA, float32 on CPU." };
     private static readonly Option<int[]> Batch = new("--batch") { Description = "Batch sizes to measure.", DefaultValueFactory = _ => [1], AllowMultipleArgumentsPerToken = true };
     private static readonly Option<int> PromptTokens = new("--prompt-tokens") { DefaultValueFactory = _ => 3400 };
     private static readonly Option<int> Tiles = new("--tiles") { Description = "Image tiles in the prompt (256 tokens each).", DefaultValueFactory = _ => 13 };
@@ -87,8 +89,8 @@ internal static class BenchCommand
     /// </summary>
     private static int Train(ParseResult parse, RuntimeSwitches switches)
     {
-        var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
-        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
+        var device = TensorPlacement.ParseDevice(parse.GetValue(Device)!);
+        var dtype = TensorPlacement.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
         int batch = parse.GetValue(TrainBatch), tiles = parse.GetValue(Tiles7), seq = parse.GetValue(SeqLen), r = parse.GetValue(LoraR);
         int imageTokens = tiles * config.NumImageToken;
@@ -189,8 +191,8 @@ internal static class BenchCommand
 
     private static int Decode(ParseResult parse, RuntimeSwitches switches)
     {
-        var device = InternVLChat.ParseDevice(parse.GetValue(Device)!);
-        var dtype = ChatCommand.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
+        var device = TensorPlacement.ParseDevice(parse.GetValue(Device)!);
+        var dtype = TensorPlacement.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
         using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
         using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });

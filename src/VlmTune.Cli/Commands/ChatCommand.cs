@@ -1,7 +1,6 @@
 using System.CommandLine;
 using System.Text.Json;
 using System.Text.Encodings.Web;
-using TorchSharp;
 using VlmTune.Inference;
 using VlmTune.Models;
 using VlmTune.Text;
@@ -22,8 +21,8 @@ internal static class ChatCommand
     private static readonly Option<double> RepetitionPenalty = new("--repetition-penalty") { DefaultValueFactory = _ => 1.0 };
     private static readonly Option<long?> Seed = new("--seed") { Description = "Seed for sampling." };
     private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image (default: the model's max_dynamic_patch)." };
-    private static readonly Option<string> Device = new("--device") { Description = "cpu or cuda.", DefaultValueFactory = _ => "cpu" };
-    private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<string> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames}.", DefaultValueFactory = _ => "cpu" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: float32 on CPU, bfloat16 on CUDA." };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "Fine-tuned adapter to run unmerged: a training checkpoint (iter_<n>/ or its work dir) or a PEFT LoRA folder." };
     private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained (default: the original weights)." };
     private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, prompt_ids, tiles." };
@@ -55,7 +54,7 @@ internal static class ChatCommand
 
         using var chat = InternVLChat.Load(parse.GetValue(Model)!, new ChatLoadOptions
         {
-            Device = parse.GetValue(Device)!, DType = ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
+            Device = parse.GetValue(Device)!, DType = TensorPlacement.ParseDType(parse.GetValue(DType)), MaxTiles = parse.GetValue(MaxTiles),
             AdapterDir = parse.GetValue(Adapter), AdapterNf4Base = parse.GetValue(Nf4Base), MergeAdapter = false, Switches = switches,
         });
         string? system = parse.GetValue(System);
@@ -101,13 +100,4 @@ internal static class ChatCommand
         }
         return 0;
     }
-
-    internal static torch.ScalarType? ParseDType(string? name) => name switch
-    {
-        null => null,
-        "float32" or "fp32" => torch.ScalarType.Float32,
-        "bfloat16" or "bf16" => torch.ScalarType.BFloat16,
-        "float16" or "fp16" => torch.ScalarType.Float16,
-        _ => throw new VlmTuneException($"--dtype '{name}' is not supported (float32, bfloat16, float16)."),
-    };
 }

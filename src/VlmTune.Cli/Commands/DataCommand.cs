@@ -220,7 +220,7 @@ internal static class DataCommand
         foreach (var skip in result.Skipped)
             text.Append(skip.Line.ToString(CultureInfo.InvariantCulture)).Append('\t').Append(ReasonName(skip.Reason)).Append('\t')
                 .Append(skip.Detail.ReplaceLineEndings(" ")).Append('\n');
-        VlmTune.Checkpoints.AtomicFile.WriteAllText(path, text.ToString());   // UTF-8 without BOM
+        VlmTune.IO.AtomicFile.WriteAllText(path, text.ToString());   // UTF-8 without BOM
     }
 
     internal static string ReasonName(OogiriSkipReason reason) => reason switch

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using Spectre.Console;
 using VlmTune.Checkpoints;
+using VlmTune.Models;
 
 namespace VlmTune.Cli.Commands;
 
@@ -10,12 +11,12 @@ internal static class MergeCommand
     private static readonly Option<string> Base = new("--base") { Description = "Base InternVL2 model folder the adapter was trained on.", Required = true };
     private static readonly Option<string> Adapter = new("--adapter") { Description = "Training checkpoint (iter_<n>/ or its work dir) or PEFT LoRA adapter folder (LLM and/or vision).", Required = true };
     private static readonly Option<string> Out = new("--out") { Description = "Folder for the merged model (must not exist, or be empty, unless --force).", Required = true };
-    private static readonly Option<string?> DType = new("--dtype") { Description = "bfloat16, float16 or float32 (default: the base's stored dtype of each tensor)." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: the base's stored dtype of each tensor." };
     private static readonly Option<bool> Force = new("--force") { Description = "Replace a non-empty --out folder." };
     private static readonly Option<bool> NoVerify = new("--no-verify") { Description = "Skip reloading the output and comparing its logits with base + adapter." };
     private static readonly Option<bool> MergeIntoNf4 = new("--merge-into-nf4") { Description = "QLoRA: merge into the NF4-dequantised LLM weights the adapter was trained on, instead of the original ones." };
     private static readonly Option<string> MaxShardSize = new("--max-shard-size") { Description = "Largest weight file (e.g. 5GB, 500MB, or bytes).", DefaultValueFactory = _ => "5GB" };
-    private static readonly Option<string> Device = new("--device") { Description = "Device for the verification (cpu or cuda).", DefaultValueFactory = _ => "cpu" };
+    private static readonly Option<string> Device = new("--device") { Description = $"Device for the verification: {TensorPlacement.DeviceNames}.", DefaultValueFactory = _ => "cpu" };
     private static readonly Option<string> Layout = new("--layout") { Description = "official (InternVLChatModel, remote code) or hf (transformers' InternVLForConditionalGeneration).", DefaultValueFactory = _ => "official" };
 
     public static Command Create(RuntimeSwitches switches)
@@ -34,7 +35,7 @@ internal static class MergeCommand
 
     private static int Run(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
-        var dtype = ChatCommand.ParseDType(parse.GetValue(DType));
+        var dtype = TensorPlacement.ParseDType(parse.GetValue(DType));
         var options = new MergeOptions
         {
             BaseDir = parse.GetValue(Base)!, AdapterDir = parse.GetValue(Adapter)!, OutDir = parse.GetValue(Out)!,

@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.Extensions.Configuration;
 using VlmTune.Inference;
+using VlmTune.Models;
 using VlmTune.Serving;
 
 namespace VlmTune.Cli.Commands;
@@ -21,8 +22,8 @@ internal static class ServeCommand
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
     private static readonly Option<string[]> AllowImageNetwork = new("--allow-image-network") { Description = "CIDR network remote images may come from although private/loopback (repeatable)." };
     private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use (default: the model folder's name)." };
-    private static readonly Option<string?> Device = new("--device") { Description = "cpu or cuda (default cpu)." };
-    private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<string?> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames} (default cpu)." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: float32 on CPU, bfloat16 on CUDA." };
     private static readonly Option<string[]> AllowedHosts = new("--allowed-hosts") { Description = "Host header names accepted besides loopback ones (example.com, *.example.com, * for any; repeatable)." };
 
     public static Command Create(RuntimeSwitches switches)
@@ -70,7 +71,7 @@ internal static class ServeCommand
         var options = Bind(parse);
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
         {
-            Device = options.Device, DType = ChatCommand.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
+            Device = options.Device, DType = TensorPlacement.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
             ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels }, AdapterDir = options.AdapterDir, Switches = switches,
         });
         var client = VlmTuneServer.CreateChatClient(chat, options);

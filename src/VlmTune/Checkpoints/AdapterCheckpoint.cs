@@ -1,6 +1,5 @@
 using System.Text.Json;
 using VlmTune.Models;
-using VlmTune.Training;
 using static VlmTune.Checkpoints.IterCheckpoint;
 
 namespace VlmTune.Checkpoints;

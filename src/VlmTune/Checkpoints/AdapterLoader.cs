@@ -1,6 +1,6 @@
 using TorchSharp;
 using VlmTune.Models;
-using VlmTune.Training;
+using VlmTune.Quantization;
 using static TorchSharp.torch;
 
 namespace VlmTune.Checkpoints;

@@ -1,5 +1,4 @@
 using TorchSharp;
-using VlmTune.Inference;
 using VlmTune.Models;
 using VlmTune.Text;
 using static TorchSharp.torch;
@@ -43,7 +42,7 @@ public static class MergeVerifier
     public static MergeVerifyResult Verify(string baseDir, string adapterDir, string mergedDir, AdapterApplyOptions apply, MergeVerifyOptions options,
         CancellationToken cancel = default)
     {
-        var device = InternVLChat.ParseDevice(options.Device);
+        var device = TensorPlacement.ParseDevice(options.Device);
         var dtype = options.DType ?? ModelOptions.DefaultDType(device);
         var modelOptions = new ModelOptions { Device = device, DType = dtype };
 

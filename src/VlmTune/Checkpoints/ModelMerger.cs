@@ -3,8 +3,8 @@ using System.Text.Json.Nodes;
 using TorchSharp;
 using VlmTune.IO;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Text;
-using VlmTune.Training;
 using static TorchSharp.torch;
 
 namespace VlmTune.Checkpoints;
@@ -113,8 +113,8 @@ public static class ModelMerger
 
         if (config.Layout == CheckpointLayout.Hf && !hfOut)
             log("note: the base is in the hf layout, which has no InternVL remote code (*.py); transformers needs those files beside an official-layout folder");
-        if (hfOut && config.Template != HfLayout.InferredTemplate)
-            log($"note: the hf layout has no template field; VlmTune reads hf folders with {HfLayout.InferredTemplate}, not this base's {config.Template} (--system sets the system message)");
+        if (hfOut && config.Template != HfConfig.InferredTemplate)
+            log($"note: the hf layout has no template field; VlmTune reads hf folders with {HfConfig.InferredTemplate}, not this base's {config.Template} (--system sets the system message)");
 
         // Each output tensor: its place in the files, and the merged official tensor (or part of it) it is cut from.
         var outputs = new List<(SafetensorsLayout Entry, string Official, int Part, FusedQkv? Fused)>();
@@ -176,8 +176,8 @@ public static class ModelMerger
             if (hfOut)
             {
                 var indented = new JsonSerializerOptions { WriteIndented = true };
-                AtomicFile.WriteAllText(Path.Combine(temp, "preprocessor_config.json"), HfLayout.PreprocessorConfig(config).ToJsonString(indented));
-                AtomicFile.WriteAllText(Path.Combine(temp, "processor_config.json"), HfLayout.ProcessorConfig(config).ToJsonString(indented));
+                AtomicFile.WriteAllText(Path.Combine(temp, "preprocessor_config.json"), HfConfig.PreprocessorConfig(config).ToJsonString(indented));
+                AtomicFile.WriteAllText(Path.Combine(temp, "processor_config.json"), HfConfig.ProcessorConfig(config).ToJsonString(indented));
             }
             long total = layout.Sum(e => e.ByteLength);
             log($"wrote {layout.Count} tensors ({FormatBytes(total)}) in {shards.Count} file{(shards.Count == 1 ? "" : "s")}: " +
@@ -338,7 +338,7 @@ public static class ModelMerger
     /// <summary>
     /// The official config.json (the base's, or its hf config translated) with the template written explicitly (so no
     /// tool guesses it from the folder name), the dtype fields set to the output dtype, and the LoRA flags cleared (the
-    /// weights hold no LoRA branch any more); for the hf layout that config translated by <see cref="HfLayout.ToHfConfig"/>.
+    /// weights hold no LoRA branch any more); for the hf layout that config translated by <see cref="HfConfig.ToHfConfig"/>.
     /// </summary>
     private static void WriteConfig(string baseDir, string outDir, InternVLConfig config, ScalarType? dtype, CheckpointLayout layout, int imageTokenId)
     {
@@ -351,10 +351,10 @@ public static class ModelMerger
         if (config.Layout == CheckpointLayout.Hf)
         {
             using var doc = JsonDocument.Parse(root.ToJsonString());
-            root = HfLayout.ToOfficialConfig(doc.RootElement, baseDir, []);   // parsed once already: no problems left
+            root = HfConfig.ToOfficialConfig(doc.RootElement, baseDir, []);   // parsed once already: no problems left
         }
         root["template"] = config.Template;
-        string? dtypeName = dtype switch { null => null, ScalarType.BFloat16 => "bfloat16", ScalarType.Float16 => "float16", _ => "float32" };
+        string? dtypeName = dtype is { } named ? TensorPlacement.ConfigName(named) : null;
         if (dtype is { } d)
         {
             foreach (var node in new[] { root, root["llm_config"] as JsonObject, root["vision_config"] as JsonObject })
@@ -366,7 +366,7 @@ public static class ModelMerger
         }
         foreach (var flag in new[] { "use_llm_lora", "use_backbone_lora" })
             if (root.ContainsKey(flag)) root[flag] = 0;
-        if (layout == CheckpointLayout.Hf) root = HfLayout.ToHfConfig(root, config, imageTokenId, dtypeName);
+        if (layout == CheckpointLayout.Hf) root = HfConfig.ToHfConfig(root, config, imageTokenId, dtypeName);
         AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 

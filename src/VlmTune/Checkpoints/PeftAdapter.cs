@@ -2,6 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
 using TorchSharp;
+using VlmTune.IO;
 using VlmTune.Models;
 using static TorchSharp.torch;
 
@@ -145,18 +146,14 @@ public static class PeftAdapter
     public const string WeightsFile = "adapter_model.safetensors";
     public const string Prefix = "base_model.model.";
 
-    /// <summary>The <see cref="Linear"/> layers under <paramref name="scope"/>, by module path.</summary>
-    public static IEnumerable<(string Name, Linear Linear)> Linears(nn.Module scope) =>
-        scope.named_modules().Where(m => m.module is Linear).Select(m => (m.name, (Linear)m.module));
-
     /// <summary>The linear layers with a LoRA branch under <paramref name="scope"/>.</summary>
-    public static IEnumerable<(string Name, Linear Linear)> LoraLinears(nn.Module scope) => Linears(scope).Where(l => l.Linear.HasLora);
+    public static IEnumerable<(string Name, Linear Linear)> LoraLinears(nn.Module scope) => Linear.AllIn(scope).Where(l => l.Linear.HasLora);
 
     /// <summary>Adds a freshly initialised LoRA branch (A uniform, B zero) to every targeted linear; returns their names.</summary>
     public static IReadOnlyList<string> Attach(nn.Module scope, PeftAdapterConfig config, ScalarType dtype = ScalarType.Float32)
     {
         var names = new List<string>();
-        foreach (var (name, linear) in Linears(scope))
+        foreach (var (name, linear) in Linear.AllIn(scope))
         {
             if (!config.Targets(name, isOutputHead: IsOutputHead(scope, name))) continue;
             if (linear.HasLora) throw new CheckpointException($"module '{name}' already has a LoRA branch.");
@@ -166,7 +163,7 @@ public static class PeftAdapter
         if (names.Count == 0)
         {
             string what = config.TargetModulesPattern ?? string.Join(", ", config.TargetModules);
-            throw new CheckpointException($"target_modules [{what}] match no linear layer of the model (its linear layers end in: {string.Join(", ", Linears(scope).Select(l => l.Name.Split('.')[^1]).Distinct())}).");
+            throw new CheckpointException($"target_modules [{what}] match no linear layer of the model (its linear layers end in: {string.Join(", ", Linear.AllIn(scope).Select(l => l.Name.Split('.')[^1]).Distinct())}).");
         }
         return names;
     }
@@ -232,28 +229,4 @@ public static class PeftAdapter
     }
 
     private static bool IsOutputHead(nn.Module scope, string name) => scope is CausalLanguageModel lm && name == lm.OutputHeadName;
-
-}
-
-/// <summary>Small files written to a temporary sibling and renamed, so readers never see a partial file.</summary>
-public static class AtomicFile
-{
-    public static void WriteAllText(string path, string text) => Write(path, temp => File.WriteAllText(temp, text));
-
-    public static void WriteAllBytes(string path, byte[] bytes) => Write(path, temp => File.WriteAllBytes(temp, bytes));
-
-    private static void Write(string path, Action<string> write)
-    {
-        string temp = IO.OwnedTemporary.Beside(path);
-        try
-        {
-            write(temp);
-            File.Move(temp, path, overwrite: true);
-        }
-        catch
-        {
-            try { File.Delete(temp); } catch (IOException) { }
-            throw;
-        }
-    }
 }

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
+using VlmTune.Cuda;
 
 namespace VlmTune.Distributed;
 
@@ -54,7 +55,7 @@ public sealed unsafe class NcclLibrary
     /// app's native runtimes folder.
     /// </summary>
     public static IReadOnlyList<string> DefaultSearchDirectories(string? ldLibraryPath = null) =>
-        VlmTune.Cuda.NativeSearch.DefaultDirectories("nccl", ldLibraryPath)
+        NativeSearch.DefaultDirectories("nccl", ldLibraryPath)
             .Append(System.IO.Path.Combine(AppContext.BaseDirectory, "runtimes", "linux-x64", "native"))
             .Distinct().ToList();
 

@@ -1,7 +1,6 @@
 using System.Runtime.CompilerServices;
 using TorchSharp;
 using VlmTune.Cuda;
-using VlmTune.Distributed;
 using VlmTune.Models;
 using static TorchSharp.torch;
 using Linear = VlmTune.Models.Linear;

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using TorchSharp;
+using VlmTune.Checkpoints;
 using VlmTune.Models;
 using VlmTune.Data;
 using VlmTune.Text;
@@ -11,7 +12,7 @@ namespace VlmTune.Inference;
 /// <summary>How to load a model for chat.</summary>
 public sealed record ChatLoadOptions
 {
-    /// <summary>"cpu" or "cuda" (or "cuda:N").</summary>
+    /// <summary>"cpu", "cuda" or "cuda:N" (<see cref="TensorPlacement"/>).</summary>
     public string Device { get; init; } = "cpu";
     /// <summary>Compute dtype; null picks float32 on CPU and bfloat16 on CUDA.</summary>
     public ScalarType? DType { get; init; }
@@ -86,7 +87,7 @@ public sealed class InternVLChat : IDisposable
     public static InternVLChat Load(string modelDir, ChatLoadOptions? options = null)
     {
         options ??= new ChatLoadOptions();
-        var device = ParseDevice(options.Device);
+        var device = TensorPlacement.ParseDevice(options.Device);
         var dtype = options.DType ?? ModelOptions.DefaultDType(device);
         var tokenizer = TextTokenizer.Load(modelDir);
         var model = InternVLModelLoader.Load(modelDir, new ModelOptions { Device = device, DType = dtype, Attention = options.Attention });
@@ -116,18 +117,6 @@ public sealed class InternVLChat : IDisposable
         var stop = template.StopTokens.Select(tokenizer.TokenToId).ToHashSet();
         stop.UnionWith(GenerationConfigEosIds(modelDir));
         return stop;
-    }
-
-    public static Device ParseDevice(string name)
-    {
-        try
-        {
-            var device = new Device(name);
-            if (device.type == DeviceType.CUDA && !cuda.is_available())
-                throw new VlmTuneException($"--device {name}: CUDA is not available (no GPU, or the app runs on the CPU-only libtorch).");
-            return device;
-        }
-        catch (ArgumentException) { throw new VlmTuneException($"--device '{name}' is not a device (use cpu or cuda)."); }
     }
 
     private static IEnumerable<int> GenerationConfigEosIds(string modelDir)

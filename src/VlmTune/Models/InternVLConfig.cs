@@ -1,5 +1,4 @@
 using System.Text.Json;
-using VlmTune.Checkpoints;
 
 namespace VlmTune.Models;
 
@@ -95,7 +94,7 @@ public sealed record LlmConfig
 
 /// <summary>
 /// InternVLChatConfig as written in an official model folder's config.json, or translated from the Hugging Face layout's
-/// (<see cref="HfLayout"/>). Unknown fields are ignored (HF configs carry many generic ones); missing required fields are
+/// (<see cref="HfConfig"/>). Unknown fields are ignored (HF configs carry many generic ones); missing required fields are
 /// named in the error.
 /// </summary>
 public sealed record InternVLConfig
@@ -139,14 +138,14 @@ public sealed record InternVLConfig
     public static InternVLConfig Parse(JsonElement root, string source, string? modelDir = null)
     {
         var problems = new List<string>();
-        if (!HfLayout.IsHfConfig(root))
+        if (!HfConfig.IsHfConfig(root))
             return ParseOfficial(root, source, "llm_config", problems) ?? throw Problems(source, problems);
-        var official = HfLayout.ToOfficialConfig(root, modelDir, problems);
+        var official = HfConfig.ToOfficialConfig(root, modelDir, problems);
         if (problems.Count > 0) throw Problems(source, problems);
         // Problems of the fields the translation carried over name them as the hf config does (text_config.…).
         using var doc = JsonDocument.Parse(official.ToJsonString());
         var config = ParseOfficial(doc.RootElement, source, "text_config", problems);
-        if (config is not null) HfLayout.CheckParsed(root, config, modelDir, problems);
+        if (config is not null) HfConfig.CheckParsed(root, config, modelDir, problems);
         if (problems.Count > 0) throw Problems(source, problems);
         return config! with { Layout = CheckpointLayout.Hf };
     }

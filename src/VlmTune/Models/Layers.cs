@@ -100,6 +100,10 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
 
     public bool HasLora => lora_A is not null;
 
+    /// <summary>The linear layers under <paramref name="scope"/>, by module path (LoRA, QLoRA and merging walk these).</summary>
+    public static IEnumerable<(string Name, Linear Linear)> AllIn(nn.Module scope) =>
+        scope.named_modules().Where(m => m.module is Linear).Select(m => (m.name, (Linear)m.module));
+
     /// <summary>Adds a LoRA branch of rank r (A: [r, in], B: [out, r]); B starts at zero as PEFT does.</summary>
     public void AddLora(int r, double alpha, double dropout, ScalarType dtype)
     {

@@ -1,4 +1,5 @@
 using TorchSharp;
+using VlmTune.Autograd;
 using VlmTune.Models;
 using static TorchSharp.torch;
 

@@ -1,3 +1,4 @@
+using VlmTune.Autograd;
 using VlmTune.Data;
 using VlmTune.Distributed;
 using VlmTune.Models;

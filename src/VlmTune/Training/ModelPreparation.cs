@@ -1,6 +1,7 @@
 using TorchSharp.Modules;
 using VlmTune.Checkpoints;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using static TorchSharp.torch;
 
 namespace VlmTune.Training;

@@ -2,6 +2,8 @@ using System.Globalization;
 using System.Text;
 using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
+using VlmTune.Models;
+using ScalarType = TorchSharp.torch.ScalarType;
 
 namespace VlmTune.Training;
 
@@ -77,8 +79,13 @@ public sealed class TrainConfig
     public int LossChunkSize { get; set; } = 1024;
     public int Seed { get; set; } = 42;
     public string Device { get; set; } = "cuda";
-    /// <summary>auto: bf16 on CUDA, fp32 on CPU.</summary>
-    public string Dtype { get; set; } = "auto";
+    /// <summary>auto: bf16 on CUDA, fp32 on CPU. bfloat16 and float32 mean bf16 and fp32.</summary>
+    public string Dtype
+    {
+        get;
+        // Every spelling TensorPlacement knows for a training dtype, kept in the short form the trainer and the run log use.
+        set => field = TensorPlacement.TryParseDType(value, out var d) && d is ScalarType.BFloat16 or ScalarType.Float32 ? TensorPlacement.ShortName(d) : value;
+    } = "auto";
     public NanPolicy NanPolicy { get; set; } = NanPolicy.Stop;
 
     // Data parallelism (several processes; see docs/distributed.md). batch_size stays per process.
@@ -302,8 +309,7 @@ public sealed class TrainConfig
         if (CacheVisionFeatures && VisionLoraR > 0)
             p.Add($"'cache_vision_features': vision LoRA (vision_lora_r: {VisionLoraR}) trains the vision tower, so its features change every step and a cache would serve stale ones; set vision_lora_r: 0 or cache_vision_features: false");
         if (LossChunkSize < 1) p.Add($"'loss_chunk_size': must be at least 1 (got {LossChunkSize})");
-        if (Device != "cpu" && Device != "cuda" && !System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]+$"))
-            p.Add($"'device': '{Device}' is not cpu, cuda or cuda:N");
+        if (TensorPlacement.DeviceProblem(Device, "'device':") is { } device) p.Add(device);
         if (Dtype is not ("auto" or "bf16" or "fp32")) p.Add($"'dtype': '{Dtype}' is not auto, bf16 or fp32");
         if (Device == "cpu" && Dtype == "bf16") p.Add("'dtype': bf16 training on CPU is not supported; use fp32 (or auto)");
         if (ZeroStage is not (0 or 1)) p.Add($"'zero_stage': must be 0 or 1 (ZeRO-1: optimizer state sharded over ranks), got {ZeroStage}");

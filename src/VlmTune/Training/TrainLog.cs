@@ -41,7 +41,7 @@ public sealed class TrainLog : IDisposable
         Directory.CreateDirectory(Path.Combine(RunDir, "vis_data"));
         LogPath = Path.Combine(RunDir, timestamp + ".log");
         ScalarsPath = Path.Combine(RunDir, "vis_data", "scalars.json");
-        VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
+        IO.AtomicFile.WriteAllText(Path.Combine(RunDir, "vis_data", "config.yaml"), resolvedConfigYaml);
         _log = new StreamWriter(LogPath, append: true) { AutoFlush = true };
         _scalars = new StreamWriter(ScalarsPath, append: true) { AutoFlush = true };
         if (tensorBoard) _tensorBoard = TensorBoardWriter.Create(Path.Combine(RunDir, "vis_data"));
@@ -121,7 +121,7 @@ public sealed class TrainLog : IDisposable
         Evaluation(r.Iteration, r.Loss);
         if (_scalars is null) return;
         Directory.CreateDirectory(Path.Combine(RunDir, "eval"));
-        VlmTune.Checkpoints.AtomicFile.WriteAllText(Path.Combine(RunDir, "eval", $"iter_{r.Iteration}.json"), r.ToJson());
+        VlmTune.IO.AtomicFile.WriteAllText(Path.Combine(RunDir, "eval", $"iter_{r.Iteration}.json"), r.ToJson());
     }
 
     private static string Shorten(string text)

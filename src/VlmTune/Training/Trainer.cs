@@ -1,9 +1,12 @@
 using System.Diagnostics;
 using TorchSharp;
 using TorchSharp.Modules;
+using VlmTune.Autograd;
 using VlmTune.Checkpoints;
 using VlmTune.Distributed;
+using VlmTune.IO;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Text;
 using VlmTune.Vision;
 using static TorchSharp.torch;

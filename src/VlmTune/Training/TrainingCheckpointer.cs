@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using VlmTune.Checkpoints;
 using VlmTune.Data;
 using VlmTune.Distributed;
+using VlmTune.IO;
 using VlmTune.Models;
 using static VlmTune.Checkpoints.IterCheckpoint;
 

@@ -176,7 +176,7 @@ public sealed class HfLayoutTests : IDisposable
         Assert.Equal(variant == "qwen3" ? null : "lm_head", model.language_model.OutputHeadName);
         string architecture = variant switch { "qwen2" => LlmArchitectures.Qwen2, "qwen3" => LlmArchitectures.Qwen3, _ => LlmArchitectures.Llama };
         Assert.Equal(architecture, model.Config.Llm.Architecture);      // InternLM2 comes back as the Llama it was written as
-        Assert.Equal(HfLayout.InferredTemplate, model.Config.Template);
+        Assert.Equal(HfConfig.InferredTemplate, model.Config.Template);
     }
 
     [FixtureTheory]
@@ -190,7 +190,7 @@ public sealed class HfLayoutTests : IDisposable
         var baseConfig = Json(Path.Combine(BaseOf(variant), "config.json"));
 
         // configuration_internvl.py: InternVLConfig's fields, InternVLVisionConfig's fields.
-        Assert.Equal(HfLayout.Architecture, config["architectures"]![0]!.GetValue<string>());
+        Assert.Equal(HfConfig.Architecture, config["architectures"]![0]!.GetValue<string>());
         Assert.Equal("internvl", config["model_type"]!.GetValue<string>());
         foreach (var field in new[] { "text_config", "vision_config", "image_token_id", "image_seq_length", "downsample_ratio",
                                       "projector_hidden_act", "vision_feature_layer", "vision_feature_select_strategy", "tie_word_embeddings" })

@@ -3,6 +3,7 @@ using System.Text.Json.Nodes;
 using VlmTune.Checkpoints;
 using VlmTune.Inference;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Tests.Support;
 using VlmTune.Tests.Training;
 using VlmTune.Training;
@@ -358,7 +359,7 @@ public sealed class MergeTests : IDisposable
         using (var qlora = InternVLChat.Load(Fixtures.TinyModel, new ChatLoadOptions { AdapterDir = checkpoint, AdapterNf4Base = true }))
         using (var merged = InternVLChat.Load(Out("nf4")))
         {
-            Assert.All(PeftAdapter.Linears(qlora.Model.language_model.LayerStack), l => Assert.NotNull(l.Linear.BaseForward));
+            Assert.All(Linear.AllIn(qlora.Model.language_model.LayerStack), l => Assert.NotNull(l.Linear.BaseForward));
             Assert.Equal(merged.Chat(request).TokenIds, qlora.Chat(request).TokenIds);
         }
 

@@ -1,6 +1,7 @@
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using VlmTune.Checkpoints;
+using VlmTune.Models;
 using VlmTune.Tests.Support;
 using VlmTune.Tests.Training;
 using VlmTune.Training;
@@ -104,7 +105,7 @@ public sealed class MergeCommandTests : IDisposable
         Assert.Contains("note: the hf layout has no template field; VlmTune reads hf folders with internvl2_5, not this base's internlm2-chat", r.Stdout);
         Assert.Contains("merge: 67/67 tensors", r.Stdout);   // 55 official tensors, 6 fused q/k/v become 18
         using var config = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "config.json")));
-        Assert.Equal(HfLayout.Architecture, config.RootElement.GetProperty("architectures")[0].GetString());
+        Assert.Equal(HfConfig.Architecture, config.RootElement.GetProperty("architectures")[0].GetString());
         using var weights = CheckpointFolder.Open(outDir);
         Assert.Contains("model.language_model.layers.1.self_attn.v_proj.weight", weights.Names);
     }

@@ -96,7 +96,7 @@ public class CudaLibraryTests
         var table = source[(open + 11)..source.IndexOf("};", open, StringComparison.Ordinal)]
             .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
             .Select(v => float.Parse(v.TrimEnd('f'), System.Globalization.CultureInfo.InvariantCulture)).ToArray();
-        Assert.Equal(VlmTune.Training.Nf4.Values, table);
+        Assert.Equal(VlmTune.Quantization.Nf4.Values, table);
     }
 
     [NvrtcFact]

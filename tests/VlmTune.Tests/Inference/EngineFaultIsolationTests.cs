@@ -1,3 +1,4 @@
+using VlmTune.Checkpoints;
 using VlmTune.Inference;
 using VlmTune.Models;
 using VlmTune.Tests.Support;

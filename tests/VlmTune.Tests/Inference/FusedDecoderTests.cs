@@ -183,15 +183,15 @@ public class FusedDecoderLlamaLayoutTests
     [Fact]
     public void Qwen2AndQwen3AreSupportedAndPhi3SaysWhyNot()
     {
-        using var qwen2 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen2"), new ModelOptions { DType = ScalarType.BFloat16 });
+        using var qwen2 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen2"), new ModelOptions { DType = ScalarType.BFloat16 });
         var problem = Assert.Single(FusedDecoder.Problems(qwen2.language_model));   // q/k/v biases are handled
         Assert.Contains("not CUDA", problem);
-        using var qwen3 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        using var qwen3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen3"), new ModelOptions { DType = ScalarType.BFloat16 });
         Assert.Contains("not CUDA", Assert.Single(FusedDecoder.Problems(qwen3.language_model)));   // q/k norms and the tied head too
         var norm = ((LlamaForCausalLM)qwen3.language_model).model.layers[1].self_attn.k_norm!;
         norm.weight = new TorchSharp.Modules.Parameter(norm.weight.to_type(ScalarType.Float32), requires_grad: false);   // the kernels read bf16
         Assert.Contains(FusedDecoder.Problems(qwen3.language_model), p => p.Contains("not bfloat16: layers.1.k_norm (Float32)"));
-        using var phi3 = VlmTune.Models.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
         Assert.Contains("Phi3ForCausalLM", Assert.Single(FusedDecoder.Problems(phi3.language_model)));
         var llama = (LlamaForCausalLM)qwen2.language_model;
         llama.model.layers[0].mlp.up_proj.AddLora(2, 4, 0, ScalarType.BFloat16);

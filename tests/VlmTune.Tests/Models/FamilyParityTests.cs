@@ -1,4 +1,5 @@
 using TorchSharp;
+using VlmTune.Autograd;
 using VlmTune.Checkpoints;
 using VlmTune.Inference;
 using VlmTune.Models;

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using TorchSharp;
+using VlmTune.Checkpoints;
 using VlmTune.Models;
 using VlmTune.Tests.Support;
 using static TorchSharp.torch;

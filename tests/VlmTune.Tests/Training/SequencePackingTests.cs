@@ -1,3 +1,4 @@
+using VlmTune.Autograd;
 using VlmTune.Checkpoints;
 using VlmTune.Models;
 using VlmTune.Tests.Support;

@@ -102,7 +102,7 @@ public static class TrainingCurves
     public static CurvesImage Write(string path, IReadOnlyList<CurveRun> runs, int width = DefaultWidth, int height = DefaultHeight)
     {
         var image = Render(runs, width, height);
-        Checkpoints.AtomicFile.WriteAllBytes(path, image.Png);
+        IO.AtomicFile.WriteAllBytes(path, image.Png);
         return image;
     }
 

@@ -2,7 +2,7 @@ using TorchSharp;
 using VlmTune.Interop;
 using static TorchSharp.torch;
 
-namespace VlmTune.Training;
+namespace VlmTune.Autograd;
 
 /// <summary>
 /// Trims what TorchSharp 0.107's custom autograd functions keep per call beyond what PyTorch keeps:

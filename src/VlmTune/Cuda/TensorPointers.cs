@@ -1,10 +1,10 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
 
-namespace VlmTune.Distributed;
+namespace VlmTune.Cuda;
 
 /// <summary>
-/// The raw data pointer of a tensor (device memory for CUDA tensors), which NCCL needs. TorchSharp exposes no
+/// The raw data pointer of a tensor (device memory for CUDA tensors), which our kernels and NCCL need. TorchSharp exposes no
 /// data_ptr, but its native LibTorchSharp exports THSTensor_data(handle) → tensor.data_ptr().
 /// </summary>
 public static class TensorPointers

@@ -1,10 +1,13 @@
+using VlmTune.Autograd;
 using VlmTune.Checkpoints;
 using VlmTune.Models;
+using VlmTune.Quantization;
 using VlmTune.Tests.Support;
+using VlmTune.Tests.Training;
 using VlmTune.Training;
 using static TorchSharp.torch;
 
-namespace VlmTune.Tests.Training;
+namespace VlmTune.Tests.Quantization;
 
 public sealed class Nf4Tests
 {
@@ -188,7 +191,7 @@ public sealed class Nf4Tests
         var weights = Qlora.QuantizeVisionModel(model.vision_model);
         // Every encoder layer's qkv, proj, fc1 and fc2; their full-precision storage freed.
         Assert.Equal(4 * model.vision_model.encoder.layers.Count, weights.Count);
-        Assert.All(PeftAdapter.Linears(model.vision_model.encoder), l => Assert.Equal(0, l.Linear.weight.numel()));
+        Assert.All(Linear.AllIn(model.vision_model.encoder), l => Assert.Equal(0, l.Linear.weight.numel()));
         using (no_grad()) quantised = model.ExtractFeatures(pixels);
         double relative = ((quantised - reference).norm() / reference.norm()).item<float>();
         Assert.True(relative is > 0 and < 0.1, $"relative feature error {relative}");

@@ -1,8 +1,9 @@
 using TorchSharp;
+using VlmTune.Autograd;
 using VlmTune.Models;
 using static TorchSharp.torch;
 
-namespace VlmTune.Training;
+namespace VlmTune.Quantization;
 
 /// <summary>
 /// A weight stored as 4-bit NormalFloat with bitsandbytes' semantics (quantize_4bit, quant_type "nf4"): blocks of
@@ -115,7 +116,7 @@ public static class Nf4CudaDequantizer
         var output = empty(q.Shape, dtype, q.Packed.device);
         long n = q.Count, bytes = (n + 1) / 2;
         const int block = 256;
-        long P(Tensor? t) => t is null ? 0 : (long)VlmTune.Distributed.TensorPointers.DataPointer(t);
+        long P(Tensor? t) => t is null ? 0 : (long)VlmTune.Cuda.TensorPointers.DataPointer(t);
         var kernel = module.Function(dtype == ScalarType.BFloat16 ? "nf4_dequantize_bf16" : "nf4_dequantize_f32");
         module.Driver.Launch(kernel, ((uint)((bytes + block - 1) / block), 1, 1), block, 0,
         [

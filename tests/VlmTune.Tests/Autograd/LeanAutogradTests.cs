@@ -1,8 +1,8 @@
 using TorchSharp;
-using VlmTune.Training;
+using VlmTune.Autograd;
 using static TorchSharp.torch;
 
-namespace VlmTune.Tests.Training;
+namespace VlmTune.Tests.Autograd;
 
 /// <summary>TorchSharp keeps an empty_like of every custom-function output until backward; LeanAutograd drops it.</summary>
 public sealed class LeanAutogradTests
