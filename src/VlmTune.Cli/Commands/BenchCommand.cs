@@ -102,7 +102,7 @@ internal static class BenchCommand
             var recipe = new TrainConfig
             {
                 Model = parse.GetValue(Config)!, Mode = mode, LoraR = r, GradientCheckpointing = parse.GetValue(Checkpointing),
-                Device = device.ToString(), Dtype = dtype == ScalarType.BFloat16 ? "bf16" : "fp32", AccumulativeCounts = 1,
+                Device = device.ToString(), Dtype = TensorPlacement.ShortName(dtype), AccumulativeCounts = 1,
             };
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });

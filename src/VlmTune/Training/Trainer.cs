@@ -113,14 +113,14 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
         // Each rank sees only its own GPU, before anything initialises CUDA (CheckInputs asks whether CUDA is there).
         if (_env.IsDistributed && Config.Device.StartsWith("cuda", StringComparison.Ordinal)) DataParallel.BindLocalGpu(_env, _options.Switches.GpuIsolated);
         var resumeDir = CheckInputs();
-        _device = torch.device(Config.Device);
-        _dtype = Config.Dtype switch { "bf16" => ScalarType.BFloat16, "fp32" => ScalarType.Float32, _ => ModelOptions.DefaultDType(_device) };
+        _device = TensorPlacement.ParseDevice(Config.Device, "'device':");   // checked above; CUDA's presence too
+        _dtype = TensorPlacement.TryParseDType(Config.Dtype, out var dtype) ? dtype : ModelOptions.DefaultDType(_device);   // "auto"
         manual_seed(Config.Seed);
 
         Directory.CreateDirectory(WorkDir);
         _log = IsMaster ? new TrainLog(WorkDir, Config.Resolved().ToYaml(), tensorBoard: Config.ReportsToTensorBoard) { Echo = _options.Echo } : TrainLog.ForOtherRank(Rank, _options.Echo);
         if (IsMaster) CheckpointFiles.RemoveStaleTemporaries(WorkDir, _log.Info);
-        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {(_dtype == ScalarType.BFloat16 ? "bf16" : "fp32")}); run folder {_log.RunDir}");
+        _log.Info($"vlmtune train: {Config.Source} (mode {Config.Mode.ToString().ToLowerInvariant()}, device {Config.Device}, {TensorPlacement.ShortName(_dtype)}); run folder {_log.RunDir}");
         if (_env.IsDistributed)
         {
             _dp = DataParallel.Start(_env, _device, TimeSpan.FromSeconds(Config.DistTimeoutS));
