@@ -75,11 +75,8 @@ public class FusedDecoderNumericsTests(ITestOutputHelper output)
             foreach (var step in result.Steps) output.WriteLine(step.ToString());
             Assert.True(DecodeComparison.Failures(result.Steps) is null, $"{model}, batch {batch}, {rows}, {gemv}:\n{DecodeComparison.Failures(result.Steps)}");
             Assert.Empty(greedyMismatches);
-            Assert.Equal(result.Reference.Length, result.Candidate.Length);
-            // The kernels write layer 0's positions table; the engine re-rotates and restacks caches from it.
-            long length = result.Reference.Length;
-            Assert.True(result.Reference.PositionsTensor.narrow(1, 0, length).eq(result.Candidate.PositionsTensor.narrow(1, 0, length)).all().item<bool>(),
-                "the cache positions the fused decoder wrote differ from the reference's");
+            // The kernels write layer 0's positions table themselves.
+            Assert.True(result.CachesAgree(), "the fused decoder's cache length or positions differ from the reference's");
         }
         finally
         {

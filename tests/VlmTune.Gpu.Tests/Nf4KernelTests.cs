@@ -59,16 +59,20 @@ public class Nf4KernelTests
     [InlineData(64, 96)]
     [InlineData(1537, 4099)]
     [InlineData(2048, 5632)]
-    public void QuantisedLinearComputesWithTheDequantisedWeight(int inFeatures, int outFeatures)
+    public void QuantisedLinearComputesWithTheDequantisedWeight(int inFeatures, int outFeatures) =>
+        CheckQuantisedLinear(TestDevice.Cuda, inFeatures, outFeatures);
+
+    /// <summary>The body of the test above, on any device (the CPU exercises everything but the kernel).</summary>
+    internal static void CheckQuantisedLinear(Device device, int inFeatures, int outFeatures)
     {
         using var scope = NewDisposeScope();
-        var options = new ModelOptions { Device = TestDevice.Cuda, DType = ScalarType.BFloat16 };
+        var options = new ModelOptions { Device = device, DType = ScalarType.BFloat16 };
         using var linear = new Linear(inFeatures, outFeatures, false, options);
         using (no_grad()) linear.weight.copy_(Weight(outFeatures, inFeatures));
         using var q = Nf4.QuantizeLinear(linear);
         var w = q.DequantizeWithTensorOps(ScalarType.BFloat16);                                      // (out, in), the reference
         random.manual_seed(7);
-        var x = randn(new long[] { 2, 7, inFeatures }).to(ScalarType.BFloat16).to(TestDevice.Cuda).requires_grad_(true);
+        var x = randn(new long[] { 2, 7, inFeatures }).to(ScalarType.BFloat16).to(device).requires_grad_(true);
         var y = linear.forward(x);                                                                   // (2, 7, out)
         Tensor expected;
         using (no_grad()) expected = nn.functional.linear(x.detach(), w);
@@ -76,7 +80,7 @@ public class Nf4KernelTests
         // largest output in case another call picks another algorithm.
         AssertClose(expected, y, 1, "forward");
 
-        var gradOut = randn(y.shape).to(ScalarType.BFloat16).to(TestDevice.Cuda);
+        var gradOut = randn(y.shape).to(ScalarType.BFloat16).to(device);
         y.backward([gradOut]);
         Tensor expectedGrad;
         using (no_grad()) expectedGrad = matmul(gradOut, w);                                        // (2, 7, in)
@@ -85,18 +89,18 @@ public class Nf4KernelTests
     }
 
     /// <summary>N(0, 0.02²) weights with an all-zero first block (absmax 0: every value 0) and a few outliers.</summary>
-    private static Tensor Weight(int rows, int cols)
+    internal static Tensor Weight(int rows, int cols)
     {
         random.manual_seed(rows * 7919L + cols);
         var w = randn(rows, cols) * 0.02;
         var flat = w.view(-1);
         if (flat.shape[0] >= 128) flat[..64] = zeros(64);
-        if (flat.shape[0] >= 1000) flat[new long[] { 100, 500, 999 }] = tensor(new[] { 0.5f, -0.9f, 0.3f });
+        if (flat.shape[0] >= 1000) flat.index_copy_(0, tensor(new long[] { 100, 500, 999 }), tensor(new[] { 0.5f, -0.9f, 0.3f }));
         return w;
     }
 
     /// <summary>Bit for bit, −0 and NaN payloads included (bf16 → fp32 is exact).</summary>
-    private static void AssertSameBits(Tensor expected, Tensor actual, string what)
+    internal static void AssertSameBits(Tensor expected, Tensor actual, string what)
     {
         using var scope = NewDisposeScope();
         var e = MemoryMarshal.Cast<float, int>(expected.to_type(ScalarType.Float32).cpu().contiguous().data<float>().ToArray()).ToArray();

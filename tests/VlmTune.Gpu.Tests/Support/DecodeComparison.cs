@@ -42,7 +42,7 @@ public static class LogitTolerance
         double tol = For(maxAbs);
         var wc = w - w.mean([1L], keepdim: true);
         var gc = g - g.mean([1L], keepdim: true);
-        var cosine = (wc * gc).sum(1) / (wc.norm(1) * gc.norm(1)).clamp_min(1e-30);              // (B)
+        var cosine = (wc * gc).sum(1) / ((wc * wc).sum(1) * (gc * gc).sum(1)).sqrt().clamp_min(1e-30);   // (B)
         double minCos = cosine.min().item<float>();
         var top2 = w.topk(2, -1).values;                                                          // (B, 2)
         var clear = (top2[.., 0] - top2[.., 1]) > 2 * tol;                                        // (B)
@@ -78,6 +78,14 @@ public static class DecodeComparison
 
     public sealed record Result(IReadOnlyList<StepAgreement> Steps, KvCache Reference, KvCache Candidate) : IDisposable
     {
+        /// <summary>Both caches hold as many entries, at the same positions (the table the engine re-rotates and restacks from).</summary>
+        public bool CachesAgree()
+        {
+            long length = Reference.Length;
+            return Candidate.Length == length
+                && Reference.PositionsTensor.narrow(1, 0, length).eq(Candidate.PositionsTensor.narrow(1, 0, length)).all().item<bool>();
+        }
+
         public void Dispose() { Reference.Dispose(); Candidate.Dispose(); }
     }
 
