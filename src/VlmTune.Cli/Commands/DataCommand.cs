@@ -26,10 +26,10 @@ internal static class DataCommand
     /// <summary>The options <c>validate</c> and <c>browse</c> share, and how they become <see cref="ValidationOptions"/>.</summary>
     private sealed class DataOptions
     {
-        public readonly Option<DirectoryInfo?> ImageRoot = new("--image-root") { Description = "Folder image paths are relative to (default: the data file's folder; meta files use their own roots)." };
+        public readonly Option<DirectoryInfo?> ImageRoot = new("--image-root") { Description = "Folder image paths are relative to; meta files use their own roots. [default: the data file's folder]" };
         public readonly Option<DirectoryInfo?> Model = new("--model") { Description = "Model folder: its tokenizer and config.json measure token lengths." };
         public readonly Option<int?> MaxLength = new("--max-length") { Description = "Maximum tokens per sample (text + image tokens); longer samples are errors (they would be truncated)." };
-        public readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Tiles per image (max_dynamic_patch; default from the model's config.json, else 12)." };
+        public readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Tiles per image (max_dynamic_patch). [default: the model's config.json, else 12]" };
 
         public IEnumerable<Option> All => [ImageRoot, Model, MaxLength, MaxTiles];
 

@@ -10,19 +10,22 @@ namespace VlmTune.Cli.Commands;
 /// <summary><c>vlmtune serve</c>: the OpenAI-compatible server, the chat page, continuous batching.</summary>
 internal static class ServeCommand
 {
+    // The defaults help shows are ServerOptions' own (VLMTUNE_Serve__* variables may change them).
+    private static readonly ServerOptions Defaults = new();
+
     private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder.", Required = true };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "LoRA adapter folder (PEFT format) to apply." };
-    private static readonly Option<string?> Host = new("--host") { Description = "Address to listen on (default 127.0.0.1; 0.0.0.0 for all)." };
-    private static readonly Option<int?> Port = new("--port") { Description = "Port (default 23333)." };
+    private static readonly Option<string?> Host = new("--host") { Description = $"Address to listen on; 0.0.0.0 for all. [default: {Defaults.Host}]" };
+    private static readonly Option<int?> Port = new("--port") { Description = $"Port to listen on; 0 for any free port. [default: {Defaults.Port}]" };
     private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
-    private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = "Requests decoded together (default 32)." };
-    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded (default: the model's max_dynamic_patch)." };
+    private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = $"Requests decoded together. [default: {Defaults.MaxBatch}]" };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
     private static readonly Option<string[]> AllowImageNetwork = new("--allow-image-network") { Description = "CIDR network remote images may come from although private/loopback (repeatable)." };
-    private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use (default: the model folder's name)." };
-    private static readonly Option<string?> Device = new("--device") { Description = "cpu or cuda (default cpu)." };
-    private static readonly Option<string?> DType = new("--dtype") { Description = "float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)." };
+    private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use. [default: the model folder's name]" };
+    private static readonly Option<string?> Device = new("--device") { Description = $"cpu or cuda. [default: {Defaults.Device}]" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = DTypeNames.Help + ". [default: float32 on CPU, bfloat16 on CUDA]" };
     private static readonly Option<string[]> AllowedHosts = new("--allowed-hosts") { Description = "Host header names accepted besides loopback ones (example.com, *.example.com, * for any; repeatable)." };
 
     public static Command Create()

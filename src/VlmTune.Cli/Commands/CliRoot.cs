@@ -1,0 +1,28 @@
+using System.CommandLine;
+using System.CommandLine.Help;
+
+namespace VlmTune.Cli.Commands;
+
+/// <summary>The <c>vlmtune</c> command tree, built in one place for Program and for the tests that walk it.</summary>
+internal static class CliRoot
+{
+    public const string Name = "vlmtune";
+
+    /// <summary>
+    /// A plain <see cref="Command"/> named <c>vlmtune</c>, not a <see cref="RootCommand"/>: that one takes its name from
+    /// the entry assembly (VlmTune.Cli), which help would then print as the command to type.
+    /// </summary>
+    public static Command Create() => new(Name, "VlmTune: fine-tune and serve InternVL multimodal models from .NET.")
+    {
+        new HelpOption(),
+        new VersionOption(),
+        ChatCommand.Create(),
+        ServeCommand.Create(),
+        BenchCommand.Create(),
+        DownloadCommand.Create(),
+        DataCommand.Create(),
+        MergeCommand.Create(),
+        TrainCommand.Create(),
+        DistSelftestCommand.Create(),
+    };
+}
