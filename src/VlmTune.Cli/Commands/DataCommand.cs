@@ -141,17 +141,14 @@ internal static class DataCommand
         command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
         {
             var options = shared.Bind(parse);
+            ListenErrors.ThrowIfUnavailable(parse.GetValue(host)!, parse.GetValue(port));
             using var browser = DatasetBrowser.Open(parse.GetValue(data)!.FullName, parse.GetValue(shared.ImageRoot)?.FullName, options);
             await using var app = Serving.DatasetBrowserServer.Build(browser, parse.GetValue(host)!, parse.GetValue(port));
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             void OnSignal(System.Runtime.InteropServices.PosixSignalContext signal) { signal.Cancel = true; stop.Cancel(); }
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
             using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
-            try { await app.StartAsync(); }
-            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException || e.InnerException is System.Net.Sockets.SocketException)
-            {
-                throw new VlmTuneException($"cannot listen on {parse.GetValue(host)}:{parse.GetValue(port)}: {e.Message}; pass another --port or --host.");
-            }
+            await ListenErrors.StartAsync(app, parse.GetValue(host)!, parse.GetValue(port));
             Console.WriteLine($"Browsing {browser.Path} on {Serving.VlmTuneServer.Address(app)} (counting the summary in the background). Ctrl-C to stop.");
             try { await Task.Delay(Timeout.Infinite, stop.Token); }
             catch (OperationCanceledException) { }

@@ -71,6 +71,7 @@ internal static class ServeCommand
     private static async Task<int> RunAsync(ParseResult parse, CancellationToken ct)
     {
         var options = Bind(parse);
+        ListenErrors.ThrowIfUnavailable(options.Host, options.Port);
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
         {
             Device = options.Device, DType = ChatCommand.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
@@ -89,7 +90,7 @@ internal static class ServeCommand
         }
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
         using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
-        await StartAsync(app, options);
+        await ListenErrors.StartAsync(app, options.Host, options.Port);
         Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
         try { await Task.Delay(Timeout.Infinite, stop.Token); }
         catch (OperationCanceledException) { }
@@ -97,29 +98,5 @@ internal static class ServeCommand
         await app.StopAsync(CancellationToken.None);
         Console.WriteLine("Stopped.");
         return 0;
-    }
-
-    /// <summary>Binds the address; a port in use or an address not of this machine is one line, not a stack trace.</summary>
-    private static async Task StartAsync(WebApplication app, ServerOptions options)
-    {
-        try { await app.StartAsync(); }
-        catch (Exception e) when (Find<Microsoft.AspNetCore.Connections.AddressInUseException>(e) is not null)
-        {
-            throw new VlmTuneException($"port {options.Port} is in use on {options.Host}; stop what listens there or pass another --port (e.g. --port {options.Port + 1}).");
-        }
-        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AddressNotAvailable })
-        {
-            throw new VlmTuneException($"--host {options.Host} is not an address of this machine; pass one of its addresses, 127.0.0.1 or 0.0.0.0 (all).");
-        }
-        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AccessDenied })
-        {
-            throw new VlmTuneException($"port {options.Port} on {options.Host} needs privileges this process lacks; pass a --port above 1023.");
-        }
-    }
-
-    private static T? Find<T>(Exception? e) where T : Exception
-    {
-        for (; e is not null; e = e.InnerException) if (e is T found) return found;
-        return null;
     }
 }
