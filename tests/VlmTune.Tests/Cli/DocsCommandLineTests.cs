@@ -9,6 +9,7 @@ namespace VlmTune.Tests.Cli;
 /// Every <c>vlmtune ...</c> command line of README.md, docs/*.md (code blocks and inline code) and the configs' comment
 /// headers is parsed against the real command tree, without running it: an unknown command or option fails the test.
 /// </summary>
+[Collection(HelpTextTests.TreeCollection)]   // one shared tree, parsed by one test at a time
 public class DocsCommandLineTests
 {
     /// <summary>A command line as written in the docs, with the file and line it came from.</summary>
@@ -84,7 +85,7 @@ public class DocsCommandLineTests
     [Fact]
     public void EveryCommandLineInTheDocsParsesAgainstTheRealCommands()
     {
-        var root = CliRoot.Create();
+        var root = HelpTextTests.Tree;
         var commands = AllDocCommands().ToList();
         Assert.True(commands.Count > 40, $"only {commands.Count} vlmtune command lines found in the docs: is the extraction broken?");
         var problems = new List<string>();
@@ -100,8 +101,8 @@ public class DocsCommandLineTests
     [Fact]
     public void EveryCommandIsShownInTheDocs()
     {
-        var shown = AllDocCommands().Select(c => string.Join(' ', CommandPath(CliRoot.Create().Parse(Tokens(c.Text)).CommandResult.Command))).ToHashSet();
-        var missing = HelpTextTests.Commands(CliRoot.Create(), CliRoot.Name)
+        var shown = AllDocCommands().Select(c => string.Join(' ', CommandPath(HelpTextTests.Tree.Parse(Tokens(c.Text)).CommandResult.Command))).ToHashSet();
+        var missing = HelpTextTests.Commands(HelpTextTests.Tree, CliRoot.Name)
             .Where(c => c.Command.Subcommands.Count == 0)
             .Select(c => c.Path[(CliRoot.Name.Length + 1)..])
             .Where(path => !shown.Contains(path))
@@ -117,7 +118,7 @@ public class DocsCommandLineTests
         Assert.Equal(["train", "c.yaml", "--set", "a b"], Tokens("train c.yaml --set \"a b\" 2>&1 | tee log"));
         var found = Extract("docs/x.md", ["```bash", "NPROC=2 out/vlmtune train c.yaml \\", "  --zero 1", "(the vlmtune tool: one file)", "```", "run `vlmtune data oogiri` or vlmtune - INFO"]).ToList();
         Assert.Equal([new DocCommand("docs/x.md:2", "train c.yaml    --zero 1"), new DocCommand("docs/x.md:6", "data oogiri")], found);
-        Assert.Equal(["oogiri"], CliRoot.Create().Parse(Tokens("data oogiri")).UnmatchedTokens);
+        Assert.Equal(["oogiri"], HelpTextTests.Tree.Parse(Tokens("data oogiri")).UnmatchedTokens);
     }
 
     private static IEnumerable<string> CommandPath(Command command)

@@ -9,8 +9,17 @@ namespace VlmTune.Tests.Cli;
 /// The help of every command of the real tree, walked in-process: every option and argument described, defaults in one
 /// style, the tool's own name in the usage lines, and --dtype listing exactly the names it accepts.
 /// </summary>
+[Collection(HelpTextTests.TreeCollection)]   // one shared tree, parsed by one test at a time
 public class HelpTextTests
 {
+    /// <summary>
+    /// One tree for all tests: the commands share static option instances, and building trees on parallel test threads
+    /// would add each to several parents at once.
+    /// </summary>
+    internal static readonly Command Tree = CliRoot.Create();
+
+    internal const string TreeCollection = "vlmtune command tree";
+
     /// <summary>Every command of the tree with its path from the root ("vlmtune", "vlmtune data browse", ...).</summary>
     internal static IEnumerable<(string Path, Command Command)> Commands(Command command, string path)
     {
@@ -42,7 +51,7 @@ public class HelpTextTests
     public void EveryOptionAndArgumentIsDescribedWithItsDefaultInOneStyle()
     {
         var problems = new List<string>();
-        foreach (var (path, command) in Commands(CliRoot.Create(), CliRoot.Name))
+        foreach (var (path, command) in Commands(Tree, CliRoot.Name))
         {
             if (string.IsNullOrWhiteSpace(command.Description)) problems.Add($"{path}: command has no description");
             foreach (var option in command.Options.Where(o => o is not HelpOption and not VersionOption))
@@ -66,7 +75,7 @@ public class HelpTextTests
     [Fact]
     public void EveryCommandPrintsItsHelpUnderTheToolsName()
     {
-        var root = CliRoot.Create();
+        var root = Tree;
         var empty = new List<string>();
         foreach (var (path, _) in Commands(root, CliRoot.Name))
         {
@@ -83,7 +92,7 @@ public class HelpTextTests
     [Fact]
     public void EveryDTypeOptionListsExactlyTheNamesItAccepts()
     {
-        var dtypeOptions = Commands(CliRoot.Create(), CliRoot.Name)
+        var dtypeOptions = Commands(Tree, CliRoot.Name)
             .SelectMany(c => c.Command.Options.Where(o => o.Name == "--dtype").Select(o => (c.Path, o.Description!)))
             .ToList();
         Assert.Equal(5, dtypeOptions.Count);   // chat, serve, merge, bench decode, bench train
