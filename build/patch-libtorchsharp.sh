@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Makes every libLibTorchSharp.so under DIR loadable on systems whose libstdc++ predates GLIBCXX_3.4.32 (Debian 12).
-# Usage: patch-libtorchsharp.sh DIR      Idempotent; a no-op where the system libstdc++ is new enough.
+# Usage: patch-libtorchsharp.sh [--always] DIR   Idempotent; a no-op where the system libstdc++ is new enough, unless
+# --always (a package that must load on Debian 12 wherever it was built).
 set -euo pipefail
-dir=${1:?usage: patch-libtorchsharp.sh DIR}
+always=false
+if [ "${1:-}" = --always ]; then always=true; shift; fi
+dir=${1:?usage: patch-libtorchsharp.sh [--always] DIR}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 symbol=_ZSt21ios_base_library_initv   # std::ios_base_library_init(), the one symbol that needs GLIBCXX_3.4.32
 
 libstdcxx=$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 /{print $NF; exit}')
-if [ -z "$libstdcxx" ] || grep -aq GLIBCXX_3.4.32 "$libstdcxx"; then exit 0; fi
+if [ "$always" = false ] && { [ -z "$libstdcxx" ] || grep -aq GLIBCXX_3.4.32 "$libstdcxx"; }; then exit 0; fi
 
 mapfile -t libs < <(find "$dir" -name libLibTorchSharp.so -type f 2>/dev/null)
 [ ${#libs[@]} -gt 0 ] || exit 0

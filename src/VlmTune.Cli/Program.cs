@@ -11,17 +11,4 @@ catch (VlmTuneException e)
     Console.Error.WriteLine($"error: {e.Message}");
     return 1;
 }
-var root = new RootCommand("VlmTune: fine-tune and serve InternVL2 multimodal models from .NET.")
-{
-    ChatCommand.Create(switches),
-    ServeCommand.Create(switches),
-    BenchCommand.Create(switches),
-    DownloadCommand.Create(),
-    DataCommand.Create(switches),
-    MergeCommand.Create(switches),
-    TrainCommand.Create(switches),
-    PlotCommand.Create(),
-    DashboardCommand.Create(),
-    DistSelftestCommand.Create(),
-};
-return await root.Parse(args).InvokeAsync();
+return await CliRoot.Create(switches).Parse(args).InvokeAsync();

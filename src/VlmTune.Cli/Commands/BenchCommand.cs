@@ -22,13 +22,13 @@ internal static class BenchCommand
 {
     private static readonly Option<string> Config = new("--config") { Description = "config.json giving the model shapes.", Required = true };
     private static readonly Option<string> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames}.", DefaultValueFactory = _ => "cuda" };
-    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: bfloat16 on CUDA, float32 on CPU." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}. [default: float32 on CPU, bfloat16 on CUDA]" };
     private static readonly Option<int[]> Batch = new("--batch") { Description = "Batch sizes to measure.", DefaultValueFactory = _ => [1], AllowMultipleArgumentsPerToken = true };
-    private static readonly Option<int> PromptTokens = new("--prompt-tokens") { DefaultValueFactory = _ => 3400 };
+    private static readonly Option<int> PromptTokens = new("--prompt-tokens") { Description = "Prompt length in tokens, image tokens included.", DefaultValueFactory = _ => 3400 };
     private static readonly Option<int> Tiles = new("--tiles") { Description = "Image tiles in the prompt (256 tokens each).", DefaultValueFactory = _ => 13 };
-    private static readonly Option<int> NewTokens = new("--new-tokens") { DefaultValueFactory = _ => 128 };
-    private static readonly Option<int> Warmup = new("--warmup") { DefaultValueFactory = _ => 8 };
-    private static readonly Option<bool?> Fused = new("--fused") { Description = "Decode with the fused CUDA kernels (default: where supported)." };
+    private static readonly Option<int> NewTokens = new("--new-tokens") { Description = "Tokens decoded and timed per batch size.", DefaultValueFactory = _ => 128 };
+    private static readonly Option<int> Warmup = new("--warmup") { Description = "Untimed decoding steps before the timed ones.", DefaultValueFactory = _ => 8 };
+    private static readonly Option<bool?> Fused = new("--fused") { Description = "true: decode with the fused CUDA kernels, failing where they are unavailable; false: the TorchSharp path. [default: the fused kernels where supported]" };
     private static readonly Option<int> Check = new("--check") { Description = "Also run this many steps of both decoders from one prefilled cache and print how far their logits differ.", DefaultValueFactory = _ => 0 };
 
     public static Command Create(RuntimeSwitches switches)
@@ -52,8 +52,8 @@ internal static class BenchCommand
     }
 
     private static readonly Option<string> TokenizerFrom = new("--tokenizer-from") { Description = "Folder whose tokenizer and generation files are copied.", Required = true };
-    private static readonly Option<string> Out = new("--out") { Required = true };
-    private static readonly Option<long> Seed = new("--seed") { DefaultValueFactory = _ => 0 };
+    private static readonly Option<string> Out = new("--out") { Description = "Folder for the model (must not exist, or be empty).", Required = true };
+    private static readonly Option<long> Seed = new("--seed") { Description = "Seed of the random weights.", DefaultValueFactory = _ => 0 };
 
     private static int MakeModel(ParseResult parse)
     {
@@ -73,13 +73,13 @@ internal static class BenchCommand
     }
 
     private static readonly Option<string[]> Mode = new("--mode") { Description = "lora, qlora and/or full.", DefaultValueFactory = _ => ["lora"], AllowMultipleArgumentsPerToken = true };
-    private static readonly Option<int> TrainBatch = new("--batch-size") { DefaultValueFactory = _ => 8 };
-    private static readonly Option<int> Tiles7 = new("--tiles-per-sample") { DefaultValueFactory = _ => 7 };
+    private static readonly Option<int> TrainBatch = new("--batch-size") { Description = "Samples per training step.", DefaultValueFactory = _ => 8 };
+    private static readonly Option<int> Tiles7 = new("--tiles-per-sample") { Description = "Image tiles per sample (256 tokens each).", DefaultValueFactory = _ => 7 };
     private static readonly Option<int> SeqLen = new("--seq-len") { Description = "Tokens per sample (image tokens included).", DefaultValueFactory = _ => 1900 };
-    private static readonly Option<int> LoraR = new("--lora-r") { DefaultValueFactory = _ => 128 };
-    private static readonly Option<int> Steps = new("--steps") { DefaultValueFactory = _ => 10 };
-    private static readonly Option<int> TrainWarmup = new("--warmup-steps") { DefaultValueFactory = _ => 3 };
-    private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { DefaultValueFactory = _ => true };
+    private static readonly Option<int> LoraR = new("--lora-r") { Description = "LoRA rank (alpha is twice it); ignored by --mode full.", DefaultValueFactory = _ => 128 };
+    private static readonly Option<int> Steps = new("--steps") { Description = "Timed training steps per mode.", DefaultValueFactory = _ => 10 };
+    private static readonly Option<int> TrainWarmup = new("--warmup-steps") { Description = "Untimed steps before the timed ones.", DefaultValueFactory = _ => 3 };
+    private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { Description = "Recompute the LLM layers' activations in the backward pass to save memory (--gradient-checkpointing false to keep them).", DefaultValueFactory = _ => true };
 
     /// <summary>
     /// The trainer's own step (<see cref="ModelPreparation"/>, <see cref="MicroBatchStep"/>, <see cref="TrainingOptimizer"/>:

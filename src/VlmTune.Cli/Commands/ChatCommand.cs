@@ -13,18 +13,18 @@ internal static class ChatCommand
     private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder (config.json, *.safetensors, tokenizer.model).", Required = true };
     private static readonly Option<string[]> Images = new("--image") { Description = "Image file; repeat for several (placed at <image> placeholders in order).", AllowMultipleArgumentsPerToken = false };
     private static readonly Option<string?> Prompt = new("--prompt") { Description = "The question. Without it, chat interactively." };
-    private static readonly Option<string?> System = new("--system") { Description = "System message (default: the template's)." };
+    private static readonly Option<string?> System = new("--system") { Description = "System message. [default: the chat template's]" };
     private static readonly Option<int> MaxNewTokens = new("--max-new-tokens") { Description = "Most tokens to generate.", DefaultValueFactory = _ => 512 };
-    private static readonly Option<double> Temperature = new("--temperature") { Description = "0 = greedy.", DefaultValueFactory = _ => 0.0 };
-    private static readonly Option<double> TopP = new("--top-p") { DefaultValueFactory = _ => 1.0 };
-    private static readonly Option<int> TopK = new("--top-k") { Description = "0 = off.", DefaultValueFactory = _ => 0 };
-    private static readonly Option<double> RepetitionPenalty = new("--repetition-penalty") { DefaultValueFactory = _ => 1.0 };
+    private static readonly Option<double> Temperature = new("--temperature") { Description = "Sampling temperature; 0 = greedy.", DefaultValueFactory = _ => 0.0 };
+    private static readonly Option<double> TopP = new("--top-p") { Description = "Nucleus sampling: sample among the most likely tokens whose probabilities add up to this; 1 = off.", DefaultValueFactory = _ => 1.0 };
+    private static readonly Option<int> TopK = new("--top-k") { Description = "Sample among the K most likely tokens; 0 = off.", DefaultValueFactory = _ => 0 };
+    private static readonly Option<double> RepetitionPenalty = new("--repetition-penalty") { Description = "transformers' repetition_penalty on tokens of the prompt and answer so far; 1 = off.", DefaultValueFactory = _ => 1.0 };
     private static readonly Option<long?> Seed = new("--seed") { Description = "Seed for sampling." };
-    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image (default: the model's max_dynamic_patch)." };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames}.", DefaultValueFactory = _ => "cpu" };
-    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: float32 on CPU, bfloat16 on CUDA." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}. [default: float32 on CPU, bfloat16 on CUDA]" };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "Fine-tuned adapter to run unmerged: a training checkpoint (iter_<n>/ or its work dir) or a PEFT LoRA folder." };
-    private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained (default: the original weights)." };
+    private static readonly Option<bool> Nf4Base = new("--nf4-base") { Description = "With --adapter: run a QLoRA adapter on the NF4-quantised LLM, as it was trained, instead of the original weights." };
     private static readonly Option<bool> Json = new("--json") { Description = "Print one JSON object: text, token_ids, prompt_tokens, prompt_ids, tiles." };
 
     public static Command Create(RuntimeSwitches switches)

@@ -19,16 +19,13 @@ internal static class DashboardCommand
         command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
         {
             string dir = Path.GetFullPath(parse.GetValue(Dir)!);
+            ListenErrors.ThrowIfUnavailable(parse.GetValue(Host)!, parse.GetValue(Port));
             await using var app = Serving.DashboardServer.Build(dir, parse.GetValue(Host)!, parse.GetValue(Port));
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             void OnSignal(PosixSignalContext signal) { signal.Cancel = true; stop.Cancel(); }
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
             using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
-            try { await app.StartAsync(); }
-            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException || e.InnerException is System.Net.Sockets.SocketException)
-            {
-                throw new VlmTuneException($"cannot listen on {parse.GetValue(Host)}:{parse.GetValue(Port)}: {e.Message}; pass another --port or --host.");
-            }
+            await ListenErrors.StartAsync(app, parse.GetValue(Host)!, parse.GetValue(Port));
             int runs = Training.Reports.RunFolders.Find(dir).Count;
             Console.WriteLine($"Dashboard of {dir} ({runs} run{(runs == 1 ? "" : "s")} now) on {Serving.VlmTuneServer.Address(app)}. Ctrl-C to stop.");
             try { await Task.Delay(Timeout.Infinite, stop.Token); }

@@ -26,10 +26,10 @@ internal static class DataCommand
     /// <summary>The options <c>validate</c> and <c>browse</c> share, and how they become <see cref="ValidationOptions"/>.</summary>
     private sealed class DataOptions
     {
-        public readonly Option<DirectoryInfo?> ImageRoot = new("--image-root") { Description = "Folder image paths are relative to (default: the data file's folder; meta files use their own roots)." };
+        public readonly Option<DirectoryInfo?> ImageRoot = new("--image-root") { Description = "Folder image paths are relative to; meta files use their own roots. [default: the data file's folder]" };
         public readonly Option<DirectoryInfo?> Model = new("--model") { Description = "Model folder: its tokenizer and config.json measure token lengths." };
         public readonly Option<int?> MaxLength = new("--max-length") { Description = "Maximum tokens per sample (text + image tokens); longer samples are errors (they would be truncated)." };
-        public readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Tiles per image (max_dynamic_patch; default from the model's config.json, else 12)." };
+        public readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Tiles per image (max_dynamic_patch). [default: the model's config.json, else 12]" };
 
         public IEnumerable<Option> All => [ImageRoot, Model, MaxLength, MaxTiles];
 
@@ -142,17 +142,14 @@ internal static class DataCommand
         command.SetAction((parse, ct) => CliErrors.RunAsync(async () =>
         {
             var options = shared.Bind(parse);
+            ListenErrors.ThrowIfUnavailable(parse.GetValue(host)!, parse.GetValue(port));
             using var browser = DatasetBrowser.Open(parse.GetValue(data)!.FullName, parse.GetValue(shared.ImageRoot)?.FullName, options);
             await using var app = Serving.DatasetBrowserServer.Build(browser, parse.GetValue(host)!, parse.GetValue(port));
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             void OnSignal(System.Runtime.InteropServices.PosixSignalContext signal) { signal.Cancel = true; stop.Cancel(); }
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
             using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
-            try { await app.StartAsync(); }
-            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException || e.InnerException is System.Net.Sockets.SocketException)
-            {
-                throw new VlmTuneException($"cannot listen on {parse.GetValue(host)}:{parse.GetValue(port)}: {e.Message}; pass another --port or --host.");
-            }
+            await ListenErrors.StartAsync(app, parse.GetValue(host)!, parse.GetValue(port));
             Console.WriteLine($"Browsing {browser.Path} on {Serving.VlmTuneServer.Address(app)} (counting the summary in the background). Ctrl-C to stop.");
             try { await Task.Delay(Timeout.Infinite, stop.Token); }
             catch (OperationCanceledException) { }

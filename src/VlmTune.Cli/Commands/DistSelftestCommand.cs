@@ -5,7 +5,7 @@ using VlmTune.Distributed;
 namespace VlmTune.Cli.Commands;
 
 /// <summary>
-/// Hidden <c>vlmtune dist-selftest</c>: one rank of a CPU-only distributed check, started N times with the launcher
+/// <c>vlmtune dist-selftest</c>: one rank of a CPU-only distributed check, started N times with the launcher
 /// variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT or Slurm's). It joins the TCP rendezvous, receives rank 0's
 /// 128-byte id, sums a value over ranks, passes a barrier, and prints its sampler shard and ZeRO-1 parameters so a test can check them together.
 /// </summary>
@@ -20,11 +20,10 @@ internal static class DistSelftestCommand
 
     public static Command Create()
     {
-        var command = new Command("dist-selftest", "Check the distributed rendezvous, sampler and ZeRO-1 plan across processes (CPU).")
+        var command = new Command("dist-selftest", "Diagnose a distributed setup: run it once per rank with the launcher variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT or Slurm's) to check the rendezvous, sampler and ZeRO-1 plan, and with --nccl the GPUs' all-reduce.")
         {
             TimeoutSeconds, Samples, Batch, HangAfterReady, Nccl, NcclBytes,
         };
-        command.Hidden = true;
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Run(parse))));
         return command;
     }

@@ -12,12 +12,12 @@ internal static class DownloadCommand
     {
         var repoId = new Argument<string>("repo-id") { Description = "Repository id, owner/name (e.g. OpenGVLab/InternVL2-2B)." };
         var localDir = new Option<string>("--local-dir") { Description = "Folder to download into (created if missing).", Required = true };
-        var revision = new Option<string?>("--revision") { Description = "Branch, tag or commit (default: main on hf, master on modelscope)." };
-        var token = new Option<string?>("--token") { Description = "Access token for private or gated repos (default: HF_TOKEN, or MODELSCOPE_API_TOKEN)." };
-        var endpoint = new Option<string?>("--endpoint") { Description = "Hub URL, e.g. a mirror (default: HF_ENDPOINT or MODELSCOPE_DOMAIN, else the public hub)." };
+        var revision = new Option<string?>("--revision") { Description = "Branch, tag or commit. [default: main on hf, master on modelscope]" };
+        var token = new Option<string?>("--token") { Description = "Access token for private or gated repos. [default: HF_TOKEN, or MODELSCOPE_API_TOKEN]" };
+        var endpoint = new Option<string?>("--endpoint") { Description = "Hub URL, e.g. a mirror. [default: HF_ENDPOINT or MODELSCOPE_DOMAIN, else the public hub]" };
         var source = new Option<string>("--source") { Description = "Which hub: hf or modelscope.", DefaultValueFactory = _ => "hf" };
         source.AcceptOnlyFromAmong("hf", "huggingface", "modelscope", "ms");
-        var include = new Option<string[]>("--include") { Description = "Glob patterns of files to download (default: all), e.g. --include \"*.json\" \"*.safetensors\".", AllowMultipleArgumentsPerToken = true };
+        var include = new Option<string[]>("--include") { Description = "Glob patterns of files to download, e.g. --include \"*.json\" \"*.safetensors\". [default: all files]", AllowMultipleArgumentsPerToken = true };
         var exclude = new Option<string[]>("--exclude") { Description = "Glob patterns of files to leave out.", AllowMultipleArgumentsPerToken = true };
         var maxWorkers = new Option<int>("--max-workers") { Description = "Files downloaded at the same time.", DefaultValueFactory = _ => 8 };
         var offline = new Option<bool>("--offline") { Description = "Use only files already in --local-dir (also HF_HUB_OFFLINE=1)." };

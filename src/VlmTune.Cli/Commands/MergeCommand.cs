@@ -11,7 +11,7 @@ internal static class MergeCommand
     private static readonly Option<string> Base = new("--base") { Description = "Base InternVL2 model folder the adapter was trained on.", Required = true };
     private static readonly Option<string> Adapter = new("--adapter") { Description = "Training checkpoint (iter_<n>/ or its work dir) or PEFT LoRA adapter folder (LLM and/or vision).", Required = true };
     private static readonly Option<string> Out = new("--out") { Description = "Folder for the merged model (must not exist, or be empty, unless --force).", Required = true };
-    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: the base's stored dtype of each tensor." };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}. [default: the base's stored dtype of each tensor]" };
     private static readonly Option<bool> Force = new("--force") { Description = "Replace a non-empty --out folder." };
     private static readonly Option<bool> NoVerify = new("--no-verify") { Description = "Skip reloading the output and comparing its logits with base + adapter." };
     private static readonly Option<bool> MergeIntoNf4 = new("--merge-into-nf4") { Description = "QLoRA: merge into the NF4-dequantised LLM weights the adapter was trained on, instead of the original ones." };

@@ -7,7 +7,7 @@ namespace VlmTune.Cli.Commands;
 internal static class PlotCommand
 {
     private static readonly Argument<string> Dir = new("dir") { Description = "A run folder (work_dirs/<name>/<timestamp>), a work dir, or a folder of work dirs: every run found is drawn." };
-    private static readonly Option<string?> Output = new("--output", "-o") { Description = "PNG to write (default: curves.png in the run folder, or in DIR for several runs)." };
+    private static readonly Option<string?> Output = new("--output", "-o") { Description = "PNG to write. [default: curves.png in the run folder, or in DIR for several runs]" };
     private static readonly Option<int> Width = new("--width") { Description = "Image width in pixels.", DefaultValueFactory = _ => TrainingCurves.DefaultWidth };
     private static readonly Option<int> Height = new("--height") { Description = "Image height in pixels.", DefaultValueFactory = _ => TrainingCurves.DefaultHeight };
 

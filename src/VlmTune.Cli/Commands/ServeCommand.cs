@@ -11,19 +11,22 @@ namespace VlmTune.Cli.Commands;
 /// <summary><c>vlmtune serve</c>: the OpenAI-compatible server, the chat page, continuous batching.</summary>
 internal static class ServeCommand
 {
+    // The defaults help shows are ServerOptions' own (VLMTUNE_Serve__* variables may change them).
+    private static readonly ServerOptions Defaults = new();
+
     private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder.", Required = true };
     private static readonly Option<string?> Adapter = new("--adapter") { Description = "LoRA adapter folder (PEFT format) to apply." };
-    private static readonly Option<string?> Host = new("--host") { Description = "Address to listen on (default 127.0.0.1; 0.0.0.0 for all)." };
-    private static readonly Option<int?> Port = new("--port") { Description = "Port (default 23333)." };
+    private static readonly Option<string?> Host = new("--host") { Description = $"Address to listen on; 0.0.0.0 for all. [default: {Defaults.Host}]" };
+    private static readonly Option<int?> Port = new("--port") { Description = $"Port to listen on; 0 for any free port. [default: {Defaults.Port}]" };
     private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
-    private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = "Requests decoded together (default 32)." };
-    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded (default: the model's max_dynamic_patch)." };
+    private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = $"Requests decoded together. [default: {Defaults.MaxBatch}]" };
+    private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
     private static readonly Option<string[]> AllowImageNetwork = new("--allow-image-network") { Description = "CIDR network remote images may come from although private/loopback (repeatable)." };
-    private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use (default: the model folder's name)." };
-    private static readonly Option<string?> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames} (default cpu)." };
-    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}; default: float32 on CPU, bfloat16 on CUDA." };
+    private static readonly Option<string?> ModelId = new("--model-id") { Description = "Model name clients use. [default: the model folder's name]" };
+    private static readonly Option<string?> Device = new("--device") { Description = $"{TensorPlacement.DeviceNames}. [default: {Defaults.Device}]" };
+    private static readonly Option<string?> DType = new("--dtype") { Description = $"{TensorPlacement.DTypeNames}. [default: float32 on CPU, bfloat16 on CUDA]" };
     private static readonly Option<string[]> AllowedHosts = new("--allowed-hosts") { Description = "Host header names accepted besides loopback ones (example.com, *.example.com, * for any; repeatable)." };
 
     public static Command Create(RuntimeSwitches switches)
@@ -69,6 +72,7 @@ internal static class ServeCommand
     private static async Task<int> RunAsync(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
         var options = Bind(parse);
+        ListenErrors.ThrowIfUnavailable(options.Host, options.Port);
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions
         {
             Device = options.Device, DType = TensorPlacement.ParseDType(parse.GetValue(DType)), MaxTiles = options.MaxTiles,
@@ -87,7 +91,7 @@ internal static class ServeCommand
         }
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
         using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
-        await StartAsync(app, options);
+        await ListenErrors.StartAsync(app, options.Host, options.Port);
         Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
         try { await Task.Delay(Timeout.Infinite, stop.Token); }
         catch (OperationCanceledException) { }
@@ -95,29 +99,5 @@ internal static class ServeCommand
         await app.StopAsync(CancellationToken.None);
         Console.WriteLine("Stopped.");
         return 0;
-    }
-
-    /// <summary>Binds the address; a port in use or an address not of this machine is one line, not a stack trace.</summary>
-    private static async Task StartAsync(WebApplication app, ServerOptions options)
-    {
-        try { await app.StartAsync(); }
-        catch (Exception e) when (Find<Microsoft.AspNetCore.Connections.AddressInUseException>(e) is not null)
-        {
-            throw new VlmTuneException($"port {options.Port} is in use on {options.Host}; stop what listens there or pass another --port (e.g. --port {options.Port + 1}).");
-        }
-        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AddressNotAvailable })
-        {
-            throw new VlmTuneException($"--host {options.Host} is not an address of this machine; pass one of its addresses, 127.0.0.1 or 0.0.0.0 (all).");
-        }
-        catch (Exception e) when (Find<System.Net.Sockets.SocketException>(e) is { SocketErrorCode: System.Net.Sockets.SocketError.AccessDenied })
-        {
-            throw new VlmTuneException($"port {options.Port} on {options.Host} needs privileges this process lacks; pass a --port above 1023.");
-        }
-    }
-
-    private static T? Find<T>(Exception? e) where T : Exception
-    {
-        for (; e is not null; e = e.InnerException) if (e is T found) return found;
-        return null;
     }
 }

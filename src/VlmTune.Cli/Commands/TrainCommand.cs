@@ -16,7 +16,7 @@ internal static class TrainCommand
     private static readonly Option<string?> Resume = new("--resume") { Description = "auto: continue from the latest checkpoint of the work dir; or a checkpoint folder (iter_<n>)." };
     private static readonly Option<int?> NprocPerNode = new("--nproc-per-node")
     {
-        Description = "Data-parallel processes (GPUs) on this node (default: NPROC_PER_NODE, else 1). Across nodes set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for torchrun.",
+        Description = "Data-parallel processes (GPUs) on this node; across nodes set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for torchrun. [default: NPROC_PER_NODE, else 1]",
     };
     private static readonly Option<int?> Zero = new("--zero") { Description = "ZeRO stage: 1 shards the optimizer state over the processes (same as --set zero_stage=1)." };
 

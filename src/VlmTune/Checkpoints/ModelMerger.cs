@@ -392,6 +392,7 @@ public static class ModelMerger
         return updated;
     }
 
+    /// <summary>
     /// Tokenizer, generation and processor files and every *.py remote-code file at the top of the base folder; for the
     /// hf layout, <see cref="HfCopiedFilePatterns"/>.
     /// </summary>

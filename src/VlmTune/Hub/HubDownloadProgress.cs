@@ -37,7 +37,7 @@ public enum HubFileOutcome { Downloaded, UpToDate }
 
 public sealed record HubFileResult(string Path, string LocalPath, long Size, HubFileOutcome Outcome);
 
-/// <summary>What <see cref="HubDownloader.DownloadAsync"/> did: every file of the repo is under <see cref="LocalDir"/>.</summary>
+/// <summary>What <see cref="HubDownloader.DownloadAsync(HubDownloadOptions, IProgress{HubDownloadProgress}?, CancellationToken)"/> did: every file of the repo is under <see cref="LocalDir"/>.</summary>
 public sealed record HubDownloadResult(
     string RepoId, string Revision, string Commit, string LocalDir, IReadOnlyList<HubFileResult> Files)
 {

@@ -26,6 +26,9 @@ public static partial class TensorPlacement
     public static string DTypeNames { get; } =
         $"{string.Join(", ", DTypes[..^1].Select(d => d.Name))} or {DTypes[^1].Name} (or {string.Join(", ", DTypes.Select(d => d.ShortName))})";
 
+    /// <summary>Every dtype spelling accepted (both names of each).</summary>
+    public static IEnumerable<string> AcceptedDTypeNames => DTypes.SelectMany(d => new[] { d.Name, d.ShortName });
+
     [GeneratedRegex("^cuda:[0-9]+$")]
     private static partial Regex CudaOrdinal();
 

@@ -3,7 +3,7 @@ namespace VlmTune.Text;
 /// <summary>
 /// The label arithmetic of the official preprocess functions (<c>internvl/train/dataset.py</c>), kept literally: each
 /// measures spans with <c>len(tokenizer(piece).input_ids)</c> and fixed offsets tuned to one tokenizer family, so the
-/// same offsets are used here on <paramref name="encode"/> = <c>tokenizer(text).input_ids</c> (special tokens added).
+/// same offsets are used here on <c>encode</c> = <c>tokenizer(text).input_ids</c> (special tokens added).
 /// On another tokenizer family the offsets can be off, as officially; the caller's length check then masks the sample.
 /// Each <c>Mask…</c> takes labels that start as a copy of the (possibly cut) ids and returns <c>cur_len</c>, the position
 /// after the last learned token, for that check.

@@ -5,7 +5,7 @@ namespace VlmTune.Text;
 
 /// <summary>
 /// Unicode NFC (canonical decomposition, canonical ordering, canonical composition) from our own tables
-/// (<see cref="UnicodeNfcData"/>), because <see cref="string.Normalize()"/> is a silent no-op in hosts built with
+/// (<c>UnicodeNfcData.cs</c>), because <see cref="string.Normalize()"/> is a silent no-op in hosts built with
 /// <c>InvariantGlobalization</c> (the vlmtune CLI): Qwen's tokenizers NFC-normalize every text.
 /// </summary>
 internal static partial class UnicodeNfc

@@ -48,23 +48,57 @@ public sealed class ServeProcessTests
         Assert.DoesNotContain("   at ", cli.Stderr);
     }
 
-    [FixtureFact]
-    public async Task APortInUseIsOneLine()
+    /// <summary>The commands that listen: serve (with a model), data browse (with the demo data) and dashboard (of an empty folder).</summary>
+    private static string[] Listening(string command, params string[] extra) => command switch
+    {
+        "serve" => Serve(extra),
+        "dashboard" => ["dashboard", Path.GetTempPath(), .. extra],
+        _ => ["data", "browse", Path.Combine(Fixtures.RepoRoot, "configs", "data", "tiny_sft.jsonl"), .. extra],
+    };
+
+    [FixtureTheory]
+    [InlineData("serve")]
+    [InlineData("browse")]
+    [InlineData("dashboard")]
+    public async Task APortInUseIsOneLineNamingAFreePort(string command)
     {
         using var taken = new TcpListener(IPAddress.Loopback, 0);
         taken.Start();
         int port = ((IPEndPoint)taken.LocalEndpoint).Port;
-        var (code, _, stderr) = await CliProcess.RunAsync(Serve("--port", port.ToString()), timeoutSeconds: 120);
+        var (code, stdout, stderr) = await CliProcess.RunAsync(Listening(command, "--port", port.ToString()), timeoutSeconds: 120);
         Assert.Equal(1, code);
-        Assert.Equal($"error: port {port} is in use on 127.0.0.1; stop what listens there or pass another --port (e.g. --port {port + 1}).", stderr.Trim());
+        var match = Regex.Match(stderr, $@"^error: port {port} is in use on 127\.0\.0\.1; pass --port (\d+) \(free now\), or stop what listens there\.\n$");
+        Assert.True(match.Success, $"stderr:\n{stderr}");
+        Assert.True(int.Parse(match.Groups[1].Value) > port);
+        Assert.DoesNotContain("Serving", stdout);
+    }
+
+    [FixtureTheory]
+    [InlineData("serve")]
+    [InlineData("browse")]
+    [InlineData("dashboard")]
+    public async Task AHostNotOfThisMachineIsOneLine(string command)
+    {
+        // 192.0.2.0/24 is TEST-NET-1: documentation only, never an address of a real machine.
+        var (code, _, stderr) = await CliProcess.RunAsync(Listening(command, "--host", "192.0.2.7", "--port", "0"), timeoutSeconds: 120);
+        Assert.Equal(1, code);
+        Assert.Equal("error: --host 192.0.2.7 is not an address of this machine; pass one of its addresses, 127.0.0.1 or 0.0.0.0 (all).\n", stderr);
     }
 
     [FixtureFact]
-    public async Task AHostNotOfThisMachineIsOneLine()
+    public async Task APortInUseIsSaidBeforeTheModelLoads()
     {
-        // 192.0.2.0/24 is TEST-NET-1: documentation only, never an address of a real machine.
-        var (code, _, stderr) = await CliProcess.RunAsync(Serve("--host", "192.0.2.7", "--port", "0"), timeoutSeconds: 120);
-        Assert.Equal(1, code);
-        Assert.Equal("error: --host 192.0.2.7 is not an address of this machine; pass one of its addresses, 127.0.0.1 or 0.0.0.0 (all).", stderr.Trim());
+        using var taken = new TcpListener(IPAddress.Loopback, 0);
+        taken.Start();
+        int port = ((IPEndPoint)taken.LocalEndpoint).Port;
+        // An empty folder would fail the model load (no config.json); the port is checked first.
+        var empty = Directory.CreateTempSubdirectory("vlmtune-not-a-model-");
+        try
+        {
+            var (code, _, stderr) = await CliProcess.RunAsync(["serve", "--model", empty.FullName, "--port", port.ToString()]);
+            Assert.Equal(1, code);
+            Assert.StartsWith($"error: port {port} is in use", stderr);
+        }
+        finally { empty.Delete(); }
     }
 }
