@@ -35,6 +35,11 @@ grep -q '^  vlmtune \[command\] \[options\]$' "$work/help.txt" || fail "the inst
 "$work/tool/vlmtune" chat --model "$fixtures/tiny-internvl2/model" --image "$fixtures/tiny-internvl2/images/clot.jpg" \
   --prompt "hello" --max-new-tokens 4 --json >"$work/chat.json" || fail "the installed tool failed: vlmtune chat"
 grep -q '"token_ids":\[[0-9]' "$work/chat.json" || fail "vlmtune chat generated nothing: $(cat "$work/chat.json")"
+# plot draws with ScottPlot, whose HarfBuzz natives must be in the package too.
+mkdir -p "$work/run/vis_data"
+printf '{"lr": 0.001, "loss": 2.5, "iter": 1, "step": 1, "grad_norm": 1.0, "tokens_per_s": 100}\n{"lr": 0.001, "loss": 2.0, "iter": 2, "step": 2, "grad_norm": 0.9, "tokens_per_s": 110}\n' >"$work/run/vis_data/scalars.json"
+"$work/tool/vlmtune" plot "$work/run" -o "$work/curves.png" >/dev/null || fail "the installed tool failed: vlmtune plot"
+[ -s "$work/curves.png" ] || fail "vlmtune plot wrote no PNG"
 
 mkdir "$work/app"
 cat >"$work/app/nuget.config" <<XML
