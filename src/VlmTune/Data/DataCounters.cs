@@ -1,10 +1,3 @@
-using System.Threading.Channels;
-using VlmTune.Models;
-using VlmTune.Text;
-using VlmTune.Vision;
-using static TorchSharp.torch;
-using VlmTune.Distributed;
-
 namespace VlmTune.Data;
 
 /// <summary>Counts of what the data pipeline left out or the trainer skipped; updated from worker threads.</summary>

@@ -1,9 +1,6 @@
-using System.Threading.Channels;
-using VlmTune.Models;
 using VlmTune.Text;
 using VlmTune.Vision;
 using static TorchSharp.torch;
-using VlmTune.Distributed;
 
 namespace VlmTune.Data;
 

@@ -1,10 +1,3 @@
-using System.Threading.Channels;
-using VlmTune.Models;
-using VlmTune.Text;
-using VlmTune.Vision;
-using static TorchSharp.torch;
-using VlmTune.Distributed;
-
 namespace VlmTune.Data;
 
 /// <summary>The samples of a run, with their lengths for length-grouped batching.</summary>
