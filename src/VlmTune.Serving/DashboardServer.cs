@@ -23,53 +23,12 @@ public static class DashboardServer
     {
         var dashboard = new Dashboard(Path.GetFullPath(root));
         RunFolders.Find(dashboard.Root);   // a missing root fails here, not on the first request
-        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
-        builder.Logging.ClearProviders();
-        builder.Services.AddSingleton<IHostLifetime, ExternallyStoppedLifetime>();
-        builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.PropertyNamingPolicy = System.Text.Json.JsonNamingPolicy.SnakeCaseLower);
-        builder.WebHost.ConfigureKestrel(k =>
-        {
-            k.AddServerHeader = false;
-            if (host == "localhost") k.ListenLocalhost(port);
-            else if (IPAddress.TryParse(host, out var ip)) k.Listen(ip, port);
-            else throw new VlmTuneException($"--host '{host}' must be an IP address (e.g. 127.0.0.1, 0.0.0.0) or localhost.");
-        });
-        var loopback = host == "localhost" || (IPAddress.TryParse(host, out var address) && IPAddress.IsLoopback(address));
-        var app = builder.Build();
-        app.Use(async (context, next) =>
-        {
-            // DNS rebinding: on loopback only loopback names may reach the runs.
-            if (loopback && context.Request.Host.HasValue && !VlmTuneServer.IsLoopbackName(context.Request.Host.Host))
-            {
-                await Error(context, 400, $"The Host '{ModelsApi.Clip(context.Request.Host.Host)}' is not accepted (DNS rebinding protection).");
-                return;
-            }
-            try { await next(context); }
-            catch (KeyNotFoundException e) when (!context.Response.HasStarted) { await Error(context, 404, e.Message); }
-            catch (VlmTuneException e) when (!context.Response.HasStarted) { await Error(context, 400, e.Message); }
-            catch (BadHttpRequestException e) when (!context.Response.HasStarted) { await Error(context, 400, e.Message); }
-            catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested) { }
-        });
-        app.MapDashboardApi(dashboard);
-        app.MapFallback((HttpContext c) => Error(c, 404, "Unknown endpoint."));
-        return app;
-    }
-
-    private static Task Error(HttpContext context, int status, string message)
-    {
-        context.Response.StatusCode = status;
-        return context.Response.WriteAsJsonAsync(new { error = message });
+        return LocalPageHost.Build(host, port, app => app.MapDashboardApi(dashboard));
     }
 
     private static IEndpointRouteBuilder MapDashboardApi(this IEndpointRouteBuilder app, Dashboard dashboard)
     {
-        app.MapGet("/", (HttpContext context) =>
-        {
-            var headers = context.Response.Headers;
-            headers.ContentSecurityPolicy = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
-            headers.XContentTypeOptions = "nosniff";
-            return TypedResults.Bytes(Page.Value, "text/html; charset=utf-8");
-        });
+        app.MapGet("/", (HttpContext context) => LocalPageHost.Page(context, Page.Value));
         app.MapGet("/api/runs", () => TypedResults.Ok(new { root = dashboard.Root, runs = RunFolders.Find(dashboard.Root).Select(dashboard.Summary).ToList() }));
         app.MapGet("/api/scalars", (string run) =>
         {

@@ -17,54 +17,12 @@ namespace VlmTune.Serving;
 public static class DatasetBrowserServer
 {
     /// <summary>Builds (does not start) the app; the caller keeps owning <paramref name="browser"/>.</summary>
-    public static WebApplication Build(DatasetBrowser browser, string host = "127.0.0.1", int port = 0)
-    {
-        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
-        builder.Logging.ClearProviders();
-        builder.Services.AddSingleton<IHostLifetime, ExternallyStoppedLifetime>();
-        builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.PropertyNamingPolicy = System.Text.Json.JsonNamingPolicy.SnakeCaseLower);
-        builder.WebHost.ConfigureKestrel(k =>
-        {
-            k.AddServerHeader = false;
-            if (host == "localhost") k.ListenLocalhost(port);
-            else if (IPAddress.TryParse(host, out var ip)) k.Listen(ip, port);
-            else throw new VlmTuneException($"--host '{host}' must be an IP address (e.g. 127.0.0.1, 0.0.0.0) or localhost.");
-        });
-        var loopback = host == "localhost" || (IPAddress.TryParse(host, out var address) && IPAddress.IsLoopback(address));
-        var app = builder.Build();
-        app.Use(async (context, next) =>
-        {
-            // DNS rebinding: on loopback only loopback names may reach the data.
-            if (loopback && context.Request.Host.HasValue && !VlmTuneServer.IsLoopbackName(context.Request.Host.Host))
-            {
-                await Error(context, 400, $"The Host '{ModelsApi.Clip(context.Request.Host.Host)}' is not accepted (DNS rebinding protection).");
-                return;
-            }
-            try { await next(context); }
-            catch (KeyNotFoundException e) when (!context.Response.HasStarted) { await Error(context, 404, e.Message); }
-            catch (VlmTuneException e) when (!context.Response.HasStarted) { await Error(context, 400, e.Message); }
-            catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested) { }
-        });
-        app.MapBrowserApi(browser);
-        app.MapFallback((HttpContext c) => Error(c, 404, "Unknown endpoint."));
-        return app;
-    }
-
-    private static Task Error(HttpContext context, int status, string message)
-    {
-        context.Response.StatusCode = status;
-        return context.Response.WriteAsJsonAsync(new { error = message });
-    }
+    public static WebApplication Build(DatasetBrowser browser, string host = "127.0.0.1", int port = 0) =>
+        LocalPageHost.Build(host, port, app => app.MapBrowserApi(browser));
 
     public static IEndpointRouteBuilder MapBrowserApi(this IEndpointRouteBuilder app, DatasetBrowser browser)
     {
-        app.MapGet("/", (HttpContext context) =>
-        {
-            var headers = context.Response.Headers;
-            headers.ContentSecurityPolicy = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
-            headers.XContentTypeOptions = "nosniff";
-            return TypedResults.Bytes(Page.Value, "text/html; charset=utf-8");
-        });
+        app.MapGet("/", (HttpContext context) => LocalPageHost.Page(context, Page.Value));
         app.MapGet("/api/summary", () => TypedResults.Ok(browser.Summary()));
         app.MapGet("/api/samples", (int? offset, int? limit, bool? problems, string? q, CancellationToken ct) =>
         {
