@@ -154,10 +154,17 @@ public static class ChatCompletionsApi
         {
             var root = document.RootElement;
             if (record is not null && root.ValueKind == JsonValueKind.Object && root.TryGetProperty("model", out var model)
-                && model.ValueKind == JsonValueKind.String && model.ValueEquals(state.ModelId))
+                && model.ValueKind == JsonValueKind.String && NamesServedModel(model, state.ModelId))
                 record.Named(state.ModelId);
             return ChatCompletionRequest.Parse(root);
         }
+    }
+
+    /// <summary>Whether a JSON string is the served model's id; one that is no valid text (a lone surrogate escape) is not.</summary>
+    private static bool NamesServedModel(JsonElement model, string served)
+    {
+        try { return model.ValueEquals(served); }
+        catch (InvalidOperationException) { return false; }   // ChatCompletionRequest.Parse answers it with a 400 naming "model"
     }
 
     /// <summary>Messages for the chat client: text as is, every image read from its source into bytes.</summary>

@@ -208,15 +208,16 @@ public sealed class MetricsTests(ServerFixture fixture) : IClassFixture<ServerFi
         await ErrorAssert.IsError(await server.PostJsonAsync(JsonSerializer.Serialize(new { model = ServerFixture.ModelId, messages = new[] { new { role = "user", content = "hi" } }, temperature = 5 })), 400, "temperature");
         await ErrorAssert.IsError(await server.PostAsync(TestServer.UserRequest("look", [ServerFixture.DataUrl([1, 2, 3, 4])])), 400, "image_url");
         await ErrorAssert.IsError(await server.PostJsonAsync("{\"model\": \"tiny\", \"messages\": "), 400);
+        await ErrorAssert.IsError(await server.PostJsonAsync("""{"model":"ti\ud800ny","messages":[{"role":"user","content":"a"}]}"""), 400, "model");
         await ErrorAssert.IsError(await server.PostAsync(TestServer.UserRequest("hi", model: "no-such-model")), 404, "model");
         var m = await ScrapeAsync(server);
 
         // The model label is the served model the request named (its other fields may be wrong), "" when it named none:
         // arbitrary names never become series.
         Assert.Equal(2, m.Value("vlmtune_requests_total", Model, "finish_reason=error", "status=400"));
-        Assert.Equal(1, m.Value("vlmtune_requests_total", "model=", "finish_reason=error", "status=400"));
+        Assert.Equal(2, m.Value("vlmtune_requests_total", "model=", "finish_reason=error", "status=400"));
         Assert.Equal(1, m.Value("vlmtune_requests_total", "model=", "finish_reason=error", "status=404"));
-        Assert.Equal(4, m.Sum("vlmtune_requests_total"));
+        Assert.Equal(5, m.Sum("vlmtune_requests_total"));
         foreach (var counter in new[] { "vlmtune_prompt_tokens_total", "vlmtune_generation_tokens_total", "vlmtune_image_tiles_total" })
             Assert.Equal(0, m.Sum(counter));
         foreach (var histogram in new[] { "vlmtune_time_to_first_token_seconds_count", "vlmtune_e2e_request_latency_seconds_count", "vlmtune_request_queue_time_seconds_count", "vlmtune_decode_step_batch_size_count" })
