@@ -11,9 +11,11 @@ namespace VlmTune.Serving;
 /// <summary><c>POST /v1/chat/completions</c>: OpenAI's chat API, plain JSON or server-sent events.</summary>
 public static class ChatCompletionsApi
 {
+    public const string Path = "/v1/chat/completions";
+
     public static IEndpointRouteBuilder MapChatCompletionsApi(this IEndpointRouteBuilder app)
     {
-        app.MapPost("/v1/chat/completions", Handle);
+        app.MapPost(Path, Handle);
         return app;
     }
 
@@ -38,6 +40,7 @@ public static class ChatCompletionsApi
             using (prepared)
             {
                 IAsyncEnumerable<ChatChunk> chunks;
+                Record(context)?.Submitted();
                 try { chunks = state.Client.GenerateAsync(prepared, deadline.Token); }
                 catch (EngineBusyException e) { throw new ApiException(429, e.Message, null, "rate_limit_exceeded"); }
                 catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
@@ -49,10 +52,13 @@ public static class ChatCompletionsApi
         }
         catch (OperationCanceledException) when (deadline.IsCancellationRequested && !aborted.IsCancellationRequested)
         {
-            if (context.Response.HasStarted) return;
-            throw CancelledBy(state);
+            if (!context.Response.HasStarted) throw CancelledBy(state);
+            Record(context)?.Count("error", CancelledBy(state).Status);
         }
     }
+
+    /// <summary>The request's line in /metrics (set by <see cref="MetricsApi.CountChatRequests"/>).</summary>
+    private static ChatRequestRecord? Record(HttpContext context) => context.Features.Get<ChatRequestRecord>();
 
     /// <summary>
     /// Body → request → messages (images read) → prompt and tiles. A method of its own so that the body, the parsed
@@ -67,7 +73,9 @@ public static class ChatCompletionsApi
         try
         {
             body ??= await ReadBodyAsync(context.Request, state.Options.MaxRequestBytes, preallocate: true, cancellation);
-            var request = Parse(body);
+            var record = Record(context);
+            record?.Received();
+            var request = Parse(body, state, record);
             body = null;
             if (request.Model != state.ModelId)
                 throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
@@ -82,7 +90,13 @@ public static class ChatCompletionsApi
             try { state.Client.SamplingFor(options); }
             catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
             var messages = await ToMessagesAsync(request, state, cancellation);
-            try { return (state.Client.Prepare(messages, options), request.Stream, request.IncludeUsage); }
+            try
+            {
+                var prepared = state.Client.Prepare(messages, options);
+                // The engine reports this request's tokens to its record (the pixels stay owned by the one PreparedChat returned).
+                if (record is not null) prepared = new PreparedChat(prepared.Request with { Observer = record }, prepared.Tiles, prepared.StopSequences);
+                return (prepared, request.Stream, request.IncludeUsage);
+            }
             catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
             catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
         }
@@ -127,15 +141,30 @@ public static class ChatCompletionsApi
 
     /// <summary>
     /// The body as a request. Invalid UTF-8 anywhere is refused up front (the JSON reader checks it only inside the
-    /// strings it is asked to decode); parsing works on the body's own bytes, without a copy.
+    /// strings it is asked to decode); parsing works on the body's own bytes, without a copy. A request naming the
+    /// served model is counted under it in /metrics from here on, even when its other fields turn out to be wrong.
     /// </summary>
-    private static ChatCompletionRequest Parse(byte[] body)
+    private static ChatCompletionRequest Parse(byte[] body, ServingState state, ChatRequestRecord? record)
     {
         if (!System.Text.Unicode.Utf8.IsValid(body)) throw ApiException.BadRequest("The request body is not valid UTF-8.", null, "invalid_json");
         JsonDocument document;
         try { document = JsonDocument.Parse(body.AsMemory(), new JsonDocumentOptions { MaxDepth = 32 }); }
         catch (JsonException) { throw ApiException.BadRequest("The request body is not valid JSON.", null, "invalid_json"); }
-        using (document) return ChatCompletionRequest.Parse(document.RootElement);
+        using (document)
+        {
+            var root = document.RootElement;
+            if (record is not null && root.ValueKind == JsonValueKind.Object && root.TryGetProperty("model", out var model)
+                && model.ValueKind == JsonValueKind.String && NamesServedModel(model, state.ModelId))
+                record.Named(state.ModelId);
+            return ChatCompletionRequest.Parse(root);
+        }
+    }
+
+    /// <summary>Whether a JSON string is the served model's id; one that is no valid text (a lone surrogate escape) is not.</summary>
+    private static bool NamesServedModel(JsonElement model, string served)
+    {
+        try { return model.ValueEquals(served); }
+        catch (InvalidOperationException) { return false; }   // ChatCompletionRequest.Parse answers it with a 400 naming "model"
     }
 
     /// <summary>Messages for the chat client: text as is, every image read from its source into bytes.</summary>
@@ -173,6 +202,7 @@ public static class ChatCompletionsApi
             text.Append(chunk.Text);
             last = chunk;
         }
+        Record(context)?.Count(Finish(last?.FinishReason), 200);
         await TypedResults.Json(new
         {
             id, @object = "chat.completion", created, model = state.ModelId,
@@ -205,14 +235,19 @@ public static class ChatCompletionsApi
         catch (OperationCanceledException) when (!context.RequestAborted.IsCancellationRequested)
         {
             // The request timeout or the shutdown grace passed mid-answer: the status is long sent, so the error travels as an event.
-            await Event(response, CancelledBy(state).Body);
+            var error = CancelledBy(state);
+            Record(context)?.Count("error", error.Status);
+            await Event(response, error.Body);
             return;
         }
         catch (Exception e) when (e is not OperationCanceledException)
         {
+            // A client that went away is counted as cancelled, not as the server's error.
+            if (!context.RequestAborted.IsCancellationRequested) Record(context)?.Count("error", 500);
             await Event(response, new ApiException(500, "Generation failed.", null, "internal_error").Body);
             return;
         }
+        Record(context)?.Count(Finish(last?.FinishReason), 200);
         await Event(response, Chunk(id, created, state.ModelId, new { }, Finish(last?.FinishReason)));
         if (includeUsage)
             await Event(response, new { id, @object = "chat.completion.chunk", created, model = state.ModelId, choices = Array.Empty<object>(), usage = Usage(last) });

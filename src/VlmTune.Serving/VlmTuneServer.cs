@@ -30,6 +30,8 @@ public sealed class ServingState(ServerOptions options, InternVLChatClient clien
     public ServerOptions Options { get; } = options;
     public InternVLChatClient Client { get; } = client;
     public ImageSources Images { get; } = images;
+    /// <summary>What GET /metrics shows; its series exist from the start, so the first scrape already lists them at 0.</summary>
+    public ServerMetrics Metrics { get; } = new(client.Engine, [client.Options.ModelId]);
     public string ModelId => Client.Options.ModelId;
     public DateTimeOffset Started { get; } = DateTimeOffset.UtcNow;
     public int InFlight => Volatile.Read(ref _inFlight);
@@ -124,6 +126,7 @@ public static class VlmTuneServer
         var app = builder.Build();
         app.Lifetime.ApplicationStopping.Register(state.BeginShutdown);
         app.Lifetime.ApplicationStopped.Register(fetcher.Dispose);
+        app.Use(MetricsApi.CountChatRequests);
         app.Use(ErrorsAsOpenAi);
         app.Use(RequireAllowedHost(options));
         if (options.ApiKey is { } key) app.Use(RequireApiKey(key));
@@ -131,6 +134,7 @@ public static class VlmTuneServer
         app.MapHealthApi();
         app.MapModelsApi();
         app.MapChatCompletionsApi();
+        app.MapMetricsApi();
         app.MapChatPage();
         app.MapFallback(() => Results.Json(new ApiException(404, "Unknown endpoint.", null, "not_found").Body, statusCode: 404));
         return app;
@@ -197,6 +201,7 @@ public static class VlmTuneServer
 
     internal static Task WriteError(HttpContext context, ApiException e)
     {
+        context.Features.Get<ChatRequestRecord>()?.Count("error", e.Status);
         context.Response.StatusCode = e.Status;
         if (e.Status == 401) context.Response.Headers.WWWAuthenticate = "Bearer";
         return context.Response.WriteAsJsonAsync(e.Body);

@@ -19,6 +19,9 @@ public sealed record GenerationRequest
 
     /// <summary>Ids that end the answer (not part of it), e.g. &lt;|im_end|&gt; and &lt;/s&gt;.</summary>
     public IReadOnlySet<int> StopIds { get; init; } = new HashSet<int>();
+
+    /// <summary>Told what the engine does with this request (admission, tiles, prefill, each token); null: nobody listens.</summary>
+    public IGenerationObserver? Observer { get; init; }
 }
 
 /// <summary>

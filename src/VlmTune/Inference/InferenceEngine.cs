@@ -40,6 +40,9 @@ public sealed class InferenceEngine : IDisposable
     private int _running;
     private int _peakBatch;
     private long _steps;
+    private int _decoding;                    // sequences in the latest decode step; 0 while the engine is idle
+    private long _cacheSlots;                 // KV slots (rows × columns) the running sequences' caches hold
+    private readonly long[] _stepsByBatch;    // decode steps by the number of sequences they stepped (0..MaxBatch)
 
     public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null)
     {
@@ -51,6 +54,7 @@ public sealed class InferenceEngine : IDisposable
         var llm = model.Config.Llm;
         _contextLimit = _options.MaxContextTokens ?? EngineOptions.DefaultContext(llm);
         _dynamicThreshold = llm.RopeScaling is { Type: "dynamic" } ? llm.MaxPositionEmbeddings : long.MaxValue;
+        _stepsByBatch = new long[_options.MaxBatch + 1];
         _thread = new Thread(Loop) { IsBackground = true, Name = "vlmtune-engine" };
         _thread.Start();
     }
@@ -62,8 +66,23 @@ public sealed class InferenceEngine : IDisposable
 
     public EngineOptions Options => _options;
 
-    /// <summary>Sequences decoding now, waiting requests, the largest batch seen, and decode steps run.</summary>
-    public EngineStats Stats => new(Volatile.Read(ref _running), Volatile.Read(ref _queued), Volatile.Read(ref _peakBatch), Interlocked.Read(ref _steps));
+    /// <summary>
+    /// Sequences decoding now, waiting requests, the largest batch seen, decode steps run, the sequences of the latest
+    /// step (0 when idle), and the KV-cache slots held (of <see cref="EngineOptions.MaxCacheTokens"/>).
+    /// </summary>
+    public EngineStats Stats => new(Volatile.Read(ref _running), Volatile.Read(ref _queued), Volatile.Read(ref _peakBatch), Interlocked.Read(ref _steps),
+        Volatile.Read(ref _decoding), Interlocked.Read(ref _cacheSlots));
+
+    /// <summary>
+    /// Decode steps run so far by the number of sequences each stepped: element n counts the steps of n sequences
+    /// (0..<see cref="EngineOptions.MaxBatch"/>). A copy; every element only grows.
+    /// </summary>
+    public long[] DecodeStepsByBatchSize()
+    {
+        var counts = new long[_stepsByBatch.Length];
+        for (int n = 0; n < counts.Length; n++) counts[n] = Interlocked.Read(ref _stepsByBatch[n]);
+        return counts;
+    }
 
     /// <summary>
     /// Queues a request and returns its stream at once. Throws <see cref="InvalidGenerationRequestException"/> for a
@@ -133,6 +152,7 @@ public sealed class InferenceEngine : IDisposable
                 Admit();
                 if (_batch.Count + _solo.Count == 0)
                 {
+                    Volatile.Write(ref _decoding, 0);
                     _wake.Wait();
                     continue;
                 }
@@ -197,6 +217,8 @@ public sealed class InferenceEngine : IDisposable
             // Counted as running before it stops counting as queued, so Submit never sees a free slot that is not.
             Interlocked.Increment(ref _running);
             Interlocked.Decrement(ref _queued);
+            Notify(next, static o => o.Admitted());
+            if (next.IsFinished) { Interlocked.Decrement(ref _running); next.Request.Pixels?.Dispose(); continue; }
             joining.Add(next);
         }
         if (joining.Count == 0) return;
@@ -253,7 +275,12 @@ public sealed class InferenceEngine : IDisposable
             {
                 foreach (var s in group) s.Fail(e);
             }
-            foreach (var s in group) s.Request.Pixels!.Dispose();
+            foreach (var s in group)
+            {
+                long n = s.Request.Pixels!.shape[0];
+                s.Request.Pixels!.Dispose();
+                if (!s.IsFinished) Notify(s, o => o.TilesEncoded((int)n));
+            }
         }
         joining.RemoveAll(s => s.IsFinished);
     }
@@ -276,7 +303,9 @@ public sealed class InferenceEngine : IDisposable
         var hidden = lm.Forward(embeds, new DecoderInputs { Cache = seq.Cache });
         var logits = lm.Logits(hidden[.., ^1..])[.., 0];                                             // (1, V)
         seq.Length = promptLength;
-        Accept(seq, (int)seq.Sampler.Next(logits, seq.Seen(device)).item<long>());
+        int first = (int)seq.Sampler.Next(logits, seq.Seen(device)).item<long>();
+        seq.Request.Observer?.Prefilled(promptLength);
+        Accept(seq, first);
     }
 
     private void DecodeStep()
@@ -294,6 +323,10 @@ public sealed class InferenceEngine : IDisposable
             Restack([]);
         }
 
+        // Counted before it runs: whoever has a token of this step finds the step counted.
+        int stepped = _batch.Count + _solo.Count;
+        Interlocked.Increment(ref _stepsByBatch[Math.Min(stepped, _stepsByBatch.Length - 1)]);
+        Volatile.Write(ref _decoding, stepped);
         if (_batch.Count > 0) StepBatch();
         foreach (var seq in _solo.ToList())
         {
@@ -406,11 +439,16 @@ public sealed class InferenceEngine : IDisposable
         }
     }
 
-    /// <summary>The stop id ends a sequence without being part of it; the token limit ends it after the token.</summary>
+    /// <summary>
+    /// The stop id ends a sequence without being part of it; the token limit ends it after the token. Its callers fail
+    /// the sequence alone if this throws (the observer included).
+    /// </summary>
     private static void Accept(Sequence seq, int id)
     {
         if (seq.Cancelled) { seq.Finish(FinishReason.Cancelled); return; }
         if (seq.Request.StopIds.Contains(id)) { seq.Finish(FinishReason.Stop); return; }
+        // Before the token reaches the reader, so a client that has read its answer finds it counted.
+        seq.Request.Observer?.Token();
         seq.Generated.Add(id);
         seq.LastToken = id;
         seq.Tokens.Writer.TryWrite(id);
@@ -436,7 +474,22 @@ public sealed class InferenceEngine : IDisposable
         foreach (var seq in joining) { seq.Cache!.Dispose(); seq.Cache = null; }
     }
 
-    private void PublishRunning() => Volatile.Write(ref _running, _batch.Count + _solo.Count);
+    private void PublishRunning()
+    {
+        Volatile.Write(ref _running, _batch.Count + _solo.Count);
+        // What the caches really hold (a tensor's shape is host metadata: no device sync); solo caches grow by doubling.
+        long slots = _batchCache is { } batch ? batch.Batch * batch.Capacity : 0;
+        foreach (var s in _solo) slots += s.Cache?.Capacity ?? 0;
+        Interlocked.Exchange(ref _cacheSlots, slots);
+    }
+
+    /// <summary>Calls the request's observer where no per-sequence catch is around: one that throws fails its own request only.</summary>
+    private static void Notify(Sequence seq, Action<IGenerationObserver> call)
+    {
+        if (seq.Request.Observer is not { } observer) return;
+        try { call(observer); }
+        catch (Exception e) { seq.Fail(e); }
+    }
 
     private void FailRunning(Exception e)
     {
@@ -517,4 +570,8 @@ public sealed class InferenceEngine : IDisposable
     }
 }
 
-public readonly record struct EngineStats(int Running, int Queued, int PeakBatch, long Steps);
+/// <summary>
+/// <see cref="InferenceEngine.Stats"/>: <paramref name="Decoding"/> is the number of sequences of the latest decode step
+/// (0 when idle); <paramref name="CacheSlots"/> the KV-cache slots (rows × columns) the running sequences' caches hold.
+/// </summary>
+public readonly record struct EngineStats(int Running, int Queued, int PeakBatch, long Steps, int Decoding = 0, long CacheSlots = 0);
