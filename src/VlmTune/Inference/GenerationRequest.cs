@@ -19,6 +19,9 @@ public sealed record GenerationRequest
 
     /// <summary>Ids that end the answer (not part of it), e.g. &lt;|im_end|&gt; and &lt;/s&gt;.</summary>
     public IReadOnlySet<int> StopIds { get; init; } = new HashSet<int>();
+
+    /// <summary>The adapter to answer with (one of the engine's <see cref="InferenceEngine.Adapters"/>); null: the base model.</summary>
+    public ServedAdapter? Adapter { get; init; }
 }
 
 /// <summary>
