@@ -66,7 +66,15 @@ public sealed class MultiAdapterFixture : IDisposable
     public void Dispose() => Directory.Delete(Dir, true);
 }
 
-public sealed class MultiAdapterEngineTests(MultiAdapterFixture f) : IClassFixture<MultiAdapterFixture>
+/// <summary>The engine tests and the HTTP tests share the adapters and their expected answers (computed once).</summary>
+[CollectionDefinition(Name)]
+public sealed class MultiAdapterCollection : ICollectionFixture<MultiAdapterFixture>
+{
+    public const string Name = "Multi-adapter serving";
+}
+
+[Collection(MultiAdapterCollection.Name)]
+public sealed class MultiAdapterEngineTests(MultiAdapterFixture f)
 {
     private static InternVLChatModel LoadBase() => InternVLModelLoader.Load(Fixtures.TinyModel, new ModelOptions());
 
@@ -162,7 +170,7 @@ public sealed class MultiAdapterEngineTests(MultiAdapterFixture f) : IClassFixtu
         Assert.Throws<AdapterConflictException>(() => adapters.Load("alpha", f.Beta));
 
         // Trained non-LoRA weights would replace the base's for every request: refused, saying which and why.
-        var projector = AdapterFolders.WithTrainedProjector(f.Alpha, Path.Combine(f.Dir, "with-projector"));
+        var projector = AdapterFolders.WithTrainedProjector(f.Alpha, Path.Combine(f.Dir, "engine-with-projector"));
         var e = Assert.Throws<InvalidAdapterException>(() => adapters.Load("proj", projector));
         Assert.Equal("path", e.Param);
         Assert.Contains("adapter 'proj'", e.Message);
