@@ -47,7 +47,8 @@ internal static class Init
 
 /// <summary>
 /// y = x Wᵀ + b, with an optional LoRA branch kept under PEFT's names (<c>lora_A.weight</c>, <c>lora_B.weight</c>) so that
-/// base checkpoints load unchanged and adapters map one to one.
+/// base checkpoints load unchanged and adapters map one to one. Adapters served side by side keep their branches outside
+/// the layer and reach it per row through <see cref="LoraRouting"/>.
 /// </summary>
 public sealed class Linear : nn.Module<Tensor, Tensor>
 {

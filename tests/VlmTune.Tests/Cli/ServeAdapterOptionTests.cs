@@ -1,3 +1,4 @@
+using System.Text.RegularExpressions;
 using VlmTune.Cli.Commands;
 using VlmTune.Tests.Support;
 
@@ -5,8 +6,25 @@ namespace VlmTune.Tests.Cli;
 
 /// <summary><c>serve --adapter</c>: NAME=PATH repeated serves several adapters; one bare PATH is the merged model of today.</summary>
 [Collection(HelpTextTests.TreeCollection)]   // the shared command tree
-public sealed class ServeAdapterOptionTests
+public sealed partial class ServeAdapterOptionTests
 {
+    [GeneratedRegex(@"on (http://127\.0\.0\.1:\d+/)")]
+    private static partial Regex AddressLine();
+
+    /// <summary>The real CLI serving a named adapter: it says what it serves, and lists and answers for it.</summary>
+    [FixtureFact]
+    public async Task ServeListsANamedAdapter()
+    {
+        using var cli = CliProcess.Start(["serve", "--model", Fixtures.TinyModel, "--port", "0", "--model-id", "tiny-cli", "--adapter", $"alpha={Fixtures.Adapter}"]);
+        Assert.True(await cli.WaitForOutputAsync("Serving", 120), cli.Stderr);
+        Assert.Contains("adapter alpha: PEFT adapter: LLM LoRA r=8 alpha=16", cli.Stdout);
+        Assert.Contains("1 adapter(s) beside tiny-cli, batched over the unmerged base", cli.Stdout);
+        using var http = new HttpClient { BaseAddress = new Uri(AddressLine().Match(cli.Stdout).Groups[1].Value) };
+        var models = await http.GetStringAsync("/v1/models");
+        Assert.Contains("\"tiny-cli\"", models);
+        Assert.Contains("\"alpha\"", models);
+    }
+
     private static VlmTune.Serving.ServerOptions Bind(params string[] args) =>
         ServeCommand.Bind(HelpTextTests.Tree.Parse(["serve", "--model", Fixtures.TinyModel, .. args]));
 
