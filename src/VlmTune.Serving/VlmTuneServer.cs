@@ -150,13 +150,22 @@ public static class VlmTuneServer
     public static InternVLChatClient CreateChatClient(InternVLChat chat, ServerOptions options)
     {
         var adapters = options.ServesAdapters ? LoadAdapters(chat, options) : null;
-        var engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
+        InferenceEngine engine;
+        try
         {
-            MaxBatch = options.MaxBatch,
-            MaxCacheTokens = options.KvCacheTokens,
-            MaxQueue = options.MaxConcurrentRequests,
-            MaxContextTokens = options.MaxContextTokens,
-        }.With(chat.Switches), adapters);
+            engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
+            {
+                MaxBatch = options.MaxBatch,
+                MaxCacheTokens = options.KvCacheTokens,
+                MaxQueue = options.MaxConcurrentRequests,
+                MaxContextTokens = options.MaxContextTokens,
+            }.With(chat.Switches), adapters);
+        }
+        catch
+        {
+            adapters?.Dispose();
+            throw;
+        }
         return new InternVLChatClient(chat, engine, new ChatClientOptions
         {
             ModelId = options.BaseModelId,

@@ -530,6 +530,8 @@ public sealed class InferenceEngine : IDisposable
         _wake.Release();
         _thread.Join();
         _wake.Dispose();
+        // Every request has ended (and released its adapter): the weights of all adapters go now.
+        _adapters?.Dispose();
     }
 
     /// <summary>A request while it runs: its place in the batch, its cache (while prefilling or decoding alone), its output.</summary>

@@ -147,7 +147,7 @@ public sealed class ServedAdapters : IDisposable
             LoraBranches branches;
             string description;
             try { (branches, description) = AdapterLoader.LoadBranches(Model, dir, name); }
-            catch (VlmTuneException e) { throw new InvalidAdapterException(e.Message, "path"); }
+            catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException) { throw new InvalidAdapterException(e.Message, "path"); }
             var adapter = new ServedAdapter(this, name, description, branches);
             Volatile.Write(ref _adapters, _adapters.Add(adapter));
             return adapter;

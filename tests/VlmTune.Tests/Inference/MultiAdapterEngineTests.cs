@@ -150,13 +150,16 @@ public sealed class MultiAdapterEngineTests(MultiAdapterFixture f)
         Assert.Same(beta, gone);
         Assert.Null(adapters.Find("beta"));
         // Loading another adapter meanwhile touches nothing the running requests read.
-        adapters.Load("alpha", f.Alpha);
+        var alpha = adapters.Load("alpha", f.Alpha);
         Assert.Throws<UnknownModelException>(() => engine.Submit(Request(beta, image: false)));
 
         Assert.Equal(f.Merged[(f.Beta, false)], (await running.Completion).TokenIds);
         Assert.Equal(f.Merged[(null, false)], (await other.Completion).TokenIds);
         Assert.True(beta.Released, "the unloaded adapter's weights outlived its last request");
         Assert.Throws<UnknownModelException>(() => adapters.Unload("beta"));
+        // The engine owns its adapters: disposing it frees the rest.
+        engine.Dispose();
+        Assert.True(alpha.Released);
     }
 
     [FixtureFact]
