@@ -57,14 +57,16 @@ public sealed class LoraRouting : IDisposable
 
     private readonly LoraRouting? _outer;
     private readonly (LoraBranches Adapter, Tensor? Rows)[] _groups;   // Rows null: every row of the pass
+    private readonly long _rowCount;
     private bool _disposed;
 
     /// <summary>The routing of the pass running on this thread; null outside one (or when no row has an adapter).</summary>
     public static LoraRouting? Current => _current;
 
-    private LoraRouting((LoraBranches, Tensor?)[] groups)
+    private LoraRouting((LoraBranches, Tensor?)[] groups, long rowCount)
     {
         _groups = groups;
+        _rowCount = rowCount;
         _outer = _current;
         _current = groups.Length == 0 ? null : this;
     }
@@ -83,7 +85,7 @@ public sealed class LoraRouting : IDisposable
         var groups = byAdapter.Select(g => (g.Key, g.Value.Count == rowAdapters.Count
             ? null
             : tensor(g.Value.ToArray(), device: device).DetachFromDisposeScope())).ToArray();
-        return new LoraRouting(groups);
+        return new LoraRouting(groups, rowAdapters.Count);
     }
 
     /// <summary>Distinct adapters routed (the base not counted).</summary>
@@ -95,6 +97,9 @@ public sealed class LoraRouting : IDisposable
     /// </summary>
     public Tensor Apply(Linear linear, Tensor x, Tensor y)
     {
+        // A pass that split or merged its rows (micro-batches, flattened tokens) would give rows to the wrong adapters.
+        if (x.shape[0] != _rowCount)
+            throw new InvalidOperationException($"a linear input has {x.shape[0]} rows where the LoRA routing has {_rowCount}.");
         foreach (var (adapter, rows) in _groups)
         {
             if (adapter.For(linear) is not { } branch) continue;

@@ -68,6 +68,8 @@ public sealed class BatchedLoraTests
             // An adapter without a branch on a layer leaves that layer's output as the base's.
             Assert.True(allclose(other.forward(x), Merged(other, null, x), 1e-6, 1e-6));
         }
+        // Rows the routing does not describe (a pass that split its batch) are refused, not given to the wrong adapter.
+        using (LoraRouting.Begin([a, null, a], CPU)) Assert.Throws<InvalidOperationException>(() => adapted.forward(x));
         // No row with an adapter: nothing is routed.
         using (LoraRouting.Begin([null, null], CPU)) Assert.Null(LoraRouting.Current);
     }
