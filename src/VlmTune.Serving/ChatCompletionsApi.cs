@@ -36,18 +36,19 @@ public static class ChatCompletionsApi
         {
             var preparing = PrepareAsync(context, state, small, deadline.Token);
             small = null;   // PrepareAsync has it: this state machine must not keep it alive while the answer streams
-            var (prepared, stream, includeUsage) = await preparing;
+            var (prepared, stream, includeUsage, model) = await preparing;
             using (prepared)
             {
                 IAsyncEnumerable<ChatChunk> chunks;
                 Record(context)?.Submitted();
                 try { chunks = state.Client.GenerateAsync(prepared, deadline.Token); }
                 catch (EngineBusyException e) { throw new ApiException(429, e.Message, null, "rate_limit_exceeded"); }
+                catch (UnknownModelException e) { throw ModelsApi.NotFound(e); }   // unloaded since it was resolved
                 catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
                 var id = "chatcmpl-" + Guid.NewGuid().ToString("N")[..24];
                 long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-                if (stream) await StreamAsync(context, state, includeUsage, chunks, id, created);
-                else await AnswerAsync(context, state, chunks, id, created);
+                if (stream) await StreamAsync(context, state, includeUsage, chunks, id, created, model);
+                else await AnswerAsync(context, chunks, id, created, model);
             }
         }
         catch (OperationCanceledException) when (deadline.IsCancellationRequested && !aborted.IsCancellationRequested)
@@ -65,7 +66,7 @@ public static class ChatCompletionsApi
     /// request and the images' bytes are garbage once it returns, not kept by the streaming handler's state machine.
     /// A large body (<paramref name="body"/> null) waits for its turn before it is read, and gives the turn back here.
     /// </summary>
-    private static async Task<(PreparedChat Prepared, bool Stream, bool IncludeUsage)> PrepareAsync(
+    private static async Task<(PreparedChat Prepared, bool Stream, bool IncludeUsage, string Model)> PrepareAsync(
         HttpContext context, ServingState state, byte[]? body, CancellationToken cancellation)
     {
         bool large = body is null;
@@ -77,10 +78,11 @@ public static class ChatCompletionsApi
             record?.Received();
             var request = Parse(body, state, record);
             body = null;
-            if (request.Model != state.ModelId)
-                throw new ApiException(404, $"The model '{ModelsApi.Clip(request.Model)}' does not exist; this server serves '{state.ModelId}'.", "model", "model_not_found");
+            // Before any image is read or fetched.
+            ModelsApi.Resolve(state, request.Model);
             var options = new ChatOptions
             {
+                ModelId = request.Model,
                 // ChatOptions holds floats: a top_p below the smallest float keeps the top token, as float.Epsilon does.
                 Temperature = (float?)request.Temperature, TopP = request.TopP is { } p ? Math.Max((float)p, float.Epsilon) : null, TopK = request.TopK,
                 MaxOutputTokens = request.MaxNewTokens, Seed = request.Seed, StopSequences = [.. request.Stop],
@@ -95,8 +97,9 @@ public static class ChatCompletionsApi
                 var prepared = state.Client.Prepare(messages, options);
                 // The engine reports this request's tokens to its record (the pixels stay owned by the one PreparedChat returned).
                 if (record is not null) prepared = new PreparedChat(prepared.Request with { Observer = record }, prepared.Tiles, prepared.StopSequences);
-                return (prepared, request.Stream, request.IncludeUsage);
+                return (prepared, request.Stream, request.IncludeUsage, request.Model);
             }
+            catch (UnknownModelException e) { throw ModelsApi.NotFound(e); }
             catch (InvalidGenerationRequestException e) { throw ApiException.BadRequest(e.Message, e.Param); }
             catch (VlmTuneException e) { throw ApiException.BadRequest(e.Message, "messages"); }
         }
@@ -154,13 +157,13 @@ public static class ChatCompletionsApi
         {
             var root = document.RootElement;
             if (record is not null && root.ValueKind == JsonValueKind.Object && root.TryGetProperty("model", out var model)
-                && model.ValueKind == JsonValueKind.String && NamesServedModel(model, state.ModelId))
-                record.Named(state.ModelId);
+                && model.ValueKind == JsonValueKind.String && state.Client.ModelIds.FirstOrDefault(id => NamesServedModel(model, id)) is { } served)
+                record.Named(served);
             return ChatCompletionRequest.Parse(root);
         }
     }
 
-    /// <summary>Whether a JSON string is the served model's id; one that is no valid text (a lone surrogate escape) is not.</summary>
+    /// <summary>Whether a JSON string is a served model's id; one that is no valid text (a lone surrogate escape) is not.</summary>
     private static bool NamesServedModel(JsonElement model, string served)
     {
         try { return model.ValueEquals(served); }
@@ -193,7 +196,7 @@ public static class ChatCompletionsApi
         return messages;
     }
 
-    private static async Task AnswerAsync(HttpContext context, ServingState state, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    private static async Task AnswerAsync(HttpContext context, IAsyncEnumerable<ChatChunk> chunks, string id, long created, string model)
     {
         var text = new System.Text.StringBuilder();
         ChatChunk? last = null;
@@ -205,13 +208,13 @@ public static class ChatCompletionsApi
         Record(context)?.Count(Finish(last?.FinishReason), 200);
         await TypedResults.Json(new
         {
-            id, @object = "chat.completion", created, model = state.ModelId,
+            id, @object = "chat.completion", created, model,
             choices = new[] { new { index = 0, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null, finish_reason = Finish(last?.FinishReason) } },
             usage = Usage(last),
         }).ExecuteAsync(context);
     }
 
-    private static async Task StreamAsync(HttpContext context, ServingState state, bool includeUsage, IAsyncEnumerable<ChatChunk> chunks, string id, long created)
+    private static async Task StreamAsync(HttpContext context, ServingState state, bool includeUsage, IAsyncEnumerable<ChatChunk> chunks, string id, long created, string model)
     {
         await using var enumerator = chunks.GetAsyncEnumerator();
         // The first piece comes before any byte is sent, so errors up to the first token still get their status code.
@@ -220,7 +223,7 @@ public static class ChatCompletionsApi
         response.ContentType = "text/event-stream; charset=utf-8";
         response.Headers.CacheControl = "no-cache";
         response.Headers["X-Accel-Buffering"] = "no";
-        await Event(response, Chunk(id, created, state.ModelId, new { role = "assistant", content = "" }, null));
+        await Event(response, Chunk(id, created, model, new { role = "assistant", content = "" }, null));
         ChatChunk? last = null;
         try
         {
@@ -228,7 +231,7 @@ public static class ChatCompletionsApi
             {
                 var chunk = enumerator.Current;
                 last = chunk;
-                if (chunk.Text.Length > 0) await Event(response, Chunk(id, created, state.ModelId, new { content = chunk.Text }, null));
+                if (chunk.Text.Length > 0) await Event(response, Chunk(id, created, model, new { content = chunk.Text }, null));
                 any = await enumerator.MoveNextAsync();
             }
         }
@@ -248,9 +251,9 @@ public static class ChatCompletionsApi
             return;
         }
         Record(context)?.Count(Finish(last?.FinishReason), 200);
-        await Event(response, Chunk(id, created, state.ModelId, new { }, Finish(last?.FinishReason)));
+        await Event(response, Chunk(id, created, model, new { }, Finish(last?.FinishReason)));
         if (includeUsage)
-            await Event(response, new { id, @object = "chat.completion.chunk", created, model = state.ModelId, choices = Array.Empty<object>(), usage = Usage(last) });
+            await Event(response, new { id, @object = "chat.completion.chunk", created, model, choices = Array.Empty<object>(), usage = Usage(last) });
         await response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
         await response.Body.FlushAsync(context.RequestAborted);
     }

@@ -1,3 +1,5 @@
+using VlmTune.Inference;
+
 namespace VlmTune.Serving;
 
 /// <summary>
@@ -10,7 +12,21 @@ public sealed record ServerOptions
     public const string Section = "Serve";
 
     public string ModelDir { get; init; } = "";
+    /// <summary>
+    /// One adapter merged into the loaded weights (a bare <c>--adapter PATH</c>): the server serves the adapted model
+    /// under <see cref="ModelId"/>, at the base model's cost.
+    /// </summary>
     public string? AdapterDir { get; init; }
+    /// <summary>
+    /// Adapters served beside the base model, as <c>NAME=PATH</c> (<c>--adapter NAME=PATH</c>, repeatable): each NAME
+    /// is a model id clients send; the base stays unmerged and requests for any of them share one decode batch.
+    /// </summary>
+    public string[] Adapters { get; init; } = [];
+    /// <summary>
+    /// Folder under which <c>POST /v1/adapters</c> may load adapters at run time (<c>DELETE /v1/adapters/{name}</c>
+    /// unloads them); null: the admin routes are off. Needs <see cref="ApiKey"/>.
+    /// </summary>
+    public string? AllowAdapterLoading { get; init; }
     /// <summary>The model name clients send; default: the model folder's name.</summary>
     public string? ModelId { get; init; }
     public string Host { get; init; } = "127.0.0.1";
@@ -74,8 +90,44 @@ public sealed record ServerOptions
     public double ImageFetchTimeoutSeconds { get; init; } = 15;
     public int MaxImageRedirects { get; init; } = 3;
 
+    /// <summary>Whether adapters are served beside an unmerged base (named ones, or loading at run time allowed).</summary>
+    public bool ServesAdapters => Adapters.Length > 0 || AllowAdapterLoading is not null;
+
+    /// <summary>The base model's id: <see cref="ModelId"/>, or the model folder's name.</summary>
+    public string BaseModelId => ModelId ?? VlmTuneServer.DefaultModelId(ModelDir);
+
+    /// <summary>
+    /// Whether an <c>--adapter</c> value is <c>NAME=PATH</c>: it has '=' and no '/' before it. Anything else is a path
+    /// (a folder whose name has '=' is written <c>./lr=1e-4</c>).
+    /// </summary>
+    public static bool IsNamedAdapter(string value) => value.IndexOf('=') is var i and >= 0 && !value.AsSpan(0, i).Contains('/');
+
+    /// <summary><see cref="Adapters"/> as names and paths (an entry without '=' has an empty name, which validation refuses).</summary>
+    public IEnumerable<(string Name, string Path)> NamedAdapters =>
+        Adapters.Select(a => a.IndexOf('=') is var i and >= 0 ? (a[..i], a[(i + 1)..]) : ("", a));
+
     /// <summary>Whether the server listens on loopback only (127.x, ::1, localhost).</summary>
     public bool ListensOnLoopback => Host == "localhost" || (System.Net.IPAddress.TryParse(Host, out var ip) && System.Net.IPAddress.IsLoopback(ip));
+
+    private IEnumerable<string> AdapterProblems()
+    {
+        if (AdapterDir is not null && ServesAdapters)
+            yield return $"--adapter {AdapterDir} (one adapter merged into the served model) cannot be combined with named adapters or --allow-adapter-loading; name it too: --adapter NAME={AdapterDir}.";
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var (name, path) in NamedAdapters)
+        {
+            if (ModelNames.Problem(name) is { } problem) yield return $"--adapter {name}={path}: {problem}.";
+            else if (!seen.Add(name)) yield return $"--adapter {name}: the name is given twice; each adapter needs its own.";
+            else if (!string.IsNullOrWhiteSpace(ModelDir) && name == BaseModelId) yield return $"--adapter {name}: that is the base model's id; name the adapter otherwise (or set --model-id).";
+            if (path.Length == 0) yield return $"--adapter {name}=: the path is empty.";
+            else if (!Directory.Exists(path)) yield return $"--adapter {name}={path}: folder not found.";
+        }
+        if (AllowAdapterLoading is not null)
+        {
+            if (!Directory.Exists(AllowAdapterLoading)) yield return $"--allow-adapter-loading {AllowAdapterLoading}: folder not found.";
+            if (ApiKey is null) yield return "--allow-adapter-loading needs --api-key: the routes that load and unload adapters are behind it.";
+        }
+    }
 
     public IEnumerable<string> Validate()
     {
@@ -102,6 +154,7 @@ public sealed record ServerOptions
         if (ApiKey is { Length: 0 }) yield return "--api-key must not be empty.";
         if (!string.IsNullOrWhiteSpace(ModelDir) && !Directory.Exists(ModelDir)) yield return $"--model {ModelDir}: folder not found.";
         if (AdapterDir is not null && !Directory.Exists(AdapterDir)) yield return $"--adapter {AdapterDir}: folder not found.";
+        foreach (var problem in AdapterProblems()) yield return problem;
         if (AllowLocalImages is not null && !Directory.Exists(AllowLocalImages)) yield return $"--allow-local-images {AllowLocalImages}: folder not found.";
         foreach (var network in AllowedImageNetworks)
             if (!System.Net.IPNetwork.TryParse(network, out _)) yield return $"allowed image network '{network}' is not CIDR (e.g. 10.0.0.0/8).";

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Security.Cryptography;
 using System.Text;
+using System.Text.Json.Serialization;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
@@ -31,8 +32,11 @@ public sealed class ServingState(ServerOptions options, InternVLChatClient clien
     public InternVLChatClient Client { get; } = client;
     public ImageSources Images { get; } = images;
     /// <summary>What GET /metrics shows; its series exist from the start, so the first scrape already lists them at 0.</summary>
-    public ServerMetrics Metrics { get; } = new(client.Engine, [client.Options.ModelId]);
+    public ServerMetrics Metrics { get; } = new(client.Engine, client.ModelIds);
+    /// <summary>The base model's id.</summary>
     public string ModelId => Client.Options.ModelId;
+    /// <summary>The adapters served beside the base; null when the server serves one model.</summary>
+    public ServedAdapters? Adapters => Client.Engine.Adapters;
     public DateTimeOffset Started { get; } = DateTimeOffset.UtcNow;
     public int InFlight => Volatile.Read(ref _inFlight);
 
@@ -133,6 +137,7 @@ public static class VlmTuneServer
         app.Use(RequireJsonBody);
         app.MapHealthApi();
         app.MapModelsApi();
+        app.MapAdaptersApi();
         app.MapChatCompletionsApi();
         app.MapMetricsApi();
         app.MapChatPage();
@@ -142,26 +147,52 @@ public static class VlmTuneServer
 
     /// <summary>
     /// The engine and chat client the server's options describe, over a loaded model (the caller disposes the engine);
-    /// the engine decodes with the switches the model was loaded with (<see cref="InternVLChat.Switches"/>).
+    /// the engine decodes with the switches the model was loaded with (<see cref="InternVLChat.Switches"/>). Named
+    /// adapters (<see cref="ServerOptions.Adapters"/>) are loaded here, all checked before any is served; an error
+    /// names the <c>--adapter</c> value.
     /// </summary>
     public static InternVLChatClient CreateChatClient(InternVLChat chat, ServerOptions options)
     {
-        var engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
+        var adapters = options.ServesAdapters ? LoadAdapters(chat, options) : null;
+        InferenceEngine engine;
+        try
         {
-            MaxBatch = options.MaxBatch,
-            MaxCacheTokens = options.KvCacheTokens,
-            MaxQueue = options.MaxConcurrentRequests,
-            MaxContextTokens = options.MaxContextTokens,
-        }.With(chat.Switches));
+            engine = new InferenceEngine(chat.Model, chat.Tokenizer.ImgContextId, new EngineOptions
+            {
+                MaxBatch = options.MaxBatch,
+                MaxCacheTokens = options.KvCacheTokens,
+                MaxQueue = options.MaxConcurrentRequests,
+                MaxContextTokens = options.MaxContextTokens,
+            }.With(chat.Switches), adapters);
+        }
+        catch
+        {
+            adapters?.Dispose();
+            throw;
+        }
         return new InternVLChatClient(chat, engine, new ChatClientOptions
         {
-            ModelId = options.ModelId ?? DefaultModelId(options.ModelDir),
+            ModelId = options.BaseModelId,
             DefaultMaxNewTokens = options.DefaultMaxTokens,
             MaxNewTokensLimit = options.MaxTokens,
             MaxImagesPerRequest = options.MaxImagesPerRequest,
             MaxTilesPerRequest = options.MaxTilesPerRequest,
             ImageLimits = new Vision.ImageLimits { MaxPixels = options.MaxImagePixels },
         });
+    }
+
+    private static ServedAdapters LoadAdapters(InternVLChat chat, ServerOptions options)
+    {
+        var adapters = new ServedAdapters(chat.Model, options.BaseModelId);
+        var problems = new List<string>();
+        foreach (var (name, path) in options.NamedAdapters)
+        {
+            try { adapters.Load(name, path); }
+            catch (VlmTuneException e) { problems.Add($"--adapter {name}={path}: {e.Message}"); }
+        }
+        if (problems.Count == 0) return adapters;
+        adapters.Dispose();
+        throw new VlmTuneException(string.Join("\n", problems));
     }
 
     /// <summary>The model folder's name (e.g. InternVL2-2B), what clients put in "model".</summary>
@@ -280,6 +311,16 @@ public static class HealthApi
     }
 }
 
+/// <summary>A model object of <c>/v1/models</c>; an adapter's names the base model it runs on (<c>parent</c>, as vLLM's LoRA models).</summary>
+public sealed record ModelCard(
+    [property: JsonPropertyName("id")] string Id,
+    [property: JsonPropertyName("created")] long Created,
+    [property: JsonPropertyName("parent"), JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] string? Parent)
+{
+    [JsonPropertyName("object")] public string Object => "model";
+    [JsonPropertyName("owned_by")] public string OwnedBy => "vlmtune";
+}
+
 public static class ModelsApi
 {
     public static IEndpointRouteBuilder MapModelsApi(this IEndpointRouteBuilder app)
@@ -287,15 +328,28 @@ public static class ModelsApi
         app.MapGet("/v1/models", (ServingState s) => TypedResults.Ok(new
         {
             @object = "list",
-            data = new[] { Model(s) },
+            data = Models(s),
         }));
-        app.MapGet("/v1/models/{id}", (string id, ServingState s) => id == s.ModelId
-            ? Results.Ok(Model(s))
-            : throw new ApiException(404, $"The model '{Clip(id)}' does not exist; this server serves '{s.ModelId}'.", "model", "model_not_found"));
+        app.MapGet("/v1/models/{id}", (string id, ServingState s) => Card(s, id, Resolve(s, id)));
         return app;
     }
 
-    private static object Model(ServingState s) => new { id = s.ModelId, @object = "model", created = s.Started.ToUnixTimeSeconds(), owned_by = "vlmtune" };
+    /// <summary>The base model, then every served adapter.</summary>
+    internal static IEnumerable<ModelCard> Models(ServingState s) =>
+        (s.Adapters?.All ?? []).Select(a => Card(s, a.Name, a)).Prepend(Card(s, s.ModelId, null));
+
+    internal static ModelCard Card(ServingState s, string id, ServedAdapter? adapter) => adapter is null
+        ? new ModelCard(id, s.Started.ToUnixTimeSeconds(), null)
+        : new ModelCard(adapter.Name, adapter.Loaded.ToUnixTimeSeconds(), s.ModelId);
+
+    /// <summary>The adapter a request's <c>model</c> names (null: the base model); 404 <c>model_not_found</c>, naming it, for any other.</summary>
+    internal static ServedAdapter? Resolve(ServingState s, string model)
+    {
+        try { return s.Client.ResolveModel(model); }
+        catch (UnknownModelException e) { throw NotFound(e); }
+    }
+
+    internal static ApiException NotFound(UnknownModelException e) => new(404, e.Message, "model", "model_not_found");
 
     internal static string Clip(string s) => s.Length <= 64 ? s : s[..64] + "…";
 }

@@ -15,7 +15,12 @@ internal static class ServeCommand
     private static readonly ServerOptions Defaults = new();
 
     private static readonly Option<string> Model = new("--model") { Description = "InternVL2 model folder.", Required = true };
-    private static readonly Option<string?> Adapter = new("--adapter") { Description = "LoRA adapter folder (PEFT format) to apply." };
+    private static readonly Option<string[]> Adapter = new("--adapter")
+    {
+        Description = "NAME=PATH: serve the adapter in PATH as model NAME beside the base (repeatable; one batch for all). " +
+                      "A bare PATH: the one served model is the base with that adapter merged in.",
+    };
+    private static readonly Option<string?> AllowAdapterLoading = new("--allow-adapter-loading") { Description = "Folder under which POST /v1/adapters may load adapters at run time (needs --api-key)." };
     private static readonly Option<string?> Host = new("--host") { Description = $"Address to listen on; 0.0.0.0 for all. [default: {Defaults.Host}]" };
     private static readonly Option<int?> Port = new("--port") { Description = $"Port to listen on; 0 for any free port. [default: {Defaults.Port}]" };
     private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
@@ -33,7 +38,7 @@ internal static class ServeCommand
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
-            Model, Adapter, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
+            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, switches, ct)));
         return command;
@@ -45,7 +50,14 @@ internal static class ServeCommand
         var flags = new Dictionary<string, string?>();
         void Set<T>(string key, T? value) { if (value is not null) flags[$"{ServerOptions.Section}:{key}"] = Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture); }
         Set(nameof(ServerOptions.ModelDir), parse.GetValue(Model));
-        Set(nameof(ServerOptions.AdapterDir), parse.GetValue(Adapter));
+        var adapters = parse.GetValue(Adapter) ?? [];
+        var bare = adapters.Where(a => !ServerOptions.IsNamedAdapter(a)).ToList();
+        if (bare.Count > 1)
+            throw new VlmTuneException($"--adapter: {bare.Count} bare paths given; one adapter is merged into the served model, several need names: --adapter NAME=PATH.");
+        Set(nameof(ServerOptions.AdapterDir), bare.FirstOrDefault());
+        var named = adapters.Where(ServerOptions.IsNamedAdapter).ToArray();
+        for (int i = 0; i < named.Length; i++) Set($"{nameof(ServerOptions.Adapters)}:{i}", named[i]);
+        Set(nameof(ServerOptions.AllowAdapterLoading), parse.GetValue(AllowAdapterLoading));
         Set(nameof(ServerOptions.Host), parse.GetValue(Host));
         Set(nameof(ServerOptions.Port), parse.GetValue(Port));
         Set(nameof(ServerOptions.ApiKey), parse.GetValue(ApiKey));
@@ -92,6 +104,13 @@ internal static class ServeCommand
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
         using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
         await ListenErrors.StartAsync(app, options.Host, options.Port);
+        if (client.Engine.Adapters is { } served)
+        {
+            foreach (var a in served.All) Console.WriteLine($"adapter {a.Name}: {a.Description}");
+            Console.WriteLine($"{served.All.Count} adapter(s) beside {client.Options.ModelId}, batched over the unmerged base" +
+                (options.AllowAdapterLoading is null ? "" : "; POST/DELETE /v1/adapters load and unload more") +
+                (client.Engine.FusedDecodeOffReason is { } off && chat.Model.Options.Device.type == TorchSharp.DeviceType.CUDA ? $". Fused CUDA decoding is off: {off}." : "."));
+        }
         Console.WriteLine($"Serving {client.Options.ModelId} on {VlmTuneServer.Address(app)} (chat page at /, API at /v1){(options.ApiKey is null ? "" : ", API key required")}. Ctrl-C to stop.");
         try { await Task.Delay(Timeout.Infinite, stop.Token); }
         catch (OperationCanceledException) { }

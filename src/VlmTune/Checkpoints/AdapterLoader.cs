@@ -62,4 +62,49 @@ public static class AdapterLoader
         return new AppliedAdapter(adapter.Describe() + (options.MergeIntoWeights ? " (merged into the loaded weights)" : ""),
             adapter.LoraModuleCount, trained, options.MergeIntoWeights);
     }
+
+    /// <summary>
+    /// The adapter in <paramref name="dir"/> as LoRA branches beside <paramref name="model"/>, for serving several
+    /// adapters over one unmerged base (<see cref="LoraRouting"/>); the model is not changed. Validated as
+    /// <see cref="Apply"/> validates (every problem at once). LoRA of the LLM, the vision encoder and the projector is
+    /// taken; an adapter that also trained non-LoRA weights (<c>trainable.safetensors</c>: the projector, the whole LLM
+    /// in full mode) is refused, as those weights would replace base weights every other request shares.
+    /// <paramref name="name"/> is what errors call the adapter.
+    /// </summary>
+    public static (LoraBranches Branches, string Description) LoadBranches(InternVLChatModel model, string dir, string name)
+    {
+        if (PeftAdapter.LoraLinears(model).Any())
+            throw new VlmTuneException($"adapter '{name}': the base model has LoRA branches of its own; serve adapters over a freshly loaded base model.");
+        var shapes = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.shape);
+        using var adapter = AdapterCheckpoint.Open(dir, shapes);
+        if (adapter.FullWeights is { } full)
+        {
+            string parts = string.Join(", ", full.Entries.Keys.Select(k => k.Split('.')[0]).Distinct().Order(StringComparer.Ordinal));
+            throw new CheckpointException($"adapter '{name}': it also trained non-LoRA weights ({TrainedWeights.FileName}: {parts}), which would replace " +
+                "base weights that the base model and every other adapter share; serve it alone (a bare --adapter PATH) or merge it (vlmtune merge) and serve the merged model.");
+        }
+        var linears = Linear.AllIn(model).ToDictionary(l => l.Name, l => l.Linear, StringComparer.Ordinal);
+        var device = model.Options.Device;
+        var branches = new Dictionary<Linear, LoraBranch>(ReferenceEqualityComparer.Instance);
+        try
+        {
+            foreach (var part in adapter.Loras)
+                foreach (var module in part.Modules)
+                {
+                    var linear = linears[module.Module];
+                    if (branches.ContainsKey(linear)) throw new CheckpointException($"adapter '{name}': module '{module.Module}' has LoRA tensors in two of its adapter folders.");
+                    using var scope = NewDisposeScope();
+                    // fp32 on the model's device, as AdapterApplyOptions.LoraDType keeps unmerged branches.
+                    var a = part.Weights.Read(module.AKey).to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope();
+                    var b = part.Weights.Read(module.BKey).to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope();
+                    branches[linear] = new LoraBranch(a, b, part.Config.Scaling);
+                }
+        }
+        catch
+        {
+            foreach (var br in branches.Values) { br.A.Dispose(); br.B.Dispose(); }
+            throw;
+        }
+        return (new LoraBranches(branches), adapter.Describe());
+    }
 }

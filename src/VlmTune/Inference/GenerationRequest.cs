@@ -22,6 +22,8 @@ public sealed record GenerationRequest
 
     /// <summary>Told what the engine does with this request (admission, tiles, prefill, each token); null: nobody listens.</summary>
     public IGenerationObserver? Observer { get; init; }
+    /// <summary>The adapter to answer with (one of the engine's <see cref="InferenceEngine.Adapters"/>); null: the base model.</summary>
+    public ServedAdapter? Adapter { get; init; }
 }
 
 /// <summary>

@@ -15,6 +15,10 @@ namespace VlmTune.Inference;
 ///
 /// With dynamic-NTK RoPE the base depends on the sequence length once it exceeds max_position_embeddings; such long
 /// sequences decode in their own batch of one, so their rotation is that of a solo run.
+///
+/// With <see cref="ServedAdapters"/>, each request names its adapter (or the base): every pass routes its rows to their
+/// adapters' LoRA branches (<see cref="LoraRouting"/>: image tiles in the vision pass, the prompt in prefill, the rows
+/// of a decode step), so requests for different adapters share one batch over the unmerged base weights.
 /// </summary>
 public sealed class InferenceEngine : IDisposable
 {
@@ -36,6 +40,8 @@ public sealed class InferenceEngine : IDisposable
 
     private FusedDecoder? _fused;
     private bool _fusedResolved;
+    private readonly ServedAdapters? _adapters;
+    private int _admissionHeld;
 
     private int _running;
     private int _peakBatch;
@@ -44,12 +50,15 @@ public sealed class InferenceEngine : IDisposable
     private long _cacheSlots;                 // KV slots (rows × columns) the running sequences' caches hold
     private readonly long[] _stepsByBatch;    // decode steps by the number of sequences they stepped (0..MaxBatch)
 
-    public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null)
+    /// <param name="adapters">Adapters to serve beside the base (the engine owns them from here: disposing it unloads them); null: the base only.</param>
+    public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null, ServedAdapters? adapters = null)
     {
         _options = options ?? new EngineOptions();
         var problems = _options.Validate().ToList();
         if (problems.Count > 0) throw new VlmTuneException("Engine options: " + string.Join(" ", problems));
+        if (adapters is not null && !ReferenceEquals(adapters.Model, model)) throw new ArgumentException("the adapters were loaded for another model.", nameof(adapters));
         _model = model;
+        _adapters = adapters;
         _imageContextId = imageContextId;
         var llm = model.Config.Llm;
         _contextLimit = _options.MaxContextTokens ?? EngineOptions.DefaultContext(llm);
@@ -65,6 +74,17 @@ public sealed class InferenceEngine : IDisposable
     public int ContextLimit => _contextLimit;
 
     public EngineOptions Options => _options;
+
+    /// <summary>The adapters served beside the base model; null when the engine serves the base only.</summary>
+    public ServedAdapters? Adapters => _adapters;
+
+    /// <summary>
+    /// Why decode steps do not run on the fused CUDA kernels although they are on: adapters are served (the kernels
+    /// read base weights only; batched LoRA runs on the TorchSharp path). Null otherwise.
+    /// </summary>
+    public string? FusedDecodeOffReason => _adapters is not null && _options.FusedDecode
+        ? "adapters are served (batched LoRA over the unmerged base runs on the TorchSharp path)"
+        : null;
 
     /// <summary>
     /// Sequences decoding now, waiting requests, the largest batch seen, decode steps run, the sequences of the latest
@@ -99,6 +119,12 @@ public sealed class InferenceEngine : IDisposable
             Interlocked.Decrement(ref _queued);
             throw new EngineBusyException($"The server is busy ({_options.MaxBatch} requests running, {_options.MaxQueue} waiting); retry later.");
         }
+        // The lease keeps the adapter's weights alive until the request ends, even if it is unloaded meanwhile.
+        if (request.Adapter is { } adapter && !adapter.TryAcquire())
+        {
+            Interlocked.Decrement(ref _queued);
+            throw new UnknownModelException($"The model '{adapter.Name}' was unloaded.");
+        }
         var seq = new Sequence(request);
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
@@ -119,6 +145,8 @@ public sealed class InferenceEngine : IDisposable
         var problems = r.Sampling.Problems().ToList();
         if (problems.Count > 0) throw new InvalidGenerationRequestException(string.Join(" ", problems.Select(p => p.Message)), problems[0].Param);
         if (r.PromptIds.Count == 0) throw new InvalidGenerationRequestException("The prompt is empty.", "messages");
+        if (r.Adapter is { } a && !ReferenceEquals(a.Owner, _adapters))
+            throw new UnknownModelException($"The model '{a.Name}' is not served by this engine.");
         long total = (long)r.PromptIds.Count + r.Sampling.MaxNewTokens;
         if (total > _contextLimit)
             throw new InvalidGenerationRequestException(
@@ -198,8 +226,30 @@ public sealed class InferenceEngine : IDisposable
         return rows * (length + remaining) + solo;
     }
 
+    /// <summary>
+    /// Test hook: while held, waiting requests are not admitted (running ones decode on), so requests submitted in
+    /// the meantime join the batch in one admission once it is released.
+    /// </summary>
+    internal IDisposable HoldAdmission()
+    {
+        Interlocked.Increment(ref _admissionHeld);
+        return new AdmissionHold(this);
+    }
+
+    private sealed class AdmissionHold(InferenceEngine engine) : IDisposable
+    {
+        private int _released;
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _released, 1) == 1) return;
+            Interlocked.Decrement(ref engine._admissionHeld);
+            engine.Wake();
+        }
+    }
+
     private void Admit()
     {
+        if (Volatile.Read(ref _admissionHeld) > 0) return;
         var joining = new List<Sequence>();
         while (_batch.Count + _solo.Count + joining.Count < _options.MaxBatch && _pending.TryPeek(out var next))
         {
@@ -262,6 +312,8 @@ public sealed class InferenceEngine : IDisposable
             {
                 using var scope = NewDisposeScope();
                 var pixels = cat(group.Select(s => s.Request.Pixels!.to(_model.Options.DType, _model.Options.Device)).ToArray(), 0);
+                // The vision encoder's and projector's rows are tiles: each request's tiles take its adapter's branches.
+                using var routing = Route(group.SelectMany(s => Enumerable.Repeat(s.Branches, (int)s.Request.Pixels!.shape[0])).ToList());
                 var features = _model.ExtractFeatures(pixels);                                        // (tiles, 256, D)
                 long offset = 0;
                 foreach (var s in group)
@@ -296,6 +348,7 @@ public sealed class InferenceEngine : IDisposable
         seq.Cache = new KvCache(lm.Config, 1, capacity, _model.Options.DType, device);
         seq.Sampler = new Sampler(seq.Request.Sampling, device);
         using var scope = NewDisposeScope();
+        using var routing = Route([seq.Branches]);
         var ids = tensor(seq.Request.PromptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0);   // (1, T)
         var embeds = _model.EmbedWithImages(ids, seq.Features, _imageContextId);
         seq.Features?.Dispose();
@@ -349,6 +402,8 @@ public sealed class InferenceEngine : IDisposable
         int b = _batch.Count;
         _peakBatch = Math.Max(_peakBatch, b);
         using var scope = NewDisposeScope();
+        using var routing = Route(_batch.Select(s => s.Branches).ToList());
+        _adapters?.RecordBatch(_batch.Select(s => (object?)s.Request.Adapter ?? this).Distinct().Count());
         var ids = tensor(_batch.Select(s => (long)s.LastToken).ToArray(), device: device).view(b, 1);       // (B, 1)
         var positions = tensor(_batch.Select(s => s.Length).ToArray(), device: device).view(b, 1);          // (B, 1)
         bool ragged = _batch.Any(s => s.Length != cache.Length);
@@ -379,6 +434,7 @@ public sealed class InferenceEngine : IDisposable
         var lm = _model.language_model;
         var device = _model.Options.Device;
         using var scope = NewDisposeScope();
+        using var routing = Route([seq.Branches]);
         var ids = tensor(new long[] { seq.LastToken }, device: device).view(1, 1);
         if (Fused() is { } fused && fused.CanStep(seq.Cache!))
         {
@@ -397,10 +453,16 @@ public sealed class InferenceEngine : IDisposable
     {
         if (_fusedResolved) return _fused;
         _fusedResolved = true;
+        // The kernels read the base weights only: they would drop every row's LoRA delta (FusedDecodeOffReason).
+        if (_adapters is not null) return null;
         if (_model.Options.Device.type == DeviceType.CUDA)
             _fused = FusedDecoder.TryGet(_model.language_model, _options.FusedDecode, out _);
         return _fused;
     }
+
+    /// <summary>Routes the rows of the next pass to their adapters (a no-op routing when no adapters are served).</summary>
+    private LoraRouting? Route(IReadOnlyList<LoraBranches?> rows) =>
+        _adapters is null ? null : LoraRouting.Begin(rows, _model.Options.Device);
 
     /// <summary>
     /// Greedy rows share one max over (B, V); rows that sample or penalise repeats use their own seeded sampler. A row
@@ -521,6 +583,8 @@ public sealed class InferenceEngine : IDisposable
         _wake.Release();
         _thread.Join();
         _wake.Dispose();
+        // Every request has ended (and released its adapter): the weights of all adapters go now.
+        _adapters?.Dispose();
     }
 
     /// <summary>A request while it runs: its place in the batch, its cache (while prefilling or decoding alone), its output.</summary>
@@ -532,6 +596,7 @@ public sealed class InferenceEngine : IDisposable
         public List<int> Generated { get; } = [];
         public CancellationTokenRegistration Registration { get; set; }
         public volatile bool Cancelled;
+        private int _adapterReleased;
         public Tensor? Features { get; set; }
         public KvCache? Cache { get; set; }
         public Sampler? Sampler { get; set; }
@@ -539,6 +604,7 @@ public sealed class InferenceEngine : IDisposable
         public int Row { get; set; }
         public int LastToken { get; set; }
         public bool IsFinished => Done.Task.IsCompleted;
+        public LoraBranches? Branches => Request.Adapter?.Branches;
         public long Remaining => Request.Sampling.MaxNewTokens - Generated.Count;
 
         /// <summary>Prompt + generated ids, (1, S), for the repetition penalty; null when it is off.</summary>
@@ -562,6 +628,8 @@ public sealed class InferenceEngine : IDisposable
 
         private void Release()
         {
+            // The lease once: Finish and Fail may both be reached for a sequence (the rest here is idempotent).
+            if (Interlocked.Exchange(ref _adapterReleased, 1) == 0) Request.Adapter?.Release();
             Registration.Dispose();
             Features?.Dispose(); Features = null;
             Cache?.Dispose(); Cache = null;

@@ -10,7 +10,10 @@ namespace VlmTune.Inference;
 /// <summary>Limits and defaults of <see cref="InternVLChatClient"/> (the server sets them from its options).</summary>
 public sealed record ChatClientOptions
 {
-    /// <summary>The model name reported in responses (and accepted by the server).</summary>
+    /// <summary>
+    /// The base model's name, reported in responses (and accepted by the server). <see cref="ChatOptions.ModelId"/>
+    /// picks this or one of the engine's adapters.
+    /// </summary>
     public string ModelId { get; init; } = "internvl2";
     /// <summary><see cref="SamplingOptions.MaxNewTokens"/> when a request gives none (capped by what the context leaves).</summary>
     public int DefaultMaxNewTokens { get; init; } = 512;
@@ -88,7 +91,7 @@ public sealed class InternVLChatClient : IChatClient
         return new ChatResponse(new ChatMessage(ChatRole.Assistant, text.ToString()))
         {
             FinishReason = Map(last?.FinishReason),
-            ModelId = _options.ModelId,
+            ModelId = options?.ModelId ?? _options.ModelId,
             CreatedAt = DateTimeOffset.UtcNow,
             ResponseId = NewId(),
             Usage = Usage(last),
@@ -101,7 +104,7 @@ public sealed class InternVLChatClient : IChatClient
         var id = NewId();
         await foreach (var chunk in GenerateAsync(messages, options, cancellationToken).ConfigureAwait(false))
         {
-            var update = new ChatResponseUpdate(ChatRole.Assistant, chunk.Text) { ResponseId = id, MessageId = id, ModelId = _options.ModelId, CreatedAt = DateTimeOffset.UtcNow };
+            var update = new ChatResponseUpdate(ChatRole.Assistant, chunk.Text) { ResponseId = id, MessageId = id, ModelId = options?.ModelId ?? _options.ModelId, CreatedAt = DateTimeOffset.UtcNow };
             if (chunk.FinishReason is { } reason)
             {
                 update.FinishReason = Map(reason);
@@ -181,13 +184,31 @@ public sealed class InternVLChatClient : IChatClient
         }
     }
 
+    /// <summary>The model ids this client answers for: the base model's, then every served adapter's.</summary>
+    public IReadOnlyList<string> ModelIds => [_options.ModelId, .. (_engine.Adapters?.All ?? []).Select(a => a.Name)];
+
+    /// <summary>
+    /// The adapter <paramref name="modelId"/> names; null for the base model (or no id). Throws
+    /// <see cref="UnknownModelException"/> for an id this client does not serve.
+    /// </summary>
+    public ServedAdapter? ResolveModel(string? modelId)
+    {
+        if (modelId is null || modelId == _options.ModelId) return null;
+        if (_engine.Adapters?.Find(modelId) is { } adapter) return adapter;
+        var served = ModelIds;
+        string list = string.Join(", ", served.Take(8).Select(m => $"'{m}'")) + (served.Count > 8 ? $" and {served.Count - 8} more (GET /v1/models)" : "");
+        throw new UnknownModelException($"The model '{ModelNames.Clip(modelId)}' does not exist; this server serves {list}.");
+    }
+
     /// <summary>
     /// Builds the engine request: system messages (and <see cref="ChatOptions.Instructions"/>) become the system
     /// message, earlier user/assistant pairs the history, the last user message the question. A user message's
     /// images go where its text has &lt;image&gt; placeholders, or before its text when it has none.
+    /// <see cref="ChatOptions.ModelId"/> picks the adapter (<see cref="ResolveModel"/>).
     /// </summary>
     public PreparedChat Prepare(IEnumerable<ChatMessage> messages, ChatOptions? options = null)
     {
+        var adapter = ResolveModel(options?.ModelId);
         var system = new List<string>();
         if (!string.IsNullOrEmpty(options?.Instructions)) system.Add(options.Instructions);
         var turns = new List<(ChatRole Role, string Text)>();
@@ -264,7 +285,7 @@ public sealed class InternVLChatClient : IChatClient
                 throw new ChatInputException($"The prompt is {prompt.InputIds.Length} tokens, which leaves no room in the context of {_engine.ContextLimit}; shorten the conversation or send fewer images.", "messages");
             if (options?.MaxOutputTokens is null) sampling = sampling with { MaxNewTokens = Math.Min(_options.DefaultMaxNewTokens, room) };
             Tensor? pixels = processed.Count == 0 ? null : cat(processed.Select(p => p.PixelValues).ToList(), 0).DetachFromDisposeScope();
-            var request = new GenerationRequest { PromptIds = prompt.InputIds, Pixels = pixels, Sampling = sampling, StopIds = _chat.StopIds };
+            var request = new GenerationRequest { PromptIds = prompt.InputIds, Pixels = pixels, Sampling = sampling, StopIds = _chat.StopIds, Adapter = adapter };
             return new PreparedChat(request, tiles, options?.StopSequences?.ToArray() ?? []);
         }
         finally { foreach (var p in processed) p.Dispose(); }

@@ -47,7 +47,8 @@ internal static class Init
 
 /// <summary>
 /// y = x Wᵀ + b, with an optional LoRA branch kept under PEFT's names (<c>lora_A.weight</c>, <c>lora_B.weight</c>) so that
-/// base checkpoints load unchanged and adapters map one to one.
+/// base checkpoints load unchanged and adapters map one to one. Adapters served side by side keep their branches outside
+/// the layer and reach it per row through <see cref="LoraRouting"/>.
 /// </summary>
 public sealed class Linear : nn.Module<Tensor, Tensor>
 {
@@ -135,6 +136,15 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor x)
+    {
+        if (LoraRouting.Current is not { } routing) return ForwardOwn(x);
+        // Served adapters (batched LoRA): the base product once for the whole batch, then each row group's delta.
+        using var scope = NewDisposeScope();
+        return routing.Apply(this, x, ForwardOwn(x)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The base projection plus this layer's own LoRA branch, if it has one.</summary>
+    private Tensor ForwardOwn(Tensor x)
     {
         if (lora_A is null) return BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
         // A scope of its own: the base output, the LoRA branch and its scaled copy are freed here, not at the end of
