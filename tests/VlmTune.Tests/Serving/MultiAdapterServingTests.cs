@@ -79,6 +79,22 @@ public sealed class MultiAdapterServingTests(MultiAdapterFixture f, ServerFixtur
     }
 
     [FixtureFact]
+    public async Task MetricsCountEachAdaptersRequestsUnderItsModelId()
+    {
+        await using var server = await fixture.StartAsync(new ServerOptions { Adapters = Named });
+        await AnswerAsync(server, "alpha");
+        await AnswerAsync(server, "alpha");
+        await AnswerAsync(server, "beta");
+        var metrics = await server.Http.GetStringAsync("/metrics");
+        double Requests(string model) => metrics.Split('\n')
+            .Where(l => l.StartsWith("vlmtune_requests_total{", StringComparison.Ordinal) && l.Contains($"model=\"{model}\"", StringComparison.Ordinal))
+            .Sum(l => double.Parse(l[(l.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture));
+        Assert.Equal(2, Requests("alpha"));
+        Assert.Equal(1, Requests("beta"));
+        Assert.Equal(0, Requests(ServerFixture.ModelId));
+    }
+
+    [FixtureFact]
     public async Task ModelsListsTheBaseAndEveryAdapter()
     {
         await using var server = await fixture.StartAsync(new ServerOptions { Adapters = Named });
