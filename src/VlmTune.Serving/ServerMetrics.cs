@@ -55,7 +55,7 @@ public sealed class ServerMetrics
             new CounterConfiguration { LabelNames = ["model", "finish_reason", "status"] });
         _promptTokens = f.CreateCounter("vlmtune_prompt_tokens_total", "Prompt tokens prefilled (image context tokens included).", model);
         _generationTokens = f.CreateCounter("vlmtune_generation_tokens_total", "Tokens generated (stop ids excluded; tokens of cancelled requests included).", model);
-        _tiles = f.CreateCounter("vlmtune_image_tiles_total", "Image tiles (448x448, thumbnails included) encoded by the vision model.", model);
+        _tiles = f.CreateCounter("vlmtune_image_tiles_total", "Image tiles (448x448, thumbnails included) of the requests' images, those whose features came from the image-feature cache included.", model);
         _timeToFirstToken = f.CreateHistogram("vlmtune_time_to_first_token_seconds", "From the request's body read to its first generated token.",
             new HistogramConfiguration { LabelNames = model, Buckets = TimeToFirstTokenBuckets });
         _timePerOutputToken = f.CreateHistogram("vlmtune_time_per_output_token_seconds", "Time between two consecutive generated tokens of a request.",
