@@ -103,6 +103,9 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>The image-feature cache's hits, misses and bytes held (all 0, with capacity 0, when it is off).</summary>
     public ImageCacheStats ImageCache => _imageCache?.Stats ?? default;
 
+    /// <summary>Test hook: the cache itself (null when off), to compare what it holds with a direct vision pass.</summary>
+    internal ImageFeatureCache? FeatureCache => _imageCache;
+
     /// <summary>
     /// Decode steps run so far by the number of sequences each stepped: element n counts the steps of n sequences
     /// (0..<see cref="EngineOptions.MaxBatch"/>). A copy; every element only grows.

@@ -81,6 +81,23 @@ public sealed class ImageFeatureCacheTests(TinyModelFixture tiny) : IClassFixtur
         Assert.Equal((0L, 0), (engine.ImageCache.Bytes, engine.ImageCache.Entries));
     }
 
+    /// <summary>What the cache holds for an image is exactly what the vision encoder and projector give for it.</summary>
+    [FixtureFact]
+    public async Task CachedFeaturesEqualADirectVisionPass()
+    {
+        using var engine = Engine(null);
+        await Answer(engine, Request(Clot));
+        using var scope = NewDisposeScope();
+        var clot = Clot();
+        Tensor direct;
+        using (no_grad()) direct = tiny.Model.ExtractFeatures(clot);                            // (tiles, 256, D)
+        var cached = engine.FeatureCache!.Find(ImageKey.Of(clot, vision: 0));
+        Assert.NotNull(cached);
+        Assert.Equal(direct.shape, cached.shape);
+        Assert.Equal(direct.dtype, cached.dtype);
+        Assert.True(direct.equal(cached).all().item<bool>(), "the cached features differ from a direct pass");
+    }
+
     [FixtureFact]
     public async Task DifferentImagesAreTwoMisses()
     {
@@ -189,5 +206,55 @@ public sealed class ImageFeatureCacheAdapterTests(MultiAdapterFixture f)
             Assert.Equal((hits, misses), (engine.ImageCache.Hits, engine.ImageCache.Misses));
         }
         Assert.Equal(3, engine.ImageCache.Entries);   // the base's (shared with alpha), beta's, beta2's
+    }
+}
+
+/// <summary>The cache and its key on their own: LRU by bytes, ownership of the tensors, what makes two keys equal.</summary>
+public sealed class ImageFeatureCacheUnitTests
+{
+    private static ImageKey Key(int n) => new((ulong)n, 0, 0, 0, 0);
+
+    [Fact]
+    public void EvictsLeastRecentlyUsedAndFreesWhatItDrops()
+    {
+        var cache = new ImageFeatureCache(capacityBytes: 3 * 16);                    // three (4) fp32 tensors
+        var t = Enumerable.Range(0, 4).Select(_ => ones(4)).ToArray();
+        for (int i = 0; i < 3; i++) Assert.True(cache.Add(Key(i), t[i]));
+        Assert.Same(t[0], cache.Find(Key(0)));                                        // 0 is now the most recent: 1 goes next
+        Assert.True(cache.Add(Key(3), t[3]));
+        Assert.Null(cache.Find(Key(1)));
+        Assert.True(t[1].IsInvalid, "an evicted tensor was not freed");
+        Assert.Equal((48L, 3, 1L), (cache.Stats.Bytes, cache.Stats.Entries, cache.Stats.Evictions));
+
+        // Too large for the budget, or a key held already: not taken, the caller keeps it.
+        using var big = ones(13);
+        Assert.False(cache.Add(Key(9), big));
+        using var again = ones(4);
+        Assert.False(cache.Add(Key(3), again));
+        Assert.False(big.IsInvalid || again.IsInvalid);
+
+        cache.Dispose();
+        Assert.All(new[] { t[0], t[2], t[3] }, x => Assert.True(x.IsInvalid, "dispose left a cached tensor alive"));
+        Assert.Equal((0L, 0), (cache.Stats.Bytes, cache.Stats.Entries));
+    }
+
+    [Fact]
+    public void KeysFollowTheBytesDtypeShapeAndVisionAdapter()
+    {
+        using var scope = NewDisposeScope();
+        var a = arange(2 * 3 * 4 * 4, dtype: ScalarType.Float32).view(2, 3, 4, 4);
+        Assert.Equal(ImageKey.Of(a, 0), ImageKey.Of(a.clone(), 0));
+        Assert.NotEqual(ImageKey.Of(a, 0), ImageKey.Of(a, 7));                          // another vision adapter
+        Assert.NotEqual(ImageKey.Of(a, 0), ImageKey.Of(a.to_type(ScalarType.BFloat16), 0));
+        Assert.NotEqual(ImageKey.Of(a, 0), ImageKey.Of(a.view(1, 6, 4, 4), 0));           // same bytes, another tiling
+        var b = a.clone();
+        b[1, 2, 3, 3] = tensor(-1f);
+        Assert.NotEqual(ImageKey.Of(a, 0), ImageKey.Of(b, 0));                              // one value differs
+        // A request's second image is a view at an offset: it hashes as that image alone.
+        Assert.Equal(ImageKey.Of(a[1..].clone(), 0), ImageKey.Of(a.narrow(0, 1, 1), 0));
+        Assert.NotEqual(ImageKey.Of(a.narrow(0, 0, 1), 0), ImageKey.Of(a.narrow(0, 1, 1), 0));
+        // Not contiguous: hashed as its values in order.
+        var t = a.transpose(2, 3);
+        Assert.Equal(ImageKey.Of(t.contiguous(), 0), ImageKey.Of(t, 0));
     }
 }
