@@ -55,7 +55,7 @@ public sealed class ServerMetrics
             new CounterConfiguration { LabelNames = ["model", "finish_reason", "status"] });
         _promptTokens = f.CreateCounter("vlmtune_prompt_tokens_total", "Prompt tokens prefilled (image context tokens included).", model);
         _generationTokens = f.CreateCounter("vlmtune_generation_tokens_total", "Tokens generated (stop ids excluded; tokens of cancelled requests included).", model);
-        _tiles = f.CreateCounter("vlmtune_image_tiles_total", "Image tiles (448x448, thumbnails included) encoded by the vision model.", model);
+        _tiles = f.CreateCounter("vlmtune_image_tiles_total", "Image tiles (448x448, thumbnails included) of the requests' images, those whose features came from the image-feature cache included.", model);
         _timeToFirstToken = f.CreateHistogram("vlmtune_time_to_first_token_seconds", "From the request's body read to its first generated token.",
             new HistogramConfiguration { LabelNames = model, Buckets = TimeToFirstTokenBuckets });
         _timePerOutputToken = f.CreateHistogram("vlmtune_time_per_output_token_seconds", "Time between two consecutive generated tokens of a request.",
@@ -72,6 +72,10 @@ public sealed class ServerMetrics
         var kvUsed = f.CreateGauge("vlmtune_kv_cache_used_tokens", "KV-cache token slots (rows x columns) held by the running sequences' caches.");
         var kvCapacity = f.CreateGauge("vlmtune_kv_cache_capacity_tokens", "The engine's KV-cache budget in token slots (ServerOptions.KvCacheTokens).");
         var kvUsage = f.CreateGauge("vlmtune_kv_cache_usage_ratio", "vlmtune_kv_cache_used_tokens / vlmtune_kv_cache_capacity_tokens (0 to 1).");
+        var imageCacheHits = f.CreateCounter("vlmtune_image_cache_hits_total", "Images whose features came from the engine's image-feature cache (the vision encoder did not run for them).");
+        var imageCacheMisses = f.CreateCounter("vlmtune_image_cache_misses_total", "Images the vision encoder ran for while the image-feature cache is on.");
+        var imageCacheBytes = f.CreateGauge("vlmtune_image_cache_bytes", "Bytes of image features the engine's image-feature cache holds.");
+        var imageCacheCapacity = f.CreateGauge("vlmtune_image_cache_capacity_bytes", "The image-feature cache's budget in bytes (--image-cache-mib); 0: off.");
         int maxBatch = engine.Options.MaxBatch;
         _stepBatchSize = f.CreateHistogram("vlmtune_decode_step_batch_size", "Sequences stepped by each decode step of the engine.",
             new HistogramConfiguration { Buckets = BatchBuckets(maxBatch) });
@@ -87,6 +91,11 @@ public sealed class ServerMetrics
             kvUsed.Set(stats.CacheSlots);
             kvCapacity.Set(capacity);
             kvUsage.Set((double)stats.CacheSlots / capacity);
+            var images = engine.ImageCache;
+            imageCacheHits.IncTo(images.Hits);
+            imageCacheMisses.IncTo(images.Misses);
+            imageCacheBytes.Set(images.Bytes);
+            imageCacheCapacity.Set(images.CapacityBytes);
             ObserveNewSteps();
         });
         // Known series start at 0, so that rate() and increase() see their first events.

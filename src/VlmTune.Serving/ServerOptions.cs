@@ -67,6 +67,11 @@ public sealed record ServerOptions
     /// <summary>KV-cache budget of the engine, in token slots.</summary>
     public long KvCacheTokens { get; init; } = 1 << 18;
     /// <summary>
+    /// MiB of the engine's image-feature cache (<c>--image-cache-mib</c>; <see cref="EngineOptions.ImageCacheBytes"/>):
+    /// an image sent again skips the vision encoder. Null: 512 on CUDA, 64 on the CPU; 0: off.
+    /// </summary>
+    public long? ImageCacheMib { get; init; }
+    /// <summary>
     /// On SIGTERM/SIGINT: how long in-flight requests may run on before they are ended (a stream with an error event
     /// <c>server_shutting_down</c>, a plain request with 503). New connections are refused from the signal on.
     /// </summary>
@@ -134,6 +139,7 @@ public sealed record ServerOptions
         if (string.IsNullOrWhiteSpace(ModelDir)) yield return "--model is required.";
         if (Port is < 0 or > 65535) yield return $"--port must be 0..65535 (got {Port}).";
         if (MaxBatch < 1) yield return $"--max-batch must be ≥ 1 (got {MaxBatch}).";
+        if (ImageCacheMib is < 0 or > 1L << 30) yield return $"--image-cache-mib must be 0 (off) to {1L << 30} (got {ImageCacheMib}).";
         if (MaxTiles is < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
         if (MaxTilesPerRequest < 1) yield return $"max tiles per request must be ≥ 1 (got {MaxTilesPerRequest}).";
         if (MaxImagesPerRequest < 0) yield return $"max images per request must be ≥ 0 (got {MaxImagesPerRequest}).";

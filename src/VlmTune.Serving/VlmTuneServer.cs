@@ -161,6 +161,7 @@ public static class VlmTuneServer
             {
                 MaxBatch = options.MaxBatch,
                 MaxCacheTokens = options.KvCacheTokens,
+                ImageCacheBytes = options.ImageCacheMib * (1L << 20),
                 MaxQueue = options.MaxConcurrentRequests,
                 MaxContextTokens = options.MaxContextTokens,
             }.With(chat.Switches), adapters);

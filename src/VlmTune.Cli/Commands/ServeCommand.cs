@@ -25,6 +25,10 @@ internal static class ServeCommand
     private static readonly Option<int?> Port = new("--port") { Description = $"Port to listen on; 0 for any free port. [default: {Defaults.Port}]" };
     private static readonly Option<string?> ApiKey = new("--api-key") { Description = "Require 'Authorization: Bearer KEY' on every endpoint but /health." };
     private static readonly Option<int?> MaxBatch = new("--max-batch") { Description = $"Requests decoded together. [default: {Defaults.MaxBatch}]" };
+    private static readonly Option<long?> ImageCacheMib = new("--image-cache-mib")
+    {
+        Description = "MiB of image features kept for images sent again (they skip the vision encoder); 0: off. [default: 512 on CUDA, 64 on the CPU]",
+    };
     private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
@@ -38,7 +42,7 @@ internal static class ServeCommand
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
-            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
+            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, ImageCacheMib, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, switches, ct)));
         return command;
@@ -62,6 +66,7 @@ internal static class ServeCommand
         Set(nameof(ServerOptions.Port), parse.GetValue(Port));
         Set(nameof(ServerOptions.ApiKey), parse.GetValue(ApiKey));
         Set(nameof(ServerOptions.MaxBatch), parse.GetValue(MaxBatch));
+        Set(nameof(ServerOptions.ImageCacheMib), parse.GetValue(ImageCacheMib));
         Set(nameof(ServerOptions.MaxTiles), parse.GetValue(MaxTiles));
         Set(nameof(ServerOptions.AllowLocalImages), parse.GetValue(AllowLocalImages));
         if (parse.GetValue(AllowRemoteImages)) Set(nameof(ServerOptions.AllowRemoteImages), true);

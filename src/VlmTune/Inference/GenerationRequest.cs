@@ -15,6 +15,13 @@ public sealed record GenerationRequest
     /// </summary>
     public Tensor? Pixels { get; init; }
 
+    /// <summary>
+    /// Tiles of each image of <see cref="Pixels"/>, in order (they sum to its first dimension): where one image ends and
+    /// the next begins, so the engine's image-feature cache can reuse each image on its own. Null: all of
+    /// <see cref="Pixels"/> is cached as one unit.
+    /// </summary>
+    public IReadOnlyList<int>? ImageTiles { get; init; }
+
     public SamplingOptions Sampling { get; init; } = new();
 
     /// <summary>Ids that end the answer (not part of it), e.g. &lt;|im_end|&gt; and &lt;/s&gt;.</summary>

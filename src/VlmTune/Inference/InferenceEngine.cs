@@ -19,6 +19,10 @@ namespace VlmTune.Inference;
 /// With <see cref="ServedAdapters"/>, each request names its adapter (or the base): every pass routes its rows to their
 /// adapters' LoRA branches (<see cref="LoraRouting"/>: image tiles in the vision pass, the prompt in prefill, the rows
 /// of a decode step), so requests for different adapters share one batch over the unmerged base weights.
+///
+/// Images seen before skip the vision pass: <see cref="ImageFeatureCache"/> keeps recent images' projected features
+/// (by a SHA-256 of each image's tiles, hashed in <see cref="Submit"/> on the caller's thread, and the vision adapter in
+/// effect), bounded by <see cref="EngineOptions.ImageCacheBytes"/>.
 /// </summary>
 public sealed class InferenceEngine : IDisposable
 {
@@ -49,6 +53,7 @@ public sealed class InferenceEngine : IDisposable
     private int _decoding;                    // sequences in the latest decode step; 0 while the engine is idle
     private long _cacheSlots;                 // KV slots (rows × columns) the running sequences' caches hold
     private readonly long[] _stepsByBatch;    // decode steps by the number of sequences they stepped (0..MaxBatch)
+    private readonly ImageFeatureCache? _imageCache;   // null: off (ImageCacheBytes 0)
 
     /// <param name="adapters">Adapters to serve beside the base (the engine owns them from here: disposing it unloads them); null: the base only.</param>
     public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null, ServedAdapters? adapters = null)
@@ -64,6 +69,8 @@ public sealed class InferenceEngine : IDisposable
         _contextLimit = _options.MaxContextTokens ?? EngineOptions.DefaultContext(llm);
         _dynamicThreshold = llm.RopeScaling is { Type: "dynamic" } ? llm.MaxPositionEmbeddings : long.MaxValue;
         _stepsByBatch = new long[_options.MaxBatch + 1];
+        long imageCacheBytes = _options.ImageCacheBytes ?? EngineOptions.DefaultImageCacheBytes(model.Options.Device);
+        if (imageCacheBytes > 0) _imageCache = new ImageFeatureCache(imageCacheBytes);
         _thread = new Thread(Loop) { IsBackground = true, Name = "vlmtune-engine" };
         _thread.Start();
     }
@@ -93,6 +100,12 @@ public sealed class InferenceEngine : IDisposable
     public EngineStats Stats => new(Volatile.Read(ref _running), Volatile.Read(ref _queued), Volatile.Read(ref _peakBatch), Interlocked.Read(ref _steps),
         Volatile.Read(ref _decoding), Interlocked.Read(ref _cacheSlots));
 
+    /// <summary>The image-feature cache's hits, misses and bytes held (all 0, with capacity 0, when it is off).</summary>
+    public ImageCacheStats ImageCache => _imageCache?.Stats ?? default;
+
+    /// <summary>Test hook: the cache itself (null when off), to compare what it holds with a direct vision pass.</summary>
+    internal ImageFeatureCache? FeatureCache => _imageCache;
+
     /// <summary>
     /// Decode steps run so far by the number of sequences each stepped: element n counts the steps of n sequences
     /// (0..<see cref="EngineOptions.MaxBatch"/>). A copy; every element only grows.
@@ -114,6 +127,8 @@ public sealed class InferenceEngine : IDisposable
     {
         ObjectDisposedException.ThrowIf(_stopping, this);
         Validate(request);
+        // Hashed here, on the caller's thread, so the loop never stalls the batch over it.
+        var imageKeys = _imageCache is null ? null : ImageKeys(request);
         if (Interlocked.Increment(ref _queued) + Volatile.Read(ref _running) > _options.MaxQueue + _options.MaxBatch)
         {
             Interlocked.Decrement(ref _queued);
@@ -125,7 +140,7 @@ public sealed class InferenceEngine : IDisposable
             Interlocked.Decrement(ref _queued);
             throw new UnknownModelException($"The model '{adapter.Name}' was unloaded.");
         }
-        var seq = new Sequence(request);
+        var seq = new Sequence(request) { ImageKeys = imageKeys };
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
         _pending.Enqueue(seq);
@@ -162,8 +177,27 @@ public sealed class InferenceEngine : IDisposable
         int perTile = _model.Config.NumImageToken;
         if (slots != tiles * perTile)
             throw new InvalidGenerationRequestException($"The prompt has {slots} image-context tokens but the images have {tiles} tiles ({perTile} tokens each).", "messages");
+        if (r.ImageTiles is { } perImage && (perImage.Any(n => n < 1) || perImage.Sum(n => (long)n) != tiles))
+            throw new InvalidGenerationRequestException($"The images' tile counts ({string.Join(", ", perImage)}) do not add up to the {tiles} tiles given (each image has at least one).", "messages");
         if (r.Pixels is { } p && (p.dim() != 4 || p.shape[1] != 3 || p.shape[2] != _model.Config.ForceImageSize || p.shape[3] != _model.Config.ForceImageSize))
             throw new InvalidGenerationRequestException($"Image tiles must be (N, 3, {_model.Config.ForceImageSize}, {_model.Config.ForceImageSize}); got ({string.Join(", ", p.shape)}).", "messages");
+    }
+
+    /// <summary>Each image's cache key and its tiles in the request's pixels: (key, first tile, tiles).</summary>
+    private static List<(ImageKey Key, long Offset, long Tiles)>? ImageKeys(GenerationRequest r)
+    {
+        if (r.Pixels is not { } pixels) return null;
+        long vision = r.Adapter?.VisionKey ?? 0;
+        var perImage = r.ImageTiles ?? [(int)pixels.shape[0]];
+        var keys = new List<(ImageKey, long, long)>(perImage.Count);
+        long offset = 0;
+        foreach (int n in perImage)
+        {
+            using var image = pixels.narrow(0, offset, n);
+            keys.Add((ImageKey.Of(image, vision), offset, n));
+            offset += n;
+        }
+        return keys;
     }
 
     // ---------------------------------------------------------------- loop
@@ -308,25 +342,7 @@ public sealed class InferenceEngine : IDisposable
                 tiles += withImages[i].Request.Pixels!.shape[0];
                 group.Add(withImages[i++]);
             }
-            try
-            {
-                using var scope = NewDisposeScope();
-                var pixels = cat(group.Select(s => s.Request.Pixels!.to(_model.Options.DType, _model.Options.Device)).ToArray(), 0);
-                // The vision encoder's and projector's rows are tiles: each request's tiles take its adapter's branches.
-                using var routing = Route(group.SelectMany(s => Enumerable.Repeat(s.Branches, (int)s.Request.Pixels!.shape[0])).ToList());
-                var features = _model.ExtractFeatures(pixels);                                        // (tiles, 256, D)
-                long offset = 0;
-                foreach (var s in group)
-                {
-                    long n = s.Request.Pixels!.shape[0];
-                    s.Features = features.narrow(0, offset, n).clone().DetachFromDisposeScope();
-                    offset += n;
-                }
-            }
-            catch (Exception e)
-            {
-                foreach (var s in group) s.Fail(e);
-            }
+            EncodeGroup(group);
             foreach (var s in group)
             {
                 long n = s.Request.Pixels!.shape[0];
@@ -335,6 +351,80 @@ public sealed class InferenceEngine : IDisposable
             }
         }
         joining.RemoveAll(s => s.IsFinished);
+    }
+
+    /// <summary>
+    /// One vision pass over the group's images that the cache does not hold (each distinct image once), then each
+    /// request's features (its images' features in order, cached or fresh). The fresh ones enter the cache after every
+    /// request has taken its copy, so no entry found for this group is evicted before it is read. A failed pass fails the
+    /// requests that needed it; those whose images were all cached go on.
+    /// </summary>
+    private void EncodeGroup(List<Sequence> group)
+    {
+        using var scope = NewDisposeScope();
+        var cache = _imageCache;
+        var toEncode = new List<(Sequence Seq, long Offset, long Tiles, ImageKey? Key)>();
+        var fresh = new Dictionary<ImageKey, int>();          // image → its index in toEncode
+        var parts = new Dictionary<Sequence, List<(Tensor? Cached, int Fresh)>>();
+        long hits = 0;
+        foreach (var s in group)
+        {
+            var list = parts[s] = [];
+            if (cache is null || s.ImageKeys is null)
+            {
+                list.Add((null, toEncode.Count));
+                toEncode.Add((s, 0, s.Request.Pixels!.shape[0], null));
+                continue;
+            }
+            foreach (var (key, offset, n) in s.ImageKeys)
+            {
+                if (cache.Find(key) is { } cached) { list.Add((cached, -1)); hits++; }
+                else if (fresh.TryGetValue(key, out int j)) { list.Add((null, j)); hits++; }   // an equal image of this group: encoded once
+                else
+                {
+                    fresh[key] = toEncode.Count;
+                    list.Add((null, toEncode.Count));
+                    toEncode.Add((s, offset, n, key));
+                }
+            }
+        }
+
+        var pieces = new Tensor[toEncode.Count];
+        Exception? passFailure = null;
+        if (toEncode.Count > 0)
+        {
+            try
+            {
+                var pixels = cat(toEncode.Select(e => e.Seq.Request.Pixels!.narrow(0, e.Offset, e.Tiles).to(_model.Options.DType, _model.Options.Device)).ToArray(), 0);
+                // The vision encoder's and projector's rows are tiles: each request's tiles take its adapter's branches.
+                using var routing = Route(toEncode.SelectMany(e => Enumerable.Repeat(e.Seq.Branches, (int)e.Tiles)).ToList());
+                var features = _model.ExtractFeatures(pixels);                                        // (tiles, 256, D)
+                long offset = 0;
+                for (int j = 0; j < toEncode.Count; j++)
+                {
+                    pieces[j] = features.narrow(0, offset, toEncode[j].Tiles);                      // (tiles_j, 256, D)
+                    offset += toEncode[j].Tiles;
+                }
+            }
+            catch (Exception e) { passFailure = e; }
+        }
+
+        foreach (var s in group)
+        {
+            try
+            {
+                var list = parts[s];
+                if (passFailure is not null && list.Any(p => p.Cached is null)) throw passFailure;
+                var own = list.Select(p => p.Cached ?? pieces[p.Fresh]).ToArray();
+                s.Features = (own.Length == 1 ? own[0].clone() : cat(own, 0)).DetachFromDisposeScope();  // (tiles, 256, D)
+            }
+            catch (Exception e) { s.Fail(e); }
+        }
+        if (cache is null) return;
+        cache.Count(hits, misses: toEncode.Count(e => e.Key is not null));
+        if (passFailure is not null) return;
+        for (int j = 0; j < toEncode.Count; j++)
+            if (toEncode[j].Key is { } key) cache.Add(key, pieces[j].clone());   // not taken (too large): freed with the scope
     }
 
     /// <summary>One pass over the prompt into a one-row cache (exactly what a solo run does), then the first token.</summary>
@@ -583,6 +673,7 @@ public sealed class InferenceEngine : IDisposable
         _wake.Release();
         _thread.Join();
         _wake.Dispose();
+        _imageCache?.Dispose();
         // Every request has ended (and released its adapter): the weights of all adapters go now.
         _adapters?.Dispose();
     }
@@ -598,6 +689,8 @@ public sealed class InferenceEngine : IDisposable
         public volatile bool Cancelled;
         private int _adapterReleased;
         public Tensor? Features { get; set; }
+        /// <summary>Each image's cache key and tiles (null when the cache is off or the request has no image).</summary>
+        public List<(ImageKey Key, long Offset, long Tiles)>? ImageKeys { get; init; }
         public KvCache? Cache { get; set; }
         public Sampler? Sampler { get; set; }
         public long Length { get; set; } = request.PromptIds.Count;   // tokens in the cache (the prompt until it is prefilled)

@@ -168,7 +168,7 @@ public sealed class InternVLChat : IDisposable
         using var prompt = Prepare(request);
         var stream = Engine.Submit(new GenerationRequest
         {
-            PromptIds = prompt.InputIds, Pixels = prompt.Pixels, Sampling = request.Sampling, StopIds = StopIds,
+            PromptIds = prompt.InputIds, Pixels = prompt.Pixels, ImageTiles = prompt.Tiles, Sampling = request.Sampling, StopIds = StopIds,
         }, cancellation);
         var decoder = onText is null ? null : Tokenizer.CreateStreamDecoder();
         foreach (var id in stream.ReadTokensAsync().ToBlockingEnumerable())

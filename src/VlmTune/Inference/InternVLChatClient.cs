@@ -285,7 +285,7 @@ public sealed class InternVLChatClient : IChatClient
                 throw new ChatInputException($"The prompt is {prompt.InputIds.Length} tokens, which leaves no room in the context of {_engine.ContextLimit}; shorten the conversation or send fewer images.", "messages");
             if (options?.MaxOutputTokens is null) sampling = sampling with { MaxNewTokens = Math.Min(_options.DefaultMaxNewTokens, room) };
             Tensor? pixels = processed.Count == 0 ? null : cat(processed.Select(p => p.PixelValues).ToList(), 0).DetachFromDisposeScope();
-            var request = new GenerationRequest { PromptIds = prompt.InputIds, Pixels = pixels, Sampling = sampling, StopIds = _chat.StopIds, Adapter = adapter };
+            var request = new GenerationRequest { PromptIds = prompt.InputIds, Pixels = pixels, ImageTiles = tiles, Sampling = sampling, StopIds = _chat.StopIds, Adapter = adapter };
             return new PreparedChat(request, tiles, options?.StopSequences?.ToArray() ?? []);
         }
         finally { foreach (var p in processed) p.Dispose(); }

@@ -43,13 +43,23 @@ public sealed class ServedAdapter
     private int _leases;
     private bool _retired;
 
-    internal ServedAdapter(ServedAdapters owner, string name, string description, LoraBranches branches)
+    private static long _lastVisionKey;
+
+    internal ServedAdapter(ServedAdapters owner, string name, string description, LoraBranches branches, bool adaptsVision)
     {
         Owner = owner; Name = name; Description = description; Branches = branches;
+        VisionKey = adaptsVision ? Interlocked.Increment(ref _lastVisionKey) : 0;
     }
 
     internal ServedAdapters Owner { get; }
     internal LoraBranches Branches { get; }
+
+    /// <summary>
+    /// Whose image features this adapter's requests get (the engine's image-feature cache key): 0 when it has no LoRA on
+    /// the vision encoder or the projector (its features are the base's), else an id of its own, never given again
+    /// (an adapter loaded later under the same name gets another).
+    /// </summary>
+    internal long VisionKey { get; }
 
     public string Name { get; }
     /// <summary>What the adapter holds, in one line (<see cref="AdapterCheckpoint.Describe"/>).</summary>
@@ -148,7 +158,9 @@ public sealed class ServedAdapters : IDisposable
             string description;
             try { (branches, description) = AdapterLoader.LoadBranches(Model, dir, name); }
             catch (Exception e) when (e is VlmTuneException or IOException or UnauthorizedAccessException) { throw new InvalidAdapterException(e.Message, "path"); }
-            var adapter = new ServedAdapter(this, name, description, branches);
+            // LoRA on the ViT or the projector changes the image features; on the LLM only, they are the base's.
+            bool adaptsVision = Linear.AllIn(Model.vision_model).Concat(Linear.AllIn(Model.mlp1)).Any(l => branches.For(l.Linear) is not null);
+            var adapter = new ServedAdapter(this, name, description, branches, adaptsVision);
             Volatile.Write(ref _adapters, _adapters.Add(adapter));
             return adapter;
         }
