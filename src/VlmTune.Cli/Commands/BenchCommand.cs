@@ -107,7 +107,7 @@ internal static class BenchCommand
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
             RandomInit.Apply(model, seed: 0);
-            var flops = TrainingFlops.Of(model, visionTrainable: false);   // before NF4 packs the weights
+            var flops = TrainingFlops.Of(model, recipe.TrainsVision);   // before NF4 packs the weights
             var prepared = ModelPreparation.Apply(model, recipe, dtype, _ => { }, nf4CudaKernel: switches.Nf4Kernel);
             string? nf4Check = mode == TrainMode.Qlora ? CheckNf4Kernel(prepared.QuantizedLlmWeights) : null;
             var seeds = new DropoutSeeds(recipe.Seed);

@@ -147,7 +147,7 @@ public static class DataValidator
         var tiles = new List<int>(sample.Images.Count);
         var imageFacts = new List<ImageFacts>(sample.Images.Count);
         // As InternVL's fine-tuning (and the trainer's encoder): several images share the tile budget, at least one tile each.
-        var maxTiles = new ImageProcessorOptions { MaxTiles = options.MaxTiles }.ForImages(sample.Images.Count, TileSharing.SplitBetweenImages, sample.MaxDynamicPatch).MaxTiles;
+        var maxTiles = ModelTiling.TilesPerImage(sample.MaxDynamicPatch ?? options.MaxTiles, sample.Images.Count, TileSharing.SplitBetweenImages);
         if (sample.Images.Count > 0 && options.MinTiles > maxTiles)
             problems.Add(new DataProblem(DataProblemKind.BadRecord, source,
                 $"{sample.Images.Count} images leave {maxTiles} tile(s) each, below min_dynamic_patch {options.MinTiles}"));

@@ -38,9 +38,10 @@ public static class ModelTiling
     /// validation, training's encoder, chat and serving apply (<paramref name="maxTiles"/>: a sample's own
     /// max_dynamic_patch, from an InternVL meta file; null: the options').
     /// </summary>
-    public static ImageProcessorOptions ForImages(this ImageProcessorOptions options, int imageCount, TileSharing sharing, int? maxTiles = null)
-    {
-        int budget = maxTiles ?? options.MaxTiles;
-        return options with { MaxTiles = sharing == TileSharing.PerImage ? budget : Math.Max(1, budget / Math.Max(1, imageCount)) };
-    }
+    public static ImageProcessorOptions ForImages(this ImageProcessorOptions options, int imageCount, TileSharing sharing, int? maxTiles = null) =>
+        options with { MaxTiles = TilesPerImage(maxTiles ?? options.MaxTiles, imageCount, sharing) };
+
+    /// <summary>The most tiles each of <paramref name="imageCount"/> images may take out of <paramref name="budget"/>.</summary>
+    public static int TilesPerImage(int budget, int imageCount, TileSharing sharing) =>
+        sharing == TileSharing.PerImage ? budget : Math.Max(1, budget / Math.Max(1, imageCount));
 }

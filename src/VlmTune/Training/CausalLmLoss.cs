@@ -12,7 +12,7 @@ namespace VlmTune.Training;
 /// </summary>
 public static class CausalLmLoss
 {
-    public const long IgnoreIndex = -100;
+    public const long IgnoreIndex = VlmTune.Text.ConversationTokenizer.IgnoreTokenId;
 
     /// <param name="hidden">(B, T, D) final hidden states.</param>
     /// <param name="labels">(B, T) labels aligned with the inputs (not shifted), -100 where not supervised.</param>

@@ -93,7 +93,7 @@ public static class ModelPreparation
 
         List<(string Name, Parameter Param)> trainable = [.. model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => (p.name, p.parameter))];
         if (trainable.Count == 0) throw new VlmTuneException($"{config.Source}: the config trains nothing (every part is frozen).");
-        var prepared = new PreparedModel(trainable, llmLora, visionLora, VisionTrainable: !config.FreezeVision || config.VisionLoraR > 0,
+        var prepared = new PreparedModel(trainable, llmLora, visionLora, VisionTrainable: config.TrainsVision,
             ProjectorTrainable: !config.FreezeProjector, quantized);
         info($"trainable parameters: {prepared.TrainableCount:N0} in {trainable.Count} tensors ({string.Join(", ", trainable.Select(t => t.Name.Split('.')[0]).Distinct())})");
 

@@ -142,6 +142,8 @@ public sealed class TrainConfig
 
     public bool LlmFrozen => FreezeLlm ?? Mode != TrainMode.Full;
     public bool UsesLora => Mode != TrainMode.Full;
+    /// <summary>The vision tower learns: unfrozen, or through vision LoRA.</summary>
+    public bool TrainsVision => !FreezeVision || VisionLoraR > 0;
     public string RunName => Name ?? Path.GetFileNameWithoutExtension(Source);
     public string ResolvedWorkDir => WorkDir ?? Path.Combine("work_dirs", RunName);
     public string ResolvedVisionCacheDir => VisionCacheDir ?? Path.Combine(ResolvedWorkDir, "vision_cache");

@@ -192,8 +192,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
     {
         var log = _log!;
         var model = Model;
-        bool visionTrainable = !Config.FreezeVision || Config.VisionLoraR > 0;
-        _flops = TrainingFlops.Of(model, visionTrainable);   // before NF4 packs the weights
+        _flops = TrainingFlops.Of(model, Config.TrainsVision);   // before NF4 packs the weights
         _prepared = ModelPreparation.Apply(model, Config, _dtype, log.Info, _options.Switches.Nf4Kernel);
         _schedule = new LrSchedule(Config.Lr, TotalIterations, Config.WarmupRatio);
         // Ranks draw different dropout masks (as they would on different samples); rank 0's are the single-process ones.
