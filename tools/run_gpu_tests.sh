@@ -33,6 +33,7 @@ torchlib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torc
   || { echo "python3 with PyTorch is needed: its libtorch is the one the tests run on" >&2; exit 2; }
 export LD_LIBRARY_PATH=$torchlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export VLMTUNE_FIXTURES=${VLMTUNE_FIXTURES:-$PWD/.gpu/fixtures}
+export VLMTUNE_REPO_ROOT=$PWD   # the repository's own fixtures (tests/fixtures/families): the runner starts in the binary's folder
 if [[ -f $VLMTUNE_FIXTURES ]]; then
   fixtures=$(mktemp -d /tmp/vlmtune-fixtures.XXXXXX)
   tar xJf "$VLMTUNE_FIXTURES" -C "$fixtures" || { echo "cannot unpack $VLMTUNE_FIXTURES" >&2; exit 2; }

@@ -20,6 +20,7 @@ public sealed record RuntimeSwitches
     public const string FusedMmaUnrollVariable = "VLMTUNE_FUSED_MMA_UNROLL";
     public const string FusedSkipVariable = "VLMTUNE_FUSED_SKIP";
     public const string Nf4KernelVariable = "VLMTUNE_NF4_KERNEL";
+    public const string FusedAdamWVariable = "VLMTUNE_FUSED_ADAMW";
     public const string GpuIsolatedVariable = "VLMTUNE_GPU_ISOLATED";
     public const string MemoryTraceVariable = "VLMTUNE_MEMORY_TRACE";
     public const string TestFaultVariable = "VLMTUNE_TEST_FAULT";
@@ -36,6 +37,9 @@ public sealed record RuntimeSwitches
 
     /// <summary>VLMTUNE_NF4_KERNEL: NF4 weights dequantise on CUDA with our kernel (false: tensor ops).</summary>
     public bool Nf4Kernel { get; init; } = true;
+
+    /// <summary>VLMTUNE_FUSED_ADAMW: the optimizer step on CUDA runs the multi-tensor kernels (false: TorchSharp's AdamW per tensor).</summary>
+    public bool FusedAdamW { get; init; } = true;
 
     /// <summary>VLMTUNE_GPU_ISOLATED: the launcher already left this rank one GPU in CUDA_VISIBLE_DEVICES.</summary>
     public bool GpuIsolated { get; init; }
@@ -94,6 +98,7 @@ public sealed record RuntimeSwitches
                 else problems.Add($"{FusedSkipVariable}='{skipped}' names '{name}', not a kernel group (accepted: a comma-separated list of {string.Join(", ", FusedDecodeTuning.SkipNames.Keys)}).");
             }
         bool nf4Kernel = Switch(Nf4KernelVariable, true);
+        bool fusedAdamW = Switch(FusedAdamWVariable, true);
         bool gpuIsolated = Switch(GpuIsolatedVariable, false);
         long? traced = Positive(MemoryTraceVariable, "an iteration number", long.MaxValue);
         InjectedFault? fault = null;
@@ -109,6 +114,7 @@ public sealed record RuntimeSwitches
             FusedDecode = fusedDecode,
             FusedTuning = new FusedDecodeTuning { TensorCores = tensorCores, GemvUnroll = gemvUnroll, MmaUnroll = mmaUnroll, Skip = skip },
             Nf4Kernel = nf4Kernel,
+            FusedAdamW = fusedAdamW,
             GpuIsolated = gpuIsolated,
             MemoryTraceIteration = traced,
             TestFault = fault,

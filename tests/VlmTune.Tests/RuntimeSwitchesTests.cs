@@ -17,7 +17,7 @@ public sealed class RuntimeSwitchesTests
         Assert.Equal(RuntimeSwitches.Defaults, Parse());
         Assert.Equal(RuntimeSwitches.Defaults, Parse((RuntimeSwitches.FusedDecodeVariable, "  "), (RuntimeSwitches.TestPauseVariable, "")));   // empty: unset
         var d = RuntimeSwitches.Defaults;
-        Assert.True(d.FusedDecode && d.Nf4Kernel && d.FusedTuning.TensorCores);
+        Assert.True(d.FusedDecode && d.Nf4Kernel && d.FusedAdamW && d.FusedTuning.TensorCores);
         Assert.False(d.GpuIsolated);
         Assert.Null(d.FusedTuning.GemvUnroll);
         Assert.Equal(FusedKernels.None, d.FusedTuning.Skip);
@@ -40,6 +40,7 @@ public sealed class RuntimeSwitchesTests
         Assert.Equal(on, Parse((RuntimeSwitches.FusedDecodeVariable, value)).FusedDecode);
         Assert.Equal(on, Parse((RuntimeSwitches.FusedMmaVariable, value)).FusedTuning.TensorCores);
         Assert.Equal(on, Parse((RuntimeSwitches.Nf4KernelVariable, value)).Nf4Kernel);
+        Assert.Equal(on, Parse((RuntimeSwitches.FusedAdamWVariable, value)).FusedAdamW);
         Assert.Equal(on, Parse((RuntimeSwitches.GpuIsolatedVariable, value)).GpuIsolated);
     }
 
@@ -62,6 +63,7 @@ public sealed class RuntimeSwitchesTests
     [InlineData(RuntimeSwitches.FusedDecodeVariable, "maybe", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.FusedMmaVariable, "2", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.Nf4KernelVariable, "disabled", "1, true, on, yes / 0, false, off, no")]
+    [InlineData(RuntimeSwitches.FusedAdamWVariable, "fast", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.GpuIsolatedVariable, "y", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.FusedGemvUnrollVariable, "0", "an integer ≥ 1")]
     [InlineData(RuntimeSwitches.FusedMmaUnrollVariable, "four", "an integer ≥ 1")]

@@ -40,12 +40,12 @@ internal static class BenchCommand
         decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse, switches))));
         var train = new Command("train", "Time LoRA / QLoRA / full training steps on a synthetic batch.")
         {
-            Config, Device, DType, Mode, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
+            Config, Device, DType, Mode, Workload, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
         };
         train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse, switches))));
         var makeModel = new Command("make-model", "Write a model folder with random weights in the official layout (for end-to-end runs without a download).")
         {
-            Config, TokenizerFrom, Out, Seed,
+            Config, TokenizerFrom, Out, Seed, InitDevice,
         };
         makeModel.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(MakeModel(parse))));
         return new Command("bench", "Performance benchmarks with random shape-true weights.") { decode, train, makeModel };
@@ -53,6 +53,7 @@ internal static class BenchCommand
 
     private static readonly Option<string> TokenizerFrom = new("--tokenizer-from") { Description = "Folder whose tokenizer and generation files are copied.", Required = true };
     private static readonly Option<string> Out = new("--out") { Description = "Folder for the model (must not exist, or be empty).", Required = true };
+    private static readonly Option<string> InitDevice = new("--device") { Description = $"Where the random weights are drawn ({TensorPlacement.DeviceNames}): on CUDA a 2B model takes seconds, on the CPU minutes.", DefaultValueFactory = _ => "cpu" };
     private static readonly Option<long> Seed = new("--seed") { Description = "Seed of the random weights.", DefaultValueFactory = _ => 0 };
 
     private static int MakeModel(ParseResult parse)
@@ -65,7 +66,7 @@ internal static class BenchCommand
         File.Copy(Directory.Exists(configPath) ? Path.Combine(configPath, "config.json") : configPath, Path.Combine(outDir, "config.json"));
         foreach (var name in new[] { "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json" })
             if (File.Exists(Path.Combine(from, name))) File.Copy(Path.Combine(from, name), Path.Combine(outDir, name));
-        using var model = new InternVLChatModel(config, new ModelOptions { DType = ScalarType.BFloat16 });
+        using var model = new InternVLChatModel(config, new ModelOptions { Device = TensorPlacement.ParseDevice(parse.GetValue(InitDevice)!), DType = ScalarType.BFloat16 });
         RandomInit.Apply(model, parse.GetValue(Seed));
         SafetensorsWriter.Write(Path.Combine(outDir, CheckpointFolder.SingleFile), model.named_parameters().Select(p => new KeyValuePair<string, Tensor>(p.name, p.parameter)));
         Console.WriteLine($"wrote {outDir} ({model.parameters().Sum(p => p.numel()):N0} parameters, bf16)");
@@ -73,6 +74,11 @@ internal static class BenchCommand
     }
 
     private static readonly Option<string[]> Mode = new("--mode") { Description = "lora, qlora and/or full.", DefaultValueFactory = _ => ["lora"], AllowMultipleArgumentsPerToken = true };
+    private static readonly Option<string> Workload = new("--workload")
+    {
+        Description = "long: 7 tiles × 1,900 tokens per sample (multi-tile documents); clot: 1 tile × 380 tokens (a CLoT-Oogiri-GO joke: one 448-px tile, a short answer). --tiles-per-sample and --seq-len override it.",
+        DefaultValueFactory = _ => "long",
+    };
     private static readonly Option<int> TrainBatch = new("--batch-size") { Description = "Samples per training step.", DefaultValueFactory = _ => 8 };
     private static readonly Option<int> Tiles7 = new("--tiles-per-sample") { Description = "Image tiles per sample (256 tokens each).", DefaultValueFactory = _ => 7 };
     private static readonly Option<int> SeqLen = new("--seq-len") { Description = "Tokens per sample (image tokens included).", DefaultValueFactory = _ => 1900 };
@@ -92,7 +98,14 @@ internal static class BenchCommand
         var device = TensorPlacement.ParseDevice(parse.GetValue(Device)!);
         var dtype = TensorPlacement.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
-        int batch = parse.GetValue(TrainBatch), tiles = parse.GetValue(Tiles7), seq = parse.GetValue(SeqLen), r = parse.GetValue(LoraR);
+        var (workloadTiles, workloadSeq) = parse.GetValue(Workload) switch
+        {
+            "long" => (7, 1900),
+            "clot" => (1, 380),
+            var other => throw new VlmTuneException($"--workload '{other}' is not long or clot."),
+        };
+        int Given(Option<int> option, int fallback) => parse.GetResult(option) is { Implicit: false } ? parse.GetValue(option) : fallback;
+        int batch = parse.GetValue(TrainBatch), tiles = Given(Tiles7, workloadTiles), seq = Given(SeqLen, workloadSeq), r = parse.GetValue(LoraR);
         int imageTokens = tiles * config.NumImageToken;
         int imgContext = RandomImageContextId(config);
         if (seq < imageTokens + 16) throw new VlmTuneException($"--seq-len must exceed the {imageTokens} image tokens of {tiles} tiles.");
@@ -112,7 +125,7 @@ internal static class BenchCommand
             string? nf4Check = mode == TrainMode.Qlora ? CheckNf4Kernel(prepared.QuantizedLlmWeights) : null;
             var seeds = new DropoutSeeds(recipe.Seed);
             ActivationCheckpointing.Apply(model.language_model, recipe.GradientCheckpointing, seeds);
-            using var optimizer = new TrainingOptimizer(recipe, prepared.Trainable, dp: null, rank: 0, _ => { });
+            using var optimizer = new TrainingOptimizer(recipe, prepared.Trainable, dp: null, rank: 0, Console.Error.WriteLine, switches.FusedAdamW);
             optimizer.SetLearningRate(recipe.Lr);
             var counters = new DataCounters();
             var step = new MicroBatchStep(model, new ImageFeatureSupply(model, null, device, dtype, prepared.VisionTrainable, prepared.ProjectorTrainable),
@@ -130,8 +143,9 @@ internal static class BenchCommand
                 }
             using var synthetic = new TrainBatch
             {
-                Iteration = 0, InputIds = tensor(ids, device: device).view(batch, seq), Labels = tensor(labels, device: device).view(batch, seq),
-                Pixels = randn(new long[] { batch * tiles, 3, 448, 448 }, dtype, device), SampleIds = [.. Enumerable.Range(0, batch).Select(i => $"synthetic-{i}")],
+                // On the host, as the trainer's loader hands them over: the step moves them, as in training.
+                Iteration = 0, InputIds = tensor(ids).view(batch, seq), Labels = tensor(labels).view(batch, seq),
+                Pixels = randn(new long[] { batch * tiles, 3, 448, 448 }, dtype), SampleIds = [.. Enumerable.Range(0, batch).Select(i => $"synthetic-{i}")],
                 Tokens = (long)batch * seq, Tiles = batch * tiles, Skipped = 0,
             };
 
@@ -139,9 +153,11 @@ internal static class BenchCommand
             double Step()
             {
                 seeds.StartMicroBatch(iteration);
+                MemoryTrace.BeginIteration(iteration + 1, memory, switches.MemoryTraceIteration);
                 manual_seed(seeds.ForMicroBatch());
                 var result = step.Run(synthetic, iteration, cycleSize: 1, reduce: true, optimizer.Steps, stopRequested: false);
                 optimizer.Step(iteration, synthetic.SampleIds, counters, Console.Error.WriteLine);
+                MemoryTrace.Mark("optimizer step");
                 iteration++;
                 return result.Loss;
             }
@@ -158,7 +174,7 @@ internal static class BenchCommand
             double tokensPerS = batch * (double)seq / perStep;
             Console.WriteLine(JsonSerializer.Serialize(new
             {
-                bench = "train", mode = modeName, device = device.ToString(), dtype = dtype.ToString(), batch_size = batch, tiles_per_sample = tiles,
+                bench = "train", mode = modeName, workload = parse.GetValue(Workload), device = device.ToString(), dtype = dtype.ToString(), batch_size = batch, tiles_per_sample = tiles,
                 seq_len = seq, lora_r = mode == TrainMode.Full ? 0 : r, lora_alpha = mode == TrainMode.Full ? 0 : recipe.LoraAlpha, gradient_checkpointing = recipe.GradientCheckpointing,
                 s_per_step = Math.Round(perStep, 4), tokens_per_s = Math.Round(tokensPerS, 1), samples_per_s = Math.Round(batch / perStep, 2),
                 mfu_h100_bf16 = Math.Round(flops.Mfu((long)batch * seq, (long)batch * tiles, perStep, 989.0), 4), loss = Math.Round(lastLoss, 4),
@@ -166,6 +182,7 @@ internal static class BenchCommand
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
                 peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
                 nf4_dequantize = nf4Check,
+                fused_adamw = optimizer.Fused,
             }));
         }
         return 0;

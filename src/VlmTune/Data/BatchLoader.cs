@@ -15,7 +15,8 @@ public sealed class BatchLoader : IDisposable
     private long _next;
 
     /// <param name="packTokens">Pack each micro-batch's samples into rows of at most this many tokens; null: one sample per row.</param>
-    public BatchLoader(TrainDataset dataset, BatchPlan plan, SampleEncoder encoder, int padId, long firstIteration, long endIteration, int workers, int? packTokens = null)
+    /// <param name="padMultiple">Each batch's row length is rounded up to a multiple of this (TrainConfig.pad_to_multiple_of).</param>
+    public BatchLoader(TrainDataset dataset, BatchPlan plan, SampleEncoder encoder, int padId, long firstIteration, long endIteration, int workers, int? packTokens = null, int padMultiple = 1)
     {
         _next = firstIteration;
         _build = iteration =>
@@ -30,7 +31,7 @@ public sealed class BatchLoader : IDisposable
                     if (encoder.Encode(dataset.Samples[(int)i]) is { } e) encoded.Add(e);
                     else skipped++;
                 }
-                return TrainBatch.Collate(iteration, encoded, skipped, padId, packTokens);
+                return TrainBatch.Collate(iteration, encoded, skipped, padId, packTokens, padMultiple);
             }
             finally
             {

@@ -24,6 +24,8 @@ public sealed class TrainBatch : IDisposable
     public required string[] SampleIds { get; init; }
     /// <summary>Tokens that are not padding.</summary>
     public required long Tokens { get; init; }
+    /// <summary>The longest sample's tokens: rows may be padded past it (pad_to_multiple_of); RoPE's dynamic base reads it. 0: none given.</summary>
+    public int LongestSample { get; init; }
     public required int Tiles { get; init; }
     /// <summary>Samples of this batch's slot that were skipped (broken image, too long).</summary>
     public required int Skipped { get; init; }
@@ -34,13 +36,15 @@ public sealed class TrainBatch : IDisposable
     /// null: one sample per row. Otherwise the samples are packed, in order, into as few rows of at most this many tokens
     /// as next-fit gives (see <see cref="SequencePacker"/>).
     /// </param>
-    public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int? packTokens = null)
+    /// <param name="padMultiple">Row length rounded up to a multiple of this (TrainConfig.pad_to_multiple_of).</param>
+    public static TrainBatch Collate(long iteration, IReadOnlyList<EncodedSample> samples, int skipped, int padId, int? packTokens = null, int padMultiple = 1)
     {
         bool packed = packTokens is not null && samples.Count > 0;
         var rows = packed
             ? SequencePacker.Rows(samples.Select(s => (s.Id, s.InputIds.Length)).ToList(), packTokens!.Value)
             : samples.Select((_, i) => new[] { i }).ToList();
         int t = rows.Count == 0 ? 1 : rows.Max(r => r.Sum(i => samples[i].InputIds.Length));
+        t = (t + padMultiple - 1) / padMultiple * padMultiple;
         var ids = new long[rows.Count * t];
         var labels = new long[rows.Count * t];
         Array.Fill(ids, padId);
@@ -76,6 +80,7 @@ public sealed class TrainBatch : IDisposable
             Vision = vision,
             SampleIds = samples.Select(s => s.Id).ToArray(),
             Tokens = samples.Sum(s => (long)s.InputIds.Length),
+            LongestSample = samples.Count == 0 ? 0 : samples.Max(s => s.InputIds.Length),
             Tiles = samples.Sum(s => s.Tiles),
             Skipped = skipped,
         };

@@ -76,13 +76,15 @@ public sealed class InternVLChatModel : nn.Module
     }
 
     /// <summary>Token embeddings (B, T, D) with the rows at <paramref name="imageContextId"/> replaced, in order, by image features.</summary>
-    public Tensor EmbedWithImages(Tensor ids, Tensor? imageFeatures, int imageContextId)
+    /// <param name="imageSlots">The caller's count of <paramref name="imageContextId"/> tokens in <paramref name="ids"/>
+    /// when it has it on the host (the trainer's batches), sparing a device synchronisation mid-step; null: counted here.</param>
+    public Tensor EmbedWithImages(Tensor ids, Tensor? imageFeatures, int imageContextId, long? imageSlots = null)
     {
         using var scope = NewDisposeScope();
         ids = ids.to(Options.Device);
         var embeds = language_model.Embed(ids);
         var slots = ids.eq(imageContextId);
-        long slotCount = slots.sum().item<long>();
+        long slotCount = imageSlots ?? slots.sum().item<long>();
         long featureRows = imageFeatures is null ? 0 : imageFeatures.shape[0] * imageFeatures.shape[1];
         if (slotCount != featureRows)
             throw new VlmTuneException($"The prompt has {slotCount} <IMG_CONTEXT> tokens but the images give {featureRows} embeddings ({Config.NumImageToken} per tile); each <image> must expand to {Config.NumImageToken} × its tile count.");

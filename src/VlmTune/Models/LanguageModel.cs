@@ -81,7 +81,7 @@ public abstract class CausalLanguageModel : nn.Module
         if (inputs.Packing is { } packing && (inputs.Cache is not null || inputs.KeyMask is not null || packing.Rows != b || packing.RowLength != t))
             throw new ArgumentException($"packed rows ({packing.Rows} × {packing.RowLength}) need a full pass over (B, T) = ({b}, {t}) embeddings without cache or key mask.");
         var positions = inputs.PositionIds ?? inputs.Packing?.PositionIds(x.device) ?? arange(past, past + t, device: x.device).unsqueeze(0).expand(b, t);
-        var rope = Rotary.Tables(positions, inputs.Packing?.LongestSample ?? past + t, x.dtype);
+        var rope = Rotary.Tables(positions, inputs.Packing?.LongestSample ?? inputs.RopeLength ?? past + t, x.dtype);
         inputs.Cache?.Rerotate(Rotary, rope.Theta);
         var layers = Layers;
         for (int i = 0; i < layers.Count; i++)
@@ -185,6 +185,12 @@ public sealed record DecoderInputs
     /// <see cref="PositionIds"/> is given) and attention never crosses samples. Not combinable with a cache or key mask.
     /// </summary>
     public PackedRows? Packing { get; init; }
+    /// <summary>
+    /// The sequence length that decides a dynamic-NTK RoPE base when it is not T: the longest sample of a training
+    /// batch whose rows are padded past it (TrainConfig.pad_to_multiple_of), so rounding never changes the base the
+    /// official code derives from the padded-to-the-longest batch. Null: past + T (packed rows: their longest sample).
+    /// </summary>
+    public long? RopeLength { get; init; }
 }
 
 /// <summary>

@@ -152,8 +152,11 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var y = BaseForward is not null ? BaseForward(x) : nn.functional.linear(x, WeightProvider?.Invoke() ?? weight, bias);
         var h = LoraDropout > 0 && training ? nn.functional.dropout(x, LoraDropout, true) : x;
+        // y + scaling·delta in one kernel (one rounding; the same bits as scaling, then adding, when scaling is a power
+        // of two, as alpha = 2r is): one launch less per LoRA linear in the forward, the recompute and the backward,
+        // and short samples are bound by the host issuing launches.
         if (LoraAutocast && h.dtype != lora_A.weight.dtype)
-            return (y + nn.functional.linear(nn.functional.linear(h, lora_A.weight.to_type(h.dtype)), lora_B!.weight.to_type(h.dtype)) * LoraScaling).MoveToOuterDisposeScope();
+            return y.add(nn.functional.linear(nn.functional.linear(h, lora_A.weight.to_type(h.dtype)), lora_B!.weight.to_type(h.dtype)), LoraScaling).MoveToOuterDisposeScope();
         h = h.to_type(lora_A.weight.dtype);
         var delta = nn.functional.linear(nn.functional.linear(h, lora_A.weight), lora_B!.weight);
         return (y + (delta * LoraScaling).to_type(y.dtype)).MoveToOuterDisposeScope();

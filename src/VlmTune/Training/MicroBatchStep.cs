@@ -1,3 +1,4 @@
+using TorchSharp;
 using VlmTune.Autograd;
 using VlmTune.Data;
 using VlmTune.Distributed;
@@ -19,6 +20,9 @@ public readonly record struct MicroBatchResult(double Loss, long Tokens, long Ti
 public sealed class MicroBatchStep(InternVLChatModel model, ImageFeatureSupply images, TrainConfig config, Device device, int imageContextId,
     DataCounters counters, DataParallel? dp, Action<string> warn)
 {
+    /// <summary>Unpacked rows padded past their longest sample keep the base the longest sample gives (packed rows carry theirs).</summary>
+    internal static long? RopeLength(TrainBatch batch) => batch.Packing is null && batch.LongestSample > 0 ? batch.LongestSample : null;
+
     /// <summary>Some rank was asked to stop (data-parallel: known to every rank after the same micro-batch).</summary>
     public bool StopAgreed { get; private set; }
 
@@ -33,13 +37,15 @@ public sealed class MicroBatchStep(InternVLChatModel model, ImageFeatureSupply i
         long towerTiles = 0;
         if (!batch.IsEmpty)
         {
+            // Counted on the host, where the loader's batches are: on the GPU it would wait for the vision tower.
+            long? imageSlots = batch.InputIds.device_type == DeviceType.CPU ? batch.InputIds.eq(imageContextId).sum().item<long>() : null;
             var ids = batch.InputIds.to(device);
             var labels = batch.Labels.to(device);
             var features = images.Embeddings(batch, out towerTiles);
             VlmTune.Diagnostics.MemoryTrace.Mark("vision + projector");
-            var embeds = model.EmbedWithImages(ids, features, imageContextId);
+            var embeds = model.EmbedWithImages(ids, features, imageContextId, imageSlots);
             VlmTune.Diagnostics.MemoryTrace.Mark("embeddings");
-            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing });
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing, RopeLength = RopeLength(batch) });
             VlmTune.Diagnostics.MemoryTrace.Mark("decoder forward");
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.OutputHead, config.LossChunkSize);
             VlmTune.Diagnostics.MemoryTrace.Mark("loss");

@@ -208,7 +208,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
                 : "all-reduced after the backward pass (overlap needs gradient_checkpointing)";
             log.Info($"gradients reduced in {_dp.BucketCount} buckets (one per decoder layer, one for the rest), {overlap}");
         }
-        _optimizer = new TrainingOptimizer(Config, _prepared.Trainable, _dp, Rank, log.Info);
+        _optimizer = new TrainingOptimizer(Config, _prepared.Trainable, _dp, Rank, log.Info, _options.Switches.FusedAdamW);
         _images = new ImageFeatureSupply(model, _visionCache, _device, _dtype, _prepared.VisionTrainable, _prepared.ProjectorTrainable);
         _step = new MicroBatchStep(model, _images, Config, _device, _tokenizer!.ImgContextId, Counters, _dp, log.Warning);
         _checkpointer = new TrainingCheckpointer(Config, WorkDir, model, _prepared, _optimizer, _dp, log, _options.Switches.TestPause);
@@ -285,7 +285,7 @@ public sealed class Trainer(TrainConfig config, TrainerOptions? options = null) 
             log.Info($"memory column: {gpuMemory.SourceDescription}, MiB; {gpuMemory.CurrentBytes / (1024 * 1024)} MiB in use before the first step");
         log.Info($"training iterations {start + 1}..{TotalIterations} (batch {Config.BatchSize}{(WorldSize > 1 ? $" × {WorldSize} ranks" : "")} × accumulation {accum}, lr {Config.Lr:g}, warm-up {_schedule!.WarmupIterations} iterations)");
         using var loader = new BatchLoader(Dataset, _plan!, _encoder!, _tokenizer!.PadId, start, TotalIterations, Config.DataloaderNumWorkers,
-            Config.PackToMaxLength ? Config.MaxLength : null);
+            Config.PackToMaxLength ? Config.MaxLength : null, Config.PadMultiple(_device.type == DeviceType.CUDA));
         try
         {
             while (_iteration < TotalIterations)

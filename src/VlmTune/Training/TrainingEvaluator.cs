@@ -120,10 +120,10 @@ public sealed class TrainingEvaluator
                 if (_encoder.Encode(_samples[i]) is { } sample) encoded.Add(sample);
             if (encoded.Count == 0) return (0, 0, 0);
             using var scope = NewDisposeScope();
-            using var batch = TrainBatch.Collate(iteration, encoded, indices.Length - encoded.Count, _tokenizer.PadId);
+            using var batch = TrainBatch.Collate(iteration, encoded, indices.Length - encoded.Count, _tokenizer.PadId, padMultiple: _config.PadMultiple(_device.type == TorchSharp.DeviceType.CUDA));
             var features = _images.Embeddings(batch, out _);
             var embeds = _model.EmbedWithImages(batch.InputIds.to(_device), features, _tokenizer.ImgContextId);
-            var hidden = _model.language_model.Forward(embeds, new DecoderInputs());
+            var hidden = _model.language_model.Forward(embeds, new DecoderInputs { RopeLength = MicroBatchStep.RopeLength(batch) });
             var (loss, count) = CausalLmLoss.Compute(hidden, batch.Labels, _model.language_model.OutputHead, _config.LossChunkSize);
             return (count > 0 ? loss.item<float>() * (double)count : 0, count, encoded.Count);
         }

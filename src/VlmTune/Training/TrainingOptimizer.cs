@@ -1,3 +1,4 @@
+using TorchSharp;
 using TorchSharp.Modules;
 using VlmTune.Checkpoints;
 using VlmTune.Data;
@@ -9,7 +10,8 @@ namespace VlmTune.Training;
 /// <summary>
 /// The optimizer side of a run: AdamW over fp32 master weights (bf16 parameters are trained through fp32 copies,
 /// held in host memory with optimizer_offload), gradient clipping with the non-finite check, the ZeRO-1 partition of
-/// the optimizer state over data-parallel ranks, and the optimizer's part of a checkpoint.
+/// the optimizer state over data-parallel ranks, and the optimizer's part of a checkpoint. On CUDA the clipping and the
+/// update run as three multi-tensor kernels (<see cref="FusedAdamW"/>) over TorchSharp's own AdamW state.
 /// </summary>
 public sealed class TrainingOptimizer : IDisposable
 {
@@ -19,13 +21,19 @@ public sealed class TrainingOptimizer : IDisposable
     private readonly ZeroPartition? _zero;
     private readonly int _rank;
     private readonly MasterWeights _masters;
-    private readonly OptimizerHelper _adamW;
+    private readonly AdamW _adamW;
+    private readonly FusedAdamW? _fused;
 
     /// <summary>Optimizer steps taken (including those before a resume).</summary>
     public long Steps { get; private set; }
     public int ZeroStage => _zero is null ? 0 : 1;
+    private const double AdamEps = 1e-8;
 
-    public TrainingOptimizer(TrainConfig config, IReadOnlyList<(string Name, Parameter Param)> trainable, DataParallel? dp, int rank, Action<string> info)
+    /// <summary>Whether the step runs the fused CUDA kernels (false: TorchSharp's AdamW and libtorch's clipping).</summary>
+    public bool Fused => _fused is not null;
+
+    /// <param name="fusedKernel">Use the fused CUDA step where the tensors allow (VLMTUNE_FUSED_ADAMW, <see cref="RuntimeSwitches.FusedAdamW"/>).</param>
+    public TrainingOptimizer(TrainConfig config, IReadOnlyList<(string Name, Parameter Param)> trainable, DataParallel? dp, int rank, Action<string> info, bool fusedKernel = true)
     {
         _config = config;
         _trainable = trainable;
@@ -45,7 +53,14 @@ public sealed class TrainingOptimizer : IDisposable
         if (config.OptimizerOffload)
             info($"optimizer offload: fp32 masters and AdamW state of {optimized.Sum(t => t.Param.numel()):N0} parameters in host memory, AdamW on the CPU");
         else if (_masters.Any) info("bf16 weights are trained through fp32 master copies (the optimizer updates the masters)");
-        _adamW = optim.AdamW(_masters.OptimizerParameters, config.Lr, config.Betas[0], config.Betas[1], 1e-8, config.WeightDecay);
+        _adamW = optim.AdamW(_masters.OptimizerParameters, config.Lr, config.Betas[0], config.Betas[1], AdamEps, config.WeightDecay);
+        var updated = _masters.OptimizerParameters.ToList();
+        if (fusedKernel && updated.Count > 0 && updated[0].device.type == DeviceType.CUDA)
+        {
+            _fused = FusedAdamW.TryCreate(_adamW, updated, config.Betas[0], config.Betas[1], AdamEps, config.WeightDecay, out var whyNot);
+            info(_fused is null ? $"fused AdamW unavailable ({whyNot}); using TorchSharp's AdamW"
+                : $"AdamW: fused CUDA step over {updated.Count} tensors (clip + update in three kernels)");
+        }
     }
 
     public void SetLearningRate(double lr)
@@ -70,8 +85,11 @@ public sealed class TrainingOptimizer : IDisposable
         // (identical, reduced) model gradients.
         var withGrad = _masters.OptimizerParameters
             .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != _rank).Select(t => t.Param))
-            .Where(p => p.grad is not null).ToList();
-        double norm = nn.utils.clip_grad_norm_(withGrad, _config.MaxNorm);
+            .Where(HasGradient).ToList();
+        // Fused: clipped and applied on the GPU, skipped there when the norm is not finite (then handled below).
+        double norm = _fused is not null
+            ? _fused.Step(withGrad, _adamW.ParamGroups.First().LearningRate, _config.MaxNorm)
+            : nn.utils.clip_grad_norm_(withGrad, _config.MaxNorm);
         if (!double.IsFinite(norm))
         {
             string what = $"iteration {iteration + 1} (optimizer step {Steps + 1}): the gradient norm is {norm} after samples {string.Join(", ", samples)}";
@@ -82,8 +100,12 @@ public sealed class TrainingOptimizer : IDisposable
             ClearGradients();
             return norm;
         }
-        _adamW.step();
-        ClearGradients();
+        if (_fused is null)
+        {
+            _adamW.step();
+            ClearGradients();
+        }
+        else ClearOtherRanksGradients();   // the kernel zeroed the gradients it used
         _masters.MastersToModel();
         // ZeRO-1: each tensor's owner updated it; everyone takes the owner's new value.
         if (_zero is not null) _dp!.BroadcastFromOwners(_trainable.Select(t => ((Tensor)t.Param, _zero.Owner[t.Name])).ToList());
@@ -98,9 +120,21 @@ public sealed class TrainingOptimizer : IDisposable
         _masters.ZeroModelGradients();
     }
 
+    private static bool HasGradient(Parameter p)
+    {
+        using var g = p.grad;
+        return g is not null;
+    }
+
     private void ClearGradients()
     {
         _adamW.zero_grad();
+        ClearOtherRanksGradients();
+    }
+
+    /// <summary>ZeRO-1: the model gradients of tensors another rank updates (this rank's optimizer never sees them).</summary>
+    private void ClearOtherRanksGradients()
+    {
         if (_zero is null) return;
         using var noGrad = no_grad();
         foreach (var (name, p) in _trainable)
@@ -152,6 +186,7 @@ public sealed class TrainingOptimizer : IDisposable
 
     public void Dispose()
     {
+        _fused?.Dispose();
         _adamW.Dispose();
         _masters.Dispose();
     }

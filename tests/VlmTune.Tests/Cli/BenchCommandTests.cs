@@ -55,6 +55,50 @@ public class BenchCommandTests
         Assert.True(results["full"].GetProperty("trainable_params").GetInt64() > 10 * results["lora"].GetProperty("trainable_params").GetInt64());
     }
 
+    [FixtureFact]
+    public async Task TrainWorkloadClotIsOneTileAndAShortAnswerUnlessTheShapeIsGiven()
+    {
+        List<string> Args(string workload, params string[] extra) =>
+        [
+            "bench", "train", "--config", Path.Combine(Fixtures.TinyModel, "config.json"), "--device", "cpu", "--workload", workload,
+            "--batch-size", "1", "--lora-r", "4", "--steps", "1", "--warmup-steps", "0", .. extra,
+        ];
+        var (code, stdout, stderr) = await CliProcess.RunAsync(Args("clot"), timeoutSeconds: 300);
+        Assert.True(code == 0, stderr);
+        var clot = JsonDocument.Parse(stdout.Trim().Split('\n')[^1]).RootElement;
+        Assert.Equal("clot", clot.GetProperty("workload").GetString());
+        Assert.Equal(1, clot.GetProperty("tiles_per_sample").GetInt32());
+        Assert.Equal(380, clot.GetProperty("seq_len").GetInt32());
+        Assert.False(clot.GetProperty("fused_adamw").GetBoolean());   // CPU: TorchSharp's AdamW
+
+        (code, stdout, stderr) = await CliProcess.RunAsync(Args("clot", "--seq-len", "300"), timeoutSeconds: 300);
+        Assert.True(code == 0, stderr);
+        Assert.Equal(300, JsonDocument.Parse(stdout.Trim().Split('\n')[^1]).RootElement.GetProperty("seq_len").GetInt32());
+
+        (code, _, stderr) = await CliProcess.RunAsync(Args("huge"), timeoutSeconds: 120);
+        Assert.Equal(1, code);
+        Assert.Contains("error: --workload 'huge' is not long or clot.", stderr);
+    }
+
+    [FixtureFact]
+    public async Task MakeModelWritesAFolderThatLoads()
+    {
+        var dir = Path.Combine(Directory.CreateTempSubdirectory("vlmtune-make-model-").FullName, "model");
+        try
+        {
+            var (code, stdout, stderr) = await CliProcess.RunAsync(
+                ["bench", "make-model", "--config", Path.Combine(Fixtures.TinyModel, "config.json"), "--tokenizer-from", Fixtures.TinyModel, "--out", dir, "--device", "cpu", "--seed", "3"],
+                timeoutSeconds: 120);
+            Assert.True(code == 0, stderr);
+            Assert.Contains($"wrote {dir}", stdout);
+            using var model = VlmTune.Checkpoints.InternVLModelLoader.Load(dir, new VlmTune.Models.ModelOptions());
+            using var reference = VlmTune.Checkpoints.InternVLModelLoader.Load(Fixtures.TinyModel, new VlmTune.Models.ModelOptions());
+            Assert.Equal(reference.parameters().Sum(p => p.numel()), model.parameters().Sum(p => p.numel()));
+            Assert.True(File.Exists(Path.Combine(dir, "tokenizer.model")));
+        }
+        finally { Directory.Delete(Path.GetDirectoryName(dir)!, recursive: true); }
+    }
+
     /// <summary>VLMTUNE_FUSED_DECODE=0 travels from the CLI's start-up to the decoder: off before any model check.</summary>
     [FixtureFact]
     public async Task FusedDecodeSwitchFromTheEnvironmentReachesTheDecoder()

@@ -106,6 +106,13 @@ public class CudaLibraryTests
         Assert.True(cubin.Length > 1000);
     }
 
+    [NvrtcFact]
+    public void AdamWKernelsCompile()
+    {
+        var cubin = Nvrtc.Load().CompileCubin(KernelSources.Read("adamw.cu"), "adamw.cu", (9, 0), ["-DCHUNK=32768"]);
+        Assert.True(cubin.Length > 1000);
+    }
+
     [Fact]
     public void MissingKernelSourceIsACudaException()
     {

@@ -45,6 +45,9 @@ public static class Fixtures
 
     private static string FindRepoRoot()
     {
+        // Set by tools/run_gpu_tests.sh: the published GPU test binary runs outside the repository, from its own folder.
+        if (Environment.GetEnvironmentVariable("VLMTUNE_REPO_ROOT") is { Length: > 0 } given && File.Exists(Path.Combine(given, "VlmTune.slnx")))
+            return Path.GetFullPath(given);
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "VlmTune.slnx"))) return dir.FullName;
         return Directory.GetCurrentDirectory();

@@ -81,6 +81,32 @@ public sealed class SequencePackingTests
         using var unpacked = TrainBatch.Collate(3, [a, b, c], 1, padId: 2);
         Assert.Null(unpacked.Packing);
         Assert.Equal(new long[] { 3, 4 }, unpacked.InputIds.shape);
+
+        // pad_to_multiple_of rounds the row length up, padded rows and packed ones alike, after the samples.
+        using var rounded = TrainBatch.Collate(3, [a, b, c], 1, padId: 2, padMultiple: 8);
+        Assert.Equal(new long[] { 3, 8 }, rounded.InputIds.shape);
+        Assert.Equal(new long[] { 1, 20, 2, 2, 2, 2, 2, 2 }, rounded.InputIds[1].data<long>().ToArray());
+        Assert.Equal(new long[] { 20, 21, -100, -100, -100, -100, -100, -100 }, rounded.Labels[1].data<long>().ToArray());
+        Assert.Equal(9, rounded.Tokens);   // real tokens only
+        using var packedRounded = TrainBatch.Collate(3, [a, b, c], 1, padId: 2, packTokens: 5, padMultiple: 8);
+        Assert.Equal(new long[] { 2, 8 }, packedRounded.InputIds.shape);
+        Assert.Equal(8, packedRounded.Packing!.RowLength);
+    }
+
+    [Fact]
+    public void PadToMultipleOfDefaultsTo64OnCudaAndOffOnTheCpu()
+    {
+        const string minimal = "model: m\ndata: d.jsonl\n";
+        var defaults = TrainConfig.Parse(minimal, "x.yaml");
+        Assert.Null(defaults.PadToMultipleOf);
+        Assert.Equal(64, defaults.PadMultiple(cuda: true));
+        Assert.Equal(1, defaults.PadMultiple(cuda: false));
+        var eight = TrainConfig.Parse(minimal + "pad_to_multiple_of: 8\n", "x.yaml");
+        Assert.Equal(8, eight.PadMultiple(cuda: true));
+        Assert.Equal(8, eight.PadMultiple(cuda: false));
+        Assert.Equal(8, TrainConfig.Parse(eight.Resolved().ToYaml(), "resolved.yaml").PadToMultipleOf);
+        var e = Assert.Throws<ConfigException>(() => TrainConfig.Parse(minimal + "pad_to_multiple_of: 0\n", "bad.yaml"));
+        Assert.Contains("'pad_to_multiple_of': must be at least 1 (got 0)", e.Message);
     }
 
     /// <summary>
@@ -172,8 +198,20 @@ public sealed class SequencePackingTests
         using var packedBatch = TrainBatch.Collate(0, samples, 0, padId: 2, packTokens: 1024);
         Assert.Equal(1, packedBatch.Packing!.Rows);
         Assert.True(packedBatch.InputIds.shape[1] > 512);
+        // pad_to_multiple_of: rows rounded up to 64 tokens with padding after the samples, which no real token sees.
+        using var roundedBatch = TrainBatch.Collate(0, samples, 0, padId: 2, padMultiple: 64);
+        Assert.Equal(0, roundedBatch.InputIds.shape[1] % 64);
+        Assert.True(roundedBatch.InputIds.shape[1] > unpackedBatch.InputIds.shape[1]);
         var unpacked = Run(unpackedBatch);
         var packed = Run(packedBatch);
+        var rounded = Run(roundedBatch);
+        Assert.Equal(unpacked.Tokens, rounded.Tokens);
+        Assert.True(Math.Abs(rounded.Loss - unpacked.Loss) <= 1e-5 * unpacked.Loss, $"loss: rounded rows {rounded.Loss} vs unpadded {unpacked.Loss}");
+        foreach (var (name, expected) in unpacked.Grads)
+        {
+            double rel = (rounded.Grads[name] - expected).norm().item<float>() / expected.norm().item<float>();
+            Assert.True(rel <= 1e-5, $"{name}: rounded rows' relative gradient difference {rel:g3}");
+        }
 
         Assert.Equal(unpacked.Tokens, packed.Tokens);
         Assert.True(Math.Abs(packed.Loss - unpacked.Loss) <= 1e-5 * unpacked.Loss, $"loss: packed {packed.Loss} vs unpacked {unpacked.Loss}");

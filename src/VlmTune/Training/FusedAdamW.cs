@@ -1,0 +1,187 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using VlmTune.Cuda;
+using static TorchSharp.torch;
+
+namespace VlmTune.Training;
+
+/// <summary>
+/// TorchSharp's AdamW step and libtorch's clip_grad_norm_ for every trainable tensor in three CUDA launches
+/// (Cuda/Kernels/adamw.cu): the gradients' norm, its clip coefficient, and the clipped update with the gradients zeroed.
+/// TorchSharp's AdamW issues about ten kernels per tensor from .NET (2,500 launches, ~45 ms of host time per step
+/// for InternVL2-2B's LoRA), which on short samples is a sixth of the step. The state stays TorchSharp's own: the
+/// kernels update its exp_avg / exp_avg_sq tensors and its step counts in place, so checkpoints and resumes are the
+/// same files either way. fp32 CUDA tensors only (masters are fp32); <see cref="TryCreate"/> says null otherwise.
+/// </summary>
+public sealed class FusedAdamW : IDisposable
+{
+    /// <summary>Elements per block (the kernels' CHUNK).</summary>
+    public const int ChunkElements = 32768;
+    private const int Threads = 512;
+
+    private readonly AdamW _adamW;
+    private readonly IReadOnlyList<Parameter> _updated;
+    private readonly double _beta1, _beta2, _eps, _weightDecay;
+    private readonly KernelModule _module;
+    private readonly Device _device;
+    private readonly Tensor _norm;   // (2) fp32: the last step's norm and clip coefficient
+    private Table? _normTable, _updateTable;
+
+    private FusedAdamW(AdamW adamW, IReadOnlyList<Parameter> updated, double beta1, double beta2, double eps, double weightDecay, KernelModule module, Device device)
+    {
+        (_adamW, _updated, _beta1, _beta2, _eps, _weightDecay, _module, _device) = (adamW, updated, beta1, beta2, eps, weightDecay, module, device);
+        _norm = zeros(2, ScalarType.Float32, device).DetachFromDisposeScope();
+    }
+
+    /// <summary>
+    /// The fused step for <paramref name="adamW"/> over <paramref name="updated"/> (its parameters, in order), or null
+    /// with <paramref name="whyNot"/> where it cannot run: a tensor off CUDA or not fp32, or NVRTC / the driver missing.
+    /// </summary>
+    public static FusedAdamW? TryCreate(AdamW adamW, IReadOnlyList<Parameter> updated, double beta1, double beta2, double eps, double weightDecay, out string? whyNot)
+    {
+        whyNot = null;
+        if (updated.Count == 0) { whyNot = "no tensor to update"; return null; }
+        var device = updated[0].device;
+        if (device.type != DeviceType.CUDA) { whyNot = "the optimizer's tensors are not on CUDA"; return null; }
+        if (updated.FirstOrDefault(p => p.dtype != ScalarType.Float32 || p.device.type != DeviceType.CUDA || p.device.index != device.index || !p.is_contiguous()) is { } odd)
+        {
+            whyNot = $"a tensor is {odd.dtype} on {odd.device} (the kernels take contiguous fp32 tensors on one GPU)";
+            return null;
+        }
+        try
+        {
+            var module = KernelModule.Get("adamw.cu", device.index < 0 ? 0 : device.index, new Dictionary<string, int> { ["CHUNK"] = ChunkElements });
+            return new FusedAdamW(adamW, updated, beta1, beta2, eps, weightDecay, module, device);
+        }
+        catch (CudaException e)
+        {
+            whyNot = e.Message;
+            return null;
+        }
+    }
+
+    /// <summary>
+    /// Clips and applies the gradients: the norm covers <paramref name="normed"/> (the update's tensors and, under
+    /// ZeRO-1, the other ranks' ones), the update <see cref="_updated"/>, whose gradients are zeroed after use.
+    /// Returns the norm before clipping (one device-to-host read). A non-finite norm leaves every parameter, moment,
+    /// step count and gradient as it was: the caller decides what to do.
+    /// </summary>
+    public double Step(IReadOnlyList<Parameter> normed, double lr, double maxNorm)
+    {
+        _module.Driver.UsePrimaryContext(_device.index < 0 ? 0 : _device.index);
+        var states = _adamW.state_dict().State.Cast<AdamW.State>().ToList();
+        if (states.Count != _updated.Count) throw new InvalidOperationException($"the optimizer holds {states.Count} states for {_updated.Count} tensors");
+        long done = states[0].step;
+        if (states.Any(s => s.step != done)) throw new InvalidOperationException("fused AdamW: the tensors' step counts differ (one bias correction serves all)");
+        // Each .grad is a new handle to the gradient: released at once, since a gradient held twice makes autograd
+        // accumulate the next one out of place (a new tensor, and a table rebuild, every step).
+        var grads = new List<Tensor>();
+        Tensor Grad(Parameter p)
+        {
+            var g = p.grad ?? throw new InvalidOperationException("fused AdamW: a tensor has no gradient");
+            grads.Add(g);
+            return g;
+        }
+        try
+        {
+            _normTable = Table.Refresh(_normTable, normed.Select(p => new[] { Grad(p) }).ToList(), _device);
+            _updateTable = Table.Refresh(_updateTable, _updated.Select((p, i) => new[] { (Tensor)p, Grad(p), states[i].exp_avg, states[i].exp_avg_sq }).ToList(), _device);
+        }
+        finally
+        {
+            foreach (var g in grads) g.Dispose();
+        }
+
+        long norm = (long)TensorPointers.DataPointer(_norm);
+        using var partials = empty(Math.Max(1, _normTable.Chunks), ScalarType.Float32, _device);
+        _module.Driver.Launch(_module.Function("grad_sumsq"), ((uint)_normTable.Chunks, 1, 1), Threads, 0,
+            [_normTable.RowsPointer, _normTable.ChunksPointer, (long)TensorPointers.DataPointer(partials)]);
+        _module.Driver.Launch(_module.Function("grad_norm_finish"), (1, 1, 1), 1024, 0,
+            [(long)TensorPointers.DataPointer(partials), _normTable.Chunks, CudaDriver.Arg((float)maxNorm), norm]);
+
+        long step = done + 1;   // every tensor steps every time (TrainingOptimizer fills missing gradients)
+        double bc1 = 1 - Math.Pow(_beta1, step), bc2 = 1 - Math.Pow(_beta2, step);
+        _module.Driver.Launch(_module.Function("adamw_step"), ((uint)_updateTable.Chunks, 1, 1), Threads, 0,
+        [
+            _updateTable.RowsPointer, _updateTable.ChunksPointer, norm,
+            CudaDriver.Arg((float)(1 - lr * _weightDecay)), CudaDriver.Arg((float)_beta1), CudaDriver.Arg((float)(1 - _beta1)),
+            CudaDriver.Arg((float)_beta2), CudaDriver.Arg((float)(1 - _beta2)), CudaDriver.Arg((float)_eps),
+            CudaDriver.Arg((float)(lr / bc1)), CudaDriver.Arg((float)Math.Sqrt(bc2)), 1,
+        ]);
+        double total;
+        using (var first = _norm[0]) total = first.item<float>();
+        if (double.IsFinite(total))
+            foreach (var s in states) s.step = step;
+        return total;
+    }
+
+    public void Dispose()
+    {
+        _norm.Dispose();
+        _normTable?.Dispose();
+        _updateTable?.Dispose();
+    }
+
+    /// <summary>
+    /// Which block takes which elements: one (tensor, first element) pair per <see cref="ChunkElements"/> elements of
+    /// each tensor, in tensor order. Empty tensors take none.
+    /// </summary>
+    public static List<(int Tensor, long Start)> PlanChunks(IReadOnlyList<long> counts)
+    {
+        var chunks = new List<(int, long)>();
+        for (int t = 0; t < counts.Count; t++)
+            for (long start = 0; start < counts[t]; start += ChunkElements) chunks.Add((t, start));
+        return chunks;
+    }
+
+    /// <summary>
+    /// A device copy of the pointer rows and the chunk plan, rebuilt only when a pointer moved (a resume replaces the
+    /// moments, autograd may replace a gradient): usually every step reuses it without a host-to-device copy.
+    /// </summary>
+    private sealed class Table : IDisposable
+    {
+        private readonly long[] _rows;
+        private readonly Tensor _rowsOnDevice, _chunksOnDevice;
+        public int Chunks { get; }
+        public long RowsPointer => (long)TensorPointers.DataPointer(_rowsOnDevice);
+        public long ChunksPointer => (long)TensorPointers.DataPointer(_chunksOnDevice);
+
+        private Table(long[] rows, long[] chunks, Device device)
+        {
+            _rows = rows;
+            Chunks = chunks.Length / 2;
+            _rowsOnDevice = tensor(rows).to(device).DetachFromDisposeScope();
+            _chunksOnDevice = tensor(chunks.Length == 0 ? [0L, 0L] : chunks).to(device).DetachFromDisposeScope();
+        }
+
+        /// <summary>Each row: the tensors' data pointers, then the element count (all tensors of a row have it).</summary>
+        public static Table Refresh(Table? current, IReadOnlyList<Tensor[]> rows, Device device)
+        {
+            int width = rows.Count == 0 ? 1 : rows[0].Length + 1;
+            var values = new long[rows.Count * width];
+            var counts = new long[rows.Count];
+            for (int r = 0; r < rows.Count; r++)
+            {
+                counts[r] = rows[r][0].numel();
+                for (int c = 0; c < rows[r].Length; c++)
+                {
+                    var t = rows[r][c];
+                    if (t.numel() != counts[r] || !t.is_contiguous() || t.dtype != ScalarType.Float32)
+                        throw new InvalidOperationException($"fused AdamW: tensor {c} of row {r} is {t.dtype}, {t.numel()} elements, contiguous {t.is_contiguous()}; expected contiguous fp32 of {counts[r]}");
+                    values[r * width + c] = (long)TensorPointers.DataPointer(t);
+                }
+                values[r * width + width - 1] = counts[r];
+            }
+            if (current is not null && current._rows.AsSpan().SequenceEqual(values)) return current;
+            current?.Dispose();
+            var chunks = PlanChunks(counts).SelectMany(c => new[] { (long)c.Tensor, c.Start }).ToArray();
+            return new Table(values, chunks, device);
+        }
+
+        public void Dispose()
+        {
+            _rowsOnDevice.Dispose();
+            _chunksOnDevice.Dispose();
+        }
+    }
+}
