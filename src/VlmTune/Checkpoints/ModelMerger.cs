@@ -165,14 +165,20 @@ public static class ModelMerger
             }
             if (shards.Count > 1) WriteIndex(temp, shards);
             WriteConfig(baseDir, temp, config, options.DType, options.Layout, imageTokenId);
-            var tokenizerConfig = TokenizerConfigWithChatTemplate(baseDir, config, log);
+            var tokenizerConfig = TokenizerConfigWithChatTemplate(baseDir, config, log, hfOut);
+            // hf: the processor's chat template too (chat_template.jinja, what InternVLProcessor.apply_chat_template and
+            // recent transformers' tokenizers read), the same text as tokenizer_config.json's; a base's own is replaced.
+            string? processorTemplate = hfOut ? ChatTemplateOfFolder(baseDir, tokenizerConfig) : null;
             foreach (var file in FilesToCopy(baseDir, options.Layout))
             {
-                var destination = Path.Combine(temp, Path.GetFileName(file));
-                if (tokenizerConfig is not null && Path.GetFileName(file) == ChatTemplateExport.TokenizerConfigFile)
+                var name = Path.GetFileName(file);
+                var destination = Path.Combine(temp, name);
+                if (tokenizerConfig is not null && name == ChatTemplateExport.TokenizerConfigFile)
                     AtomicFile.WriteAllText(destination, tokenizerConfig);
+                else if (processorTemplate is not null && name is ChatTemplateExport.JinjaFile or "chat_template.json") continue;
                 else CopyContent(file, destination);
             }
+            if (processorTemplate is not null) AtomicFile.WriteAllText(Path.Combine(temp, ChatTemplateExport.JinjaFile), processorTemplate);
             if (hfOut)
             {
                 var indented = new JsonSerializerOptions { WriteIndented = true };
@@ -370,11 +376,20 @@ public static class ModelMerger
         AtomicFile.WriteAllText(Path.Combine(outDir, "config.json"), root.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
     }
 
+    /// <summary>The chat_template the folder's tokenizer_config.json will hold (the updated text, else the base's); null if none.</summary>
+    private static string? ChatTemplateOfFolder(string baseDir, string? updatedTokenizerConfig)
+    {
+        string? json = updatedTokenizerConfig;
+        var basePath = Path.Combine(baseDir, ChatTemplateExport.TokenizerConfigFile);
+        if (json is null && File.Exists(basePath)) json = File.ReadAllText(basePath);
+        return json is not null && JsonNode.Parse(json)?["chat_template"] is JsonValue v && v.TryGetValue<string>(out var t) ? t : null;
+    }
+
     /// <summary>
     /// The base tokenizer_config.json with the template's <c>chat_template</c> (LMDeploy and vLLM read only that one),
     /// or null to copy it unchanged: it already has it, or there is no file or no exportable template.
     /// </summary>
-    private static string? TokenizerConfigWithChatTemplate(string baseDir, InternVLConfig config, Action<string> log)
+    private static string? TokenizerConfigWithChatTemplate(string baseDir, InternVLConfig config, Action<string> log, bool hfLayout)
     {
         string path = Path.Combine(baseDir, ChatTemplateExport.TokenizerConfigFile);
         if (!File.Exists(path)) return null;
@@ -385,9 +400,9 @@ public static class ModelMerger
         }
         var baseConfig = JsonNode.Parse(File.ReadAllText(Path.Combine(baseDir, "config.json")));
         var systemMessage = baseConfig?["system_message"] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
-        var updated = ChatTemplateExport.WithChatTemplate(File.ReadAllText(path), template, systemMessage, path);
+        var updated = ChatTemplateExport.WithChatTemplate(File.ReadAllText(path), template, systemMessage, path, hfLayout);
         if (updated is not null) log($"{ChatTemplateExport.TokenizerConfigFile}: chat_template set to the '{template.Name}' prompt format");
-        if (File.Exists(Path.Combine(baseDir, "chat_template.jinja")))
+        if (!hfLayout && File.Exists(Path.Combine(baseDir, ChatTemplateExport.JinjaFile)))
             log("note: the base's chat_template.jinja is copied unchanged; recent transformers prefer it to tokenizer_config.json's chat_template");
         return updated;
     }

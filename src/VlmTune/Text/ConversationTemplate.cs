@@ -190,11 +190,15 @@ public sealed record ConversationTemplate(
     /// <param name="bosToken">Whether the tokenizer adds BOS (InternLM2, Llama 3, Phi-3: yes; Qwen: no).</param>
     /// <param name="systemMessage">The model's <c>config.system_message</c>; null keeps the template's.</param>
     /// <exception cref="VlmTuneException">The template has no <see cref="JinjaChatTemplate"/>.</exception>
-    public string HuggingFaceChatTemplate(bool bosToken, string? systemMessage = null)
+    /// <param name="imagePlaceholder">What an image part of a message (content as a list of parts, as transformers'
+    /// processors pass it) becomes, followed by a newline: <see cref="ImagePlaceholders.Placeholder"/> for the official layout
+    /// (its consumers expand it), <c>&lt;IMG_CONTEXT&gt;</c> for the hf layout (InternVLProcessor expands that one).</param>
+    public string HuggingFaceChatTemplate(bool bosToken, string? systemMessage = null, string imagePlaceholder = ImagePlaceholders.Placeholder)
     {
         if (JinjaChatTemplate is null)
             throw new VlmTuneException($"The conversation template '{Name}' has no Hugging Face chat template to export.");
-        var header = "{%- set default_system_message = " + ChatTemplates.StringLiteral(systemMessage ?? SystemMessage) + " -%}\n";
+        var header = "{%- set default_system_message = " + ChatTemplates.StringLiteral(systemMessage ?? SystemMessage) + " -%}\n"
+                     + "{%- set image_placeholder = " + ChatTemplates.StringLiteral(imagePlaceholder) + " -%}\n";
         return header + (bosToken ? "{{- bos_token -}}\n" : "") + JinjaChatTemplate;
     }
 }
@@ -235,8 +239,21 @@ internal static class ChatTemplates
                 {%- else -%}
                     {{- raise_exception('Only the first message may be a system message; the others are from the user or the assistant.') -}}
                 {%- endif -%}
-                {%- if message['content'] -%}
-                    {{- message['content'] + {{{StringLiteral(separator)}}} -}}
+                {%- if message['content'] is string -%}
+                    {%- if message['content'] -%}
+                        {{- message['content'] + {{{StringLiteral(separator)}}} -}}
+                    {%- endif -%}
+                {%- elif message['content'] -%}
+                    {%- for part in message['content'] -%}
+                        {%- if part['type'] == 'image' -%}
+                            {{- image_placeholder + '\n' -}}
+                        {%- elif part['type'] == 'text' -%}
+                            {{- part['text'] -}}
+                        {%- else -%}
+                            {{- raise_exception('Only text and image parts are supported in a message.') -}}
+                        {%- endif -%}
+                    {%- endfor -%}
+                    {{- {{{StringLiteral(separator)}}} -}}
                 {%- endif -%}
             {%- endfor -%}
             {%- if add_generation_prompt -%}

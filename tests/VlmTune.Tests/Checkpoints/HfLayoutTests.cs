@@ -240,7 +240,22 @@ public sealed class HfLayoutTests : IDisposable
         // tokenizer_config.json gains the template's chat_template (what transformers and vLLM render); the rest is copied.
         foreach (var file in Directory.GetFiles(BaseOf(variant)).Select(Path.GetFileName).Where(f => (f!.StartsWith("tokenizer") || f == "added_tokens.json") && f != "tokenizer_config.json"))
             Assert.Equal(File.ReadAllBytes(Path.Combine(BaseOf(variant), file!)), File.ReadAllBytes(Path.Combine(Out("hf"), file!)));
-        Assert.False(string.IsNullOrEmpty(Json(Path.Combine(Out("hf"), "tokenizer_config.json"))["chat_template"]?.GetValue<string>()));
+        var tokenizerConfig = Json(Path.Combine(Out("hf"), "tokenizer_config.json"));
+        Assert.False(string.IsNullOrEmpty(tokenizerConfig["chat_template"]?.GetValue<string>()));
+        // What transformers' InternVLProcessor reads from the tokenizer (tokenizer.start_image_token, …), and image
+        // parts of a message become <IMG_CONTEXT>, the token the processor expands into the image's tiles.
+        var named = tokenizerConfig["extra_special_tokens"]!;
+        Assert.Equal("<img>", named["start_image_token"]!.GetValue<string>());
+        Assert.Equal("</img>", named["end_image_token"]!.GetValue<string>());
+        Assert.Equal("<IMG_CONTEXT>", named["context_image_token"]!.GetValue<string>());
+        Assert.Contains("{%- set image_placeholder = '<IMG_CONTEXT>' -%}", tokenizerConfig["chat_template"]!.GetValue<string>());
+        // The processor's chat template (InternVLProcessor.apply_chat_template reads chat_template.jinja): the same text.
+        Assert.Equal(tokenizerConfig["chat_template"]!.GetValue<string>(), File.ReadAllText(Path.Combine(Out("hf"), "chat_template.jinja")));
+        Merge(BaseOf(variant), AdapterOf(variant), Out("official"), CheckpointLayout.Official);
+        var official = Json(Path.Combine(Out("official"), "tokenizer_config.json"));
+        Assert.Null(official["extra_special_tokens"]);
+        Assert.Contains("{%- set image_placeholder = '<image>' -%}", official["chat_template"]!.GetValue<string>());
+        Assert.False(File.Exists(Path.Combine(Out("official"), "chat_template.jinja")));
         Assert.Empty(Directory.GetFiles(Out("hf"), "modeling_*.py"));
     }
 

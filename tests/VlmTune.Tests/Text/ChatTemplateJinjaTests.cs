@@ -27,7 +27,8 @@ internal static class JinjaRenderer
         (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator, StringSplitOptions.RemoveEmptyEntries)
             .Select(dir => Path.Combine(dir, "node")).FirstOrDefault(File.Exists);
 
-    public sealed record Case(string Template, IReadOnlyList<(string Role, string Content)> Messages, bool AddGenerationPrompt, string? BosToken);
+    /// <param name="RawMessages">Messages as given (content as a list of parts, say) instead of <paramref name="Messages"/>.</param>
+    public sealed record Case(string Template, IReadOnlyList<(string Role, string Content)> Messages, bool AddGenerationPrompt, string? BosToken, JsonArray? RawMessages = null);
 
     /// <summary>The rendering of every case, in order.</summary>
     public static string[] Render(IReadOnlyList<Case> cases)
@@ -36,7 +37,7 @@ internal static class JinjaRenderer
         var json = new JsonArray(cases.Select(c => (JsonNode)new JsonObject
         {
             ["template"] = c.Template,
-            ["messages"] = new JsonArray(c.Messages.Select(m => (JsonNode)new JsonObject { ["role"] = m.Role, ["content"] = m.Content }).ToArray()),
+            ["messages"] = c.RawMessages?.DeepClone() ?? new JsonArray(c.Messages.Select(m => (JsonNode)new JsonObject { ["role"] = m.Role, ["content"] = m.Content }).ToArray()),
             ["add_generation_prompt"] = c.AddGenerationPrompt,
             ["bos_token"] = c.BosToken,
         }).ToArray());
@@ -116,6 +117,35 @@ public class ChatTemplateJinjaTests
                 expected.Add(Ours(template, answered, open: false));
             }
 
+        var rendered = JinjaRenderer.Render(cases);
+        for (var i = 0; i < cases.Count; i++) Assert.Equal(expected[i], rendered[i]);
+    }
+
+    /// <summary>
+    /// Content as a list of parts (what transformers' processors pass to apply_chat_template): each image part becomes
+    /// the layout's placeholder and a newline, text parts follow as written, so the text is that of the same message
+    /// written as one string: <c>&lt;image&gt;</c> for the official layout, <c>&lt;IMG_CONTEXT&gt;</c>, which
+    /// InternVLProcessor expands, for the hf layout.
+    /// </summary>
+    [JinjaFact]
+    public void ImageAndTextPartsRenderAsTheLayoutsPlaceholderThenTheText()
+    {
+        static JsonNode Image() => new JsonObject { ["type"] = "image" };
+        static JsonNode Text(string t) => new JsonObject { ["type"] = "text", ["text"] = t };
+        var parts = new JsonArray
+        {
+            new JsonObject { ["role"] = "user", ["content"] = new JsonArray(Image(), Image(), Text("Compare the two pictures.")) },
+            new JsonObject { ["role"] = "assistant", ["content"] = new JsonArray(Text("The first is "), Text("brighter.")) },
+            new JsonObject { ["role"] = "user", ["content"] = new JsonArray(Text("And now?"), Image()) },
+        };
+        var cases = new List<JinjaRenderer.Case>();
+        var expected = new List<string>();
+        foreach (var template in Templates)
+            foreach (var placeholder in new[] { ImagePlaceholders.Placeholder, SpecialTokens.ImgContext })
+            {
+                cases.Add(new(template.HuggingFaceChatTemplate(bosToken: false, imagePlaceholder: placeholder), [], true, null, parts));
+                expected.Add(Ours(template, [("user", $"{placeholder}\n{placeholder}\nCompare the two pictures."), ("assistant", "The first is brighter."), ("user", $"And now?{placeholder}\n")], open: true));
+            }
         var rendered = JinjaRenderer.Render(cases);
         for (var i = 0; i < cases.Count; i++) Assert.Equal(expected[i], rendered[i]);
     }
