@@ -122,6 +122,14 @@ public sealed class FusedAdamW : IDisposable
         _updateTable?.Dispose();
     }
 
+    /// <summary>Whether the kernels can read this tensor's gradient: fp32, contiguous, on CUDA.</summary>
+    public static bool Accepts(Parameter p)
+    {
+        using var g = p.grad;
+        return p.dtype == ScalarType.Float32 && p.device.type == DeviceType.CUDA && p.is_contiguous()
+               && g is { dtype: ScalarType.Float32 } && g.is_contiguous();
+    }
+
     /// <summary>
     /// Which block takes which elements: one (tensor, first element) pair per <see cref="ChunkElements"/> elements of
     /// each tensor, in tensor order. Empty tensors take none.

@@ -86,9 +86,12 @@ public sealed class TrainingOptimizer : IDisposable
         var withGrad = _masters.OptimizerParameters
             .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != _rank).Select(t => t.Param))
             .Where(HasGradient).ToList();
-        // Fused: clipped and applied on the GPU, skipped there when the norm is not finite (then handled below).
-        double norm = _fused is not null
-            ? _fused.Step(withGrad, _adamW.ParamGroups.First().LearningRate, _config.MaxNorm)
+        // Fused: clipped and applied on the GPU, skipped there when the norm is not finite (then handled below). Under
+        // ZeRO-1 the norm also covers other ranks' model gradients, which may be bf16: then this step takes the
+        // per-tensor path.
+        bool fused = _fused is not null && withGrad.All(FusedAdamW.Accepts);
+        double norm = fused
+            ? _fused!.Step(withGrad, _adamW.ParamGroups.First().LearningRate, _config.MaxNorm)
             : nn.utils.clip_grad_norm_(withGrad, _config.MaxNorm);
         if (!double.IsFinite(norm))
         {
@@ -100,7 +103,7 @@ public sealed class TrainingOptimizer : IDisposable
             ClearGradients();
             return norm;
         }
-        if (_fused is null)
+        if (!fused)
         {
             _adamW.step();
             ClearGradients();
