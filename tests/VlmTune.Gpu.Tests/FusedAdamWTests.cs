@@ -123,6 +123,27 @@ public class FusedAdamWTests
             AssertSameUpdate(initial[int.Parse(name[1..])], master, masters[name], $"master {name}");
     }
 
+    /// <summary>
+    /// Which gradients the kernels take: under ZeRO-1 the norm also covers other ranks' model gradients, and a bf16 one
+    /// sends that step down TorchSharp's path (TrainingOptimizer asks <see cref="FusedAdamW.Accepts"/> for each).
+    /// </summary>
+    [GpuFact]
+    public void AcceptsContiguousFp32CudaGradientsOnly()
+    {
+        using var scope = NewDisposeScope();
+        Parameter With(Tensor value, Tensor? grad)
+        {
+            var p = new Parameter(value, requires_grad: true);
+            if (grad is not null) p.grad = grad;
+            return p;
+        }
+        Assert.True(FusedAdamW.Accepts(With(zeros(4, 8, device: TestDevice.Cuda), zeros(4, 8, device: TestDevice.Cuda))));
+        Assert.False(FusedAdamW.Accepts(With(zeros(4, 8, device: TestDevice.Cuda), null)), "no gradient");
+        Assert.False(FusedAdamW.Accepts(With(zeros(4, 8, ScalarType.BFloat16, TestDevice.Cuda), zeros(4, 8, ScalarType.BFloat16, TestDevice.Cuda))), "bf16");
+        Assert.False(FusedAdamW.Accepts(With(zeros(4, 8), zeros(4, 8))), "on the CPU");
+        Assert.False(FusedAdamW.Accepts(With(zeros(8, 4, device: TestDevice.Cuda).t(), zeros(8, 4, device: TestDevice.Cuda).t())), "not contiguous");
+    }
+
     private static bool Same(Tensor a, Tensor b)
     {
         using var equal = a.eq(b).all();

@@ -32,6 +32,8 @@ public class FusedAdamWPlanTests
         var messages = new List<string>();
         using var optimizer = new TrainingOptimizer(config, [("w", p)], dp: null, rank: 0, messages.Add, fusedKernel: true);
         Assert.False(optimizer.Fused);
+        p.grad = ones(3);
+        Assert.False(FusedAdamW.Accepts(p));   // a CPU tensor: the kernels take CUDA fp32 only
         Assert.DoesNotContain(messages, m => m.Contains("fused", StringComparison.OrdinalIgnoreCase));   // nothing to warn about on a CPU run
     }
 }
