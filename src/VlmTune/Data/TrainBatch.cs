@@ -24,8 +24,12 @@ public sealed class TrainBatch : IDisposable
     public required string[] SampleIds { get; init; }
     /// <summary>Tokens that are not padding.</summary>
     public required long Tokens { get; init; }
-    /// <summary>The longest sample's tokens: rows may be padded past it (pad_to_multiple_of); RoPE's dynamic base reads it. 0: none given.</summary>
-    public int LongestSample { get; init; }
+    /// <summary>
+    /// Unpacked rows: the longest sample's length, which decides the dynamic-NTK RoPE base though the rows may be padded
+    /// past it (pad_to_multiple_of; <see cref="DecoderInputs.RopeLength"/>). Null: packed rows (their
+    /// <see cref="PackedRows"/> carries it) or no sample.
+    /// </summary>
+    public long? RopeLength { get; init; }
     public required int Tiles { get; init; }
     /// <summary>Samples of this batch's slot that were skipped (broken image, too long).</summary>
     public required int Skipped { get; init; }
@@ -80,7 +84,7 @@ public sealed class TrainBatch : IDisposable
             Vision = vision,
             SampleIds = samples.Select(s => s.Id).ToArray(),
             Tokens = samples.Sum(s => (long)s.InputIds.Length),
-            LongestSample = samples.Count == 0 ? 0 : samples.Max(s => s.InputIds.Length),
+            RopeLength = packed || samples.Count == 0 ? null : samples.Max(s => s.InputIds.Length),
             Tiles = samples.Sum(s => s.Tiles),
             Skipped = skipped,
         };

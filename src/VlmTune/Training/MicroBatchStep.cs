@@ -20,9 +20,6 @@ public readonly record struct MicroBatchResult(double Loss, long Tokens, long Ti
 public sealed class MicroBatchStep(InternVLChatModel model, ImageFeatureSupply images, TrainConfig config, Device device, int imageContextId,
     DataCounters counters, DataParallel? dp, Action<string> warn)
 {
-    /// <summary>Unpacked rows padded past their longest sample keep the base the longest sample gives (packed rows carry theirs).</summary>
-    internal static long? RopeLength(TrainBatch batch) => batch.Packing is null && batch.LongestSample > 0 ? batch.LongestSample : null;
-
     /// <summary>Some rank was asked to stop (data-parallel: known to every rank after the same micro-batch).</summary>
     public bool StopAgreed { get; private set; }
 
@@ -45,7 +42,7 @@ public sealed class MicroBatchStep(InternVLChatModel model, ImageFeatureSupply i
             VlmTune.Diagnostics.MemoryTrace.Mark("vision + projector");
             var embeds = model.EmbedWithImages(ids, features, imageContextId, imageSlots);
             VlmTune.Diagnostics.MemoryTrace.Mark("embeddings");
-            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing, RopeLength = RopeLength(batch) });
+            var hidden = model.language_model.Forward(embeds, new DecoderInputs { Packing = batch.Packing, RopeLength = batch.RopeLength });
             VlmTune.Diagnostics.MemoryTrace.Mark("decoder forward");
             (loss, localTokens) = CausalLmLoss.Compute(hidden, labels, model.language_model.OutputHead, config.LossChunkSize);
             VlmTune.Diagnostics.MemoryTrace.Mark("loss");

@@ -123,7 +123,7 @@ public sealed class TrainingEvaluator
             using var batch = TrainBatch.Collate(iteration, encoded, indices.Length - encoded.Count, _tokenizer.PadId, padMultiple: _config.PadMultiple(_device.type == TorchSharp.DeviceType.CUDA));
             var features = _images.Embeddings(batch, out _);
             var embeds = _model.EmbedWithImages(batch.InputIds.to(_device), features, _tokenizer.ImgContextId);
-            var hidden = _model.language_model.Forward(embeds, new DecoderInputs { RopeLength = MicroBatchStep.RopeLength(batch) });
+            var hidden = _model.language_model.Forward(embeds, new DecoderInputs { RopeLength = batch.RopeLength });
             var (loss, count) = CausalLmLoss.Compute(hidden, batch.Labels, _model.language_model.OutputHead, _config.LossChunkSize);
             return (count > 0 ? loss.item<float>() * (double)count : 0, count, encoded.Count);
         }

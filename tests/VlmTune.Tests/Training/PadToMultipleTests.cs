@@ -33,10 +33,10 @@ public class PadToMultipleTests
             return model.language_model.Forward(embeds, new DecoderInputs { RopeLength = ropeLength })[0, ..480];   // the real tokens
         }
 
-        var expected = Hidden(plain, MicroBatchStep.RopeLength(plain));
-        Assert.Equal(480, MicroBatchStep.RopeLength(rounded));
+        var expected = Hidden(plain, plain.RopeLength);
+        Assert.Equal(480, rounded.RopeLength);
         double scale = expected.abs().max().item<float>();
-        double kept = (Hidden(rounded, MicroBatchStep.RopeLength(rounded)) - expected).abs().max().item<float>();
+        double kept = (Hidden(rounded, rounded.RopeLength) - expected).abs().max().item<float>();
         double rescaled = (Hidden(rounded, null) - expected).abs().max().item<float>();   // the base the row length alone gives
         Assert.True(kept <= 1e-5 * scale, $"rounded rows: hidden states differ by {kept:g3} (largest {scale:g3})");
         Assert.True(rescaled > 1e-3 * scale, $"a base from the padded length should change them: {rescaled:g3}");
