@@ -8,13 +8,22 @@ namespace VlmTune.Inference;
 
 /// <summary>
 /// Continuous batching over one model. A single background thread owns the model and loops: drop cancelled
-/// sequences, admit waiting requests (vision encoding batched across them, then one exact prefill each), and run one
-/// decode step for every running sequence at once. Each sequence keeps its own RoPE positions; the batch's KV cache is
-/// one dense tensor per layer whose rows are right-aligned (a KeyMask hides each row's left padding), rebuilt only when
-/// sequences join or leave. So a sequence's tokens equal what it would get alone.
+/// sequences, admit waiting requests (cached prompt prefixes reused, vision encoding batched across them), run one
+/// prefill pass, and run one decode step for every running sequence at once. A prefill pass takes the waiting prompts
+/// together, up to <see cref="EngineOptions.MaxPrefillTokens"/> (rows × longest remaining part), right-aligned with
+/// left padding hidden by a KeyMask; a longer prompt is prefilled in chunks of that budget, one per loop, so running
+/// streams keep decoding meanwhile (chunked prefill). Each sequence keeps its own RoPE positions; the batch's KV cache
+/// is one dense tensor per layer whose rows are right-aligned, rebuilt only when sequences join or leave. So a
+/// sequence's tokens equal what it would get alone.
+///
+/// Prompt prefixes seen before skip their prefill: <see cref="PrefixKvCache"/> keeps the keys and values of recent
+/// prompts' 64-token blocks by a hash chained over the tokens, the images in them and the adapter (hashed in
+/// <see cref="Submit"/>), bounded by <see cref="EngineOptions.PrefixCacheBytes"/>.
 ///
 /// With dynamic-NTK RoPE the base depends on the sequence length once it exceeds max_position_embeddings; such long
-/// sequences decode in their own batch of one, so their rotation is that of a solo run.
+/// sequences are prefilled in one pass of their own and decode in their own batch of one, so their rotation is that of a
+/// solo run. Phi-3's longrope picks its frequencies by the pass's length: prompts past original_max_position_embeddings
+/// are prefilled alone in one pass too.
 ///
 /// With <see cref="ServedAdapters"/>, each request names its adapter (or the base): every pass routes its rows to their
 /// adapters' LoRA branches (<see cref="LoraRouting"/>: image tiles in the vision pass, the prompt in prefill, the rows
@@ -31,6 +40,7 @@ public sealed class InferenceEngine : IDisposable
     private readonly EngineOptions _options;
     private readonly int _contextLimit;
     private readonly long _dynamicThreshold;   // a sequence this long or longer decodes alone (long.MaxValue: never)
+    private readonly long _onePassFrom;        // a prompt this long or longer is prefilled alone in one pass
     private readonly ConcurrentQueue<Sequence> _pending = new();
     private readonly SemaphoreSlim _wake = new(0);
     private readonly Thread _thread;
@@ -41,6 +51,7 @@ public sealed class InferenceEngine : IDisposable
     private readonly List<Sequence> _batch = [];
     private KvCache? _batchCache;
     private readonly List<Sequence> _solo = [];
+    private readonly List<Sequence> _prefilling = [];   // admitted, prompt not yet all in their caches; first come first
 
     private FusedDecoder? _fused;
     private bool _fusedResolved;
@@ -54,6 +65,8 @@ public sealed class InferenceEngine : IDisposable
     private long _cacheSlots;                 // KV slots (rows × columns) the running sequences' caches hold
     private readonly long[] _stepsByBatch;    // decode steps by the number of sequences they stepped (0..MaxBatch)
     private readonly ImageFeatureCache? _imageCache;   // null: off (ImageCacheBytes 0)
+    private readonly PrefixKvCache? _prefixCache;      // null: off (PrefixCacheBytes 0)
+    private long _prefillPasses;
 
     /// <param name="adapters">Adapters to serve beside the base (the engine owns them from here: disposing it unloads them); null: the base only.</param>
     public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null, ServedAdapters? adapters = null)
@@ -68,9 +81,17 @@ public sealed class InferenceEngine : IDisposable
         var llm = model.Config.Llm;
         _contextLimit = _options.MaxContextTokens ?? EngineOptions.DefaultContext(llm);
         _dynamicThreshold = llm.RopeScaling is { Type: "dynamic" } ? llm.MaxPositionEmbeddings : long.MaxValue;
+        _onePassFrom = llm.RopeScaling switch
+        {
+            { Type: "dynamic" } => llm.MaxPositionEmbeddings,
+            { Type: "longrope" } => llm.OriginalMaxPositionEmbeddings + 1,
+            _ => long.MaxValue,
+        };
         _stepsByBatch = new long[_options.MaxBatch + 1];
         long imageCacheBytes = _options.ImageCacheBytes ?? EngineOptions.DefaultImageCacheBytes(model.Options.Device);
         if (imageCacheBytes > 0) _imageCache = new ImageFeatureCache(imageCacheBytes);
+        long prefixCacheBytes = _options.PrefixCacheBytes ?? EngineOptions.DefaultPrefixCacheBytes(model.Options.Device);
+        if (prefixCacheBytes > 0) _prefixCache = new PrefixKvCache(prefixCacheBytes);
         _thread = new Thread(Loop) { IsBackground = true, Name = "vlmtune-engine" };
         _thread.Start();
     }
@@ -103,6 +124,12 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>The image-feature cache's hits, misses and bytes held (all 0, with capacity 0, when it is off).</summary>
     public ImageCacheStats ImageCache => _imageCache?.Stats ?? default;
 
+    /// <summary>The prefix cache's hits, misses, reused tokens and blocks held (all 0, with capacity 0, when it is off).</summary>
+    public PrefixCacheStats PrefixCache => _prefixCache?.Stats ?? default;
+
+    /// <summary>Prefill passes run so far (a batch of prompts, a chunk of a long one, or a long prompt in one pass).</summary>
+    public long PrefillPasses => Interlocked.Read(ref _prefillPasses);
+
     /// <summary>Test hook: the cache itself (null when off), to compare what it holds with a direct vision pass.</summary>
     internal ImageFeatureCache? FeatureCache => _imageCache;
 
@@ -128,7 +155,9 @@ public sealed class InferenceEngine : IDisposable
         ObjectDisposedException.ThrowIf(_stopping, this);
         Validate(request);
         // Hashed here, on the caller's thread, so the loop never stalls the batch over it.
-        var imageKeys = _imageCache is null ? null : ImageKeys(request);
+        var imageKeys = _imageCache is null && _prefixCache is null ? null : ImageKeys(request);
+        var blocks = _prefixCache is null || request.PromptIds.Count >= _onePassFrom ? null
+            : PromptBlocks.Of(request.PromptIds, _imageContextId, imageKeys?.Select(k => (k.Key, k.Tiles)).ToList(), _model.Config.NumImageToken, request.Adapter?.KvKey ?? 0);
         if (Interlocked.Increment(ref _queued) + Volatile.Read(ref _running) > _options.MaxQueue + _options.MaxBatch)
         {
             Interlocked.Decrement(ref _queued);
@@ -140,7 +169,7 @@ public sealed class InferenceEngine : IDisposable
             Interlocked.Decrement(ref _queued);
             throw new UnknownModelException($"The model '{adapter.Name}' was unloaded.");
         }
-        var seq = new Sequence(request) { ImageKeys = imageKeys };
+        var seq = new Sequence(request) { ImageKeys = imageKeys, Blocks = blocks };
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
         _pending.Enqueue(seq);
@@ -212,10 +241,11 @@ public sealed class InferenceEngine : IDisposable
             {
                 DropCancelled();
                 Admit();
+                PrefillStep();
                 if (_batch.Count + _solo.Count == 0)
                 {
                     Volatile.Write(ref _decoding, 0);
-                    _wake.Wait();
+                    if (_prefilling.Count == 0) _wake.Wait();
                     continue;
                 }
                 DecodeStep();
@@ -242,6 +272,11 @@ public sealed class InferenceEngine : IDisposable
             _solo.Remove(seq);
             seq.Finish(FinishReason.Cancelled);
         }
+        foreach (var seq in _prefilling.Where(s => s.Cancelled).ToList())
+        {
+            _prefilling.Remove(seq);
+            seq.Finish(FinishReason.Cancelled);
+        }
         if (dropped) Restack([]);
         PublishRunning();
     }
@@ -256,7 +291,7 @@ public sealed class InferenceEngine : IDisposable
             length = Math.Max(length, s.Length);
             remaining = Math.Max(remaining, s.Remaining);
         }
-        foreach (var s in _solo) solo += s.Length + s.Remaining;
+        foreach (var s in _solo.Concat(_prefilling)) solo += s.Length + s.Remaining;
         return rows * (length + remaining) + solo;
     }
 
@@ -285,7 +320,7 @@ public sealed class InferenceEngine : IDisposable
     {
         if (Volatile.Read(ref _admissionHeld) > 0) return;
         var joining = new List<Sequence>();
-        while (_batch.Count + _solo.Count + joining.Count < _options.MaxBatch && _pending.TryPeek(out var next))
+        while (Admitted + joining.Count < _options.MaxBatch && _pending.TryPeek(out var next))
         {
             if (next.Cancelled)
             {
@@ -295,7 +330,7 @@ public sealed class InferenceEngine : IDisposable
                 continue;
             }
             // First come, first served: when the head does not fit the cache budget, later requests wait behind it.
-            bool alone = _batch.Count + _solo.Count + joining.Count == 0;
+            bool alone = Admitted + joining.Count == 0;
             if (!alone && CacheSlots(joining.Append(next)) > _options.MaxCacheTokens) break;
             _pending.TryDequeue(out _);
             // Counted as running before it stops counting as queued, so Submit never sees a free slot that is not.
@@ -307,31 +342,52 @@ public sealed class InferenceEngine : IDisposable
         }
         if (joining.Count == 0) return;
 
-        EncodeImages(joining);
-        var rows = new List<Sequence>();
         foreach (var seq in joining)
         {
-            try
-            {
-                Prefill(seq);
-                if (seq.IsFinished) continue;
-                if (seq.Length >= _dynamicThreshold) _solo.Add(seq);
-                else rows.Add(seq);
-            }
-            catch (Exception e)
-            {
-                seq.Fail(e);
-            }
+            try { StartPrefill(seq); }
+            catch (Exception e) { seq.Fail(e); }
         }
-        // The one-row prefill caches become rows of the batch cache.
-        if (rows.Count > 0) Restack(rows);
+        joining.RemoveAll(s => s.IsFinished);
+        EncodeImages(joining);
+        _prefilling.AddRange(joining);
         PublishRunning();
+    }
+
+    /// <summary>Sequences admitted: decoding, or being prefilled.</summary>
+    private int Admitted => _batch.Count + _solo.Count + _prefilling.Count;
+
+    /// <summary>
+    /// A joining prompt's own one-row cache, with the keys and values of its longest cached prefix loaded (at least its
+    /// last token is left to compute: its logits give the first token). Prompts prefilled in one pass get theirs later.
+    /// </summary>
+    private void StartPrefill(Sequence seq)
+    {
+        int promptLength = seq.Request.PromptIds.Count;
+        if (promptLength >= _onePassFrom) return;
+        var lm = _model.language_model;
+        seq.Cache = new KvCache(lm.Config, 1, promptLength, _model.Options.DType, _model.Options.Device);
+        if (_prefixCache is null || seq.Blocks is null) return;
+        using var scope = NewDisposeScope();
+        if (_prefixCache.Take(seq.Blocks, (promptLength - 1) / PromptBlocks.Size) is { } prefix)
+        {
+            seq.Cache.LoadPrefix(prefix, lm.Rotary.Theta(promptLength));
+            seq.Prefilled = (int)seq.Cache.Length;
+            seq.CachedBlocks = seq.Prefilled / PromptBlocks.Size;
+        }
     }
 
     /// <summary>Vision encoding of every joining request's tiles, in passes of at most MaxVisionTiles tiles.</summary>
     private void EncodeImages(List<Sequence> joining)
     {
-        var withImages = joining.Where(s => s.Request.Pixels is not null).ToList();
+        // A prompt whose cached prefix holds all its image slots needs no features.
+        var cachedImages = joining.Where(s => s.Request.Pixels is not null && s.Prefilled > 0 && SlotsBefore(s, s.Request.PromptIds.Count) == SlotsBefore(s, s.Prefilled)).ToList();
+        foreach (var s in cachedImages)
+        {
+            long n = s.Request.Pixels!.shape[0];
+            s.Request.Pixels.Dispose();
+            Notify(s, o => o.TilesEncoded((int)n));
+        }
+        var withImages = joining.Where(s => s.Request.Pixels is not null && !cachedImages.Contains(s)).ToList();
         int i = 0;
         while (i < withImages.Count)
         {
@@ -427,28 +483,206 @@ public sealed class InferenceEngine : IDisposable
             if (toEncode[j].Key is { } key) cache.Add(key, pieces[j].clone());   // not taken (too large): freed with the scope
     }
 
-    /// <summary>One pass over the prompt into a one-row cache (exactly what a solo run does), then the first token.</summary>
-    private void Prefill(Sequence seq)
+    // ---------------------------------------------------------------- prefill
+
+    /// <summary>
+    /// One prefill pass, for the oldest waiting prompt and as many after it as the token budget holds: a long prompt
+    /// alone in one pass (dynamic NTK, longrope), a chunk of a prompt longer than the budget, or a batch of prompts.
+    /// Prompts whose prefill ends sample their first token and join the decode batch.
+    /// </summary>
+    private void PrefillStep()
+    {
+        if (_prefilling.Count == 0) return;
+        var head = _prefilling[0];
+        long budget = _options.MaxPrefillTokens;
+        Interlocked.Increment(ref _prefillPasses);
+        if (head.Cache is null)
+        {
+            _prefilling.RemoveAt(0);
+            PrefillOnePass(head);
+        }
+        else if (head.PromptLeft > budget) PrefillChunk(head, budget);
+        else
+        {
+            // Rows × the longest remaining part within the budget; long prompts further back wait for their turn.
+            var rows = new List<Sequence> { head };
+            long width = head.PromptLeft;
+            foreach (var s in _prefilling.Skip(1))
+            {
+                if (s.Cache is null || s.PromptLeft > budget) continue;
+                long wider = Math.Max(width, s.PromptLeft);
+                if ((rows.Count + 1) * wider > budget) break;
+                rows.Add(s);
+                width = wider;
+            }
+            PrefillBatch(rows);
+        }
+        PublishRunning();
+    }
+
+    /// <summary>The whole prompt in one pass into a one-row cache of its own (exactly what a solo run does), then the first token.</summary>
+    private void PrefillOnePass(Sequence seq)
+    {
+        try
+        {
+            var lm = _model.language_model;
+            var device = _model.Options.Device;
+            int promptLength = seq.Request.PromptIds.Count;
+            // A sequence that will decode alone keeps this cache for good, so it gets its full size now.
+            long capacity = promptLength >= _dynamicThreshold ? promptLength + seq.Request.Sampling.MaxNewTokens : promptLength;
+            seq.Cache = new KvCache(lm.Config, 1, capacity, _model.Options.DType, device);
+            using var scope = NewDisposeScope();
+            using var routing = Route([seq.Branches]);
+            var ids = tensor(seq.Request.PromptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0);   // (1, T)
+            var embeds = _model.EmbedWithImages(ids, seq.Features, _imageContextId, SlotsBefore(seq, promptLength));
+            var hidden = lm.Forward(embeds, new DecoderInputs { Cache = seq.Cache });
+            seq.Prefilled = promptLength;
+            PromptDone([seq], lm.Logits(hidden[.., ^1..])[.., 0]);                                       // (1, V)
+            if (seq.IsFinished) return;
+            if (seq.Length >= _dynamicThreshold) _solo.Add(seq);
+            else Restack([(seq, new KvRow(seq.Cache, 0, seq.Length))]);
+        }
+        catch (Exception e) { seq.Fail(e); }
+    }
+
+    /// <summary>The next <paramref name="budget"/> tokens of a long prompt, appended to its own cache.</summary>
+    private void PrefillChunk(Sequence seq, long budget)
+    {
+        try
+        {
+            var lm = _model.language_model;
+            var device = _model.Options.Device;
+            int from = seq.Prefilled, to = (int)Math.Min(seq.Request.PromptIds.Count, from + budget);
+            using var scope = NewDisposeScope();
+            using var routing = Route([seq.Branches]);
+            var ids = tensor(seq.Request.PromptIds.Skip(from).Take(to - from).Select(i => (long)i).ToArray(), device: device).unsqueeze(0);
+            var embeds = _model.EmbedWithImages(ids, SlotFeatures(seq, from, to), _imageContextId, SlotsBefore(seq, to) - SlotsBefore(seq, from));
+            // Positions and the causal mask continue from the cached part, as in one pass.
+            var hidden = lm.Forward(embeds, new DecoderInputs { Cache = seq.Cache });
+            seq.Prefilled = to;
+            if (to < seq.Request.PromptIds.Count) return;
+            _prefilling.Remove(seq);
+            Remember(seq, seq.Cache!, 0, 0);
+            PromptDone([seq], lm.Logits(hidden[.., ^1..])[.., 0]);
+            if (!seq.IsFinished) Restack([(seq, new KvRow(seq.Cache!, 0, seq.Length))]);
+        }
+        catch (Exception e)
+        {
+            _prefilling.Remove(seq);
+            seq.Fail(e);
+        }
+    }
+
+    /// <summary>
+    /// The remaining parts of several prompts in one pass. The pass cache is right-aligned like the decode batch's:
+    /// P columns of cached entries, then W = the longest remaining part. Row r's tokens end in the last column; a row
+    /// with less than W left takes its cached tail as input again (its cache then gives only its first T_r − W
+    /// entries) or, with nothing cached, starts with left padding the KeyMask hides.
+    /// </summary>
+    private void PrefillBatch(List<Sequence> rows)
     {
         var lm = _model.language_model;
         var device = _model.Options.Device;
-        int promptLength = seq.Request.PromptIds.Count;
-        // A sequence that will decode alone keeps this cache for good, so it gets its full size now.
-        long capacity = promptLength >= _dynamicThreshold ? promptLength + seq.Request.Sampling.MaxNewTokens : promptLength;
-        seq.Cache = new KvCache(lm.Config, 1, capacity, _model.Options.DType, device);
-        seq.Sampler = new Sampler(seq.Request.Sampling, device);
-        using var scope = NewDisposeScope();
-        using var routing = Route([seq.Branches]);
-        var ids = tensor(seq.Request.PromptIds.Select(i => (long)i).ToArray(), device: device).unsqueeze(0);   // (1, T)
-        var embeds = _model.EmbedWithImages(ids, seq.Features, _imageContextId);
-        seq.Features?.Dispose();
-        seq.Features = null;
-        var hidden = lm.Forward(embeds, new DecoderInputs { Cache = seq.Cache });
-        var logits = lm.Logits(hidden[.., ^1..])[.., 0];                                             // (1, V)
-        seq.Length = promptLength;
-        int first = (int)seq.Sampler.Next(logits, seq.Seen(device)).item<long>();
-        seq.Request.Observer?.Prefilled(promptLength);
-        Accept(seq, first);
+        int b = rows.Count;
+        var lengths = rows.Select(s => (long)s.Request.PromptIds.Count).ToArray();
+        long width = rows.Max(s => s.PromptLeft);
+        var past = lengths.Select(t => Math.Max(0, t - width)).ToArray();    // cached entries each row keeps
+        long p = past.Max();
+        KvCache? pass = null;
+        try
+        {
+            using var scope = NewDisposeScope();
+            pass = p == 0
+                ? new KvCache(lm.Config, b, width, _model.Options.DType, device)
+                : KvCache.Stack(rows.Select((s, r) => new KvRow(s.Cache!, 0, past[r], End: past[r])).ToList(), p + width);
+            using var routing = Route(rows.Select(s => s.Branches).ToList());
+            var ids = new long[b * width];
+            var positions = new long[b * width];
+            var starts = new long[b];
+            var features = new List<Tensor>();
+            long slots = 0;
+            for (int r = 0; r < b; r++)
+            {
+                long pad = width - (lengths[r] - past[r]);
+                starts[r] = p - past[r] + pad;
+                var prompt = rows[r].Request.PromptIds;
+                for (long j = pad; j < width; j++)
+                {
+                    ids[r * width + j] = prompt[(int)(past[r] + j - pad)];
+                    positions[r * width + j] = past[r] + j - pad;
+                }
+                if (SlotFeatures(rows[r], (int)past[r], (int)lengths[r]) is { } own) features.Add(own);
+                slots += SlotsBefore(rows[r], (int)lengths[r]) - SlotsBefore(rows[r], (int)past[r]);
+            }
+            bool masked = starts.Any(x => x > 0);
+            var idTensor = tensor(ids, device: device).view(b, width);
+            var embeds = _model.EmbedWithImages(idTensor, features.Count == 0 ? null : cat(features.ToArray(), 0), _imageContextId, slots);
+            var inputs = masked
+                ? new DecoderInputs
+                {
+                    Cache = pass,
+                    PositionIds = tensor(positions, device: device).view(b, width),
+                    KeyMask = arange(p + width, device: device).unsqueeze(0) >= tensor(starts, device: device).view(b, 1),   // (B, P + W)
+                }
+                : new DecoderInputs { Cache = pass };
+            var hidden = lm.Forward(embeds, inputs);
+            foreach (var s in rows) { s.Prefilled = s.Request.PromptIds.Count; _prefilling.Remove(s); }
+            PromptDone(rows, lm.Logits(hidden[.., ^1..])[.., 0]);                                       // (B, V)
+            for (int r = 0; r < b; r++) Remember(rows[r], pass, r, p + width - lengths[r]);
+            Restack(rows.Select((s, r) => (s, new KvRow(pass, r, lengths[r]))).Where(x => !x.s.IsFinished).ToList());
+        }
+        catch (Exception e)
+        {
+            // One pass served them all: its failure is theirs (the engine and other sequences carry on).
+            foreach (var s in rows) { _prefilling.Remove(s); s.Fail(e); }
+        }
+        finally { pass?.Dispose(); }
+    }
+
+    /// <summary>Prompts whose prefill ended: their sampler, the observer, and the first token from (B, V) logits.</summary>
+    private void PromptDone(IReadOnlyList<Sequence> rows, Tensor logits)
+    {
+        foreach (var seq in rows)
+        {
+            seq.Features?.Dispose();
+            seq.Features = null;
+            seq.Length = seq.Request.PromptIds.Count;
+            seq.Sampler = new Sampler(seq.Request.Sampling, _model.Options.Device);
+            Notify(seq, o => o.Prefilled(seq.Request.PromptIds.Count));
+        }
+        SampleAndAccept(rows, logits);
+    }
+
+    /// <summary>
+    /// Puts the full blocks of a prefilled prompt that the prefix cache lacks into it: row <paramref name="row"/> of
+    /// <paramref name="cache"/>, whose prompt position 0 is column <paramref name="firstColumn"/>.
+    /// </summary>
+    private void Remember(Sequence seq, KvCache cache, long row, long firstColumn)
+    {
+        if (_prefixCache is null || seq.Blocks is null) return;
+        int have = seq.CachedBlocks, full = seq.Blocks.Length;
+        while (have < full && _prefixCache.Contains(seq.Blocks[have])) have++;
+        if (have >= full) return;
+        using var entries = cache.ExportEntries(row, firstColumn + (long)have * PromptBlocks.Size, (long)(full - have) * PromptBlocks.Size);
+        _prefixCache.Add(seq.Blocks, have, entries);
+    }
+
+    /// <summary>Image-context tokens among the first <paramref name="tokens"/> of the prompt.</summary>
+    private long SlotsBefore(Sequence seq, int tokens)
+    {
+        long n = 0;
+        var ids = seq.Request.PromptIds;
+        for (int i = 0; i < tokens; i++) if (ids[i] == _imageContextId) n++;
+        return n;
+    }
+
+    /// <summary>The image features (n, 1, D) of the image slots among prompt tokens [from, to); null when there are none.</summary>
+    private Tensor? SlotFeatures(Sequence seq, int from, int to)
+    {
+        long first = SlotsBefore(seq, from), count = SlotsBefore(seq, to) - first;
+        if (count == 0) return null;
+        var all = seq.Features ?? throw new InvalidOperationException("The request's image features are missing.");
+        return all.reshape(-1, 1, all.shape[^1]).narrow(0, first, count);
     }
 
     private void DecodeStep()
@@ -566,6 +800,7 @@ public sealed class InferenceEngine : IDisposable
         for (int i = 0; i < rows.Count; i++)
         {
             var seq = rows[i];
+            if (seq.IsFinished) continue;   // e.g. failed by its observer when its prefill ended
             var sampling = seq.Request.Sampling;
             try
             {
@@ -607,12 +842,14 @@ public sealed class InferenceEngine : IDisposable
         if (seq.Generated.Count >= seq.Request.Sampling.MaxNewTokens) seq.Finish(FinishReason.Length);
     }
 
-    /// <summary>Rebuilds the batch cache from the running rows plus <paramref name="joining"/> (whose one-row caches it consumes).</summary>
-    private void Restack(List<Sequence> joining)
+    /// <summary>
+    /// Rebuilds the batch cache from the running rows plus <paramref name="joining"/>, each with the row of its prefill
+    /// cache; the joining sequences' own caches are released (a shared pass cache is its caller's to dispose).
+    /// </summary>
+    private void Restack(IReadOnlyList<(Sequence Seq, KvRow Row)> joining)
     {
-        var rows = _batch.Select(s => new KvRow(_batchCache!, s.Row, s.Length))
-            .Concat(joining.Select(s => new KvRow(s.Cache!, 0, s.Length))).ToList();
-        _batch.AddRange(joining);
+        var rows = _batch.Select(s => new KvRow(_batchCache!, s.Row, s.Length)).Concat(joining.Select(j => j.Row)).ToList();
+        _batch.AddRange(joining.Select(j => j.Seq));
         KvCache? stacked = null;
         if (_batch.Count > 0)
         {
@@ -623,15 +860,15 @@ public sealed class InferenceEngine : IDisposable
         _batchCache?.Dispose();
         _batchCache = stacked;
         for (int i = 0; i < _batch.Count; i++) _batch[i].Row = i;
-        foreach (var seq in joining) { seq.Cache!.Dispose(); seq.Cache = null; }
+        foreach (var (seq, _) in joining) { seq.Cache?.Dispose(); seq.Cache = null; }
     }
 
     private void PublishRunning()
     {
-        Volatile.Write(ref _running, _batch.Count + _solo.Count);
+        Volatile.Write(ref _running, Admitted);
         // What the caches really hold (a tensor's shape is host metadata: no device sync); solo caches grow by doubling.
         long slots = _batchCache is { } batch ? batch.Batch * batch.Capacity : 0;
-        foreach (var s in _solo) slots += s.Cache?.Capacity ?? 0;
+        foreach (var s in _solo.Concat(_prefilling)) slots += s.Cache?.Capacity ?? 0;
         Interlocked.Exchange(ref _cacheSlots, slots);
     }
 
@@ -645,9 +882,10 @@ public sealed class InferenceEngine : IDisposable
 
     private void FailRunning(Exception e)
     {
-        foreach (var s in _batch.Concat(_solo)) s.Fail(e);
+        foreach (var s in _batch.Concat(_solo).Concat(_prefilling)) s.Fail(e);
         _batch.Clear();
         _solo.Clear();
+        _prefilling.Clear();
         _batchCache?.Dispose();
         _batchCache = null;
         PublishRunning();
@@ -694,6 +932,14 @@ public sealed class InferenceEngine : IDisposable
         public KvCache? Cache { get; set; }
         public Sampler? Sampler { get; set; }
         public long Length { get; set; } = request.PromptIds.Count;   // tokens in the cache (the prompt until it is prefilled)
+        /// <summary>Full-block hashes of the prompt for the prefix cache (null: off, or a prompt prefilled in one pass).</summary>
+        public BlockHash[]? Blocks { get; init; }
+        /// <summary>Prompt tokens in the sequence's own cache so far (a cached prefix, then the chunks prefilled).</summary>
+        public int Prefilled { get; set; }
+        /// <summary>Leading prompt blocks that came from the prefix cache.</summary>
+        public int CachedBlocks { get; set; }
+        /// <summary>Prompt tokens still to prefill.</summary>
+        public long PromptLeft => Request.PromptIds.Count - Prefilled;
         public int Row { get; set; }
         public int LastToken { get; set; }
         public bool IsFinished => Done.Task.IsCompleted;

@@ -49,7 +49,16 @@ public sealed class ServedAdapter
     {
         Owner = owner; Name = name; Description = description; Branches = branches;
         VisionKey = adaptsVision ? Interlocked.Increment(ref _lastVisionKey) : 0;
+        KvKey = Interlocked.Increment(ref _lastKvKey);
     }
+
+    private static long _lastKvKey;
+
+    /// <summary>
+    /// Whose keys and values this adapter's prompts get (the prefix cache's key): an id of its own, never given again,
+    /// since its LoRA changes them (the base's is 0).
+    /// </summary>
+    internal long KvKey { get; }
 
     internal ServedAdapters Owner { get; }
     internal LoraBranches Branches { get; }

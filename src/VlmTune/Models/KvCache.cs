@@ -70,22 +70,25 @@ public sealed class KvCache : IDisposable
         while (start < rows.Count)
         {
             var source = rows[start].Source;
+            long sourceEnd = rows[start].End ?? source.Length;
             int end = start + 1;
-            while (end < rows.Count && ReferenceEquals(rows[end].Source, source)) end++;
+            while (end < rows.Count && ReferenceEquals(rows[end].Source, source) && (rows[end].End ?? source.Length) == sourceEnd) end++;
             long take = rows.Skip(start).Take(end - start).Max(r => r.Length);
-            if (take > source.Length) throw new ArgumentException($"Row length {take} exceeds its cache's length {source.Length}.", nameof(rows));
+            if (take > sourceEnd || sourceEnd > source.Length)
+                throw new ArgumentException($"Rows of {take} entries ending at column {sourceEnd} do not fit their cache of {source.Length}.", nameof(rows));
+            if (take == 0) { start = end; continue; }
             var index = tensor(rows.Skip(start).Take(end - start).Select(r => r.Row).ToArray(), device: source._positions.device);
-            // Source rows end at source.Length; the result's rows end at `length`. Taking `take` columns may bring along a
+            // Source rows end at sourceEnd; the result's rows end at `length`. Taking `take` columns may bring along a
             // shorter row's padding (or stale entries): they land before that row's start and stay masked.
             for (int layer = 0; layer < keys.Length; layer++)
             {
                 keys[layer].narrow(0, start, end - start).narrow(2, length - take, take)
-                    .copy_(source._keys[layer].index_select(0, index).narrow(2, source.Length - take, take));
+                    .copy_(source._keys[layer].index_select(0, index).narrow(2, sourceEnd - take, take));
                 values[layer].narrow(0, start, end - start).narrow(2, length - take, take)
-                    .copy_(source._values[layer].index_select(0, index).narrow(2, source.Length - take, take));
+                    .copy_(source._values[layer].index_select(0, index).narrow(2, sourceEnd - take, take));
             }
             positions.narrow(0, start, end - start).narrow(1, length - take, take)
-                .copy_(source._positions.index_select(0, index).narrow(1, source.Length - take, take));
+                .copy_(source._positions.index_select(0, index).narrow(1, sourceEnd - take, take));
             start = end;
         }
         return new KvCache(keys, values, positions, length, theta);
@@ -140,6 +143,43 @@ public sealed class KvCache : IDisposable
         _theta = theta;
     }
 
+    /// <summary>
+    /// Entries [<paramref name="start"/>, start + <paramref name="count"/>) of row <paramref name="row"/>, every layer's
+    /// keys then values: a new (2 · layers, kv_heads, count, d) tensor (<see cref="LoadPrefix"/> reads it back).
+    /// </summary>
+    internal Tensor ExportEntries(long row, long start, long count)
+    {
+        if (start < 0 || count < 0 || start + count > Length) throw new ArgumentOutOfRangeException(nameof(count), $"entries [{start}, {start + count}) of a cache of {Length}");
+        using var scope = NewDisposeScope();
+        var parts = new Tensor[2 * _keys.Length];
+        for (int layer = 0; layer < _keys.Length; layer++)
+        {
+            parts[2 * layer] = _keys[layer][row].narrow(1, start, count);
+            parts[2 * layer + 1] = _values[layer][row].narrow(1, start, count);
+        }
+        return stack(parts).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Fills an empty one-row cache with the first entries of a prompt, as <see cref="ExportEntries"/> gave them
+    /// ((2 · layers, kv_heads, n, d), positions 0..n−1), rotated with RoPE base <paramref name="theta"/>.
+    /// </summary>
+    internal void LoadPrefix(Tensor entries, double theta)
+    {
+        if (Length != 0 || Batch != 1) throw new InvalidOperationException("A prefix loads into an empty one-row cache.");
+        long n = entries.shape[2];
+        EnsureCapacity(n);
+        using var scope = NewDisposeScope();
+        for (int layer = 0; layer < _keys.Length; layer++)
+        {
+            _keys[layer][0].narrow(1, 0, n).copy_(entries[2 * layer]);
+            _values[layer][0].narrow(1, 0, n).copy_(entries[2 * layer + 1]);
+        }
+        _positions[0].narrow(0, 0, n).copy_(arange(n, device: _positions.device));
+        Length = n;
+        _theta = theta;
+    }
+
     /// <summary>Drops everything after the first <paramref name="length"/> entries (e.g. to reuse a shared prefix).</summary>
     public void Truncate(long length) => Length = Math.Min(Length, Math.Max(0, length));
 
@@ -172,5 +212,8 @@ public sealed class KvCache : IDisposable
     }
 }
 
-/// <summary>The newest <paramref name="Length"/> entries of row <paramref name="Row"/> of <paramref name="Source"/>.</summary>
-public readonly record struct KvRow(KvCache Source, long Row, long Length);
+/// <summary>
+/// The newest <paramref name="Length"/> entries of row <paramref name="Row"/> of <paramref name="Source"/>, or with
+/// <paramref name="End"/> the <paramref name="Length"/> entries before column End (a prefix of what the row holds).
+/// </summary>
+public readonly record struct KvRow(KvCache Source, long Row, long Length, long? End = null);

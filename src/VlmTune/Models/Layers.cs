@@ -259,6 +259,14 @@ internal static class Attention
         {
             var km = keyMask.to_type(ScalarType.Bool).view(keyMask.shape[0], 1, 1, S);
             allowed = allowed is null ? km : allowed.logical_and(km);
+            // A left-padding query of a batched prefill may see no key at all: softmax over nothing is NaN, and its NaN
+            // keys/values would reach real rows through 0 · NaN in the next layer. Such a query attends to itself.
+            if (T > 1 && causalOffset is { } diagonalOffset)
+            {
+                var blind = allowed.any(-1, keepdim: true).logical_not();                          // (B, 1, T, 1)
+                var self = (arange(S, device: q.device).unsqueeze(0) == arange(T, device: q.device).unsqueeze(1) + diagonalOffset).view(1, 1, T, S);
+                allowed = allowed.logical_or(blind.logical_and(self));
+            }
         }
         if (kind == AttentionKind.Sdpa)
             return nn.functional.scaled_dot_product_attention(q, k, v, allowed, 0.0, false).MoveToOuterDisposeScope();
