@@ -276,6 +276,10 @@ public static class ChatCompletionsApi
     private static object Usage(ChatChunk? last)
     {
         int prompt = last?.PromptTokens ?? 0, completion = last?.CompletionTokens ?? 0;
-        return new { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion };
+        return new
+        {
+            prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion,
+            prompt_tokens_details = new { cached_tokens = last?.CachedPromptTokens ?? 0 },
+        };
     }
 }

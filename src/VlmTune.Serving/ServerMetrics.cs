@@ -53,7 +53,7 @@ public sealed class ServerMetrics
         _requests = f.CreateCounter("vlmtune_requests_total",
             "Chat completion requests ended, by finish_reason (stop, length, cancelled: the client went away, error) and the HTTP status answered (499: the client closed the connection).",
             new CounterConfiguration { LabelNames = ["model", "finish_reason", "status"] });
-        _promptTokens = f.CreateCounter("vlmtune_prompt_tokens_total", "Prompt tokens prefilled (image context tokens included).", model);
+        _promptTokens = f.CreateCounter("vlmtune_prompt_tokens_total", "Prompt tokens of the requests whose prefill ended (image context tokens and tokens served from the prefix cache included).", model);
         _generationTokens = f.CreateCounter("vlmtune_generation_tokens_total", "Tokens generated (stop ids excluded; tokens of cancelled requests included).", model);
         _tiles = f.CreateCounter("vlmtune_image_tiles_total", "Image tiles (448x448, thumbnails included) of the requests' images, those whose features came from the image-feature cache included.", model);
         _timeToFirstToken = f.CreateHistogram("vlmtune_time_to_first_token_seconds", "From the request's body read to its first generated token.",
@@ -76,6 +76,12 @@ public sealed class ServerMetrics
         var imageCacheMisses = f.CreateCounter("vlmtune_image_cache_misses_total", "Images the vision encoder ran for while the image-feature cache is on.");
         var imageCacheBytes = f.CreateGauge("vlmtune_image_cache_bytes", "Bytes of image features the engine's image-feature cache holds.");
         var imageCacheCapacity = f.CreateGauge("vlmtune_image_cache_capacity_bytes", "The image-feature cache's budget in bytes (--image-cache-mib); 0: off.");
+        var prefixHits = f.CreateCounter("vlmtune_prefix_cache_hits_total", "Requests that reused at least one cached 64-token prompt block.");
+        var prefixMisses = f.CreateCounter("vlmtune_prefix_cache_misses_total", "Requests looked up in the prefix cache that reused none.");
+        var prefixReused = f.CreateCounter("vlmtune_prefix_cache_reused_tokens_total", "Prompt tokens whose keys and values came from the prefix cache instead of a prefill.");
+        var prefixBytes = f.CreateGauge("vlmtune_prefix_cache_bytes", "Bytes of keys and values the engine's prefix cache holds.");
+        var prefixCapacity = f.CreateGauge("vlmtune_prefix_cache_capacity_bytes", "The prefix cache's budget in bytes (--prefix-cache-mib); 0: off.");
+        var prefillPasses = f.CreateCounter("vlmtune_prefill_passes_total", "Prefill passes the engine ran (several prompts together, a chunk of a long prompt, or a long prompt alone).");
         int maxBatch = engine.Options.MaxBatch;
         _stepBatchSize = f.CreateHistogram("vlmtune_decode_step_batch_size", "Sequences stepped by each decode step of the engine.",
             new HistogramConfiguration { Buckets = BatchBuckets(maxBatch) });
@@ -96,6 +102,13 @@ public sealed class ServerMetrics
             imageCacheMisses.IncTo(images.Misses);
             imageCacheBytes.Set(images.Bytes);
             imageCacheCapacity.Set(images.CapacityBytes);
+            var prefixes = engine.PrefixCache;
+            prefixHits.IncTo(prefixes.Hits);
+            prefixMisses.IncTo(prefixes.Misses);
+            prefixReused.IncTo(prefixes.ReusedTokens);
+            prefixBytes.Set(prefixes.Bytes);
+            prefixCapacity.Set(prefixes.CapacityBytes);
+            prefillPasses.IncTo(engine.PrefillPasses);
             ObserveNewSteps();
         });
         // Known series start at 0, so that rate() and increase() see their first events.

@@ -72,6 +72,13 @@ public sealed record ServerOptions
     /// </summary>
     public long? ImageCacheMib { get; init; }
     /// <summary>
+    /// MiB of the engine's prefix cache (<c>--prefix-cache-mib</c>; <see cref="EngineOptions.PrefixCacheBytes"/>): a
+    /// prompt that starts like an earlier one (system prompt, image) prefills only the rest. Null: 2048 on CUDA, 128 on the CPU; 0: off.
+    /// </summary>
+    public long? PrefixCacheMib { get; init; }
+    /// <summary>Tokens one prefill pass computes at most (<c>--max-prefill-tokens</c>; <see cref="EngineOptions.MaxPrefillTokens"/>).</summary>
+    public int MaxPrefillTokens { get; init; } = new EngineOptions().MaxPrefillTokens;
+    /// <summary>
     /// On SIGTERM/SIGINT: how long in-flight requests may run on before they are ended (a stream with an error event
     /// <c>server_shutting_down</c>, a plain request with 503). New connections are refused from the signal on.
     /// </summary>
@@ -140,6 +147,8 @@ public sealed record ServerOptions
         if (Port is < 0 or > 65535) yield return $"--port must be 0..65535 (got {Port}).";
         if (MaxBatch < 1) yield return $"--max-batch must be ≥ 1 (got {MaxBatch}).";
         if (ImageCacheMib is < 0 or > 1L << 30) yield return $"--image-cache-mib must be 0 (off) to {1L << 30} (got {ImageCacheMib}).";
+        if (PrefixCacheMib is < 0 or > 1L << 30) yield return $"--prefix-cache-mib must be 0 (off) to {1L << 30} (got {PrefixCacheMib}).";
+        if (MaxPrefillTokens < 1) yield return $"--max-prefill-tokens must be ≥ 1 (got {MaxPrefillTokens}).";
         if (MaxTiles is < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
         if (MaxTilesPerRequest < 1) yield return $"max tiles per request must be ≥ 1 (got {MaxTilesPerRequest}).";
         if (MaxImagesPerRequest < 0) yield return $"max images per request must be ≥ 0 (got {MaxImagesPerRequest}).";

@@ -162,6 +162,8 @@ public static class VlmTuneServer
                 MaxBatch = options.MaxBatch,
                 MaxCacheTokens = options.KvCacheTokens,
                 ImageCacheBytes = options.ImageCacheMib * (1L << 20),
+                PrefixCacheBytes = options.PrefixCacheMib * (1L << 20),
+                MaxPrefillTokens = options.MaxPrefillTokens,
                 MaxQueue = options.MaxConcurrentRequests,
                 MaxContextTokens = options.MaxContextTokens,
             }.With(chat.Switches), adapters);

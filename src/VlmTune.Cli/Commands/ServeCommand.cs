@@ -29,6 +29,14 @@ internal static class ServeCommand
     {
         Description = "MiB of image features kept for images sent again (they skip the vision encoder); 0: off. [default: 512 on CUDA, 64 on the CPU]",
     };
+    private static readonly Option<long?> PrefixCacheMib = new("--prefix-cache-mib")
+    {
+        Description = "MiB of prompt-prefix keys and values kept for prompts that start alike (system prompt, same image); 0: off. [default: 2048 on CUDA, 128 on the CPU]",
+    };
+    private static readonly Option<int?> MaxPrefillTokens = new("--max-prefill-tokens")
+    {
+        Description = "Tokens one prefill pass computes at most: waiting prompts are prefilled together up to it, longer ones in chunks between decode steps. [default: 8192]",
+    };
     private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
@@ -42,7 +50,7 @@ internal static class ServeCommand
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
-            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, ImageCacheMib, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
+            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, ImageCacheMib, PrefixCacheMib, MaxPrefillTokens, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, switches, ct)));
         return command;
@@ -67,6 +75,8 @@ internal static class ServeCommand
         Set(nameof(ServerOptions.ApiKey), parse.GetValue(ApiKey));
         Set(nameof(ServerOptions.MaxBatch), parse.GetValue(MaxBatch));
         Set(nameof(ServerOptions.ImageCacheMib), parse.GetValue(ImageCacheMib));
+        Set(nameof(ServerOptions.PrefixCacheMib), parse.GetValue(PrefixCacheMib));
+        Set(nameof(ServerOptions.MaxPrefillTokens), parse.GetValue(MaxPrefillTokens));
         Set(nameof(ServerOptions.MaxTiles), parse.GetValue(MaxTiles));
         Set(nameof(ServerOptions.AllowLocalImages), parse.GetValue(AllowLocalImages));
         if (parse.GetValue(AllowRemoteImages)) Set(nameof(ServerOptions.AllowRemoteImages), true);

@@ -41,14 +41,23 @@ public sealed class GenerationStream
 {
     private readonly ChannelReader<int> _tokens;
 
-    internal GenerationStream(ChannelReader<int> tokens, Task<GenerationResult> completion, int promptTokens)
+    private readonly Func<int> _cachedPromptTokens;
+
+    internal GenerationStream(ChannelReader<int> tokens, Task<GenerationResult> completion, int promptTokens, Func<int>? cachedPromptTokens = null)
     {
         _tokens = tokens;
         Completion = completion;
         PromptTokens = promptTokens;
+        _cachedPromptTokens = cachedPromptTokens ?? (() => 0);
     }
 
     public int PromptTokens { get; }
+
+    /// <summary>
+    /// Prompt tokens whose keys and values came from the engine's prefix cache rather than a prefill (OpenAI's
+    /// usage.prompt_tokens_details.cached_tokens): known once the request is admitted, 0 before.
+    /// </summary>
+    public int CachedPromptTokens => _cachedPromptTokens();
 
     /// <summary>Completes when the request ends: stop id, token limit, cancellation (FinishReason.Cancelled), or faults on an engine error.</summary>
     public Task<GenerationResult> Completion { get; }

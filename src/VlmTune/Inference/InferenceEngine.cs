@@ -174,7 +174,7 @@ public sealed class InferenceEngine : IDisposable
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
         _pending.Enqueue(seq);
         _wake.Release();
-        return new GenerationStream(seq.Tokens.Reader, seq.Done.Task, request.PromptIds.Count);
+        return new GenerationStream(seq.Tokens.Reader, seq.Done.Task, request.PromptIds.Count, () => Volatile.Read(ref seq.CachedTokens));
     }
 
     /// <summary>Runs a request to its end.</summary>
@@ -373,6 +373,7 @@ public sealed class InferenceEngine : IDisposable
             seq.Cache.LoadPrefix(prefix, lm.Rotary.Theta(promptLength));
             seq.Prefilled = (int)seq.Cache.Length;
             seq.CachedBlocks = seq.Prefilled / PromptBlocks.Size;
+            Volatile.Write(ref seq.CachedTokens, seq.Prefilled);
         }
     }
 
@@ -938,6 +939,8 @@ public sealed class InferenceEngine : IDisposable
         public int Prefilled { get; set; }
         /// <summary>Leading prompt blocks that came from the prefix cache.</summary>
         public int CachedBlocks { get; set; }
+        /// <summary>Their tokens, for the request's usage (read by other threads).</summary>
+        public int CachedTokens;
         /// <summary>Prompt tokens still to prefill.</summary>
         public long PromptLeft => Request.PromptIds.Count - Prefilled;
         public int Row { get; set; }

@@ -38,7 +38,8 @@ public sealed class PreparedChat(GenerationRequest request, IReadOnlyList<int> t
 }
 
 /// <summary>One piece of a streamed answer: new text and the token ids behind it; the last piece carries the finish reason.</summary>
-public sealed record ChatChunk(string Text, IReadOnlyList<int> TokenIds, FinishReason? FinishReason, int PromptTokens, int CompletionTokens);
+/// <paramref name="CachedPromptTokens"/>: prompt tokens served from the engine's prefix cache (set on the last piece).
+public sealed record ChatChunk(string Text, IReadOnlyList<int> TokenIds, FinishReason? FinishReason, int PromptTokens, int CompletionTokens, int CachedPromptTokens = 0);
 
 /// <summary>The request is wrong in a way the caller can fix (400); <see cref="InvalidGenerationRequestException.Param"/> names the field.</summary>
 public sealed class ChatInputException(string message, string? param = null) : InvalidGenerationRequestException(message, param);
@@ -162,7 +163,7 @@ public sealed class InternVLChatClient : IChatClient
                 if (filter.Stopped)
                 {
                     stop.Cancel();   // the rest of the answer is not wanted: leave the batch now
-                    yield return new ChatChunk(text, ids.ToArray(), FinishReason.Stop, prompt, completion);
+                    yield return new ChatChunk(text, ids.ToArray(), FinishReason.Stop, prompt, completion, stream.CachedPromptTokens);
                     yield break;
                 }
                 if (text.Length > 0)
@@ -174,7 +175,7 @@ public sealed class InternVLChatClient : IChatClient
             var result = await stream.Completion.ConfigureAwait(false);
             cancellationToken.ThrowIfCancellationRequested();
             var rest = filter.Push(decoder.Flush()) + filter.Flush();
-            yield return new ChatChunk(rest, ids.ToArray(), filter.Stopped ? FinishReason.Stop : result.FinishReason, prompt, completion);
+            yield return new ChatChunk(rest, ids.ToArray(), filter.Stopped ? FinishReason.Stop : result.FinishReason, prompt, completion, stream.CachedPromptTokens);
         }
         finally
         {
