@@ -8,6 +8,10 @@ using VlmTune.Serving;
 // in-process server; prints requests/s and p50/p99 time-to-first-token and time-per-output-token per concurrency.
 //   dotnet run -c Release --project bench/VlmTune.Bench.Serve -- [--model DIR] [--clients 1,8,32] [--requests-per-client N]
 //                                                            [--max-tokens N] [--image FILE] [--device cpu]
+//                                                            [--distinct-images 1] [--prefix-cache-mib N] [--image-cache-mib N]
+//                                                            [--max-prefill-tokens N]
+// --distinct-images 1: every request's image is the given one with a few pixels of its own, so no request shares
+// image features or a prompt prefix past the image with another (the cold path); by default all send the same image.
 // --engine-only 1: the engine alone (no HTTP, no detokenizing); --profile 1: cost of one decode step's parts by batch size.
 var arguments = ParseArgs(args);
 string model = arguments.GetValueOrDefault("model") ?? Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "../../../../../../shared/fixtures/tiny-internvl2/model"));
@@ -16,10 +20,20 @@ int perClient = int.Parse(arguments.GetValueOrDefault("requests-per-client") ?? 
 int maxTokens = int.Parse(arguments.GetValueOrDefault("max-tokens") ?? "64");
 string? image = arguments.GetValueOrDefault("image");
 string device = arguments.GetValueOrDefault("device") ?? "cpu";
+bool distinctImages = arguments.GetValueOrDefault("distinct-images") is "1" or "true";
+long? prefixCacheMib = arguments.GetValueOrDefault("prefix-cache-mib") is { } pc ? long.Parse(pc) : null;
+long? imageCacheMib = arguments.GetValueOrDefault("image-cache-mib") is { } ic ? long.Parse(ic) : null;
+int maxPrefillTokens = arguments.GetValueOrDefault("max-prefill-tokens") is { } mp ? int.Parse(mp) : new EngineOptions().MaxPrefillTokens;
+byte[]? imageBytes = image is null ? null : File.ReadAllBytes(image);
+int imageVariant = 0;
 
 // An entry point: the VLMTUNE_* switches (e.g. VLMTUNE_FUSED_DECODE=0) are read here, as the CLI reads them.
 using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device, Switches = VlmTune.RuntimeSwitches.FromEnvironment() });
-var options = new ServerOptions { ModelDir = model, ModelId = "bench", Port = 0, MaxBatch = levels.Max(), MaxConcurrentRequests = 4 * levels.Max() };
+var options = new ServerOptions
+{
+    ModelDir = model, ModelId = "bench", Port = 0, MaxBatch = levels.Max(), MaxConcurrentRequests = 4 * levels.Max(),
+    PrefixCacheMib = prefixCacheMib, ImageCacheMib = imageCacheMib, MaxPrefillTokens = maxPrefillTokens,
+};
 var client = VlmTuneServer.CreateChatClient(chat, options);
 using var engine = client.Engine;
 await using var app = VlmTuneServer.Build(options, client);
@@ -69,9 +83,11 @@ if (arguments.ContainsKey("engine-only"))
     }
     return 0;
 }
-Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.get_num_threads()}, {Environment.ProcessorCount} cores; max_tokens {maxTokens}, {perClient} requests per client{(image is null ? "" : ", one image")}");
+Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.get_num_threads()}, {Environment.ProcessorCount} cores; max_tokens {maxTokens}, {perClient} requests per client" +
+    $"{(image is null ? "" : distinctImages ? ", one image of its own per request" : ", the same image in every request")}; prefix cache {engine.PrefixCache.CapacityBytes >> 20} MiB, " +
+    $"image cache {engine.ImageCache.CapacityBytes >> 20} MiB, max prefill tokens {engine.Options.MaxPrefillTokens}");
 await RunLevel(1, 1, quiet: true);   // warm-up: JIT, allocator, first kernels
-Console.WriteLine($"{"clients",7} {"requests",8} {"req/s",7} {"tok/s",7} {"TTFT p50",9} {"TTFT p99",9} {"TPOT p50",9} {"TPOT p99",9} {"peak batch",10}");
+Console.WriteLine($"{"clients",7} {"requests",8} {"req/s",7} {"tok/s",7} {"TTFT p50",9} {"TTFT p99",9} {"TPOT p50",9} {"TPOT p99",9} {"peak batch",10} {"prefills",8} {"cached tok",10}");
 foreach (int clients in levels) await RunLevel(clients, perClient, quiet: false);
 await app.StopAsync();
 return 0;
@@ -81,6 +97,7 @@ async Task RunLevel(int clients, int requestsEach, bool quiet)
     var ttft = new List<double>();
     var tpot = new List<double>();
     long tokens = 0;
+    long passesBefore = engine.PrefillPasses, reusedBefore = engine.PrefixCache.ReusedTokens;
     var wall = Stopwatch.StartNew();
     await Task.WhenAll(Enumerable.Range(0, clients).Select(async c =>
     {
@@ -98,13 +115,17 @@ async Task RunLevel(int clients, int requestsEach, bool quiet)
     wall.Stop();
     if (quiet) return;
     double seconds = wall.Elapsed.TotalSeconds;
-    Console.WriteLine($"{clients,7} {ttft.Count,8} {ttft.Count / seconds,7:0.00} {tokens / seconds,7:0.0} {Ms(Percentile(ttft, 50)),9} {Ms(Percentile(ttft, 99)),9} {Ms(Percentile(tpot, 50)),9} {Ms(Percentile(tpot, 99)),9} {engine.Stats.PeakBatch,10}");
+    Console.WriteLine($"{clients,7} {ttft.Count,8} {ttft.Count / seconds,7:0.00} {tokens / seconds,7:0.0} {Ms(Percentile(ttft, 50)),9} {Ms(Percentile(ttft, 99)),9} {Ms(Percentile(tpot, 50)),9} {Ms(Percentile(tpot, 99)),9} {engine.Stats.PeakBatch,10} {engine.PrefillPasses - passesBefore,8} {engine.PrefixCache.ReusedTokens - reusedBefore,10}");
 }
 
 async Task<(double Ttft, double Tpot, int Tokens)> Request(string text)
 {
     var content = new List<object>();
-    if (image is not null) content.Add(new { type = "image_url", image_url = new { url = "data:image/jpeg;base64," + Convert.ToBase64String(File.ReadAllBytes(image)) } });
+    if (imageBytes is not null)
+    {
+        var bytes = distinctImages ? Variant(imageBytes, Interlocked.Increment(ref imageVariant)) : imageBytes;
+        content.Add(new { type = "image_url", image_url = new { url = "data:image/jpeg;base64," + Convert.ToBase64String(bytes) } });
+    }
     content.Add(new { type = "text", text });
     var body = JsonSerializer.Serialize(new
     {
@@ -132,6 +153,16 @@ async Task<(double Ttft, double Tpot, int Tokens)> Request(string text)
         }
     }
     return (first, completion > 1 ? (last - first) / (completion - 1) : 0, completion);
+}
+
+// The image with a 4×4 block of pixels set from the request number: other tiles, so other features and prompt blocks.
+static byte[] Variant(byte[] jpeg, int n)
+{
+    using var bitmap = SkiaSharp.SKBitmap.Decode(jpeg);
+    var colour = new SkiaSharp.SKColor((byte)(n * 37), (byte)(n * 101 >> 2), (byte)(n * 13 >> 4));
+    for (int y = 0; y < 4; y++) for (int x = 0; x < 4; x++) bitmap.SetPixel((n * 4 + x) % bitmap.Width, y, colour);
+    using var data = bitmap.Encode(SkiaSharp.SKEncodedImageFormat.Jpeg, 95);
+    return data.ToArray();
 }
 
 static double Percentile(List<double> values, double p)
