@@ -100,12 +100,12 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         var expectedRunning = Alone(text, null, new SamplingOptions { MaxNewTokens = 80 });
 
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 48, PrefixCacheBytes = 0 });
-        var running = engine.Submit(Request(text, null, 80));
-        int streamed = 0;
-        var reader = Task.Run(async () => { await foreach (var _ in running.ReadTokensAsync()) Interlocked.Increment(ref streamed); });
-        while (Volatile.Read(ref streamed) < 2) await Task.Delay(5);
+        // Counted on the engine's loop thread (the observer's Token comes before the token reaches any reader).
+        var counter = new TokenCounter();
+        var running = engine.Submit(Request(text, null, 80, counter));
+        while (Volatile.Read(ref counter.Tokens) < 2) await Task.Delay(5);
 
-        var observer = new Progress(() => Volatile.Read(ref streamed));
+        var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
         var passesBefore = engine.PrefillPasses;
         var longOne = engine.Submit(Request(image, CloverPixels, 12, observer));
         var result = await longOne.Completion;
@@ -115,7 +115,15 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         Assert.True(observer.TokensAtPrefilled - observer.TokensAtAdmission >= 6,
             $"the running stream got {observer.TokensAtPrefilled - observer.TokensAtAdmission} tokens while the long prompt was prefilled in 7 chunks");
         Assert.Equal(expectedRunning, (await running.Completion).TokenIds);
-        await reader;
+    }
+
+    private sealed class TokenCounter : IGenerationObserver
+    {
+        public int Tokens;
+        public void Admitted() { }
+        public void TilesEncoded(int tiles) { }
+        public void Prefilled(int tokens) { }
+        public void Token() => Interlocked.Increment(ref Tokens);
     }
 
     /// <summary>Reads another stream's progress when a request is admitted and when its prefill ends.</summary>
