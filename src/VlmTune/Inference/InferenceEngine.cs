@@ -348,8 +348,16 @@ public sealed class InferenceEngine : IDisposable
             catch (Exception e) { seq.Fail(e); }
         }
         joining.RemoveAll(s => s.IsFinished);
-        EncodeImages(joining);
-        _prefilling.AddRange(joining);
+        // A prompt whose cached prefix holds all its image slots needs no features; the others' images are encoded
+        // with the prefill pass that needs them (so a burst of arrivals never stalls decoding on vision passes).
+        foreach (var s in joining.Where(s => s.Request.Pixels is not null && s.Prefilled > 0 && SlotsBefore(s, s.Request.PromptIds.Count) == SlotsBefore(s, s.Prefilled)))
+        {
+            long n = s.Request.Pixels!.shape[0];
+            s.Request.Pixels.Dispose();
+            s.ImagesPending = false;
+            Notify(s, o => o.TilesEncoded((int)n));
+        }
+        _prefilling.AddRange(joining.Where(s => !s.IsFinished));
         PublishRunning();
     }
 
@@ -378,17 +386,9 @@ public sealed class InferenceEngine : IDisposable
     }
 
     /// <summary>Vision encoding of every joining request's tiles, in passes of at most MaxVisionTiles tiles.</summary>
-    private void EncodeImages(List<Sequence> joining)
+    private void EncodeImages(IReadOnlyList<Sequence> rows)
     {
-        // A prompt whose cached prefix holds all its image slots needs no features.
-        var cachedImages = joining.Where(s => s.Request.Pixels is not null && s.Prefilled > 0 && SlotsBefore(s, s.Request.PromptIds.Count) == SlotsBefore(s, s.Prefilled)).ToList();
-        foreach (var s in cachedImages)
-        {
-            long n = s.Request.Pixels!.shape[0];
-            s.Request.Pixels.Dispose();
-            Notify(s, o => o.TilesEncoded((int)n));
-        }
-        var withImages = joining.Where(s => s.Request.Pixels is not null && !cachedImages.Contains(s)).ToList();
+        var withImages = rows.Where(s => s.ImagesPending).ToList();
         int i = 0;
         while (i < withImages.Count)
         {
@@ -404,10 +404,10 @@ public sealed class InferenceEngine : IDisposable
             {
                 long n = s.Request.Pixels!.shape[0];
                 s.Request.Pixels!.Dispose();
+                s.ImagesPending = false;
                 if (!s.IsFinished) Notify(s, o => o.TilesEncoded((int)n));
             }
         }
-        joining.RemoveAll(s => s.IsFinished);
     }
 
     /// <summary>
@@ -497,28 +497,51 @@ public sealed class InferenceEngine : IDisposable
         var head = _prefilling[0];
         long budget = _options.MaxPrefillTokens;
         Interlocked.Increment(ref _prefillPasses);
-        if (head.Cache is null)
+        List<Sequence> rows = [head];
+        if (head.Cache is not null && head.PromptLeft <= budget)
+        {
+            // Rows × the longest remaining part within the budget (and one vision pass's tiles); prompts further back
+            // that do not fit wait for their turn.
+            long width = head.PromptLeft, tiles = PendingTiles(head);
+            foreach (var s in _prefilling.Skip(1))
+            {
+                if (s.Cache is null || s.PromptLeft > budget) continue;
+                long wider = Math.Max(width, s.PromptLeft), moreTiles = PendingTiles(s);
+                if ((rows.Count + 1) * wider > budget) break;
+                if (moreTiles > 0 && tiles + moreTiles > _options.MaxVisionTiles) continue;
+                if (!rows.Append(s).All(r => CanRecompute(r, wider))) continue;
+                rows.Add(s);
+                width = wider;
+                tiles += moreTiles;
+            }
+        }
+        EncodeImages(rows);
+        foreach (var failed in rows.Where(r => r.IsFinished)) _prefilling.Remove(failed);
+        rows.RemoveAll(r => r.IsFinished);
+        if (rows.Count == 0) { PublishRunning(); return; }
+        if (head.Cache is null && ReferenceEquals(rows[0], head))
         {
             _prefilling.RemoveAt(0);
             PrefillOnePass(head);
         }
-        else if (head.PromptLeft > budget) PrefillChunk(head, budget);
-        else
-        {
-            // Rows × the longest remaining part within the budget; long prompts further back wait for their turn.
-            var rows = new List<Sequence> { head };
-            long width = head.PromptLeft;
-            foreach (var s in _prefilling.Skip(1))
-            {
-                if (s.Cache is null || s.PromptLeft > budget) continue;
-                long wider = Math.Max(width, s.PromptLeft);
-                if ((rows.Count + 1) * wider > budget) break;
-                rows.Add(s);
-                width = wider;
-            }
-            PrefillBatch(rows);
-        }
+        else if (rows.Count == 1 && rows[0].PromptLeft > budget) PrefillChunk(rows[0], budget);
+        else PrefillBatch(rows);
         PublishRunning();
+    }
+
+    /// <summary>Tiles a sequence's images still need encoded (0 once encoded, or when its cached prefix holds them).</summary>
+    private static long PendingTiles(Sequence s) => s.ImagesPending ? s.Request.Pixels!.shape[0] : 0;
+
+    /// <summary>
+    /// Whether a pass of <paramref name="width"/> columns can take <paramref name="s"/>: a row with less left than the
+    /// width takes the tail of its cached part as input again, which needs its image features if that tail holds
+    /// image slots (a row whose cached prefix covered its images has none).
+    /// </summary>
+    private bool CanRecompute(Sequence s, long width)
+    {
+        if (width <= s.PromptLeft || s.Prefilled == 0) return true;
+        int from = (int)Math.Max(0, s.Request.PromptIds.Count - width);
+        return s.ImagesPending || s.Features is not null || SlotsBefore(s, s.Prefilled) == SlotsBefore(s, from);
     }
 
     /// <summary>The whole prompt in one pass into a one-row cache of its own (exactly what a solo run does), then the first token.</summary>
@@ -941,6 +964,8 @@ public sealed class InferenceEngine : IDisposable
         public int CachedBlocks { get; set; }
         /// <summary>Their tokens, for the request's usage (read by other threads).</summary>
         public int CachedTokens;
+        /// <summary>Whether the request's image tiles still wait for their vision pass.</summary>
+        public bool ImagesPending { get; set; } = request.Pixels is not null;
         /// <summary>Prompt tokens still to prefill.</summary>
         public long PromptLeft => Request.PromptIds.Count - Prefilled;
         public int Row { get; set; }
@@ -974,6 +999,7 @@ public sealed class InferenceEngine : IDisposable
             if (Interlocked.Exchange(ref _adapterReleased, 1) == 0) Request.Adapter?.Release();
             Registration.Dispose();
             Features?.Dispose(); Features = null;
+            if (ImagesPending) { Request.Pixels?.Dispose(); ImagesPending = false; }
             Cache?.Dispose(); Cache = null;
             Sampler?.Dispose(); Sampler = null;
         }

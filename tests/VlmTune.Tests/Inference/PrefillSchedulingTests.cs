@@ -163,6 +163,39 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         Assert.Equal(new ImageCacheStats(0, 1, engine.ImageCache.Bytes, 1, 0, 64L << 20), engine.ImageCache);
     }
 
+    /// <summary>
+    /// A row with a cached prefix batched with a longer uncached prompt takes its cached tail as input again: fine for
+    /// text (one pass), but not where that tail holds image slots whose features it never computed (its cached prefix
+    /// covered the image): then the two go in separate passes. Answers equal their solo runs either way.
+    /// </summary>
+    [FixtureFact]
+    public async Task ACachedRowRecomputesItsTailOnlyWhereItCan()
+    {
+        var text = Ids("text_only");
+        var image = Ids("one_image");                   // image slots 41..296
+        var sampling = new SamplingOptions { MaxNewTokens = 6 };
+        using var engine = NewEngine(new EngineOptions());
+
+        int[] textFirst = [.. text, .. Words(8, 100)], textAgain = [.. textFirst[..128], .. Words(9, 40)], other = Words(10, 100);
+        await engine.GenerateAsync(Request(textFirst, null, 6));                     // caches blocks 0, 1
+        long before = engine.PrefillPasses;
+        List<GenerationStream> streams;
+        using (engine.HoldAdmission()) streams = [engine.Submit(Request(textAgain, null, 6)), engine.Submit(Request(other, null, 6))];
+        var results = await Task.WhenAll(streams.Select(x => x.Completion));
+        Assert.Equal(1, engine.PrefillPasses - before);                                 // 40 left, recomputes 60 cached text tokens
+        Assert.Equal(Alone(textAgain, null, sampling), results[0].TokenIds);
+        Assert.Equal(Alone(other, null, sampling), results[1].TokenIds);
+
+        int[] imageFirst = [.. image, .. Words(11, 100)], imageAgain = [.. imageFirst[..384], .. Words(12, 40)], longer = Words(13, 200);
+        await engine.GenerateAsync(Request(imageFirst, CloverPixels, 6));            // caches blocks 0..5, the image's slots
+        before = engine.PrefillPasses;
+        using (engine.HoldAdmission()) streams = [engine.Submit(Request(imageAgain, CloverPixels, 6)), engine.Submit(Request(longer, null, 6))];
+        results = await Task.WhenAll(streams.Select(x => x.Completion));
+        Assert.Equal(2, engine.PrefillPasses - before);                                 // recomputing from 224 would need the features
+        Assert.Equal(Alone(imageAgain, CloverPixels, sampling), results[0].TokenIds);
+        Assert.Equal(Alone(longer, null, sampling), results[1].TokenIds);
+    }
+
     /// <summary>The same tokens with another image, or under an adapter-free engine given other image bytes, reuse only the blocks before the image.</summary>
     [FixtureFact]
     public async Task ADifferentImageReusesOnlyTheTextBeforeIt()
