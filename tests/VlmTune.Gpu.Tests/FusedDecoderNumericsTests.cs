@@ -21,13 +21,16 @@ public enum Gemv { CudaCores, TensorCores }
 public class FusedDecoderNumericsTests(ITestOutputHelper output)
 {
     /// <summary>Past one 128-key attention split, and across the second boundary (256) while decoding: split and combine both run.</summary>
-    private const int PromptTokens = 250;
-    private const int Steps = 8;
+    public const int PromptTokens = 250;
+    public const int Steps = 8;
 
-    public static TheoryData<string, int, Rows, Gemv> Cases()
+    public static TheoryData<string, int, Rows, Gemv> Cases() => CasesOf(DecodeModels.Checkpoints.Concat(DecodeModels.ShapeTrue));
+
+    /// <summary>Every batch bucket of each model, aligned and ragged, with each GEMV its shapes can take.</summary>
+    public static TheoryData<string, int, Rows, Gemv> CasesOf(IEnumerable<string> models)
     {
         var data = new TheoryData<string, int, Rows, Gemv>();
-        foreach (var model in DecodeModels.Checkpoints.Concat(DecodeModels.ShapeTrue))
+        foreach (var model in models)
         {
             data.Add(model, 1, Rows.Aligned, Gemv.CudaCores);
             data.Add(model, 3, Rows.Ragged, Gemv.CudaCores);     // bucket 4, one padding row
@@ -44,7 +47,15 @@ public class FusedDecoderNumericsTests(ITestOutputHelper output)
 
     [GpuTheory]
     [MemberData(nameof(Cases))]
-    public void FusedStepsMatchTheTorchSharpDecoder(string model, int batch, Rows rows, Gemv gemv)
+    public void FusedStepsMatchTheTorchSharpDecoder(string model, int batch, Rows rows, Gemv gemv) =>
+        AssertFusedStepsMatch(output, model, batch, rows, gemv, PromptTokens, Steps);
+
+    /// <summary>
+    /// Teacher-forced decoding of <paramref name="model"/> (<see cref="DecodeModels"/>) on CUDA, the fused decoder against
+    /// the TorchSharp path from one prefill of <paramref name="promptTokens"/>: logits within the tolerance at every
+    /// step, the argmax kernel's first maxima, the cache's positions; the GEMV kind asked for must be the one that runs.
+    /// </summary>
+    public static void AssertFusedStepsMatch(ITestOutputHelper output, string model, int batch, Rows rows, Gemv gemv, int promptTokens, int steps)
     {
         var device = TestDevice.Cuda;
         var lm = DecodeModels.Get(model, device);
@@ -57,7 +68,7 @@ public class FusedDecoderNumericsTests(ITestOutputHelper output)
         var greedyMismatches = new List<string>();
         var tuning = new FusedDecodeTuning { TensorCores = gemv == Gemv.TensorCores };
         {
-            using var result = DecodeComparison.Run(lm, device, batch, rows == Rows.Ragged, PromptTokens, Steps, (token, cache, r) =>
+            using var result = DecodeComparison.Run(lm, device, batch, rows == Rows.Ragged, promptTokens, steps, (token, cache, r) =>
             {
                 Assert.True(fused!.CanStep(cache), "the fused decoder declines the step");
                 var logits = fused.Step(token, cache, r.Positions, r.FirstColumn, tuning);

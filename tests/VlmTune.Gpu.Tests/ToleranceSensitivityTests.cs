@@ -22,6 +22,7 @@ public class ToleranceSensitivityTests(ITestOutputHelper output)
     [Theory]
     [InlineData("qwen2-d128")]
     [InlineData("qwen3-d128")]
+    [InlineData("phi3-d96")]
     public void AnotherAttentionKernelStaysWithinTheTolerance(string model)
     {
         // Exact attention (matmul + fp32 softmax) instead of SDPA: another summation order, as the fused kernels have.
@@ -63,9 +64,41 @@ public class ToleranceSensitivityTests(ITestOutputHelper output)
         AssertCaught(Compare("llama-d128", Stepper(planted)));
     }
 
-    private IReadOnlyList<StepAgreement> Compare(string model, DecodeComparison.Stepper candidate)
+    // Phi-3 longrope, on the GPU crossing case's model and prompt (Phi3FusedDecoderTests): 4 steps on the short
+    // factors, then 4 on the long ones.
+    private const string LongRope = Phi3FusedDecoderTests.LongRopeModel;
+
+    [Fact]
+    public void AnotherAttentionKernelStaysWithinTheToleranceAcrossTheLongRopeSwitch()
     {
-        using var result = DecodeComparison.Run(DecodeModels.Get(model, Cpu), Cpu, Batch, ragged: true, PromptTokens, Steps, candidate, seed: 5);
+        using var exact = DecodeModels.NewShapeTrue(LongRope, Cpu, AttentionKind.Exact);
+        var steps = CompareCrossing(Stepper(exact));
+        Assert.True(DecodeComparison.Failures(steps) is null, DecodeComparison.Failures(steps));
+    }
+
+    [Fact]
+    public void LongRopeCosSinScaleLeftOutIsCaught()
+    {
+        // max_position_embeddings = original: the same factors, scale 1.
+        using var unscaled = DecodeModels.NewShapeTrue(LongRope, Cpu, edit: c => c with { MaxPositionEmbeddings = c.OriginalMaxPositionEmbeddings });
+        AssertCaught(CompareCrossing(Stepper(unscaled)));
+    }
+
+    [Fact]
+    public void LongRopeStayingOnTheShortFactorsIsCaught()
+    {
+        using var shortOnly = DecodeModels.NewShapeTrue(LongRope, Cpu, edit: c => c with { RopeScaling = c.RopeScaling! with { LongFactor = c.RopeScaling.ShortFactor } });
+        var steps = CompareCrossing(Stepper(shortOnly));
+        Assert.True(DecodeComparison.Failures([.. steps.Take(4)]) is null, "the steps before the switch should agree:\n" + string.Join("\n", steps));
+        AssertCaught(steps);
+    }
+
+    private IReadOnlyList<StepAgreement> CompareCrossing(DecodeComparison.Stepper candidate) =>
+        Compare(LongRope, candidate, Phi3FusedDecoderTests.CrossingPrompt, Phi3FusedDecoderTests.CrossingSteps);
+
+    private IReadOnlyList<StepAgreement> Compare(string model, DecodeComparison.Stepper candidate, int promptTokens = PromptTokens, int steps = Steps)
+    {
+        using var result = DecodeComparison.Run(DecodeModels.Get(model, Cpu), Cpu, Batch, ragged: true, promptTokens, steps, candidate, seed: 5);
         foreach (var s in result.Steps) output.WriteLine(s.ToString());
         return result.Steps;
     }

@@ -120,16 +120,17 @@ public sealed record FusedDecodeTuning
 }
 
 /// <summary>
-/// One greedy/sampling decode step of InternLM2, Llama, Qwen2 or Qwen3 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
+/// One greedy/sampling decode step of InternLM2, Llama, Qwen2, Qwen3 or Phi-3 (B sequences × 1 new token) as ~9 CUDA kernels per layer launched
 /// through the driver API, instead of ~40 TorchSharp ops per layer whose host overhead (60–80 µs each) dominates a
 /// decode step. Same numerics as the TorchSharp path: bf16 storage, fp32 accumulation, RMSNorm and softmax in fp32,
 /// bf16 rounding wherever the reference rounds. The TorchSharp path stays the reference and the fallback: models on the
 /// CPU, in fp32, with unmerged LoRA or NF4 weights, and sequences past the dynamic-NTK threshold are not handled here.
 /// The kernels read InternLM2's grouped qkv layout (per KV head: its query heads, its key, its value); for the Llama
-/// layout the q/k/v projections (and Qwen2's biases) are packed into that order once, when the decoder is built: a copy
-/// of the attention input weights, so weights edited in place afterwards are not seen (adapters are merged at load,
-/// before the first decode step). Qwen3's per-head q/k norms run inside the RoPE kernel; Phi-3's fused projections
-/// decode through TorchSharp.
+/// layout's q/k/v projections (and Qwen2's biases) and Phi-3's stacked qkv_proj (all queries, then all keys, then all
+/// values) the rows are packed into that order once, when the decoder is built: a copy of the attention input weights,
+/// so weights edited in place afterwards are not seen (adapters are merged at load, before the first decode step).
+/// Phi-3's gate_up_proj is read in place as two row ranges (gate, then up). Qwen3's per-head q/k norms run inside the
+/// RoPE kernel, and so do Phi-3's longrope factors (short or long by the pass's sequence length) and cos/sin scale.
 /// </summary>
 public sealed class FusedDecoder
 {
@@ -142,23 +143,38 @@ public sealed class FusedDecoder
     private readonly CausalLanguageModel _lm;
     private readonly LlmConfig _c;
     private readonly Device _device;
-    private readonly Tensor[] _packed;       // the Llama layout's packed qkv weights and biases, owned here
+    private readonly Tensor[] _packed;       // the Llama layout's and Phi-3's packed qkv weights and biases, owned here
     private readonly int _ordinal;
     private readonly object _gate = new();
     private readonly Parameter[] _weights;   // the parameters whose pointers are cached, to notice a swap
     private readonly LayerPointers[] _layers;
     private readonly IntPtr _embedding, _finalNorm, _outputHead;
-    private readonly Tensor _invFreq;        // (d/2) fp32, as Rotary.InvFreq computes it
-    private readonly IntPtr _invFreqData;
+    private readonly Tensor _shortInvFreq, _longInvFreq;   // (d/2) fp32 each, as Rotary.InvFreq computes them (one table unless longrope)
+    private readonly IntPtr _shortInvFreqData, _longInvFreqData;
     private readonly float _positionDivisor;
+    private readonly float _cosSinScale;    // Phi-3 longrope's attention scaling (1 otherwise)
     private readonly (int Major, int Minor) _arch;
     private Workspace? _workspace;
 
     /// <summary>One layer's weights as the kernels read them; <c>QkvBias</c> is 0 when the projections have none.</summary>
     private readonly record struct LayerPointers(IntPtr AttentionNorm, IntPtr Wqkv, IntPtr QkvBias, IntPtr QNorm, IntPtr KNorm, IntPtr Wo, IntPtr FfnNorm, IntPtr W1, IntPtr W3, IntPtr W2);
 
-    /// <summary>A decoder layer's parts under one set of names, whatever the family.</summary>
-    private sealed record LayerParts(int Index, Parameter AttentionNorm, Linear[] Qkv, Linear Wo, Parameter FfnNorm, Linear W1, Linear W3, Linear W2)
+    /// <summary>How a family's attention input projection holds q, k and v.</summary>
+    private enum QkvLayout
+    {
+        /// <summary>InternLM2's wqkv: per KV head its query heads, its key, its value (the kernels' order, read in place).</summary>
+        Grouped,
+        /// <summary>The Llama layout's q_proj, k_proj, v_proj.</summary>
+        Separate,
+        /// <summary>Phi-3's qkv_proj: all query heads, then all key heads, then all value heads.</summary>
+        Stacked,
+    }
+
+    /// <summary>
+    /// A decoder layer's parts under one set of names, whatever the family. <c>GateUp</c>: w1 and w3 (gate_proj and
+    /// up_proj), or Phi-3's one gate_up_proj whose first intermediate_size rows are the gate and the rest the up projection.
+    /// </summary>
+    private sealed record LayerParts(int Index, QkvLayout Layout, Parameter AttentionNorm, Linear[] Qkv, Linear Wo, Parameter FfnNorm, Linear[] GateUp, Linear W2)
     {
         /// <summary>Qwen3's per-head query and key RMSNorm weights (head_dim); null for the others.</summary>
         public Parameter? QNorm { get; init; }
@@ -166,24 +182,33 @@ public sealed class FusedDecoder
 
         public IEnumerable<Parameter> Norms => new[] { AttentionNorm, FfnNorm }.Concat(QNorm is null ? [] : [QNorm, KNorm!]);
 
-        /// <summary>The linear layers in order (q/k/v or wqkv, then wo, w1, w3, w2) with their checkpoint names.</summary>
+        /// <summary>The linear layers in order: the attention input projection(s), the output projection, the MLP's.</summary>
+        public IEnumerable<Linear> Linears => [.. Qkv, Wo, .. GateUp, W2];
+
+        /// <summary><see cref="Linears"/> with their checkpoint names.</summary>
         public IEnumerable<(string Name, Linear L)> Named()
         {
-            string[] names = Qkv.Length == 1
-                ? ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"]
-                : ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-            return names.Zip(Qkv.Concat([Wo, W1, W3, W2]), (n, l) => ($"layers.{Index}.{n}", l));
+            string[] names = Layout switch
+            {
+                QkvLayout.Grouped => ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
+                QkvLayout.Separate => ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+                _ => ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"],
+            };
+            return names.Zip(Linears, (n, l) => ($"layers.{Index}.{n}", l));
         }
     }
 
-    /// <summary>The parts of a family the kernels can run (InternLM2 or the Llama layout); null otherwise.</summary>
+    /// <summary>The parts of a family the kernels can run (InternLM2, the Llama layout or Phi-3); null otherwise.</summary>
     private static (Parameter Embedding, Parameter FinalNorm, Linear? Head, LayerParts[] Layers)? Parts(CausalLanguageModel lm) => lm switch
     {
-        InternLM2ForCausalLM m => (m.model.tok_embeddings.weight, m.model.norm.weight, m.output, m.model.layers.Select(l => new LayerParts(l.Index,
-            l.attention_norm.weight, [l.attention.wqkv], l.attention.wo, l.ffn_norm.weight, l.feed_forward.w1, l.feed_forward.w3, l.feed_forward.w2)).ToArray()),
-        LlamaForCausalLM m => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index,
+        InternLM2ForCausalLM m => (m.model.tok_embeddings.weight, m.model.norm.weight, m.output, m.model.layers.Select(l => new LayerParts(l.Index, QkvLayout.Grouped,
+            l.attention_norm.weight, [l.attention.wqkv], l.attention.wo, l.ffn_norm.weight, [l.feed_forward.w1, l.feed_forward.w3], l.feed_forward.w2)).ToArray()),
+        LlamaForCausalLM m => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index, QkvLayout.Separate,
             l.input_layernorm.weight, [l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], l.self_attn.o_proj, l.post_attention_layernorm.weight,
-            l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj) { QNorm = l.self_attn.q_norm?.weight, KNorm = l.self_attn.k_norm?.weight }).ToArray()),
+            [l.mlp.gate_proj, l.mlp.up_proj], l.mlp.down_proj) { QNorm = l.self_attn.q_norm?.weight, KNorm = l.self_attn.k_norm?.weight }).ToArray()),
+        Phi3ForCausalLM m => (m.model.embed_tokens.weight, m.model.norm.weight, m.lm_head, m.model.layers.Select(l => new LayerParts(l.Index, QkvLayout.Stacked,
+            l.input_layernorm.weight, [l.self_attn.qkv_proj], l.self_attn.o_proj, l.post_attention_layernorm.weight,
+            [l.mlp.gate_up_proj], l.mlp.down_proj)).ToArray()),
         _ => null,
     };
 
@@ -201,6 +226,44 @@ public sealed class FusedDecoder
         return packed.MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Phi-3's qkv_proj weight (or bias), ((H + 2·kvh)·d, …) with all query heads, then all key heads, then all value
+    /// heads, packed into the kernels' grouped order (<see cref="PackGroupedQkv"/>): a new tensor.
+    /// </summary>
+    internal static Tensor PackStackedQkv(Tensor qkv, LlmConfig c)
+    {
+        using var scope = NewDisposeScope();
+        long q = (long)c.NumAttentionHeads * c.HeadDim, kv = (long)c.NumKeyValueHeads * c.HeadDim;
+        return PackGroupedQkv(qkv.narrow(0, 0, q), qkv.narrow(0, q, kv), qkv.narrow(0, q + kv, kv), c).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Pointers to Phi-3's gate and up projections, read in place: rows [0, I) and [I, 2I) of its contiguous gate_up_proj
+    /// weight (2·I, D), whose pointers include the rows' offset.
+    /// </summary>
+    internal static (IntPtr Gate, IntPtr Up) GateUpPointers(Tensor gateUp, long intermediate)
+    {
+        using var scope = NewDisposeScope();
+        return (TensorPointers.DataPointer(gateUp.narrow(0, 0, intermediate)), TensorPointers.DataPointer(gateUp.narrow(0, intermediate, intermediate)));
+    }
+
+    /// <summary>
+    /// The (d/2) fp32 inv_freq tables a step picks from by its sequence length (<see cref="RotaryEmbedding.UsesLongFactors"/>):
+    /// Phi-3 longrope's short and long factors' tables, or one table twice (the same tensor) for every other model. Both
+    /// come from <see cref="RotaryEmbedding.InvFreq"/>, so they equal the TorchSharp path's bit for bit. In the caller's
+    /// dispose scope.
+    /// </summary>
+    internal static (Tensor Short, Tensor Long) InvFreqTables(CausalLanguageModel lm, Device device)
+    {
+        using var scope = NewDisposeScope();
+        var rotary = lm.Rotary;
+        var c = lm.Config;
+        long original = c.OriginalMaxPositionEmbeddings;
+        var shortTable = rotary.InvFreq(c.RopeTheta, device, original).contiguous().MoveToOuterDisposeScope();
+        var longTable = rotary.UsesLongFactors(original + 1) ? rotary.InvFreq(c.RopeTheta, device, original + 1).contiguous().MoveToOuterDisposeScope() : shortTable;
+        return (shortTable, longTable);
+    }
+
     private FusedDecoder(CausalLanguageModel lm)
     {
         _lm = lm;
@@ -214,24 +277,35 @@ public sealed class FusedDecoder
         _finalNorm = TensorPointers.DataPointer(finalNorm);
         _outputHead = TensorPointers.DataPointer(head?.weight ?? embedding);
         var packed = new List<Tensor>();
-        IntPtr Pack(Func<Linear, Tensor?> part, Linear[] qkv)
+        IntPtr Pack(Func<Linear, Tensor?> part, LayerParts l)
         {
-            if (qkv.Length == 1) return part(qkv[0]) is { } own ? TensorPointers.DataPointer(own) : 0;
-            if (part(qkv[0]) is null) return 0;
+            if (part(l.Qkv[0]) is not { } first) return 0;
+            if (l.Layout == QkvLayout.Grouped) return TensorPointers.DataPointer(first);
+            using var scope = NewDisposeScope();
             using var noGrad = no_grad();
-            var t = PackGroupedQkv(part(qkv[0])!, part(qkv[1])!, part(qkv[2])!, _c).DetachFromDisposeScope();
+            var t = (l.Layout == QkvLayout.Separate ? PackGroupedQkv(first, part(l.Qkv[1])!, part(l.Qkv[2])!, _c) : PackStackedQkv(first, _c))
+                .DetachFromDisposeScope();
             packed.Add(t);
             return TensorPointers.DataPointer(t);
         }
-        _layers = layers.Select(l => new LayerPointers(
-            TensorPointers.DataPointer(l.AttentionNorm), Pack(x => x.weight, l.Qkv), Pack(x => x.bias, l.Qkv),
-            l.QNorm is null ? 0 : TensorPointers.DataPointer(l.QNorm), l.KNorm is null ? 0 : TensorPointers.DataPointer(l.KNorm),
-            TensorPointers.DataPointer(l.Wo.weight), TensorPointers.DataPointer(l.FfnNorm),
-            TensorPointers.DataPointer(l.W1.weight), TensorPointers.DataPointer(l.W3.weight), TensorPointers.DataPointer(l.W2.weight))).ToArray();
+        _layers = layers.Select(l =>
+        {
+            var (w1, w3) = l.GateUp.Length == 2
+                ? (TensorPointers.DataPointer(l.GateUp[0].weight), TensorPointers.DataPointer(l.GateUp[1].weight))
+                : GateUpPointers(l.GateUp[0].weight, _c.IntermediateSize);
+            return new LayerPointers(
+                TensorPointers.DataPointer(l.AttentionNorm), Pack(x => x.weight, l), Pack(x => x.bias, l),
+                l.QNorm is null ? 0 : TensorPointers.DataPointer(l.QNorm), l.KNorm is null ? 0 : TensorPointers.DataPointer(l.KNorm),
+                TensorPointers.DataPointer(l.Wo.weight), TensorPointers.DataPointer(l.FfnNorm), w1, w3, TensorPointers.DataPointer(l.W2.weight));
+        }).ToArray();
         _packed = [.. packed];
-        _invFreq = lm.Rotary.InvFreq(_c.RopeTheta, device).contiguous().DetachFromDisposeScope();
-        _invFreqData = TensorPointers.DataPointer(_invFreq);
+        (_shortInvFreq, _longInvFreq) = InvFreqTables(lm, device);
+        _shortInvFreq.DetachFromDisposeScope();
+        if (!ReferenceEquals(_longInvFreq, _shortInvFreq)) _longInvFreq.DetachFromDisposeScope();
+        (_shortInvFreqData, _longInvFreqData) = (TensorPointers.DataPointer(_shortInvFreq), TensorPointers.DataPointer(_longInvFreq));
         _positionDivisor = _c.RopeScaling is { Type: "linear", Factor: var f } ? (float)f : 1f;
+        // The reference multiplies its fp32 cos/sin by this double, which torch applies as an fp32 scalar.
+        _cosSinScale = (float)lm.Rotary.CosSinScale();
         _arch = CudaDriver.Shared.ComputeCapability(_ordinal);
         // Compile the smallest variant now, so a missing or broken NVRTC shows up here and the caller falls back.
         Module(1);
@@ -244,7 +318,7 @@ public sealed class FusedDecoder
         var c = lm.Config;
         if (Parts(lm) is not { } parts)
         {
-            problems.Add($"{c.Architecture} (the kernels read the InternLM2 and Llama layouts)");
+            problems.Add($"{c.Architecture} (the kernels read the InternLM2, Llama and Phi-3 layouts)");
             return problems;
         }
         var weight = parts.Embedding;
@@ -262,18 +336,18 @@ public sealed class FusedDecoder
         if (lora.Count > 0) problems.Add($"unmerged LoRA on {Summary(lora)} (merge the adapter to decode fused)");
         var custom = linears.Where(x => x.L.WeightProvider is not null || x.L.BaseForward is not null).Select(x => x.Name).ToList();
         if (custom.Count > 0) problems.Add($"quantised or custom weights (e.g. NF4) on {Summary(custom)}");
-        // Biases only where the kernels add them: the q/k/v projections of the Llama layout (Qwen2).
-        var qkvWithBias = parts.Layers.SelectMany(l => l.Qkv.Length == 3 ? l.Qkv : []).ToHashSet();
+        // Biases only where the kernels add them: the q/k/v projections of the Llama layout (Qwen2) and Phi-3's qkv_proj.
+        var qkvWithBias = parts.Layers.SelectMany(l => l.Layout == QkvLayout.Grouped ? [] : l.Qkv).ToHashSet();
         if (linears.Any(x => x.L.bias is not null && !qkvWithBias.Contains(x.L))) problems.Add("linear layers with bias (other than q/k/v)");
         if (c.HiddenAct != "silu") problems.Add($"hidden_act {c.HiddenAct} (silu only)");
         if (c.HiddenSize % 8 != 0 || c.IntermediateSize % 8 != 0)
             problems.Add($"hidden_size {c.HiddenSize} and intermediate_size {c.IntermediateSize} must be multiples of 8 (16-byte loads)");
         int hd = c.HeadDim;
-        if (hd % 8 != 0 || hd > 256 || FusedDecodePlan.AttentionChunk % (hd / 8) != 0 || (c.KeyValueGroups + 2) * hd / 2 > 1024)
-            problems.Add($"head_dim {hd} with {c.KeyValueGroups} query heads per KV head (needs head_dim in 8…256 dividing 1024, (groups + 2)·head_dim ≤ 2048)");
+        if (hd % 8 != 0 || hd > 256 || (c.KeyValueGroups + 2) * hd / 2 > 1024)
+            problems.Add($"head_dim {hd} with {c.KeyValueGroups} query heads per KV head (needs head_dim a multiple of 8 up to 256, (groups + 2)·head_dim ≤ 2048)");
         if (c.NumAttentionHeads % c.NumKeyValueHeads != 0) problems.Add("num_attention_heads not a multiple of num_key_value_heads");
         else if (c.KeyValueGroups > 8) problems.Add($"{c.KeyValueGroups} query heads per KV head (the attention kernel's shared memory holds at most 8)");
-        if (c.RopeScaling is { Type: not ("linear" or "dynamic") } rs) problems.Add($"rope_scaling type {rs.Type}");
+        if (c.RopeScaling is { Type: not ("linear" or "dynamic" or "longrope") } rs) problems.Add($"rope_scaling type {rs.Type}");
         return problems;
     }
 
@@ -327,7 +401,7 @@ public sealed class FusedDecoder
     /// </summary>
     private static (Linear[] Linears, Parameter[] Parameters) Watched((Parameter Embedding, Parameter FinalNorm, Linear? Head, LayerParts[] Layers) parts)
     {
-        Linear[] linears = [.. parts.Layers.SelectMany(l => l.Qkv.Concat([l.Wo, l.W1, l.W3, l.W2])), .. parts.Head is null ? [] : new[] { parts.Head }];
+        Linear[] linears = [.. parts.Layers.SelectMany(l => l.Linears), .. parts.Head is null ? [] : new[] { parts.Head }];
         Parameter[] parameters = [parts.Embedding, parts.FinalNorm, .. parts.Layers.SelectMany(l => l.Norms),
             .. linears.SelectMany(l => l.bias is null ? new[] { l.weight } : [l.weight, l.bias])];
         return (linears, parameters);
@@ -371,6 +445,9 @@ public sealed class FusedDecoder
             long pos = positions is null ? 0 : TensorPointers.DataPointer(positions);
             long first = firstColumn is null ? 0 : TensorPointers.DataPointer(firstColumn);
             long cachePositions = TensorPointers.DataPointer(cache.PositionsTensor);
+            // Phi-3 longrope picks its factors by the pass's sequence length (past + 1 for every row, as RunLayers); keys
+            // cached under the short factors are not re-rotated, as in the TorchSharp path.
+            IntPtr invFreq = _lm.Rotary.UsesLongFactors(total) ? _longInvFreqData : _shortInvFreqData;
 
             bool mma = FusedDecodePlan.UseTensorCores(batch, _arch, _c, tuning);
             IntPtr embed = module.Function("embed_rows"), norm = module.Function("rms_norm"),
@@ -402,7 +479,7 @@ public sealed class FusedDecoder
                 }
                 if (!skipRope)
                     driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
-                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, _invFreqData, CudaDriver.Arg(_positionDivisor), col, capacity,
+                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, invFreq, CudaDriver.Arg(_positionDivisor), CudaDriver.Arg(_cosSinScale), col, capacity,
                          w.QNorm, w.KNorm, CudaDriver.Arg(eps)]);
                 if (!skipAttention)
                 {

@@ -35,17 +35,20 @@ public sealed class RotaryEmbedding(LlmConfig c)
         if (c.RopeScaling is { Type: "longrope" } longRope)
         {
             // Phi-3: 1 / (factor · base^(2i/d)), the long factors once the sequence outgrows the original context.
-            var factors = sequenceLength > c.OriginalMaxPositionEmbeddings ? longRope.LongFactor! : longRope.ShortFactor!;
+            var factors = UsesLongFactors(sequenceLength) ? longRope.LongFactor! : longRope.ShortFactor!;
             powers = tensor(factors.Select(x => (float)x).ToArray(), device: device) * powers;
         }
         return powers.reciprocal();
     }
 
+    /// <summary>Phi-3 longrope: whether a pass over this many tokens takes the long factors (false: the short ones, or no longrope).</summary>
+    public bool UsesLongFactors(long sequenceLength) => c.RopeScaling is { Type: "longrope" } && sequenceLength > c.OriginalMaxPositionEmbeddings;
+
     /// <summary>
     /// Phi-3 longrope's attention scaling of cos and sin: √(1 + ln(max / original) / ln(original)) when the model's
-    /// context was extended, else 1.
+    /// context was extended, else 1. Applied in fp32 before the tables are rounded to the model dtype.
     /// </summary>
-    private double CosSinScale()
+    public double CosSinScale()
     {
         if (c.RopeScaling is not { Type: "longrope" }) return 1;
         double scale = (double)c.MaxPositionEmbeddings / c.OriginalMaxPositionEmbeddings;

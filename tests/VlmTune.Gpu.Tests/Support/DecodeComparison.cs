@@ -14,7 +14,8 @@ namespace VlmTune.Gpu.Tests.Support;
 /// <item>max |Δlogit| ≤ 8 ulps of the step's largest |logit|: the sum of two paths' own bf16 errors (2 × 2.7) with
 /// room; `bench decode --check` saw 3.5–5 ulps on 24–28-layer models. Planted bugs on the shape-true models (a
 /// position off by one, one more masked key, a dropped q/k/v bias, unit q/k or final-norm weights) give 14–57 ulps
-/// and cosines ≤ 0.996 (ToleranceSensitivityTests).</item>
+/// and cosines ≤ 0.996 (ToleranceSensitivityTests); on the Phi-3 one, longrope's cos/sin scale left out 38–55 ulps,
+/// the short factors kept past the original context 180–195 ulps.</item>
 /// <item>centred cosine per row ≥ 0.9998 (relative RMS error ≤ 2% of the row's spread): 1 − cosine 3× the noise
 /// above; it catches an error spread thinly over the vocabulary that the max misses.</item>
 /// <item>a greedy choice is clear when the reference's top-2 margin exceeds twice the max-abs bound: no error within

@@ -10,8 +10,8 @@ namespace VlmTune.Gpu.Tests.Support;
 /// The language models the decoder tests run, by name, each loaded once per process in bfloat16 on
 /// <paramref name="device"/>. Two kinds: the tiny checkpoints (the shared InternLM2 fixture and the committed family
 /// fixtures, as released code writes them) and random models with shape-true heads (head_dim 128, the query-group
-/// sizes of the released families), because the fixtures' heads are 8–16 wide and their hidden sizes (16, 48) keep
-/// the Llama-layout fixtures off the tensor-core GEMV.
+/// sizes of the released families; Phi-3-mini's head_dim 96), because the fixtures' heads are 8–16 wide and their
+/// hidden sizes (16, 48) keep the Llama-layout fixtures off the tensor-core GEMV.
 /// </summary>
 public static class DecodeModels
 {
@@ -21,8 +21,18 @@ public static class DecodeModels
     /// <summary>Random weights, head_dim 128: the released families' query groups (2, 6, 2) and the kernels' largest (8).</summary>
     public static readonly string[] ShapeTrue = ["internlm2-d128", "qwen2-d128", "qwen3-d128", "llama-d128"];
 
+    /// <summary>
+    /// Random Phi-3 models (stacked qkv_proj, gate_up_proj, longrope) with Phi-3-mini's head_dim 96, whose 12 16-byte
+    /// slices are not a power of two: one query head per KV head as released, and 4 (GQA, Phi-3-medium's grouping).
+    /// 16 heads rather than Phi-3-mini's 32, so that the hidden size (1536) keeps their random attention as soft as the
+    /// other shape-true models': at 3072 the scores are twice as large, and exact attention against SDPA (the noise
+    /// the tolerance is set from, ToleranceSensitivityTests) already moves the centred cosine by 2e-4. Their own test
+    /// class (Phi3FusedDecoderTests), so they can be run alone.
+    /// </summary>
+    public static readonly string[] Phi3 = ["phi3-d96", "phi3-d96-g4"];
+
     /// <summary>The models whose shapes take the tensor-core GEMV from batch 8 (hidden, intermediate and q widths multiples of 32).</summary>
-    public static readonly string[] TensorCoreCapable = ["internlm2", .. ShapeTrue];
+    public static readonly string[] TensorCoreCapable = ["internlm2", .. ShapeTrue, .. Phi3];
 
     private static readonly Dictionary<string, CausalLanguageModel> Loaded = [];
     private static readonly List<IDisposable> Owners = [];
@@ -77,23 +87,55 @@ public static class DecodeModels
             Architecture = LlmArchitectures.Llama, HiddenSize = 1024, NumHiddenLayers = 2, NumAttentionHeads = 8, NumKeyValueHeads = 1,
             IntermediateSize = 2816, VocabSize = OddVocabulary, RopeTheta = 500_000, MaxPositionEmbeddings = 4096,
         },
+        // Phi-3-mini-128k's heads (InternVL2-4B): 96 wide, one per KV head, longrope over its 4096-token original
+        // context (cos/sin scale √(1 + ln 32 / ln 4096) ≈ 1.19): the tests' prompts take the short factors.
+        "phi3-d96" => new LlmConfig
+        {
+            Architecture = LlmArchitectures.Phi3, HiddenSize = 1536, NumHiddenLayers = 2, NumAttentionHeads = 16, NumKeyValueHeads = 16,
+            IntermediateSize = 2048, VocabSize = OddVocabulary, RmsNormEps = 1e-5, RopeTheta = 10_000,
+            MaxPositionEmbeddings = 131_072, OriginalMaxPositionEmbeddings = 4096, RopeScaling = LongRope(96),
+        },
+        // GQA, 4 query heads per KV head, and a 64-token original context (scale √(1 + ln 8 / ln 64) = √1.5): a 250-token
+        // prompt runs on the long factors, Phi3FusedDecoderTests' 60-token one crosses to them while decoding.
+        "phi3-d96-g4" => new LlmConfig
+        {
+            Architecture = LlmArchitectures.Phi3, HiddenSize = 1536, NumHiddenLayers = 2, NumAttentionHeads = 16, NumKeyValueHeads = 4,
+            IntermediateSize = 2048, VocabSize = OddVocabulary, RmsNormEps = 1e-5, RopeTheta = 10_000,
+            MaxPositionEmbeddings = 512, OriginalMaxPositionEmbeddings = 64, RopeScaling = LongRope(96),
+        },
         _ => throw new ArgumentException($"no decode test model '{name}'", nameof(name)),
     };
+
+    /// <summary>
+    /// Longrope factors for <paramref name="headDim"/>, as Phi-3's rise with the wavelength: short ones near 1, long
+    /// ones from 1.5 to ~30, different at every frequency, so a step on the wrong table moves every rotated pair.
+    /// </summary>
+    private static RopeScaling LongRope(int headDim)
+    {
+        int half = headDim / 2;
+        return new RopeScaling("longrope", 1)
+        {
+            ShortFactor = [.. Enumerable.Range(0, half).Select(i => 1 + 0.25 * i / half)],
+            LongFactor = [.. Enumerable.Range(0, half).Select(i => 1.5 + 30.0 * i * i / (half * half))],
+        };
+    }
 
     /// <summary>Odd and not a multiple of 16: the output head's GEMV grids end in a partial tile.</summary>
     private const int OddVocabulary = 4099;
 
     /// <summary>
     /// A new shape-true model with its fixed random weights (drawn on the CPU, so every device and every call gets the
-    /// same values); the caller owns it. Sensitivity tests build variants of it (another attention kernel, a planted bug).
+    /// same values); the caller owns it. Sensitivity tests build variants of it (another attention kernel, a planted bug);
+    /// <paramref name="edit"/> changes its config without changing its shapes (the same weights: e.g. RoPE settings).
     /// </summary>
-    public static CausalLanguageModel NewShapeTrue(string name, Device device, AttentionKind attention = AttentionKind.Sdpa)
+    public static CausalLanguageModel NewShapeTrue(string name, Device device, AttentionKind attention = AttentionKind.Sdpa, Func<LlmConfig, LlmConfig>? edit = null)
     {
-        var c = ShapeTrueConfig(name);
+        var shape = ShapeTrueConfig(name);
+        var c = edit is null ? shape : edit(shape);
         var lm = CausalLanguageModel.Create(c, new ModelOptions { Device = device, DType = ScalarType.BFloat16, Attention = attention });
         using (no_grad())
         {
-            var generator = new Generator((ulong)(c.HiddenSize + c.NumAttentionHeads));
+            var generator = new Generator((ulong)(shape.HiddenSize + shape.NumAttentionHeads));
             foreach (var (key, p) in lm.named_parameters())
             {
                 using var values = empty(p.shape, ScalarType.Float32);

@@ -129,7 +129,13 @@ public class CudaLibraryTests
     {
         var nvrtc = Nvrtc.Load();
         var source = KernelSources.Read("decode.cu");
-        foreach (var config in new[] { TinyConfig(), TinyConfig() with { HiddenSize = 2048, NumAttentionHeads = 16, NumKeyValueHeads = 8, IntermediateSize = 8192 } })
+        foreach (var config in new[]
+        {
+            TinyConfig(), TinyConfig() with { HiddenSize = 2048, NumAttentionHeads = 16, NumKeyValueHeads = 8, IntermediateSize = 8192 },
+            // Phi-3-mini's head_dim 96 (12 16-byte slices: the attention kernel's padding lanes), 1 and 4 query heads per KV head.
+            TinyConfig() with { Architecture = LlmArchitectures.Phi3, HiddenSize = 3072, NumAttentionHeads = 32, NumKeyValueHeads = 32, IntermediateSize = 8192 },
+            TinyConfig() with { Architecture = LlmArchitectures.Phi3, HiddenSize = 3072, NumAttentionHeads = 32, NumKeyValueHeads = 8, IntermediateSize = 8192 },
+        })
             foreach (int bucket in new[] { 1, 2, 4, 8, 16, 32 })
             {
                 var options = FusedDecodePlan.Defines(config, bucket).Select(d => $"-D{d.Key}={d.Value}");

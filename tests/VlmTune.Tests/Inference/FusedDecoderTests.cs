@@ -181,7 +181,7 @@ public class FusedDecoderLlamaLayoutTests
     }
 
     [Fact]
-    public void Qwen2AndQwen3AreSupportedAndPhi3SaysWhyNot()
+    public void Qwen2AndQwen3AreSupported()
     {
         using var qwen2 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen2"), new ModelOptions { DType = ScalarType.BFloat16 });
         var problem = Assert.Single(FusedDecoder.Problems(qwen2.language_model));   // q/k/v biases are handled
@@ -191,10 +191,169 @@ public class FusedDecoderLlamaLayoutTests
         var norm = ((LlamaForCausalLM)qwen3.language_model).model.layers[1].self_attn.k_norm!;
         norm.weight = new TorchSharp.Modules.Parameter(norm.weight.to_type(ScalarType.Float32), requires_grad: false);   // the kernels read bf16
         Assert.Contains(FusedDecoder.Problems(qwen3.language_model), p => p.Contains("not bfloat16: layers.1.k_norm (Float32)"));
-        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
-        Assert.Contains("Phi3ForCausalLM", Assert.Single(FusedDecoder.Problems(phi3.language_model)));
         var llama = (LlamaForCausalLM)qwen2.language_model;
         llama.model.layers[0].mlp.up_proj.AddLora(2, 4, 0, ScalarType.BFloat16);
         Assert.Contains(FusedDecoder.Problems(qwen2.language_model), p => p.Contains("unmerged LoRA") && p.Contains("layers.0.mlp.up_proj"));
     }
+}
+
+/// <summary>
+/// Phi-3 on the fused path: its stacked qkv_proj packed into the kernels' grouped order must compute what the InternLM2
+/// attention computes with that packed wqkv, its gate_up_proj's two row ranges must be the gate and the up projection,
+/// and a bf16 checkpoint (the family fixture: longrope) is refused for the device alone, with the fused modules' own
+/// names for what the kernels cannot read.
+/// </summary>
+public class FusedDecoderPhi3Tests
+{
+    private static LlmConfig Config(int heads, int kvHeads, bool bias) => new()
+    {
+        Architecture = LlmArchitectures.Phi3, HiddenSize = 48, NumHiddenLayers = 1, NumAttentionHeads = heads, NumKeyValueHeads = kvHeads,
+        IntermediateSize = 32, VocabSize = 64, HeadDim = 8, QkvBias = bias,
+    };
+
+    [Theory]
+    [InlineData(6, 2, true)]    // 3 query heads per KV head, with a qkv_proj bias
+    [InlineData(4, 4, false)]   // one per KV head, as Phi-3-mini
+    public void PackedQkvGivesThePhi3AttentionThroughTheInternLM2Layout(int heads, int kvHeads, bool bias)
+    {
+        using var scope = NewDisposeScope();
+        var c = Config(heads, kvHeads, bias);
+        var o = new ModelOptions { Attention = AttentionKind.Exact };
+        using var phi3 = new Phi3Attention(c, o, 0);
+        using var intern = new InternLM2Attention(c with { Architecture = LlmArchitectures.InternLM2, QkvBias = false, Bias = bias }, o, 0);
+        using (no_grad())
+        {
+            foreach (var p in phi3.parameters()) p.normal_(0, 0.2);
+            intern.wqkv.weight.copy_(FusedDecoder.PackStackedQkv(phi3.qkv_proj.weight, c));
+            intern.wo.weight.copy_(phi3.o_proj.weight);
+            if (bias)
+            {
+                intern.wqkv.bias!.copy_(FusedDecoder.PackStackedQkv(phi3.qkv_proj.bias!, c));
+                intern.wo.bias!.zero_();
+            }
+        }
+        var x = randn(2, 5, 48);
+        var positions = arange(5).unsqueeze(0).expand(2, 5);
+        var rope = new RotaryEmbedding(c).Tables(positions, 5, ScalarType.Float32);
+        using var noGrad = no_grad();
+        var expected = phi3.Forward(x, rope, new DecoderInputs());
+        var actual = intern.Forward(x, rope, new DecoderInputs());
+        Assert.True((expected - actual).abs().max().item<float>() < 1e-5);
+    }
+
+    [Fact]
+    public void StackedQkvPacksAsItsQueryKeyAndValueRowsWould()
+    {
+        using var scope = NewDisposeScope();
+        var c = Config(6, 2, bias: true);
+        long q = 6 * 8, kv = 2 * 8;
+        var (wq, wk, wv) = (randn(q, 48), randn(kv, 48), randn(kv, 48));
+        Assert.True(Same(FusedDecoder.PackStackedQkv(cat([wq, wk, wv], 0), c), FusedDecoder.PackGroupedQkv(wq, wk, wv, c)));
+        var (bq, bk, bv) = (randn(q), randn(kv), randn(kv));
+        Assert.True(Same(FusedDecoder.PackStackedQkv(cat([bq, bk, bv], 0), c), FusedDecoder.PackGroupedQkv(bq, bk, bv, c)));
+    }
+
+    [Fact]
+    public void GateUpRowsAreTheGateThenTheUpProjection()
+    {
+        using var scope = NewDisposeScope();
+        var c = Config(6, 2, bias: false);
+        using var mlp = new Phi3Mlp(c, new ModelOptions { DType = ScalarType.Float32 });
+        using (no_grad()) foreach (var p in mlp.parameters()) p.normal_(0, 0.2);
+        var w = mlp.gate_up_proj.weight;
+        var (gate, up) = FusedDecoder.GateUpPointers(w, c.IntermediateSize);
+        Assert.Equal(VlmTune.Cuda.TensorPointers.DataPointer(w), gate);
+        Assert.Equal(gate + c.IntermediateSize * c.HiddenSize * sizeof(float), up);
+        // What the gated GEMV computes from those rows, silu(x·gateᵀ)·(x·upᵀ), is the module's product.
+        var x = randn(3, 48);
+        using var noGrad = no_grad();
+        var product = nn.functional.silu(x.matmul(w.narrow(0, 0, c.IntermediateSize).t())) * x.matmul(w.narrow(0, c.IntermediateSize, c.IntermediateSize).t());
+        Assert.True((mlp.down_proj.forward(product) - mlp.forward(x)).abs().max().item<float>() < 1e-5);
+    }
+
+    /// <summary>The decoder's two inv_freq tables are what <see cref="RotaryEmbedding.InvFreq"/> gives on either side of the original context.</summary>
+    [Fact]
+    public void LongRopeTablesAreTheTorchSharpPathsOnEitherSideOfTheOriginalContext()
+    {
+        using var scope = NewDisposeScope();
+        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        var lm = phi3.language_model;
+        var (shortTable, longTable) = FusedDecoder.InvFreqTables(lm, CPU);
+        Assert.False(Same(shortTable, longTable));
+        long original = lm.Config.OriginalMaxPositionEmbeddings;
+        foreach (long length in new[] { 1, original, original + 1, 4 * original })
+            Assert.True(Same(lm.Rotary.InvFreq(lm.Config.RopeTheta, CPU, length), lm.Rotary.UsesLongFactors(length) ? longTable : shortTable), $"sequence length {length}");
+        Assert.False(lm.Rotary.UsesLongFactors(original));
+        Assert.True(lm.Rotary.UsesLongFactors(original + 1));
+        // Without longrope: one table.
+        using var qwen2 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("qwen2"), new ModelOptions { DType = ScalarType.BFloat16 });
+        var (one, same) = FusedDecoder.InvFreqTables(qwen2.language_model, CPU);
+        Assert.Same(one, same);
+    }
+
+    /// <summary>The kernels' cos/sin: fp32 cos times the scale as an fp32 number, then rounded; the TorchSharp tables' double scale must round the same.</summary>
+    [Fact]
+    public void CosSinScaleIsAppliedInFp32BeforeRounding()
+    {
+        using var scope = NewDisposeScope();
+        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        var rotary = phi3.language_model.Rotary;
+        double scale = rotary.CosSinScale();
+        Assert.NotEqual(1, scale);
+        long length = 300;   // past the fixture's 256-token original context: the long factors
+        var positions = arange(length).unsqueeze(0);
+        var freqs = positions.to_type(ScalarType.Float32).unsqueeze(-1) * rotary.InvFreq(phi3.language_model.Config.RopeTheta, CPU, length);   // (1, T, d/2)
+        var emb = cat([freqs, freqs], -1).unsqueeze(1);                                                                                          // (1, 1, T, d), as Tables lays it out
+        var fp32Scale = tensor((float)scale);
+        var tables = rotary.Tables(positions, length, ScalarType.Float32);
+        Assert.True(Same(tables.Cos, emb.cos() * fp32Scale));
+        Assert.True(Same(tables.Sin, emb.sin() * fp32Scale));
+        var bf16 = rotary.Tables(positions, length, ScalarType.BFloat16);
+        Assert.True(Same(bf16.Cos, (emb.cos() * fp32Scale).to_type(ScalarType.BFloat16)));
+    }
+
+    [Fact]
+    public void Bf16LongRopeCheckpointFailsOnlyOnTheDevice()
+    {
+        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Equal("longrope", phi3.language_model.Config.RopeScaling?.Type);
+        Assert.Contains("not CUDA", Assert.Single(FusedDecoder.Problems(phi3.language_model)));
+    }
+
+    [Fact]
+    public void UnmergedLoraQuantisedAndNonBf16WeightsAreNamedByTheFusedModules()
+    {
+        using var phi3 = VlmTune.Checkpoints.InternVLModelLoader.Load(Support.FamilyFixtures.ModelDir("phi3"), new ModelOptions { DType = ScalarType.BFloat16 });
+        var lm = (Phi3ForCausalLM)phi3.language_model;
+        lm.model.layers[1].self_attn.qkv_proj.AddLora(2, 4, 0, ScalarType.BFloat16);
+        lm.model.layers[0].mlp.gate_up_proj.AddLora(2, 4, 0, ScalarType.BFloat16);
+        VlmTune.Quantization.Nf4.QuantizeLinear(lm.model.layers[0].mlp.down_proj, cudaKernel: false);
+        var o = lm.model.layers[1].self_attn.o_proj;
+        o.weight = new TorchSharp.Modules.Parameter(o.weight.to_type(ScalarType.Float32), requires_grad: false);
+        var problems = FusedDecoder.Problems(lm);
+        Assert.Contains(problems, p => p.Contains("unmerged LoRA") && p.Contains("layers.0.mlp.gate_up_proj") && p.Contains("layers.1.self_attn.qkv_proj"));
+        Assert.Contains(problems, p => p.Contains("quantised") && p.Contains("layers.0.mlp.down_proj"));
+        Assert.Contains(problems, p => p.Contains("not bfloat16: layers.1.self_attn.o_proj (Float32)"));
+    }
+
+    [Fact]
+    public void BiasesOtherThanQkvProjAreNotSupported()
+    {
+        var c = Config(6, 2, bias: true) with { MlpBias = true };
+        using var lm = new Phi3ForCausalLM(c, new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains(FusedDecoder.Problems(lm), p => p.Contains("linear layers with bias (other than q/k/v)"));
+        using var qkvBiasOnly = new Phi3ForCausalLM(Config(6, 2, bias: true), new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains("not CUDA", Assert.Single(FusedDecoder.Problems(qkvBiasOnly)));
+    }
+
+    [Fact]
+    public void HeadDim96IsSupported()
+    {
+        // Phi-3-mini's heads: 12 16-byte slices, not a power of two (the attention kernel pads its lane groups).
+        var c = Config(4, 4, bias: false) with { HiddenSize = 384, HeadDim = 96 };
+        using var lm = new Phi3ForCausalLM(c, new ModelOptions { DType = ScalarType.BFloat16 });
+        Assert.Contains("not CUDA", Assert.Single(FusedDecoder.Problems(lm)));
+    }
+
+    private static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.equal(b).all().item<bool>();
 }

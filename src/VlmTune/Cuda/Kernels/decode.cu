@@ -1,6 +1,6 @@
-// One decode step of InternLM2 (B sequences x 1 new token), bf16 storage with fp32 math.
+// One decode step of InternLM2 / the Llama layout / Phi-3 (B sequences x 1 new token), bf16 storage with fp32 math.
 // Compiled at run time by NVRTC (no headers: bf16 is handled as raw 16-bit patterns). Compile-time shapes:
-//   HEAD_DIM  per-head size (multiple of 8, HEAD_DIM/8 divides 128)
+//   HEAD_DIM  per-head size (multiple of 8, at most 256)
 //   GROUPS    query heads per key/value head
 //   MAXB      batch rows one GEMV block handles (accumulators per lane); larger batches use gridDim.y
 //   ROWS      output rows per warp in the GEMV kernels
@@ -360,14 +360,16 @@ extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gated(const bf1
 // RoPE on q and k of the packed wqkv output, and the new key/value written into the cache at column `col`.
 // Layer 0's launch also records the positions in the cache's (B, capacity) table (cache_positions, else null).
 // qkv row layout per KV head: [GROUPS query heads, key, value] x HEAD_DIM. cos/sin as Rotary.cs: fp32 angle
-// position·inv_freq (position / linear factor first), cos/sin rounded to bf16, rotate_half pairing (i, i + d/2).
+// position·inv_freq (position / linear factor first), cos/sin times cos_sin_scale in fp32 (Phi-3 longrope; else 1),
+// then rounded to bf16, rotate_half pairing (i, i + d/2). The host passes the step's inv_freq table (longrope: short or
+// long factors).
 // With q_norm / k_norm (Qwen3; null otherwise) each query and key head is RMS-normalised over HEAD_DIM first, as
 // Layers.cs RmsNorm: fp32 mean of squares, x·rsqrt(mean + eps) rounded to bf16, times the bf16 weight.
 //                                                          grid (B, KVH), block (GROUPS + 2) * HEAD_DIM / 2
 extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __restrict__ q_out,
                                        bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                        const long long* __restrict__ positions, long long* __restrict__ cache_positions,
-                                       const float* __restrict__ inv_freq, float position_divisor, int col, int capacity,
+                                       const float* __restrict__ inv_freq, float position_divisor, float cos_sin_scale, int col, int capacity,
                                        const bf16* __restrict__ q_norm, const bf16* __restrict__ k_norm, float norm_eps)
 {
     constexpr int HALF = HEAD_DIM / 2;
@@ -403,7 +405,9 @@ extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __res
     float t = (float)position;
     if (position_divisor != 1.f) t = t / position_divisor;
     float angle = t * inv_freq[i];
-    float c = round_bf(cosf(angle)), s = round_bf(sinf(angle));
+    float c = cosf(angle), s = sinf(angle);
+    if (cos_sin_scale != 1.f) { c *= cos_sin_scale; s *= cos_sin_scale; }
+    c = round_bf(c); s = round_bf(s);
     bf16 lo = f2bf(round_bf(a * c) + round_bf(-bh * s));   // x·cos + rotate_half(x)·sin, each product a bf16 op
     bf16 hi = f2bf(round_bf(bh * c) + round_bf(a * s));
     if (slot == GROUPS)
@@ -422,7 +426,9 @@ extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __res
 // ---------------------------------------------------------------------------------------------------------------
 // Flash-decoding, split pass: one block per (split of CHUNK keys, KV head, row). The KV head's GROUPS query heads
 // share each key/value load. Columns [first[b], total) are valid for row b (left padding before first[b]).
-// Writes the split's unnormalised output, running max and sum (fp32) for the combine pass.
+// Writes the split's unnormalised output, running max and sum (fp32) for the combine pass. A head of DV 16-byte
+// slices where DV is not a power of two (Phi-3's head_dim 96: 12) leaves lanes idle: DV_LANES of a warp share one key
+// in the score pass (the shuffle tree needs a power of two), and the PV pass uses KEY_LANES·DV of the CHUNK threads.
 //                                                          grid (splits, KVH, B), block CHUNK (= 128)
 extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
@@ -430,7 +436,9 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
     int total, int capacity, float scale)
 {
     constexpr int DV = HEAD_DIM / 8;        // 16-byte slices per head vector
+    constexpr int DV_LANES = DV <= 1 ? 1 : DV <= 2 ? 2 : DV <= 4 ? 4 : DV <= 8 ? 8 : DV <= 16 ? 16 : 32;   // DV rounded up to a power of two
     constexpr int KEY_LANES = CHUNK / DV;   // keys processed side by side in the PV pass
+    static_assert(DV <= WARP, "HEAD_DIM at most 256");
     __shared__ float qs[GROUPS][HEAD_DIM];
     __shared__ float probs[GROUPS][CHUNK];
     __shared__ float scratch[32];
@@ -447,17 +455,25 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
 
     long long head = ((long long)b * kvh + kv) * capacity;
 
-    // Scores: DV lanes share one key (one 16-byte slice each, so a warp reads whole key rows, coalesced), the query
-    // slices sit in registers, and the DV partial dot products meet by shuffles within their lane group.
+    // Scores: DV_LANES lanes share one key (DV of them one 16-byte slice each, so a warp reads whole key rows,
+    // coalesced), the query slices sit in registers, and the partial dot products meet by shuffles within the group.
     {
-        constexpr int KEYS_PER_WARP = WARP / DV;
+        constexpr int KEYS_PER_WARP = WARP / DV_LANES;
         constexpr int WARPS = CHUNK / WARP;
-        int warp = tid / WARP, lane = tid % WARP, sub = lane / DV, dl = lane % DV;
+        int warp = tid / WARP, lane = tid % WARP, sub = lane / DV_LANES, dl = lane % DV_LANES;
+        bool slice = dl < DV;               // false: a padding lane, which adds zeros to the shuffle tree
         float qr[GROUPS][8];
 #pragma unroll
         for (int g = 0; g < GROUPS; g++)
 #pragma unroll
-            for (int e = 0; e < 8; e++) qr[g][e] = qs[g][dl * 8 + e];
+            for (int e = 0; e < 8; e++) qr[g][e] = 0.f;
+        if (slice)
+        {
+#pragma unroll
+            for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) qr[g][e] = qs[g][dl * 8 + e];
+        }
 #pragma unroll 4
         for (int jj = warp * KEYS_PER_WARP + sub; jj < CHUNK; jj += WARPS * KEYS_PER_WARP)
         {
@@ -466,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
             float dot[GROUPS];
 #pragma unroll
             for (int g = 0; g < GROUPS; g++) dot[g] = 0.f;
-            if (ok)
+            if (ok && slice)
             {
                 float kf[8]; unpack8(__ldg((const uint4*)(k_cache + (head + jk) * HEAD_DIM) + dl), kf);
 #pragma unroll
@@ -475,7 +491,7 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
                     for (int e = 0; e < 8; e++) dot[g] = fmaf(qr[g][e], kf[e], dot[g]);
             }
 #pragma unroll
-            for (int o = DV / 2; o > 0; o >>= 1)
+            for (int o = DV_LANES / 2; o > 0; o >>= 1)
 #pragma unroll
                 for (int g = 0; g < GROUPS; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
             if (dl == 0)
@@ -502,30 +518,33 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
     }
     __syncthreads();
 
-    // PV: thread = (key lane, 16-byte slice of the head dim).
+    // PV: thread = (key lane, 16-byte slice of the head dim); threads past KEY_LANES·DV have no key lane.
     int dv = tid % DV, lane_k = tid / DV;
-    float o[GROUPS][8];
-#pragma unroll
-    for (int g = 0; g < GROUPS; g++)
-#pragma unroll
-        for (int e = 0; e < 8; e++) o[g][e] = 0.f;
-    for (int jj = lane_k; jj < CHUNK; jj += KEY_LANES)
+    if (lane_k < KEY_LANES)
     {
-        int jk = split * CHUNK + jj;
-        if (jk < begin || jk >= end) continue;
-        float vf[8]; unpack8(__ldg((const uint4*)(v_cache + (head + jk) * HEAD_DIM) + dv), vf);
+        float o[GROUPS][8];
 #pragma unroll
         for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[g][e] = 0.f;
+        for (int jj = lane_k; jj < CHUNK; jj += KEY_LANES)
         {
-            float p = probs[g][jj];
+            int jk = split * CHUNK + jj;
+            if (jk < begin || jk >= end) continue;
+            float vf[8]; unpack8(__ldg((const uint4*)(v_cache + (head + jk) * HEAD_DIM) + dv), vf);
 #pragma unroll
-            for (int e = 0; e < 8; e++) o[g][e] = fmaf(p, vf[e], o[g][e]);
+            for (int g = 0; g < GROUPS; g++)
+            {
+                float p = probs[g][jj];
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[g][e] = fmaf(p, vf[e], o[g][e]);
+            }
         }
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) reduce[lane_k][g][dv * 8 + e] = o[g][e];
     }
-#pragma unroll
-    for (int g = 0; g < GROUPS; g++)
-#pragma unroll
-        for (int e = 0; e < 8; e++) reduce[lane_k][g][dv * 8 + e] = o[g][e];
     __syncthreads();
 
     for (int i = tid; i < GROUPS * HEAD_DIM; i += CHUNK)
