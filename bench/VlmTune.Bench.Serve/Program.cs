@@ -87,7 +87,7 @@ Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.g
     $"{(image is null ? "" : distinctImages ? ", one image of its own per request" : ", the same image in every request")}; prefix cache {engine.PrefixCache.CapacityBytes >> 20} MiB, " +
     $"image cache {engine.ImageCache.CapacityBytes >> 20} MiB, max prefill tokens {engine.Options.MaxPrefillTokens}");
 await RunLevel(1, 1, quiet: true);   // warm-up: JIT, allocator, first kernels
-Console.WriteLine($"{"clients",7} {"requests",8} {"req/s",7} {"tok/s",7} {"TTFT p50",9} {"TTFT p99",9} {"TPOT p50",9} {"TPOT p99",9} {"peak batch",10} {"prefills",8} {"cached tok",10}");
+Console.WriteLine($"{"clients",7} {"requests",8} {"req/s",7} {"tok/s",7} {"TTFT p50",9} {"TTFT p99",9} {"TPOT p50",9} {"TPOT p99",9} {"peak batch",10} {"prefills",8} {"cached tok",10} {"queue avg",9} {"srv TTFT avg",12}");
 foreach (int clients in levels) await RunLevel(clients, perClient, quiet: false);
 await app.StopAsync();
 return 0;
@@ -98,6 +98,7 @@ async Task RunLevel(int clients, int requestsEach, bool quiet)
     var tpot = new List<double>();
     long tokens = 0;
     long passesBefore = engine.PrefillPasses, reusedBefore = engine.PrefixCache.ReusedTokens;
+    var metricsBefore = await Scrape();
     var wall = Stopwatch.StartNew();
     await Task.WhenAll(Enumerable.Range(0, clients).Select(async c =>
     {
@@ -115,7 +116,25 @@ async Task RunLevel(int clients, int requestsEach, bool quiet)
     wall.Stop();
     if (quiet) return;
     double seconds = wall.Elapsed.TotalSeconds;
-    Console.WriteLine($"{clients,7} {ttft.Count,8} {ttft.Count / seconds,7:0.00} {tokens / seconds,7:0.0} {Ms(Percentile(ttft, 50)),9} {Ms(Percentile(ttft, 99)),9} {Ms(Percentile(tpot, 50)),9} {Ms(Percentile(tpot, 99)),9} {engine.Stats.PeakBatch,10} {engine.PrefillPasses - passesBefore,8} {engine.PrefixCache.ReusedTokens - reusedBefore,10}");
+    // Server-side means over the level (from /metrics): time in the engine's queue, and request read to first token.
+    var metricsAfter = await Scrape();
+    double Mean(string histogram) =>
+        (metricsAfter.GetValueOrDefault(histogram + "_sum") - metricsBefore.GetValueOrDefault(histogram + "_sum"))
+        / Math.Max(1, metricsAfter.GetValueOrDefault(histogram + "_count") - metricsBefore.GetValueOrDefault(histogram + "_count"));
+    Console.WriteLine($"{clients,7} {ttft.Count,8} {ttft.Count / seconds,7:0.00} {tokens / seconds,7:0.0} {Ms(Percentile(ttft, 50)),9} {Ms(Percentile(ttft, 99)),9} {Ms(Percentile(tpot, 50)),9} {Ms(Percentile(tpot, 99)),9} {engine.Stats.PeakBatch,10} {engine.PrefillPasses - passesBefore,8} {engine.PrefixCache.ReusedTokens - reusedBefore,10} {Ms(Mean("vlmtune_request_queue_time_seconds")),9} {Ms(Mean("vlmtune_time_to_first_token_seconds")),12}");
+}
+
+// The model's histogram sums and counts in /metrics, by series name.
+async Task<Dictionary<string, double>> Scrape()
+{
+    var values = new Dictionary<string, double>();
+    foreach (var line in (await http.GetStringAsync("/metrics")).Split('\n'))
+    {
+        if (!line.StartsWith("vlmtune_") || !line.Contains("model=\"bench\"") || !(line.Contains("_sum{") || line.Contains("_count{"))) continue;
+        var name = line[..line.IndexOf('{')];
+        values[name] = double.Parse(line[(line.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture);
+    }
+    return values;
 }
 
 async Task<(double Ttft, double Tpot, int Tokens)> Request(string text)
