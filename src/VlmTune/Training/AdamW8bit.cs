@@ -24,8 +24,9 @@ namespace VlmTune.Training;
 /// moments take the same arithmetic, as bitsandbytes' 32-bit kernel does.
 ///
 /// Where this differs from bitsandbytes: the host computes the step's scalars in double and rounds each once (bitsandbytes
-/// computes them in fp32 with __powf on the GPU); the value-to-code division is IEEE (bitsandbytes: __fdividef), and no
-/// operation is fused into an fma (nvcc contracts bitsandbytes'), so our CPU reference and CUDA kernel
+/// computes them in fp32 with __powf on the GPU); the value-to-code division is IEEE (bitsandbytes: __fdividef), the
+/// square root correctly rounded, and no operation is fused into an fma (nvcc contracts bitsandbytes'), so our CPU
+/// reference and CUDA kernel
 /// (<see cref="FusedAdamW8bit"/>) agree bit for bit while bitsandbytes' codes may differ from ours by one where a value
 /// lies within rounding of a midpoint; a block whose moments are all zero keeps the zero codes (bitsandbytes divides
 /// 0 by 0 there and stores codes that dequantise to 0 as well), and fresh states start at the zero codes;
@@ -177,7 +178,7 @@ public sealed class AdamW8bit : IDisposable
                 m = c1.mul_(k.Beta1).add_(g * k.OneMinusBeta1);
                 v = c2.mul_(k.Beta2).add_(g * k.OneMinusBeta2 * g);
             }
-            p.copy_((p + m / (v.sqrt() + k.EpsCorrection) * k.StepSize) * k.Decay);
+            p.copy_((p + m / (CorrectlyRoundedSqrt(v) + k.EpsCorrection) * k.StepSize) * k.Decay);
             if (!s.Blockwise) continue;
             var (codes1, absmax1) = QuantizeBlockwise(m, _signedMap, signed: true);
             var (codes2, absmax2) = QuantizeBlockwise(v, _unsignedMap, signed: false);
@@ -187,6 +188,14 @@ public sealed class AdamW8bit : IDisposable
             a2!.copy_(absmax2);
         }
     }
+
+    /// <summary>
+    /// √v rounded once to fp32, as the kernel's __fsqrt_rn: libtorch's CPU sqrt goes through MKL's vector math, which
+    /// is within an ulp but not always the nearest float. In double, an error of an ulp there cannot move the result
+    /// across an fp32 rounding boundary (√ of a float lies at least 2^-50 from one, relatively), so the conversion
+    /// gives the correctly rounded fp32 root.
+    /// </summary>
+    private static Tensor CorrectlyRoundedSqrt(Tensor v) => v.to_type(ScalarType.Float64).sqrt_().to_type(ScalarType.Float32);
 
     /// <summary>Zeroes every gradient in place (the tensors keep them: the kernel's pointer table stays valid).</summary>
     public void ZeroGrad()
