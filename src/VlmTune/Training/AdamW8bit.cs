@@ -26,9 +26,8 @@ namespace VlmTune.Training;
 /// Where this differs from bitsandbytes: the host computes the step's scalars in double and rounds each once (bitsandbytes
 /// computes them in fp32 with __powf on the GPU); the value-to-code division is IEEE (bitsandbytes: __fdividef), the
 /// square root correctly rounded, and no operation is fused into an fma (nvcc contracts bitsandbytes'), so our CPU
-/// reference and CUDA kernel
-/// (<see cref="FusedAdamW8bit"/>) agree bit for bit while bitsandbytes' codes may differ from ours by one where a value
-/// lies within rounding of a midpoint; a block whose moments are all zero keeps the zero codes (bitsandbytes divides
+/// reference and CUDA kernel (<see cref="FusedAdamW8bit"/>) agree bit for bit while bitsandbytes' codes may differ
+/// from ours by one where a value lies within rounding of a midpoint; a block whose moments are all zero keeps the zero codes (bitsandbytes divides
 /// 0 by 0 there and stores codes that dequantise to 0 as well), and fresh states start at the zero codes;
 /// a non-finite gradient skips the whole step (the trainer's check on the gradient norm) where bitsandbytes zeroes that
 /// element's moments; one step count serves every tensor, and the hyperparameters come from the recipe on a resume.

@@ -42,9 +42,7 @@ public sealed class TrainingOptimizer : IDisposable
     public AdamW8bit? EightBit => _adamW8bit;
 
     /// <param name="fusedKernel">Use the fused CUDA step where the tensors allow (VLMTUNE_FUSED_ADAMW, <see cref="RuntimeSwitches.FusedAdamW"/>).</param>
-    /// <param name="minBlockwiseSize">optim: adamw_8bit: tensors with fewer elements keep fp32 states (bitsandbytes' min_8bit_size; tests lower it).</param>
-    public TrainingOptimizer(TrainConfig config, IReadOnlyList<(string Name, Parameter Param)> trainable, DataParallel? dp, int rank, Action<string> info, bool fusedKernel = true,
-        long minBlockwiseSize = AdamW8bit.DefaultMinBlockwiseSize)
+    public TrainingOptimizer(TrainConfig config, IReadOnlyList<(string Name, Parameter Param)> trainable, DataParallel? dp, int rank, Action<string> info, bool fusedKernel = true)
     {
         _config = config;
         _trainable = trainable;
@@ -69,12 +67,13 @@ public sealed class TrainingOptimizer : IDisposable
         bool cuda = updated.Count > 0 && updated[0].device.type == DeviceType.CUDA;
         if (config.Adam8bit)
         {
-            _adamW8bit = new AdamW8bit(updated, config.Lr, config.Betas[0], config.Betas[1], AdamEps, config.WeightDecay, minBlockwiseSize);
+            _adamW8bit = new AdamW8bit(updated, config.Lr, config.Betas[0], config.Betas[1], AdamEps, config.WeightDecay);
             StateBytes = _adamW8bit.StateBytes;
             var blockwise = _adamW8bit.States.Where(s => s.Blockwise).ToList();
             info($"optimizer: {config.Optim}, 8-bit block-wise AdamW states (bitsandbytes' AdamW8bit, blocks of {AdamW8bit.BlockSize}): {Mib(StateBytes)} " +
                  $"for {updated.Sum(p => p.numel()):N0} parameters (fp32 states: {Mib(fp32Bytes)}); {blockwise.Count} of {updated.Count} tensors 8-bit " +
-                 $"({blockwise.Sum(s => s.Param.numel()):N0} parameters), the others under {minBlockwiseSize:N0} elements keep fp32 states" +
+                 $"({blockwise.Sum(s => s.Param.numel()):N0} parameters)" +
+                 (blockwise.Count < updated.Count ? $", the others under {_adamW8bit.MinBlockwiseSize:N0} elements keep fp32 states" : "") +
                  (config.Optim == "paged_adamw_8bit" ? "; not paged: the states stay in device memory (vlmtune has no unified-memory paging)" : ""));
             if (fusedKernel && cuda)
             {
@@ -233,7 +232,7 @@ public sealed class TrainingOptimizer : IDisposable
     public void LoadState(string file, long steps)
     {
         bool eightBitFile = AdamW8bit.IsStateFile(file);
-        if (eightBitFile != _adamW8bit is not null)
+        if (eightBitFile != (_adamW8bit is not null))
             throw new VlmTuneException($"--resume: {file} holds {(eightBitFile ? "8-bit AdamW states (optim: adamw_8bit)" : "fp32 AdamW states (optim: adamw)")} " +
                                        $"but this run has optim: {_config.Optim}; the two do not convert: resume with optim: {(eightBitFile ? "adamw_8bit" : "adamw")}, or start a new run.");
         if (_adamW8bit is null) CheckpointFiles.LoadOptimizer(_adamW!, file);

@@ -218,7 +218,7 @@ extern "C" __global__ void adamw8bit_step(const long long* params, const long lo
             {
                 int k1 = dynamic_code(code1, __fdiv_rn(m[j], d1));
                 // bitsandbytes: a first-moment code of the other sign moves one step towards the moment's sign.
-                if ((signbit(code1[k1]) != 0) != (signbit(m[j]) != 0)) k1 += m[j] > 0.0f ? 1 : -1;
+                if ((__float_as_uint(code1[k1]) >> 31) != (__float_as_uint(m[j]) >> 31)) k1 += m[j] > 0.0f ? 1 : -1;
                 c1[i] = (unsigned char)k1;
                 c2[i] = (unsigned char)dynamic_code(code2, __fdiv_rn(v[j], d2));
             }
