@@ -85,10 +85,10 @@ internal static class BenchCommand
     private static readonly Option<int> LoraR = new("--lora-r") { Description = "LoRA rank (alpha is twice it); ignored by --mode full.", DefaultValueFactory = _ => 128 };
     private static readonly Option<int> Steps = new("--steps") { Description = "Timed training steps per mode.", DefaultValueFactory = _ => 10 };
     private static readonly Option<int> TrainWarmup = new("--warmup-steps") { Description = "Untimed steps before the timed ones.", DefaultValueFactory = _ => 3 };
-    private static readonly Option<string> Optim = new("--optim")
+    private static readonly Option<string[]> Optim = new("--optim")
     {
-        Description = $"The recipe's optim: {string.Join(", ", TrainConfig.OptimNames)} (adamw_8bit: 8-bit block-wise AdamW states, docs/training.md).",
-        DefaultValueFactory = _ => "adamw",
+        Description = $"The recipe's optim, one or several (each mode runs with each): {string.Join(", ", TrainConfig.OptimNames)} (adamw_8bit: 8-bit block-wise AdamW states, docs/training.md).",
+        DefaultValueFactory = _ => ["adamw"], AllowMultipleArgumentsPerToken = true,
     };
     private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { Description = "Recompute the LLM layers' activations in the backward pass to save memory (--gradient-checkpointing false to keep them).", DefaultValueFactory = _ => true };
 
@@ -114,9 +114,10 @@ internal static class BenchCommand
         int imageTokens = tiles * config.NumImageToken;
         int imgContext = RandomImageContextId(config);
         if (seq < imageTokens + 16) throw new VlmTuneException($"--seq-len must exceed the {imageTokens} image tokens of {tiles} tiles.");
-        string optimName = parse.GetValue(Optim)!;
-        if (TrainConfig.OptimProblem(optimName) is { } optimProblem) throw new VlmTuneException($"--optim: {optimProblem["'optim': ".Length..]}.");
-        foreach (var modeName in parse.GetValue(Mode)!)
+        var optims = parse.GetValue(Optim)!;
+        foreach (var name in optims)
+            if (TrainConfig.OptimProblem(name) is { } optimProblem) throw new VlmTuneException($"--optim: {optimProblem["'optim': ".Length..]}.");
+        foreach (var (modeName, optimName) in parse.GetValue(Mode)!.SelectMany(m => optims.Select(o => (m, o))))
         {
             var mode = modeName switch { "lora" => TrainMode.Lora, "qlora" => TrainMode.Qlora, "full" => TrainMode.Full, _ => throw new VlmTuneException($"--mode '{modeName}' is not lora, qlora or full.") };
             var recipe = new TrainConfig
