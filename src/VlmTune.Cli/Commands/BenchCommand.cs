@@ -40,7 +40,7 @@ internal static class BenchCommand
         decode.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Decode(parse, switches))));
         var train = new Command("train", "Time LoRA / QLoRA / full training steps on a synthetic batch.")
         {
-            Config, Device, DType, Mode, Workload, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing,
+            Config, Device, DType, Mode, Workload, TrainBatch, Tiles7, SeqLen, LoraR, Steps, TrainWarmup, Checkpointing, Optim,
         };
         train.SetAction((parse, ct) => CliErrors.RunAsync(() => Task.FromResult(Train(parse, switches))));
         var makeModel = new Command("make-model", "Write a model folder with random weights in the official layout (for end-to-end runs without a download).")
@@ -85,6 +85,11 @@ internal static class BenchCommand
     private static readonly Option<int> LoraR = new("--lora-r") { Description = "LoRA rank (alpha is twice it); ignored by --mode full.", DefaultValueFactory = _ => 128 };
     private static readonly Option<int> Steps = new("--steps") { Description = "Timed training steps per mode.", DefaultValueFactory = _ => 10 };
     private static readonly Option<int> TrainWarmup = new("--warmup-steps") { Description = "Untimed steps before the timed ones.", DefaultValueFactory = _ => 3 };
+    private static readonly Option<string[]> Optim = new("--optim")
+    {
+        Description = $"The recipe's optim, one or several (each mode runs with each): {string.Join(", ", TrainConfig.OptimNames)} (adamw_8bit: 8-bit block-wise AdamW states, docs/training.md).",
+        DefaultValueFactory = _ => ["adamw"], AllowMultipleArgumentsPerToken = true,
+    };
     private static readonly Option<bool> Checkpointing = new("--gradient-checkpointing") { Description = "Recompute the LLM layers' activations in the backward pass to save memory (--gradient-checkpointing false to keep them).", DefaultValueFactory = _ => true };
 
     /// <summary>
@@ -109,13 +114,16 @@ internal static class BenchCommand
         int imageTokens = tiles * config.NumImageToken;
         int imgContext = RandomImageContextId(config);
         if (seq < imageTokens + 16) throw new VlmTuneException($"--seq-len must exceed the {imageTokens} image tokens of {tiles} tiles.");
-        foreach (var modeName in parse.GetValue(Mode)!)
+        var optims = parse.GetValue(Optim)!;
+        foreach (var name in optims)
+            if (TrainConfig.OptimProblem(name) is { } optimProblem) throw new VlmTuneException($"--optim: {optimProblem["'optim': ".Length..]}.");
+        foreach (var (modeName, optimName) in parse.GetValue(Mode)!.SelectMany(m => optims.Select(o => (m, o))))
         {
             var mode = modeName switch { "lora" => TrainMode.Lora, "qlora" => TrainMode.Qlora, "full" => TrainMode.Full, _ => throw new VlmTuneException($"--mode '{modeName}' is not lora, qlora or full.") };
             var recipe = new TrainConfig
             {
                 Model = parse.GetValue(Config)!, Mode = mode, LoraR = r, GradientCheckpointing = parse.GetValue(Checkpointing),
-                Device = device.ToString(), Dtype = TensorPlacement.ShortName(dtype), AccumulativeCounts = 1,
+                Device = device.ToString(), Dtype = TensorPlacement.ShortName(dtype), AccumulativeCounts = 1, Optim = optimName,
             };
             using var memory = new GpuMemoryMonitor(device.index < 0 ? 0 : device.index);
             using var model = new InternVLChatModel(config, new ModelOptions { Device = device, DType = dtype });
@@ -183,6 +191,8 @@ internal static class BenchCommand
                 peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
                 nf4_dequantize = nf4Check,
                 fused_adamw = optimizer.Fused,
+                optim = recipe.OptimizerName,
+                optimizer_state_mib = Math.Round(optimizer.StateBytes / (double)(1 << 20), 1),
             }));
         }
         return 0;

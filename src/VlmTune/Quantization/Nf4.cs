@@ -156,22 +156,24 @@ public static class Nf4
     public static Tensor Codebook(Device device) => tensor(Values, device: device);
 
     /// <summary>
-    /// bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): 256 sorted fp32 values, for
-    /// each decade 10^(i-6) the midpoints of linspace(0.1, 1, 2^i + 1) (both signs), plus 0 and 1.
+    /// bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): 256 sorted fp32 values, for each
+    /// decade 10^(i-6) the midpoints of linspace(0.1, 1, 2^i + 1) (both signs), plus 0 and 1; unsigned (8-bit AdamW's
+    /// second moment): the midpoints of linspace(0.1, 1, 2^(i+1) + 1), positive only, plus 0 and 1. Computed with
+    /// libtorch's fp32 linspace and products, as bitsandbytes computes it with PyTorch's.
     /// </summary>
-    public static Tensor DynamicMap(Device? device = null)
+    public static Tensor DynamicMap(Device? device = null, bool signed = true)
     {
         var data = new List<float>();
         using (var scope = NewDisposeScope())
         {
             for (int i = 0; i < 7; i++)
             {
-                int items = (1 << i) + 1;
+                int items = (1 << (signed ? i : i + 1)) + 1;
                 var boundaries = linspace(0.1, 1.0, items, ScalarType.Float32);
                 var means = (boundaries[..^1] + boundaries[1..]) / 2.0;
                 double scale = Math.Pow(10, -6 + i);
                 data.AddRange((means * scale).data<float>().ToArray());
-                data.AddRange((means * -scale).data<float>().ToArray());
+                if (signed) data.AddRange((means * -scale).data<float>().ToArray());
             }
         }
         data.Add(0f);

@@ -86,7 +86,14 @@ internal static class CheckpointFiles
     /// Loads the optimizer state, reporting a truncated, overlong or foreign file in one line with the size this run's
     /// optimizer state has (what the file must hold).
     /// </summary>
-    public static void LoadOptimizer(TorchSharp.Modules.OptimizerHelper optimizer, string path)
+    public static void LoadOptimizer(TorchSharp.Modules.OptimizerHelper optimizer, string path) =>
+        LoadOptimizer(path, optimizer.load_state_dict, optimizer.save_state_dict, "AdamW state");
+
+    /// <summary>
+    /// The same for any optimizer state: <paramref name="load"/> reads it, <paramref name="save"/> writes this run's
+    /// (for its size); <paramref name="what"/> names it in the message.
+    /// </summary>
+    public static void LoadOptimizer(string path, Action<BinaryReader> load, Action<BinaryWriter> save, string what)
     {
         long length = new FileInfo(path).Length;
         string? problem = null;
@@ -94,7 +101,7 @@ internal static class CheckpointFiles
         {
             using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
             using var reader = new BinaryReader(stream);
-            optimizer.load_state_dict(reader);
+            load(reader);
             if (stream.Position != length) problem = $"{length - stream.Position} bytes follow the optimizer state";
         }
         catch (EndOfStreamException) { problem = "it ends early (truncated: an interrupted copy or a full disk?)"; }
@@ -103,16 +110,16 @@ internal static class CheckpointFiles
             problem = $"it does not hold this run's optimizer state ({e.Message})";
         }
         if (problem is null) return;
-        throw new VlmTuneException($"--resume: {path} is damaged: {problem}; this run's AdamW state takes {SerializedSize(optimizer)} bytes, " +
+        throw new VlmTuneException($"--resume: {path} is damaged: {problem}; this run's {what} takes {SerializedSize(save)} bytes, " +
                                    $"the file has {length}. {char.ToUpperInvariant(Fix[0])}{Fix[1..]}.");
     }
 
     /// <summary>Bytes the optimizer's state takes in its file format (determined by the tensors' shapes, not their values).</summary>
-    private static long SerializedSize(TorchSharp.Modules.OptimizerHelper optimizer)
+    private static long SerializedSize(Action<BinaryWriter> save)
     {
         using var counter = new CountingStream();
         using (var writer = new BinaryWriter(counter, System.Text.Encoding.UTF8, leaveOpen: true))
-            optimizer.save_state_dict(writer);
+            save(writer);
         return counter.Length;
     }
 

@@ -17,7 +17,7 @@ public sealed class FusedAdamW : IDisposable
 {
     /// <summary>Elements per block (the kernels' CHUNK).</summary>
     public const int ChunkElements = 32768;
-    private const int Threads = 512;
+    internal const int Threads = 512;
 
     private readonly AdamW _adamW;
     private readonly IReadOnlyList<Parameter> _updated;
@@ -25,7 +25,7 @@ public sealed class FusedAdamW : IDisposable
     private readonly KernelModule _module;
     private readonly Device _device;
     private readonly Tensor _norm;   // (2) fp32: the last step's norm and clip coefficient
-    private Table? _normTable, _updateTable;
+    private KernelTable? _normTable, _updateTable;
 
     private FusedAdamW(AdamW adamW, IReadOnlyList<Parameter> updated, double beta1, double beta2, double eps, double weightDecay, KernelModule module, Device device)
     {
@@ -50,7 +50,7 @@ public sealed class FusedAdamW : IDisposable
         }
         try
         {
-            var module = KernelModule.Get("adamw.cu", device.index < 0 ? 0 : device.index, new Dictionary<string, int> { ["CHUNK"] = ChunkElements });
+            var module = Module(device);
             return new FusedAdamW(adamW, updated, beta1, beta2, eps, weightDecay, module, device);
         }
         catch (CudaException e)
@@ -84,20 +84,15 @@ public sealed class FusedAdamW : IDisposable
         }
         try
         {
-            _normTable = Table.Refresh(_normTable, normed.Select(p => new[] { Grad(p) }).ToList(), _device);
-            _updateTable = Table.Refresh(_updateTable, _updated.Select((p, i) => new[] { (Tensor)p, Grad(p), states[i].exp_avg, states[i].exp_avg_sq }).ToList(), _device);
+            _normTable = NormTable(_normTable, normed.Select(Grad).ToList(), _device);
+            _updateTable = Refresh(_updateTable, _updated.Select((p, i) => new[] { (Tensor)p, Grad(p), states[i].exp_avg, states[i].exp_avg_sq }).ToList(), _device);
         }
         finally
         {
             foreach (var g in grads) g.Dispose();
         }
 
-        long norm = (long)TensorPointers.DataPointer(_norm);
-        using var partials = empty(Math.Max(1, _normTable.Chunks), ScalarType.Float32, _device);
-        _module.Driver.Launch(_module.Function("grad_sumsq"), ((uint)_normTable.Chunks, 1, 1), Threads, 0,
-            [_normTable.RowsPointer, _normTable.ChunksPointer, (long)TensorPointers.DataPointer(partials)]);
-        _module.Driver.Launch(_module.Function("grad_norm_finish"), (1, 1, 1), 1024, 0,
-            [(long)TensorPointers.DataPointer(partials), _normTable.Chunks, CudaDriver.Arg((float)maxNorm), norm]);
+        long norm = LaunchNorm(_module, _normTable, _norm, maxNorm, _device);
 
         long step = done + 1;   // every tensor steps every time (TrainingOptimizer fills missing gradients)
         double bc1 = 1 - Math.Pow(_beta1, step), bc2 = 1 - Math.Pow(_beta2, step);
@@ -114,6 +109,29 @@ public sealed class FusedAdamW : IDisposable
             foreach (var s in states) s.step = step;
         return total;
     }
+
+    /// <summary>adamw.cu compiled for <paramref name="device"/>'s GPU (cached; a <see cref="CudaException"/> where NVRTC or the driver is missing).</summary>
+    internal static KernelModule Module(Device device) =>
+        KernelModule.Get("adamw.cu", device.index < 0 ? 0 : device.index, new Dictionary<string, int> { ["CHUNK"] = ChunkElements });
+
+    /// <summary>
+    /// The gradients' norm and clip coefficient into <paramref name="norm"/> (2 fp32) from <paramref name="grads"/> (one
+    /// gradient a row): two launches, shared with <see cref="FusedAdamW8bit"/>. Returns the norm tensor's pointer.
+    /// </summary>
+    internal static long LaunchNorm(KernelModule module, KernelTable grads, Tensor norm, double maxNorm, Device device)
+    {
+        long pointer = (long)TensorPointers.DataPointer(norm);
+        using var partials = empty(Math.Max(1, grads.Chunks), ScalarType.Float32, device);
+        module.Driver.Launch(module.Function("grad_sumsq"), ((uint)grads.Chunks, 1, 1), Threads, 0,
+            [grads.RowsPointer, grads.ChunksPointer, (long)TensorPointers.DataPointer(partials)]);
+        module.Driver.Launch(module.Function("grad_norm_finish"), (1, 1, 1), 1024, 0,
+            [(long)TensorPointers.DataPointer(partials), grads.Chunks, CudaDriver.Arg((float)maxNorm), pointer]);
+        return pointer;
+    }
+
+    /// <summary>One row per tensor holding only its gradient: the norm's table.</summary>
+    internal static KernelTable NormTable(KernelTable? current, IReadOnlyList<Tensor> grads, Device device) =>
+        Refresh(current, grads.Select(g => new[] { g }).ToList(), device);
 
     public void Dispose()
     {
@@ -143,53 +161,26 @@ public sealed class FusedAdamW : IDisposable
     }
 
     /// <summary>
-    /// A device copy of the pointer rows and the chunk plan, rebuilt only when a pointer moved (a resume replaces the
-    /// moments, autograd may replace a gradient): usually every step reuses it without a host-to-device copy.
+    /// Each row: the tensors' data pointers, then the element count (all tensors of a row have it; contiguous fp32),
+    /// as <see cref="KernelTable"/> takes them.
     /// </summary>
-    private sealed class Table : IDisposable
+    private static KernelTable Refresh(KernelTable? current, IReadOnlyList<Tensor[]> rows, Device device)
     {
-        private readonly long[] _rows;
-        private readonly Tensor _rowsOnDevice, _chunksOnDevice;
-        public int Chunks { get; }
-        public long RowsPointer => (long)TensorPointers.DataPointer(_rowsOnDevice);
-        public long ChunksPointer => (long)TensorPointers.DataPointer(_chunksOnDevice);
-
-        private Table(long[] rows, long[] chunks, Device device)
+        int width = rows.Count == 0 ? 1 : rows[0].Length + 1;
+        var values = new long[rows.Count * width];
+        var counts = new long[rows.Count];
+        for (int r = 0; r < rows.Count; r++)
         {
-            _rows = rows;
-            Chunks = chunks.Length / 2;
-            _rowsOnDevice = tensor(rows).to(device).DetachFromDisposeScope();
-            _chunksOnDevice = tensor(chunks.Length == 0 ? [0L, 0L] : chunks).to(device).DetachFromDisposeScope();
-        }
-
-        /// <summary>Each row: the tensors' data pointers, then the element count (all tensors of a row have it).</summary>
-        public static Table Refresh(Table? current, IReadOnlyList<Tensor[]> rows, Device device)
-        {
-            int width = rows.Count == 0 ? 1 : rows[0].Length + 1;
-            var values = new long[rows.Count * width];
-            var counts = new long[rows.Count];
-            for (int r = 0; r < rows.Count; r++)
+            counts[r] = rows[r][0].numel();
+            for (int c = 0; c < rows[r].Length; c++)
             {
-                counts[r] = rows[r][0].numel();
-                for (int c = 0; c < rows[r].Length; c++)
-                {
-                    var t = rows[r][c];
-                    if (t.numel() != counts[r] || !t.is_contiguous() || t.dtype != ScalarType.Float32)
-                        throw new InvalidOperationException($"fused AdamW: tensor {c} of row {r} is {t.dtype}, {t.numel()} elements, contiguous {t.is_contiguous()}; expected contiguous fp32 of {counts[r]}");
-                    values[r * width + c] = (long)TensorPointers.DataPointer(t);
-                }
-                values[r * width + width - 1] = counts[r];
+                var t = rows[r][c];
+                if (t.numel() != counts[r] || !t.is_contiguous() || t.dtype != ScalarType.Float32)
+                    throw new InvalidOperationException($"fused AdamW: tensor {c} of row {r} is {t.dtype}, {t.numel()} elements, contiguous {t.is_contiguous()}; expected contiguous fp32 of {counts[r]}");
+                values[r * width + c] = (long)TensorPointers.DataPointer(t);
             }
-            if (current is not null && current._rows.AsSpan().SequenceEqual(values)) return current;
-            current?.Dispose();
-            var chunks = PlanChunks(counts).SelectMany(c => new[] { (long)c.Tensor, c.Start }).ToArray();
-            return new Table(values, chunks, device);
+            values[r * width + width - 1] = counts[r];
         }
-
-        public void Dispose()
-        {
-            _rowsOnDevice.Dispose();
-            _chunksOnDevice.Dispose();
-        }
+        return KernelTable.Refresh(current, values, counts, device);
     }
 }

@@ -99,6 +99,25 @@ public sealed class TrainConfig
         set => field = TensorPlacement.TryParseDType(value, out var d) && d is ScalarType.BFloat16 or ScalarType.Float32 ? TensorPlacement.ShortName(d) : value;
     } = "auto";
     public NanPolicy NanPolicy { get; set; } = NanPolicy.Stop;
+    /// <summary>
+    /// The optimizer, by Hugging Face TrainingArguments' <c>optim</c> names: <c>adamw</c> (= <c>adamw_torch</c>; torch's
+    /// AdamW, fp32 moments) or <c>adamw_8bit</c> (= <c>adamw_bnb_8bit</c>; bitsandbytes' AdamW8bit, 8-bit block-wise
+    /// moments, <see cref="AdamW8bit"/>). <c>paged_adamw_8bit</c> (the QLoRA paper's) takes the same 8-bit states, not paged.
+    /// </summary>
+    public string Optim { get; set; } = "adamw";
+
+    /// <summary>Every <c>optim</c> value accepted, TorchSharp's AdamW first.</summary>
+    public static IReadOnlyList<string> OptimNames { get; } = ["adamw", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"];
+
+    /// <summary>8-bit block-wise AdamW states (any of its names).</summary>
+    public bool Adam8bit => Optim is "adamw_8bit" or "adamw_bnb_8bit" or "paged_adamw_8bit";
+
+    /// <summary>The optimizer's canonical name (what checkpoints record): adamw or adamw_8bit.</summary>
+    public string OptimizerName => Adam8bit ? "adamw_8bit" : "adamw";
+
+    /// <summary>What is wrong with an <c>optim</c> value, or null.</summary>
+    public static string? OptimProblem(string value) => OptimNames.Contains(value) ? null
+        : $"'optim': '{value}' is not an optimizer vlmtune has (accepted: adamw or adamw_torch, fp32 AdamW states; adamw_8bit, adamw_bnb_8bit or paged_adamw_8bit, bitsandbytes' 8-bit block-wise states)";
 
     // Data parallelism (several processes; see docs/distributed.md). batch_size stays per process.
     /// <summary>0: every rank keeps the whole optimizer state; 1: ZeRO-1, each rank keeps (and updates) its share.</summary>
@@ -208,6 +227,7 @@ public sealed class TrainConfig
         Str("device", (c, v) => c.Device = v, c => c.Device),
         Str("dtype", (c, v) => c.Dtype = v, c => c.Dtype),
         Enum<NanPolicy>("nan_policy", (c, v) => c.NanPolicy = v, c => c.NanPolicy),
+        Str("optim", (c, v) => c.Optim = v, c => c.Optim),
         Int("zero_stage", (c, v) => c.ZeroStage = v, c => c.ZeroStage),
         Int("dist_timeout_s", (c, v) => c.DistTimeoutS = v, c => c.DistTimeoutS),
         Bool("optimizer_offload", (c, v) => c.OptimizerOffload = v, c => c.OptimizerOffload),
@@ -331,6 +351,9 @@ public sealed class TrainConfig
         if (ZeroStage is not (0 or 1)) p.Add($"'zero_stage': must be 0 or 1 (ZeRO-1: optimizer state sharded over ranks), got {ZeroStage}");
         if (OptimizerOffload && ZeroStage == 1) p.Add("'optimizer_offload': cannot be combined with zero_stage 1 (offloading already moves the whole optimizer state off the GPUs)");
         if (OptimizerOffload && Device == "cpu") p.Add("'optimizer_offload': the optimizer already runs in host memory on device cpu");
+        if (OptimProblem(Optim) is { } optim) p.Add(optim);
+        if (Adam8bit && OptimizerOffload)
+            p.Add($"'optim': {Optim} cannot be combined with optimizer_offload (offloading already keeps the whole optimizer state in host memory, where 8-bit states save no GPU memory and step slower on the CPU); use one of the two");
         if (ActivationOffload && !GradientCheckpointing) p.Add("'activation_offload': needs gradient_checkpointing: true (it offloads the checkpointed layer inputs)");
         if (ActivationOffload && Device == "cpu") p.Add("'activation_offload': activations are already in host memory on device cpu");
         if (QuantizeVision && !FreezeVision) p.Add("'quantize_vision': needs freeze_vision: true (NF4 weights are frozen; train the ViT through vision_lora_r instead)");

@@ -126,6 +126,7 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
         ["seed"] = config.Seed,
         ["world_size"] = WorldSize,
         ["zero_stage"] = optimizer.ZeroStage,
+        ["optim"] = config.OptimizerName,
         ["trainable"] = new JsonArray(prepared.Trainable.Select(t => (JsonNode?)JsonValue.Create(t.Name)).ToArray()),
         ["counters"] = new JsonObject
         {
@@ -188,6 +189,10 @@ public sealed class TrainingCheckpointer(TrainConfig config, string workDir, Int
         if (storedWorld != WorldSize)
             problems.Add($"it was trained by {storedWorld} process(es) and this run has {WorldSize}: the global batch (batch_size × processes) would change; resume with --nproc-per-node {storedWorld}");
         if (storedZero != optimizer.ZeroStage) problems.Add($"'zero_stage' is {optimizer.ZeroStage} but the checkpoint was written with zero_stage {storedZero}");
+        // Older checkpoints predate optim: TorchSharp's AdamW. The states do not convert (TrainingOptimizer.LoadState).
+        string storedOptim = state["optim"] is JsonValue o && o.TryGetValue<string>(out var name) ? name : "adamw";
+        if (storedOptim != config.OptimizerName)
+            problems.Add($"'optim' is {config.Optim} but {Path.Combine(dir, optimizer.StateFileName)} holds {storedOptim} states, which do not convert; resume with optim: {storedOptim}, or start a new run");
         var names = CheckpointFiles.Strings(state, "trainable", statePath);
         if (!names.SequenceEqual(prepared.Trainable.Select(t => t.Name)))
             problems.Add("the trained parameters differ from the checkpoint's (freeze_* or lora_targets changed)");

@@ -81,6 +81,33 @@ public class BenchCommandTests
     }
 
     [FixtureFact]
+    public async Task TrainOptimSelectsTheEightBitStatesAndReportsTheirSize()
+    {
+        List<string> Args(params string[] extra) =>
+        [
+            "bench", "train", "--config", Path.Combine(Fixtures.TinyModel, "config.json"), "--device", "cpu", "--mode", "qlora", "--workload", "clot",
+            "--batch-size", "1", "--lora-r", "4", "--steps", "1", "--warmup-steps", "0", .. extra,
+        ];
+        // One command measures both: each mode with each optimizer, one line each.
+        var (code, stdout, stderr) = await CliProcess.RunAsync(Args("--optim", "adamw", "adamw_bnb_8bit"), timeoutSeconds: 300);
+        Assert.True(code == 0, stderr);
+        var lines = stdout.Trim().Split('\n').Select(l => JsonDocument.Parse(l).RootElement).ToList();
+        Assert.Equal(2, lines.Count);
+        var (fp32, eightBit) = (lines[0], lines[1]);
+        Assert.Contains("optimizer: adamw_bnb_8bit, 8-bit block-wise AdamW states", stderr);
+        Assert.Equal(("adamw", "adamw_8bit"), (fp32.GetProperty("optim").GetString(), eightBit.GetProperty("optim").GetString()));
+        Assert.True(double.IsFinite(eightBit.GetProperty("loss").GetDouble()));
+        // fp32 AdamW: 8 bytes a trainable parameter; here the head's LoRA B and the projector take ~2.
+        double fp32Mib = fp32.GetProperty("optimizer_state_mib").GetDouble(), eightBitMib = eightBit.GetProperty("optimizer_state_mib").GetDouble();
+        Assert.Equal(Math.Round(8.0 * fp32.GetProperty("trainable_params").GetInt64() / (1 << 20), 1), fp32Mib);
+        Assert.True(eightBitMib < 0.5 * fp32Mib, $"8-bit states {eightBitMib} MiB, fp32 {fp32Mib} MiB");
+
+        (code, _, stderr) = await CliProcess.RunAsync(Args("--optim", "sgd"), timeoutSeconds: 120);
+        Assert.Equal(1, code);
+        Assert.Contains("error: --optim: 'sgd' is not an optimizer vlmtune has (accepted: adamw or adamw_torch", stderr);
+    }
+
+    [FixtureFact]
     public async Task MakeModelWritesAFolderThatLoads()
     {
         var dir = Path.Combine(Directory.CreateTempSubdirectory("vlmtune-make-model-").FullName, "model");

@@ -102,6 +102,32 @@ public class DataParallelTrainingTests
     }
 
     [FixtureFact]
+    public async Task EightBitStatesUnderZeroOneFollowTheSingleProcessRun()
+    {
+        // optim: adamw_8bit with ZeRO-1: each rank keeps the 8-bit states of the tensors it owns and writes them as its shard.
+        using var data = new TrainTestData(samples: 12);
+        string single = WriteConfig(data, "single8", "batch_size=4", "optim=adamw_8bit"), pair = WriteConfig(data, "pair8", "batch_size=2", "optim=adamw_8bit", "zero_stage=1");
+        string w1 = Path.Combine(data.Dir, "w1"), wz = Path.Combine(data.Dir, "wz");
+        var r1 = await Train(single, w1, 1);
+        Assert.True(r1.Code == 0, r1.Err + r1.Out);
+        var rz = await Train(pair, wz, 2);
+        Assert.True(rz.Code == 0, rz.Err + rz.Out);
+        Assert.Contains("zero-1: rank 0 keeps the optimizer state of", rz.Out);
+        Assert.Contains("optimizer: adamw_8bit, 8-bit block-wise AdamW states", rz.Out);
+
+        var expected = Scalars(w1);
+        AssertClose(expected, Scalars(wz), "2 processes, ZeRO-1, 8-bit states");
+        Assert.True(expected[^1].Loss < expected[0].Loss, "the run learns");
+        // The reduction's order moves a gradient by an ulp, which now and then puts a moment on the other side of a
+        // code's midpoint: the adapters agree to the size of such a code step's effect, not to fp32 rounding.
+        double adapters = MaxAdapterDifference(Path.Combine(w1, "iter_6"), Path.Combine(wz, "iter_6"));
+        Assert.True(adapters < 2e-3, $"adapters differ by {adapters}");
+        for (int rank = 0; rank < 2; rank++)
+            Assert.True(AdamW8bit.IsStateFile(Path.Combine(wz, "iter_6", IterCheckpoint.OptimizerShardFile(rank))), $"rank {rank}'s shard");
+        Assert.True(AdamW8bit.IsStateFile(Path.Combine(w1, "iter_6", IterCheckpoint.OptimizerFile)));
+    }
+
+    [FixtureFact]
     public async Task TwoProcessesWithPackedRowsFollowTheSingleProcessUnpackedRun()
     {
         // Unsorted batches mix image and text-only samples, so each rank's two samples often share one row.
