@@ -28,7 +28,9 @@ byte[]? imageBytes = image is null ? null : File.ReadAllBytes(image);
 int imageVariant = 0;
 
 // An entry point: the VLMTUNE_* switches (e.g. VLMTUNE_FUSED_DECODE=0) are read here, as the CLI reads them.
-using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device, Switches = VlmTune.RuntimeSwitches.FromEnvironment() });
+var switches = VlmTune.RuntimeSwitches.FromEnvironment();
+VlmTune.Cuda.AttentionBackends.Configure(switches.CudnnAttention);   // as the CLI does, before any attention runs
+using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device, Switches = switches });
 var options = new ServerOptions
 {
     ModelDir = model, ModelId = "bench", Port = 0, MaxBatch = levels.Max(), MaxConcurrentRequests = 4 * levels.Max(),

@@ -21,6 +21,7 @@ public sealed record RuntimeSwitches
     public const string FusedSkipVariable = "VLMTUNE_FUSED_SKIP";
     public const string Nf4KernelVariable = "VLMTUNE_NF4_KERNEL";
     public const string FusedAdamWVariable = "VLMTUNE_FUSED_ADAMW";
+    public const string CudnnAttentionVariable = "VLMTUNE_CUDNN_ATTENTION";
     public const string GpuIsolatedVariable = "VLMTUNE_GPU_ISOLATED";
     public const string MemoryTraceVariable = "VLMTUNE_MEMORY_TRACE";
     public const string TestFaultVariable = "VLMTUNE_TEST_FAULT";
@@ -40,6 +41,12 @@ public sealed record RuntimeSwitches
 
     /// <summary>VLMTUNE_FUSED_ADAMW: the optimizer step on CUDA runs the multi-tensor kernels (false: TorchSharp's AdamW per tensor).</summary>
     public bool FusedAdamW { get; init; } = true;
+
+    /// <summary>
+    /// VLMTUNE_CUDNN_ATTENTION: let PyTorch's attention prefer cuDNN on Hopper and Blackwell as it does by default
+    /// (false: flash / memory-efficient first; <see cref="Cuda.AttentionBackends"/>).
+    /// </summary>
+    public bool CudnnAttention { get; init; }
 
     /// <summary>VLMTUNE_GPU_ISOLATED: the launcher already left this rank one GPU in CUDA_VISIBLE_DEVICES.</summary>
     public bool GpuIsolated { get; init; }
@@ -99,6 +106,7 @@ public sealed record RuntimeSwitches
             }
         bool nf4Kernel = Switch(Nf4KernelVariable, true);
         bool fusedAdamW = Switch(FusedAdamWVariable, true);
+        bool cudnnAttention = Switch(CudnnAttentionVariable, false);
         bool gpuIsolated = Switch(GpuIsolatedVariable, false);
         long? traced = Positive(MemoryTraceVariable, "an iteration number", long.MaxValue);
         InjectedFault? fault = null;
@@ -115,6 +123,7 @@ public sealed record RuntimeSwitches
             FusedTuning = new FusedDecodeTuning { TensorCores = tensorCores, GemvUnroll = gemvUnroll, MmaUnroll = mmaUnroll, Skip = skip },
             Nf4Kernel = nf4Kernel,
             FusedAdamW = fusedAdamW,
+            CudnnAttention = cudnnAttention,
             GpuIsolated = gpuIsolated,
             MemoryTraceIteration = traced,
             TestFault = fault,

@@ -19,6 +19,7 @@ public sealed class RuntimeSwitchesTests
         var d = RuntimeSwitches.Defaults;
         Assert.True(d.FusedDecode && d.Nf4Kernel && d.FusedAdamW && d.FusedTuning.TensorCores);
         Assert.False(d.GpuIsolated);
+        Assert.False(d.CudnnAttention);
         Assert.Null(d.FusedTuning.GemvUnroll);
         Assert.Equal(FusedKernels.None, d.FusedTuning.Skip);
         Assert.Null(d.MemoryTraceIteration);
@@ -42,6 +43,7 @@ public sealed class RuntimeSwitchesTests
         Assert.Equal(on, Parse((RuntimeSwitches.Nf4KernelVariable, value)).Nf4Kernel);
         Assert.Equal(on, Parse((RuntimeSwitches.FusedAdamWVariable, value)).FusedAdamW);
         Assert.Equal(on, Parse((RuntimeSwitches.GpuIsolatedVariable, value)).GpuIsolated);
+        Assert.Equal(on, Parse((RuntimeSwitches.CudnnAttentionVariable, value)).CudnnAttention);
     }
 
     [Fact]
@@ -65,6 +67,7 @@ public sealed class RuntimeSwitchesTests
     [InlineData(RuntimeSwitches.Nf4KernelVariable, "disabled", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.FusedAdamWVariable, "fast", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.GpuIsolatedVariable, "y", "1, true, on, yes / 0, false, off, no")]
+    [InlineData(RuntimeSwitches.CudnnAttentionVariable, "auto", "1, true, on, yes / 0, false, off, no")]
     [InlineData(RuntimeSwitches.FusedGemvUnrollVariable, "0", "an integer ≥ 1")]
     [InlineData(RuntimeSwitches.FusedMmaUnrollVariable, "four", "an integer ≥ 1")]
     [InlineData(RuntimeSwitches.FusedMmaUnrollVariable, "99999999999", "an integer ≥ 1")]
