@@ -29,7 +29,7 @@ int imageVariant = 0;
 
 // An entry point: the VLMTUNE_* switches (e.g. VLMTUNE_FUSED_DECODE=0) are read here, as the CLI reads them.
 var switches = VlmTune.RuntimeSwitches.FromEnvironment();
-VlmTune.Cuda.AttentionBackends.Configure(switches.CudnnAttention);   // as the CLI does, before any attention runs
+VlmTune.Cuda.AttentionBackends.ForServing(switches);   // as `vlmtune serve` does, before any attention runs
 using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device, Switches = switches });
 var options = new ServerOptions
 {

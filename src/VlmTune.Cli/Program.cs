@@ -11,6 +11,4 @@ catch (VlmTuneException e)
     Console.Error.WriteLine($"error: {e.Message}");
     return 1;
 }
-// Before any attention runs: PyTorch picks its attention backend order once per process.
-VlmTune.Cuda.AttentionBackends.Configure(switches.CudnnAttention);
 return await CliRoot.Create(switches).Parse(args).InvokeAsync();

@@ -43,10 +43,11 @@ public sealed record RuntimeSwitches
     public bool FusedAdamW { get; init; } = true;
 
     /// <summary>
-    /// VLMTUNE_CUDNN_ATTENTION: let PyTorch's attention prefer cuDNN on Hopper and Blackwell as it does by default
-    /// (false: flash / memory-efficient first; <see cref="Cuda.AttentionBackends"/>).
+    /// VLMTUNE_CUDNN_ATTENTION: whether PyTorch's attention may prefer cuDNN on Hopper and Blackwell, as libtorch does by
+    /// default (false: flash / memory-efficient first). Null: the workload's own default
+    /// (<see cref="Cuda.AttentionBackends.ForServing"/>, <see cref="Cuda.AttentionBackends.ForTraining"/>).
     /// </summary>
-    public bool CudnnAttention { get; init; }
+    public bool? CudnnAttention { get; init; }
 
     /// <summary>VLMTUNE_GPU_ISOLATED: the launcher already left this rank one GPU in CUDA_VISIBLE_DEVICES.</summary>
     public bool GpuIsolated { get; init; }
@@ -106,7 +107,7 @@ public sealed record RuntimeSwitches
             }
         bool nf4Kernel = Switch(Nf4KernelVariable, true);
         bool fusedAdamW = Switch(FusedAdamWVariable, true);
-        bool cudnnAttention = Switch(CudnnAttentionVariable, false);
+        bool? cudnnAttention = Get(CudnnAttentionVariable) is null ? null : Switch(CudnnAttentionVariable, false);
         bool gpuIsolated = Switch(GpuIsolatedVariable, false);
         long? traced = Positive(MemoryTraceVariable, "an iteration number", long.MaxValue);
         InjectedFault? fault = null;

@@ -19,7 +19,7 @@ public sealed class RuntimeSwitchesTests
         var d = RuntimeSwitches.Defaults;
         Assert.True(d.FusedDecode && d.Nf4Kernel && d.FusedAdamW && d.FusedTuning.TensorCores);
         Assert.False(d.GpuIsolated);
-        Assert.False(d.CudnnAttention);
+        Assert.Null(d.CudnnAttention);
         Assert.Null(d.FusedTuning.GemvUnroll);
         Assert.Equal(FusedKernels.None, d.FusedTuning.Skip);
         Assert.Null(d.MemoryTraceIteration);

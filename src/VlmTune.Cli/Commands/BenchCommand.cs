@@ -100,6 +100,7 @@ internal static class BenchCommand
     /// </summary>
     private static int Train(ParseResult parse, RuntimeSwitches switches)
     {
+        Cuda.AttentionBackends.ForTraining(switches);
         var device = TensorPlacement.ParseDevice(parse.GetValue(Device)!);
         var dtype = TensorPlacement.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);
@@ -218,6 +219,7 @@ internal static class BenchCommand
 
     private static int Decode(ParseResult parse, RuntimeSwitches switches)
     {
+        Cuda.AttentionBackends.ForServing(switches);
         var device = TensorPlacement.ParseDevice(parse.GetValue(Device)!);
         var dtype = TensorPlacement.ParseDType(parse.GetValue(DType)) ?? ModelOptions.DefaultDType(device);
         var config = InternVLConfig.Load(parse.GetValue(Config)!);

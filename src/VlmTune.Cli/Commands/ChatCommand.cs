@@ -39,6 +39,7 @@ internal static class ChatCommand
 
     private static int Run(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
+        Cuda.AttentionBackends.ForServing(switches);
         var sampling = new SamplingOptions
         {
             Temperature = parse.GetValue(Temperature), TopP = parse.GetValue(TopP), TopK = parse.GetValue(TopK),

@@ -98,6 +98,7 @@ internal static class ServeCommand
 
     private static async Task<int> RunAsync(ParseResult parse, RuntimeSwitches switches, CancellationToken ct)
     {
+        Cuda.AttentionBackends.ForServing(switches);
         var options = Bind(parse);
         ListenErrors.ThrowIfUnavailable(options.Host, options.Port);
         using var chat = InternVLChat.Load(options.ModelDir, new ChatLoadOptions

@@ -32,6 +32,7 @@ internal static class TrainCommand
 
     private static int Run(ParseResult parse, RuntimeSwitches switches)
     {
+        Cuda.AttentionBackends.ForTraining(switches);
         // Validate the whole config before anything heavy starts; every problem is listed.
         var overrides = (parse.GetValue(Set) ?? []).ToList();
         if (parse.GetValue(Zero) is { } zero) overrides.Add($"zero_stage={zero}");

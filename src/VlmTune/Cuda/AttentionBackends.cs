@@ -5,11 +5,15 @@ namespace VlmTune.Cuda;
 /// <summary>
 /// Which kernels PyTorch's scaled_dot_product_attention prefers on CUDA. Recent libtorch builds put cuDNN's attention
 /// first on Hopper and Blackwell (sm90 / sm100, <c>check_prefer_cudnn_attention</c> in ATen's sdp_utils.cpp), and cuDNN
-/// builds an execution plan for every new problem shape (batch, query and key lengths) before it runs, which costs
-/// hundreds of milliseconds. Serving meets a new shape with nearly every prefill (prompt lengths vary, a cached
-/// prefix makes the key length differ from the query length) and training with every new padded batch length: on the
-/// H200 a request whose prompt prefix was cached waited ~0.9 s for a 110-token prefill. Flash attention (unmasked
-/// passes) and the memory-efficient kernel (masked ones) need no plan, so by default they go first.
+/// builds an execution plan for every new problem shape (batch, query and key lengths) before it runs it.
+/// - Serving meets a new shape with nearly every prefill (prompt lengths vary; a cached prefix makes the key length
+///   differ from the query length). Measured on the H200 (docs/performance.md): one client whose prompts reuse a
+///   cached image prefix waited 0.86 s for its first token with cuDNN first, 0.12 s with flash / memory-efficient
+///   first. So chat, serve and bench decode keep cuDNN after them (<see cref="ForServing"/>).
+/// - Training sees few shapes (rows rounded up to pad_to_multiple_of), and there cuDNN's kernels were faster once
+///   planned (CLoT-like LoRA, the real trainer: ~15,000 against ~12,000 tokens/s after the first iterations), so
+///   train and bench train keep libtorch's order (<see cref="ForTraining"/>).
+/// VLMTUNE_CUDNN_ATTENTION (<see cref="RuntimeSwitches.CudnnAttention"/>) overrides both.
 ///
 /// TorchSharp has no switch for the cuDNN backend; libtorch reads its choice from the environment
 /// (<c>TORCH_CUDNN_SDPA_DEPRIORITIZED</c>, and <c>TORCH_CUDNN_SDPA_PREFERRED</c> in earlier releases) once, at the first
@@ -21,9 +25,18 @@ public static class AttentionBackends
     public const string DeprioritizedVariable = "TORCH_CUDNN_SDPA_DEPRIORITIZED";
     public const string PreferredVariable = "TORCH_CUDNN_SDPA_PREFERRED";
 
+    /// <summary>Serving's choice: cuDNN after flash and the memory-efficient kernel, unless the switch says otherwise.</summary>
+    public static void ForServing(RuntimeSwitches switches) => Configure(switches.CudnnAttention ?? false);
+
+    /// <summary>Training's choice: libtorch's own order (cuDNN first on Hopper), unless the switch says otherwise.</summary>
+    public static void ForTraining(RuntimeSwitches switches)
+    {
+        if (switches.CudnnAttention is { } cudnn) Configure(cudnn);
+    }
+
     /// <summary>
     /// Sets libtorch's variables for <paramref name="cudnn"/> (false: cuDNN's attention after flash and the
-    /// memory-efficient kernel; true: libtorch's own default order) unless they are set already. Call it before the
+    /// memory-efficient kernel; true: cuDNN first where libtorch supports it) unless they are set already. Call it before the
     /// first attention of the process (the CLI does, at start-up); later calls change nothing libtorch has read.
     /// </summary>
     public static void Configure(bool cudnn)
