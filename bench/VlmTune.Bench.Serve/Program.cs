@@ -9,7 +9,7 @@ using VlmTune.Serving;
 //   dotnet run -c Release --project bench/VlmTune.Bench.Serve -- [--model DIR] [--clients 1,8,32] [--requests-per-client N]
 //                                                            [--max-tokens N] [--image FILE] [--device cpu]
 //                                                            [--distinct-images 1] [--prefix-cache-mib N] [--image-cache-mib N]
-//                                                            [--max-prefill-tokens N]
+//                                                            [--max-prefill-tokens N] [--max-waiting-steps N]
 // --distinct-images 1: every request's image is the given one with a few pixels of its own, so no request shares
 // image features or a prompt prefix past the image with another (the cold path); by default all send the same image.
 // --engine-only 1: the engine alone (no HTTP, no detokenizing); --profile 1: cost of one decode step's parts by batch size.
@@ -24,6 +24,7 @@ bool distinctImages = arguments.GetValueOrDefault("distinct-images") is "1" or "
 long? prefixCacheMib = arguments.GetValueOrDefault("prefix-cache-mib") is { } pc ? long.Parse(pc) : null;
 long? imageCacheMib = arguments.GetValueOrDefault("image-cache-mib") is { } ic ? long.Parse(ic) : null;
 int maxPrefillTokens = arguments.GetValueOrDefault("max-prefill-tokens") is { } mp ? int.Parse(mp) : new EngineOptions().MaxPrefillTokens;
+int maxWaitingSteps = arguments.GetValueOrDefault("max-waiting-steps") is { } mw ? int.Parse(mw) : new EngineOptions().MaxWaitingSteps;
 byte[]? imageBytes = image is null ? null : File.ReadAllBytes(image);
 int imageVariant = 0;
 
@@ -34,7 +35,7 @@ using var chat = InternVLChat.Load(model, new ChatLoadOptions { Device = device,
 var options = new ServerOptions
 {
     ModelDir = model, ModelId = "bench", Port = 0, MaxBatch = levels.Max(), MaxConcurrentRequests = 4 * levels.Max(),
-    PrefixCacheMib = prefixCacheMib, ImageCacheMib = imageCacheMib, MaxPrefillTokens = maxPrefillTokens,
+    PrefixCacheMib = prefixCacheMib, ImageCacheMib = imageCacheMib, MaxPrefillTokens = maxPrefillTokens, MaxWaitingSteps = maxWaitingSteps,
 };
 var client = VlmTuneServer.CreateChatClient(chat, options);
 using var engine = client.Engine;
@@ -87,7 +88,7 @@ if (arguments.ContainsKey("engine-only"))
 }
 Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.get_num_threads()}, {Environment.ProcessorCount} cores; max_tokens {maxTokens}, {perClient} requests per client" +
     $"{(image is null ? "" : distinctImages ? ", one image of its own per request" : ", the same image in every request")}; prefix cache {engine.PrefixCache.CapacityBytes >> 20} MiB, " +
-    $"image cache {engine.ImageCache.CapacityBytes >> 20} MiB, max prefill tokens {engine.Options.MaxPrefillTokens}");
+    $"image cache {engine.ImageCache.CapacityBytes >> 20} MiB, max prefill tokens {engine.Options.MaxPrefillTokens}, max waiting steps {engine.Options.MaxWaitingSteps}");
 await RunLevel(1, 1, quiet: true);   // warm-up: JIT, allocator, first kernels
 Console.WriteLine($"{"clients",7} {"requests",8} {"req/s",7} {"tok/s",7} {"TTFT p50",9} {"TTFT p99",9} {"TPOT p50",9} {"TPOT p99",9} {"peak batch",10} {"prefills",8} {"cached tok",10} {"queue avg",9} {"srv TTFT avg",12}");
 foreach (int clients in levels) await RunLevel(clients, perClient, quiet: false);

@@ -78,6 +78,8 @@ public sealed record ServerOptions
     public long? PrefixCacheMib { get; init; }
     /// <summary>Tokens one prefill pass computes at most (<c>--max-prefill-tokens</c>; <see cref="EngineOptions.MaxPrefillTokens"/>).</summary>
     public int MaxPrefillTokens { get; init; } = new EngineOptions().MaxPrefillTokens;
+    /// <summary>Decode steps a prompt may wait for a fuller prefill pass (<c>--max-waiting-steps</c>; <see cref="EngineOptions.MaxWaitingSteps"/>).</summary>
+    public int MaxWaitingSteps { get; init; } = new EngineOptions().MaxWaitingSteps;
     /// <summary>
     /// On SIGTERM/SIGINT: how long in-flight requests may run on before they are ended (a stream with an error event
     /// <c>server_shutting_down</c>, a plain request with 503). New connections are refused from the signal on.
@@ -149,6 +151,7 @@ public sealed record ServerOptions
         if (ImageCacheMib is < 0 or > 1L << 30) yield return $"--image-cache-mib must be 0 (off) to {1L << 30} (got {ImageCacheMib}).";
         if (PrefixCacheMib is < 0 or > 1L << 30) yield return $"--prefix-cache-mib must be 0 (off) to {1L << 30} (got {PrefixCacheMib}).";
         if (MaxPrefillTokens < 1) yield return $"--max-prefill-tokens must be ≥ 1 (got {MaxPrefillTokens}).";
+        if (MaxWaitingSteps < 0) yield return $"--max-waiting-steps must be ≥ 0 (got {MaxWaitingSteps}).";
         if (MaxTiles is < 1) yield return $"--max-tiles must be ≥ 1 (got {MaxTiles}).";
         if (MaxTilesPerRequest < 1) yield return $"max tiles per request must be ≥ 1 (got {MaxTilesPerRequest}).";
         if (MaxImagesPerRequest < 0) yield return $"max images per request must be ≥ 0 (got {MaxImagesPerRequest}).";

@@ -164,6 +164,7 @@ public static class VlmTuneServer
                 ImageCacheBytes = options.ImageCacheMib * (1L << 20),
                 PrefixCacheBytes = options.PrefixCacheMib * (1L << 20),
                 MaxPrefillTokens = options.MaxPrefillTokens,
+                MaxWaitingSteps = options.MaxWaitingSteps,
                 MaxQueue = options.MaxConcurrentRequests,
                 MaxContextTokens = options.MaxContextTokens,
             }.With(chat.Switches), adapters);

@@ -37,6 +37,10 @@ internal static class ServeCommand
     {
         Description = "Tokens one prefill pass computes at most: waiting prompts are prefilled together up to it, longer ones in chunks between decode steps. [default: 8192]",
     };
+    private static readonly Option<int?> MaxWaitingSteps = new("--max-waiting-steps")
+    {
+        Description = "Decode steps a prompt may wait while streams decode, so that fewer, fuller prefill passes interrupt them; 0: prefill at once. [default: 16]",
+    };
     private static readonly Option<int?> MaxTiles = new("--max-tiles") { Description = "Most tiles per image, thumbnail excluded. [default: the model's max_dynamic_patch]" };
     private static readonly Option<string?> AllowLocalImages = new("--allow-local-images") { Description = "Folder whose images requests may name by path or file:// URL." };
     private static readonly Option<bool> AllowRemoteImages = new("--allow-remote-images") { Description = "Fetch http(s) image URLs (public addresses only)." };
@@ -50,7 +54,7 @@ internal static class ServeCommand
     {
         var command = new Command("serve", "Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.")
         {
-            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, ImageCacheMib, PrefixCacheMib, MaxPrefillTokens, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
+            Model, Adapter, AllowAdapterLoading, Host, Port, ApiKey, MaxBatch, ImageCacheMib, PrefixCacheMib, MaxPrefillTokens, MaxWaitingSteps, MaxTiles, AllowLocalImages, AllowRemoteImages, AllowImageNetwork, ModelId, Device, DType, AllowedHosts,
         };
         command.SetAction((parse, ct) => CliErrors.RunAsync(() => RunAsync(parse, switches, ct)));
         return command;
@@ -77,6 +81,7 @@ internal static class ServeCommand
         Set(nameof(ServerOptions.ImageCacheMib), parse.GetValue(ImageCacheMib));
         Set(nameof(ServerOptions.PrefixCacheMib), parse.GetValue(PrefixCacheMib));
         Set(nameof(ServerOptions.MaxPrefillTokens), parse.GetValue(MaxPrefillTokens));
+        Set(nameof(ServerOptions.MaxWaitingSteps), parse.GetValue(MaxWaitingSteps));
         Set(nameof(ServerOptions.MaxTiles), parse.GetValue(MaxTiles));
         Set(nameof(ServerOptions.AllowLocalImages), parse.GetValue(AllowLocalImages));
         if (parse.GetValue(AllowRemoteImages)) Set(nameof(ServerOptions.AllowRemoteImages), true);

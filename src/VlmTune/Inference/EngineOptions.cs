@@ -39,6 +39,14 @@ public sealed record EngineOptions
     public int MaxPrefillTokens { get; init; } = 8192;
 
     /// <summary>
+    /// While sequences decode, decode steps a waiting prompt may wait for its prefill pass unless the prompts waiting
+    /// fill half of <see cref="MaxPrefillTokens"/> (TGI's max_waiting_tokens): every pass stalls every running stream
+    /// for about the host time of a forward pass whatever its size, so a few larger passes cost running streams less
+    /// than many small ones, for a little more time to the first token. 0: a pass whenever a prompt waits.
+    /// </summary>
+    public int MaxWaitingSteps { get; init; } = 16;
+
+    /// <summary>
     /// Budget in bytes of the prefix cache: the keys and values of recent prompts' 64-token blocks (by a hash of the
     /// tokens before each block's end, the images in them and the adapter), so a prompt that starts like an earlier one
     /// (a system prompt, the same image) prefills only the rest. Null: <see cref="DefaultPrefixCacheBytes"/>; 0: off.
@@ -70,6 +78,7 @@ public sealed record EngineOptions
         if (MaxCacheTokens < 1) yield return $"KV cache budget must be ≥ 1 token (got {MaxCacheTokens}).";
         if (MaxQueue < 0) yield return $"max queue must be ≥ 0 (got {MaxQueue}).";
         if (MaxVisionTiles < 1) yield return $"max vision tiles must be ≥ 1 (got {MaxVisionTiles}).";
+        if (MaxWaitingSteps < 0) yield return $"max waiting steps must be ≥ 0 (got {MaxWaitingSteps}).";
         if (MaxPrefillTokens < 1) yield return $"max prefill tokens must be ≥ 1 (got {MaxPrefillTokens}).";
         if (PrefixCacheBytes is < 0) yield return $"prefix cache budget must be ≥ 0 bytes (0: off; got {PrefixCacheBytes}).";
         if (ImageCacheBytes is < 0) yield return $"image cache budget must be ≥ 0 bytes (0: off; got {ImageCacheBytes}).";

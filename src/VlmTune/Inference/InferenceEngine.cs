@@ -336,6 +336,7 @@ public sealed class InferenceEngine : IDisposable
             // Counted as running before it stops counting as queued, so Submit never sees a free slot that is not.
             Interlocked.Increment(ref _running);
             Interlocked.Decrement(ref _queued);
+            next.AdmittedAtStep = Interlocked.Read(ref _steps);
             Notify(next, static o => o.Admitted());
             if (next.IsFinished) { Interlocked.Decrement(ref _running); next.Request.Pixels?.Dispose(); continue; }
             joining.Add(next);
@@ -496,6 +497,9 @@ public sealed class InferenceEngine : IDisposable
         if (_prefilling.Count == 0) return;
         var head = _prefilling[0];
         long budget = _options.MaxPrefillTokens;
+        // Small passes wait while streams decode, up to MaxWaitingSteps steps or half a budget of waiting prompt.
+        if (_batch.Count + _solo.Count > 0 && Interlocked.Read(ref _steps) - head.AdmittedAtStep < _options.MaxWaitingSteps
+            && _prefilling.Sum(s => s.PromptLeft) < budget / 2) return;
         Interlocked.Increment(ref _prefillPasses);
         List<Sequence> rows = [head];
         if (head.Cache is not null && head.PromptLeft <= budget)
@@ -964,6 +968,8 @@ public sealed class InferenceEngine : IDisposable
         public int CachedBlocks { get; set; }
         /// <summary>Their tokens, for the request's usage (read by other threads).</summary>
         public int CachedTokens;
+        /// <summary>Decode steps the engine had run when the request was admitted.</summary>
+        public long AdmittedAtStep { get; set; }
         /// <summary>Whether the request's image tiles still wait for their vision pass.</summary>
         public bool ImagesPending { get; set; } = request.Pixels is not null;
         /// <summary>Prompt tokens still to prefill.</summary>

@@ -131,6 +131,9 @@ public sealed class MultiAdapterEngineTests(MultiAdapterFixture f)
             var alone = await engine.GenerateAsync(Request(adapter, image));
             Assert.True(alone.TokenIds.SequenceEqual(batched[i].TokenIds), $"{what}: batched differs from the same request alone");
         }
+        // Each image request run alone reused the blocks its own model's batched run cached (the same tokens under
+        // another adapter are other keys and values: a shared block would have given another answer above).
+        Assert.Equal(3, engine.PrefixCache.Hits);
         Assert.Equal(0, alpha.Running + beta.Running);
     }
 

@@ -117,6 +117,29 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         Assert.Equal(expectedRunning, (await running.Completion).TokenIds);
     }
 
+    /// <summary>
+    /// A short prompt arriving while a stream decodes waits exactly MaxWaitingSteps decode steps for its prefill pass
+    /// (so that passes are fewer and fuller), and none with 0; a prompt of half a budget or more never waits.
+    /// </summary>
+    [FixtureTheory]
+    [InlineData(0, 20, 0)]
+    [InlineData(5, 20, 5)]
+    [InlineData(5, 300, 0)]   // 300 tokens ≥ half of the 512-token budget
+    public async Task ShortPromptsWaitAFewDecodeStepsForAFullerPass(int maxWaitingSteps, int promptLength, int expectedSteps)
+    {
+        var text = Ids("text_only");
+        using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 512, MaxWaitingSteps = maxWaitingSteps, PrefixCacheBytes = 0 });
+        var counter = new TokenCounter();
+        var running = engine.Submit(Request(text, null, 60, counter));
+        while (Volatile.Read(ref counter.Tokens) < 2) await Task.Delay(5);
+        var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
+        int[] prompt = [.. text[..10], .. Words(14, promptLength - 10)];
+        var late = await engine.GenerateAsync(Request(prompt, null, 4, observer));
+        Assert.Equal(expectedSteps, observer.TokensAtPrefilled - observer.TokensAtAdmission);
+        Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 4 }), late.TokenIds);
+        await running.Completion;
+    }
+
     private sealed class TokenCounter : IGenerationObserver
     {
         public int Tokens;
