@@ -67,6 +67,7 @@ public sealed class InferenceEngine : IDisposable
     private readonly ImageFeatureCache? _imageCache;   // null: off (ImageCacheBytes 0)
     private readonly PrefixKvCache? _prefixCache;      // null: off (PrefixCacheBytes 0)
     private long _prefillPasses;
+    private long _batchRebuilds;
 
     /// <param name="adapters">Adapters to serve beside the base (the engine owns them from here: disposing it unloads them); null: the base only.</param>
     public InferenceEngine(InternVLChatModel model, int imageContextId, EngineOptions? options = null, ServedAdapters? adapters = null)
@@ -129,6 +130,9 @@ public sealed class InferenceEngine : IDisposable
 
     /// <summary>Prefill passes run so far (a batch of prompts, a chunk of a long one, or a long prompt in one pass).</summary>
     public long PrefillPasses => Interlocked.Read(ref _prefillPasses);
+
+    /// <summary>Test hook: times the batch cache was rebuilt (a join that did not fit in place).</summary>
+    internal long BatchRebuilds => Interlocked.Read(ref _batchRebuilds);
 
     /// <summary>Test hook: the cache itself (null when off), to compare what it holds with a direct vision pass.</summary>
     internal ImageFeatureCache? FeatureCache => _imageCache;
@@ -260,13 +264,9 @@ public sealed class InferenceEngine : IDisposable
 
     private void DropCancelled()
     {
-        bool dropped = false;
-        foreach (var seq in _batch.Where(s => s.Cancelled).ToList())
-        {
-            _batch.Remove(seq);
-            seq.Finish(FinishReason.Cancelled);
-            dropped = true;
-        }
+        var dropped = _batch.Where(s => s.Cancelled).ToList();
+        foreach (var seq in dropped) seq.Finish(FinishReason.Cancelled);
+        LeaveBatch(dropped);
         foreach (var seq in _solo.Where(s => s.Cancelled).ToList())
         {
             _solo.Remove(seq);
@@ -277,7 +277,6 @@ public sealed class InferenceEngine : IDisposable
             _prefilling.Remove(seq);
             seq.Finish(FinishReason.Cancelled);
         }
-        if (dropped) Restack([]);
         PublishRunning();
     }
 
@@ -723,9 +722,8 @@ public sealed class InferenceEngine : IDisposable
         }
         if (leaving.Count > 0)
         {
-            _batch.RemoveAll(leaving.Contains);
+            LeaveBatch(leaving);
             _solo.AddRange(leaving);
-            Restack([]);
         }
 
         // Counted before it runs: whoever has a token of this step finds the step counted.
@@ -741,7 +739,7 @@ public sealed class InferenceEngine : IDisposable
         }
         Interlocked.Increment(ref _steps);
 
-        if (_batch.Any(s => s.IsFinished)) { _batch.RemoveAll(s => s.IsFinished); Restack([]); }
+        LeaveBatch(_batch.Where(s => s.IsFinished).ToList());
         _solo.RemoveAll(s => s.IsFinished);
         PublishRunning();
     }
@@ -876,26 +874,67 @@ public sealed class InferenceEngine : IDisposable
     /// </summary>
     private void Restack(IReadOnlyList<(Sequence Seq, KvRow Row)> joining)
     {
-        var rows = _batch.Select(s => new KvRow(_batchCache!, s.Row, s.Length)).Concat(joining.Select(j => j.Row)).ToList();
-        _batch.AddRange(joining.Select(j => j.Seq));
-        KvCache? stacked = null;
-        if (_batch.Count > 0)
+        var cache = _batchCache;
+        // In place where the rows fit: spare rows of the storage, no longer than the batch's entries, and room for
+        // their answers in its columns. Otherwise the batch is rebuilt (with spare rows for later joins).
+        if (cache is not null && joining.Count > 0 && cache.Length + joining.Max(j => j.Seq.Remaining) <= cache.Capacity
+            && cache.TryAppendRows(joining.Select(j => j.Row).ToList()))
         {
-            // Room for the longest answer still to come, so no row needs the cache to grow while decoding.
-            long length = _batch.Max(s => s.Length), remaining = _batch.Max(s => s.Remaining);
-            stacked = KvCache.Stack(rows, length + remaining);
+            foreach (var (seq, _) in joining) { seq.Row = _batch.Count; _batch.Add(seq); }
         }
-        _batchCache?.Dispose();
-        _batchCache = stacked;
-        for (int i = 0; i < _batch.Count; i++) _batch[i].Row = i;
+        else
+        {
+            var rows = _batch.Select(s => new KvRow(cache!, s.Row, s.Length)).Concat(joining.Select(j => j.Row)).ToList();
+            _batch.AddRange(joining.Select(j => j.Seq));
+            Interlocked.Increment(ref _batchRebuilds);
+            KvCache? stacked = null;
+            if (_batch.Count > 0)
+            {
+                // Room for the longest answer still to come, so no row needs the cache to grow while decoding.
+                long length = _batch.Max(s => s.Length), remaining = _batch.Max(s => s.Remaining);
+                stacked = KvCache.Stack(rows, length + remaining, SpareRows(length + remaining));
+            }
+            _batchCache?.Dispose();
+            _batchCache = stacked;
+            for (int i = 0; i < _batch.Count; i++) _batch[i].Row = i;
+        }
         foreach (var (seq, _) in joining) { seq.Cache?.Dispose(); seq.Cache = null; }
+    }
+
+    /// <summary>Rows to allocate for a rebuilt batch cache of <paramref name="columns"/>: up to MaxBatch, within the KV budget.</summary>
+    private long SpareRows(long columns) => Math.Clamp(_options.MaxCacheTokens / Math.Max(columns, 1), _batch.Count, Math.Max(_batch.Count, _options.MaxBatch));
+
+    /// <summary>
+    /// Takes <paramref name="leaving"/> out of the batch in place: each leaving row gets the batch's last row (one row
+    /// copied per layer), highest rows first so that a row moved down is never one that leaves.
+    /// </summary>
+    private void LeaveBatch(IReadOnlyCollection<Sequence> leaving)
+    {
+        if (leaving.Count == 0) return;
+        foreach (var seq in leaving.OrderByDescending(s => s.Row))
+        {
+            int last = _batch.Count - 1;
+            _batchCache!.RemoveRow(seq.Row);
+            if (seq.Row != last)
+            {
+                var moved = _batch[last];
+                _batch[seq.Row] = moved;
+                moved.Row = seq.Row;
+            }
+            _batch.RemoveAt(last);
+        }
+        if (_batch.Count == 0)
+        {
+            _batchCache?.Dispose();
+            _batchCache = null;
+        }
     }
 
     private void PublishRunning()
     {
         Volatile.Write(ref _running, Admitted);
         // What the caches really hold (a tensor's shape is host metadata: no device sync); solo caches grow by doubling.
-        long slots = _batchCache is { } batch ? batch.Batch * batch.Capacity : 0;
+        long slots = _batchCache is { } batch ? batch.RowCapacity * batch.Capacity : 0;   // spare rows are held too
         foreach (var s in _solo.Concat(_prefilling)) slots += s.Cache?.Capacity ?? 0;
         Interlocked.Exchange(ref _cacheSlots, slots);
     }

@@ -6,35 +6,58 @@ namespace VlmTune.Models;
 /// Pre-allocated keys and values of every decoder layer, (B, kv_heads, capacity, d) each, grown by doubling when full.
 /// Keys are stored rotated; if dynamic-NTK changes the RoPE base as the sequence grows, the cached keys are re-rotated
 /// so decoding with the cache gives what a full recomputation gives.
+///
+/// A cache may hold spare rows (<see cref="Stack"/>'s rowCapacity): rows then join (<see cref="TryAppendRows"/>) and
+/// leave (<see cref="RemoveRow"/>) in place, where rebuilding a continuous batch's cache would allocate and copy all
+/// of it (12.5 GB at 64 rows of ~2,000 tokens of InternVL2-2B) each time one sequence joins or leaves. The first
+/// <see cref="Batch"/> rows of the storage are the cache; every tensor the rest of the code sees is a view of them.
 /// </summary>
 public sealed class KvCache : IDisposable
 {
-    private readonly Tensor[] _keys;
-    private readonly Tensor[] _values;
+    private Tensor[] _keyStore, _valueStore;   // (row capacity, kv_heads, capacity, d)
+    private Tensor _positionStore;             // (row capacity, capacity)
+    private Tensor[] _keys;                    // the first Batch rows of the stores
+    private Tensor[] _values;
     private Tensor _positions;   // (B, capacity) positions of the cached entries
     private double _theta = double.NaN;
 
     public long Length { get; private set; }
     public long Capacity => _keys[0].shape[2];
     public long Batch => _keys[0].shape[0];
+    /// <summary>Rows the storage holds (≥ <see cref="Batch"/>): room for rows to join in place.</summary>
+    public long RowCapacity => _keyStore[0].shape[0];
 
     public KvCache(LlmConfig c, long batch, long capacity, ScalarType dtype, Device device)
     {
         capacity = Math.Max(capacity, 1);
-        _keys = new Tensor[c.NumHiddenLayers];
-        _values = new Tensor[c.NumHiddenLayers];
+        _keyStore = new Tensor[c.NumHiddenLayers];
+        _valueStore = new Tensor[c.NumHiddenLayers];
         for (int i = 0; i < c.NumHiddenLayers; i++)
         {
-            _keys[i] = zeros(new long[] { batch, c.NumKeyValueHeads, capacity, c.HeadDim }, dtype, device).DetachFromDisposeScope();
-            _values[i] = zeros(new long[] { batch, c.NumKeyValueHeads, capacity, c.HeadDim }, dtype, device).DetachFromDisposeScope();
+            _keyStore[i] = zeros(new long[] { batch, c.NumKeyValueHeads, capacity, c.HeadDim }, dtype, device).DetachFromDisposeScope();
+            _valueStore[i] = zeros(new long[] { batch, c.NumKeyValueHeads, capacity, c.HeadDim }, dtype, device).DetachFromDisposeScope();
         }
         // The cache outlives the dispose scopes of the passes that fill it.
-        _positions = zeros(new long[] { batch, capacity }, ScalarType.Int64, device).DetachFromDisposeScope();
+        _positionStore = zeros(new long[] { batch, capacity }, ScalarType.Int64, device).DetachFromDisposeScope();
+        (_keys, _values, _positions) = ([], [], _positionStore);
+        SetRows(batch);
     }
 
-    private KvCache(Tensor[] keys, Tensor[] values, Tensor positions, long length, double theta)
+    private KvCache(Tensor[] keyStore, Tensor[] valueStore, Tensor positionStore, long rows, long length, double theta)
     {
-        _keys = keys; _values = values; _positions = positions; Length = length; _theta = theta;
+        _keyStore = keyStore; _valueStore = valueStore; _positionStore = positionStore; Length = length; _theta = theta;
+        (_keys, _values, _positions) = ([], [], _positionStore);
+        SetRows(rows);
+    }
+
+    /// <summary>Makes the first <paramref name="rows"/> rows of the storage the cache (new views; the old ones are released).</summary>
+    private void SetRows(long rows)
+    {
+        foreach (var t in _keys.Concat(_values)) t.Dispose();
+        if (!ReferenceEquals(_positions, _positionStore)) _positions.Dispose();
+        _keys = _keyStore.Select(t => t.narrow(0, 0, rows).DetachFromDisposeScope()).ToArray();
+        _values = _valueStore.Select(t => t.narrow(0, 0, rows).DetachFromDisposeScope()).ToArray();
+        _positions = _positionStore.narrow(0, 0, rows).DetachFromDisposeScope();
     }
 
     /// <summary>
@@ -43,7 +66,8 @@ public sealed class KvCache : IDisposable
     /// row's entries are zero padding that a KeyMask must hide. This is how a continuous batch adds and drops sequences
     /// without recomputing them. All sources must share one RoPE base (the keys are stored rotated).
     /// </summary>
-    public static KvCache Stack(IReadOnlyList<KvRow> rows, long capacity)
+    /// <param name="rowCapacity">Rows to allocate (at least the rows given): spare ones let rows join later in place.</param>
+    public static KvCache Stack(IReadOnlyList<KvRow> rows, long capacity, long rowCapacity = 0)
     {
         if (rows.Count == 0) throw new ArgumentException("Stack needs at least one row.", nameof(rows));
         var first = rows[0].Source;
@@ -52,17 +76,17 @@ public sealed class KvCache : IDisposable
             throw new InvalidOperationException("Cannot stack caches rotated with different RoPE bases.");
         long length = rows.Max(r => r.Length);
         capacity = Math.Max(capacity, Math.Max(length, 1));
-        long n = rows.Count;
+        long n = rows.Count, allocated = Math.Max(n, rowCapacity);
         var keys = new Tensor[first._keys.Length];
         var values = new Tensor[first._keys.Length];
         for (int layer = 0; layer < keys.Length; layer++)
         {
             var k0 = first._keys[layer];
-            var shape = new[] { n, k0.shape[1], capacity, k0.shape[3] };
+            var shape = new[] { allocated, k0.shape[1], capacity, k0.shape[3] };
             keys[layer] = zeros(shape, k0.dtype, k0.device).DetachFromDisposeScope();
             values[layer] = zeros(shape, k0.dtype, k0.device).DetachFromDisposeScope();
         }
-        var positions = zeros(new[] { n, capacity }, ScalarType.Int64, first._positions.device).DetachFromDisposeScope();
+        var positions = zeros(new[] { allocated, capacity }, ScalarType.Int64, first._positions.device).DetachFromDisposeScope();
 
         // Copy runs of consecutive rows of one source at once: one gather per run and layer, not per row.
         using var scope = NewDisposeScope();
@@ -91,7 +115,54 @@ public sealed class KvCache : IDisposable
                 .copy_(source._positions.index_select(0, index).narrow(1, sourceEnd - take, take));
             start = end;
         }
-        return new KvCache(keys, values, positions, length, theta);
+        return new KvCache(keys, values, positions, n, length, theta);
+    }
+
+    /// <summary>
+    /// Appends <paramref name="rows"/> (the newest entries of rows of other caches) as rows of this cache, in the spare
+    /// rows of its storage, right-aligned to its <see cref="Length"/>: what <see cref="Stack"/> of this cache's rows plus
+    /// these would hold (the columns before a new row's entries keep whatever they held; the KeyMask hides them).
+    /// False (nothing changed) when the rows do not fit: too few spare rows, a row longer than this cache's entries,
+    /// or another RoPE base.
+    /// </summary>
+    public bool TryAppendRows(IReadOnlyList<KvRow> rows)
+    {
+        if (Batch + rows.Count > RowCapacity || rows.Any(r => r.Length > Length || r.Length > (r.End ?? r.Source.Length))) return false;
+        if (rows.Any(r => !double.IsNaN(r.Source._theta) && !double.IsNaN(_theta) && r.Source._theta != _theta)) return false;
+        using var scope = NewDisposeScope();
+        for (int j = 0; j < rows.Count; j++)
+        {
+            var (source, row, take, end) = rows[j];
+            long sourceEnd = end ?? source.Length, target = Batch + j;
+            if (take == 0) continue;
+            for (int layer = 0; layer < _keyStore.Length; layer++)
+            {
+                _keyStore[layer][target].narrow(1, Length - take, take).copy_(source._keys[layer][row].narrow(1, sourceEnd - take, take));
+                _valueStore[layer][target].narrow(1, Length - take, take).copy_(source._values[layer][row].narrow(1, sourceEnd - take, take));
+            }
+            _positionStore[target].narrow(0, Length - take, take).copy_(source._positions[row].narrow(0, sourceEnd - take, take));
+        }
+        if (double.IsNaN(_theta)) _theta = rows.Select(r => r.Source._theta).FirstOrDefault(t => !double.IsNaN(t), double.NaN);
+        SetRows(Batch + rows.Count);
+        return true;
+    }
+
+    /// <summary>Drops row <paramref name="row"/>: the last row takes its place (one row copied), the cache has one row less.</summary>
+    public void RemoveRow(long row)
+    {
+        if (row < 0 || row >= Batch) throw new ArgumentOutOfRangeException(nameof(row), row, $"the cache has {Batch} rows");
+        long last = Batch - 1;
+        if (row != last)
+        {
+            using var scope = NewDisposeScope();
+            for (int layer = 0; layer < _keyStore.Length; layer++)
+            {
+                _keyStore[layer][row].copy_(_keyStore[layer][last]);
+                _valueStore[layer][row].copy_(_valueStore[layer][last]);
+            }
+            _positionStore[row].copy_(_positionStore[last]);
+        }
+        SetRows(last);
     }
 
     /// <summary>Writes this pass's keys/values after the cached ones; returns views of everything so far, (B, kvh, S, d).</summary>
@@ -187,28 +258,32 @@ public sealed class KvCache : IDisposable
     {
         if (needed <= Capacity) return;
         long grown = Math.Max(needed, Capacity * 2);
+        // The grown storage holds the cache's rows only: spare rows are given up (a later join rebuilds the batch).
         for (int i = 0; i < _keys.Length; i++)
         {
-            _keys[i] = Grow(_keys[i], grown, 2);
-            _values[i] = Grow(_values[i], grown, 2);
+            _keyStore[i] = Grow(_keys[i], _keyStore[i], grown, 2);
+            _valueStore[i] = Grow(_values[i], _valueStore[i], grown, 2);
         }
-        _positions = Grow(_positions, grown, 1);
+        _positionStore = Grow(_positions, _positionStore, grown, 1);
+        SetRows(Batch);
     }
 
-    private static Tensor Grow(Tensor t, long capacity, int dim)
+    private static Tensor Grow(Tensor rows, Tensor store, long capacity, int dim)
     {
-        var shape = t.shape.ToArray();
+        var shape = rows.shape.ToArray();
         shape[dim] = capacity;
-        var bigger = zeros(shape, t.dtype, t.device).DetachFromDisposeScope();
-        bigger.narrow(dim, 0, t.shape[dim]).copy_(t);
-        t.Dispose();
+        var bigger = zeros(shape, rows.dtype, rows.device).DetachFromDisposeScope();
+        bigger.narrow(dim, 0, rows.shape[dim]).copy_(rows);
+        store.Dispose();
         return bigger;
     }
 
     public void Dispose()
     {
         foreach (var t in _keys.Concat(_values)) t.Dispose();
-        _positions.Dispose();
+        if (!ReferenceEquals(_positions, _positionStore)) _positions.Dispose();
+        foreach (var t in _keyStore.Concat(_valueStore)) t.Dispose();
+        _positionStore.Dispose();
     }
 }
 

@@ -140,6 +140,26 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         await running.Completion;
     }
 
+    /// <summary>
+    /// A shorter prompt joins a running batch in a spare row of its cache, and rows leave by moving the last row into
+    /// their place: the batch cache is built once, and every answer equals its solo run.
+    /// </summary>
+    [FixtureFact]
+    public async Task ShorterPromptsJoinTheRunningBatchInPlace()
+    {
+        var text = Ids("text_only");
+        using var engine = NewEngine(new EngineOptions { PrefixCacheBytes = 0, MaxWaitingSteps = 0 });
+        var counter = new TokenCounter();
+        var first = engine.Submit(Request(text, null, 60, counter));
+        while (Volatile.Read(ref counter.Tokens) < 3) await Task.Delay(5);
+        var joined = new[] { text[..20], text[..33], text[..45] }.Select(p => (Prompt: p, Stream: engine.Submit(Request(p, null, 8)))).ToList();
+        foreach (var (prompt, stream) in joined)
+            Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 8 }), (await stream.Completion).TokenIds);
+        Assert.Equal(Alone(text, null, new SamplingOptions { MaxNewTokens = 60 }), (await first.Completion).TokenIds);
+        Assert.True(engine.Stats.PeakBatch >= 2, $"peak batch {engine.Stats.PeakBatch}");
+        Assert.Equal(1, engine.BatchRebuilds);
+    }
+
     private sealed class TokenCounter : IGenerationObserver
     {
         public int Tokens;
