@@ -173,7 +173,7 @@ public sealed class InferenceEngine : IDisposable
             Interlocked.Decrement(ref _queued);
             throw new UnknownModelException($"The model '{adapter.Name}' was unloaded.");
         }
-        var seq = new Sequence(request) { ImageKeys = imageKeys, Blocks = blocks };
+        var seq = new Sequence(request) { ImageKeys = imageKeys, Blocks = blocks, SlotsBefore = SlotCounts(request.PromptIds) };
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
         _pending.Enqueue(seq);
@@ -214,6 +214,17 @@ public sealed class InferenceEngine : IDisposable
             throw new InvalidGenerationRequestException($"The images' tile counts ({string.Join(", ", perImage)}) do not add up to the {tiles} tiles given (each image has at least one).", "messages");
         if (r.Pixels is { } p && (p.dim() != 4 || p.shape[1] != 3 || p.shape[2] != _model.Config.ForceImageSize || p.shape[3] != _model.Config.ForceImageSize))
             throw new InvalidGenerationRequestException($"Image tiles must be (N, 3, {_model.Config.ForceImageSize}, {_model.Config.ForceImageSize}); got ({string.Join(", ", p.shape)}).", "messages");
+    }
+
+    /// <summary>
+    /// Image-context tokens before each prompt position (element i: among the first i tokens), counted once here on
+    /// the caller's thread: prefill scheduling asks for slot ranges many times a pass.
+    /// </summary>
+    private int[] SlotCounts(IReadOnlyList<int> ids)
+    {
+        var counts = new int[ids.Count + 1];
+        for (int i = 0; i < ids.Count; i++) counts[i + 1] = counts[i] + (ids[i] == _imageContextId ? 1 : 0);
+        return counts;
     }
 
     /// <summary>Each image's cache key and its tiles in the request's pixels: (key, first tile, tiles).</summary>
@@ -350,13 +361,8 @@ public sealed class InferenceEngine : IDisposable
         joining.RemoveAll(s => s.IsFinished);
         // A prompt whose cached prefix holds all its image slots needs no features; the others' images are encoded
         // with the prefill pass that needs them (so a burst of arrivals never stalls decoding on vision passes).
-        foreach (var s in joining.Where(s => s.Request.Pixels is not null && s.Prefilled > 0 && SlotsBefore(s, s.Request.PromptIds.Count) == SlotsBefore(s, s.Prefilled)))
-        {
-            long n = s.Request.Pixels!.shape[0];
-            s.Request.Pixels.Dispose();
-            s.ImagesPending = false;
-            Notify(s, o => o.TilesEncoded((int)n));
-        }
+        foreach (var s in joining.Where(s => s.ImagesPending && s.Prefilled > 0 && SlotsBefore(s, s.Request.PromptIds.Count) == SlotsBefore(s, s.Prefilled)))
+            ImagesDone(s);
         _prefilling.AddRange(joining.Where(s => !s.IsFinished));
         PublishRunning();
     }
@@ -400,14 +406,17 @@ public sealed class InferenceEngine : IDisposable
                 group.Add(withImages[i++]);
             }
             EncodeGroup(group);
-            foreach (var s in group)
-            {
-                long n = s.Request.Pixels!.shape[0];
-                s.Request.Pixels!.Dispose();
-                s.ImagesPending = false;
-                if (!s.IsFinished) Notify(s, o => o.TilesEncoded((int)n));
-            }
+            foreach (var s in group) ImagesDone(s);
         }
+    }
+
+    /// <summary>A request's images are dealt with (encoded, or covered by its cached prefix): its tiles go, the observer hears of them.</summary>
+    private static void ImagesDone(Sequence s)
+    {
+        long n = s.Request.Pixels!.shape[0];
+        s.Request.Pixels.Dispose();
+        s.ImagesPending = false;
+        if (!s.IsFinished) Notify(s, o => o.TilesEncoded((int)n));
     }
 
     /// <summary>
@@ -695,13 +704,7 @@ public sealed class InferenceEngine : IDisposable
     }
 
     /// <summary>Image-context tokens among the first <paramref name="tokens"/> of the prompt.</summary>
-    private long SlotsBefore(Sequence seq, int tokens)
-    {
-        long n = 0;
-        var ids = seq.Request.PromptIds;
-        for (int i = 0; i < tokens; i++) if (ids[i] == _imageContextId) n++;
-        return n;
-    }
+    private static long SlotsBefore(Sequence seq, int tokens) => seq.SlotsBefore[tokens];
 
     /// <summary>The image features (n, 1, D) of the image slots among prompt tokens [from, to); null when there are none.</summary>
     private Tensor? SlotFeatures(Sequence seq, int from, int to)
@@ -1001,6 +1004,8 @@ public sealed class InferenceEngine : IDisposable
         public long Length { get; set; } = request.PromptIds.Count;   // tokens in the cache (the prompt until it is prefilled)
         /// <summary>Full-block hashes of the prompt for the prefix cache (null: off, or a prompt prefilled in one pass).</summary>
         public BlockHash[]? Blocks { get; init; }
+        /// <summary>Image-context tokens before each prompt position (<see cref="InferenceEngine.SlotCounts"/>).</summary>
+        public required int[] SlotsBefore { get; init; }
         /// <summary>Prompt tokens in the sequence's own cache so far (a cached prefix, then the chunks prefilled).</summary>
         public int Prefilled { get; set; }
         /// <summary>Leading prompt blocks that came from the prefix cache.</summary>
