@@ -57,16 +57,15 @@ public readonly record struct ImageCacheStats(long Hits, long Misses, long Bytes
 internal sealed class ImageFeatureCache(long capacityBytes) : IDisposable
 {
     private readonly Lock _lock = new();
-    private readonly Dictionary<ImageKey, LinkedListNode<(ImageKey Key, Tensor Features, long Bytes)>> _index = [];
-    private readonly LinkedList<(ImageKey Key, Tensor Features, long Bytes)> _lru = [];   // most recently used first
-    private long _bytes, _hits, _misses, _evictions;
+    private readonly TensorLru<ImageKey> _entries = new(capacityBytes);
+    private long _hits, _misses;
     private bool _disposed;
 
-    public long CapacityBytes { get; } = capacityBytes;
+    public long CapacityBytes => _entries.CapacityBytes;
 
     public ImageCacheStats Stats
     {
-        get { lock (_lock) return new(_hits, _misses, _bytes, _index.Count, _evictions, CapacityBytes); }
+        get { lock (_lock) return new(_hits, _misses, _entries.Bytes, _entries.Count, _entries.Evictions, CapacityBytes); }
     }
 
     /// <summary>
@@ -75,13 +74,7 @@ internal sealed class ImageFeatureCache(long capacityBytes) : IDisposable
     /// </summary>
     public Tensor? Find(ImageKey key)
     {
-        lock (_lock)
-        {
-            if (_disposed || !_index.TryGetValue(key, out var node)) return null;
-            _lru.Remove(node);
-            _lru.AddFirst(node);
-            return node.Value.Features;
-        }
+        lock (_lock) return _disposed ? null : _entries.Find(key);
     }
 
     /// <summary>Counts images served from the cache (<paramref name="hits"/>) and images the vision pass ran for.</summary>
@@ -99,22 +92,11 @@ internal sealed class ImageFeatureCache(long capacityBytes) : IDisposable
         long bytes = features.numel() * features.ElementSize;
         lock (_lock)
         {
-            if (_disposed || bytes > CapacityBytes || _index.ContainsKey(key)) return false;
-            while (_bytes + bytes > CapacityBytes && _lru.Last is { } oldest) Remove(oldest, evicted: true);
-            features.DetachFromDisposeScope();
-            _index[key] = _lru.AddFirst((key, features, bytes));
-            _bytes += bytes;
+            if (_disposed || bytes > CapacityBytes || _entries.Contains(key)) return false;
+            _entries.MakeRoom(bytes);
+            _entries.Add(key, features, bytes);
             return true;
         }
-    }
-
-    private void Remove(LinkedListNode<(ImageKey Key, Tensor Features, long Bytes)> node, bool evicted)
-    {
-        _lru.Remove(node);
-        _index.Remove(node.Value.Key);
-        _bytes -= node.Value.Bytes;
-        if (evicted) _evictions++;
-        node.Value.Features.Dispose();
     }
 
     public void Dispose()
@@ -123,7 +105,7 @@ internal sealed class ImageFeatureCache(long capacityBytes) : IDisposable
         {
             if (_disposed) return;
             _disposed = true;
-            while (_lru.First is { } node) Remove(node, evicted: false);
+            _entries.Clear();
         }
     }
 }

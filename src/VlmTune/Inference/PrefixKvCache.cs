@@ -87,16 +87,15 @@ public readonly record struct PrefixCacheStats(long Hits, long Misses, long Reus
 internal sealed class PrefixKvCache(long capacityBytes) : IDisposable
 {
     private readonly Lock _lock = new();
-    private readonly Dictionary<BlockHash, LinkedListNode<(BlockHash Hash, Tensor Entries, long Bytes)>> _index = [];
-    private readonly LinkedList<(BlockHash Hash, Tensor Entries, long Bytes)> _lru = [];   // most recently used first
-    private long _bytes, _hits, _misses, _reused, _evictions;
+    private readonly TensorLru<BlockHash> _blocks = new(capacityBytes);
+    private long _hits, _misses, _reused;
     private bool _disposed;
 
-    public long CapacityBytes { get; } = capacityBytes;
+    public long CapacityBytes => _blocks.CapacityBytes;
 
     public PrefixCacheStats Stats
     {
-        get { lock (_lock) return new(_hits, _misses, _reused, _bytes, _index.Count, _evictions, CapacityBytes); }
+        get { lock (_lock) return new(_hits, _misses, _reused, _blocks.Bytes, _blocks.Count, _blocks.Evictions, CapacityBytes); }
     }
 
     /// <summary>
@@ -109,21 +108,20 @@ internal sealed class PrefixKvCache(long capacityBytes) : IDisposable
         lock (_lock)
         {
             if (_disposed) return null;
-            var found = new List<LinkedListNode<(BlockHash, Tensor, long)>>();
-            for (int b = 0; b < Math.Min(blocks.Count, maxBlocks) && _index.TryGetValue(blocks[b], out var node); b++) found.Add(node);
-            if (found.Count == 0) { _misses++; return null; }
-            for (int i = found.Count - 1; i >= 0; i--) { _lru.Remove(found[i]); _lru.AddFirst(found[i]); }
+            var parts = new List<Tensor>();
+            for (int b = 0; b < Math.Min(blocks.Count, maxBlocks) && _blocks.Find(blocks[b], touch: false) is { } part; b++) parts.Add(part);
+            if (parts.Count == 0) { _misses++; return null; }
+            TouchFromTheEnd(blocks.Take(parts.Count));
             _hits++;
-            _reused += (long)found.Count * PromptBlocks.Size;
-            var parts = found.Select(n => n.Value.Item2).ToArray();
-            return parts.Length == 1 ? parts[0].clone() : cat(parts, 2);
+            _reused += (long)parts.Count * PromptBlocks.Size;
+            return parts.Count == 1 ? parts[0].clone() : cat(parts.ToArray(), 2);
         }
     }
 
     /// <summary>Whether block <paramref name="hash"/> is cached (no use is recorded).</summary>
     public bool Contains(BlockHash hash)
     {
-        lock (_lock) return _index.ContainsKey(hash);
+        lock (_lock) return _blocks.Contains(hash);
     }
 
     /// <summary>
@@ -140,34 +138,24 @@ internal sealed class PrefixKvCache(long capacityBytes) : IDisposable
         {
             if (_disposed) return;
             var own = new HashSet<BlockHash>(blocks);
-            var chain = new List<LinkedListNode<(BlockHash, Tensor, long)>>();
-            for (int b = 0; b < first && _index.TryGetValue(blocks[b], out var earlier); b++) chain.Add(earlier);
-            for (int i = 0; i < n; i++)
+            int held = first;                                   // the prompt's blocks cached from its start
+            for (int i = 0; i < n; i++, held++)
             {
                 var hash = blocks[first + i];
-                if (_index.TryGetValue(hash, out var cached)) { chain.Add(cached); continue; }
+                if (_blocks.Contains(hash)) continue;
                 using var view = entries.narrow(2, (long)i * PromptBlocks.Size, PromptBlocks.Size);
                 long bytes = view.numel() * view.ElementSize;
-                while (_bytes + bytes > CapacityBytes && _lru.Last is { } oldest && !own.Contains(oldest.Value.Hash)) Remove(oldest, evicted: true);
-                if (_bytes + bytes > CapacityBytes) break;
-                var copy = view.clone().DetachFromDisposeScope();
-                var node = _lru.AddFirst((hash, copy, bytes));
-                _index[hash] = node;
-                _bytes += bytes;
-                chain.Add(node);
+                if (!_blocks.MakeRoom(bytes, keep: own.Contains)) break;
+                _blocks.Add(hash, view.clone(), bytes);
             }
-            // The chain's start most recent: eviction takes its deepest blocks first.
-            for (int i = chain.Count - 1; i >= 0; i--) { _lru.Remove(chain[i]); _lru.AddFirst(chain[i]); }
+            TouchFromTheEnd(blocks.Take(held));
         }
     }
 
-    private void Remove(LinkedListNode<(BlockHash Hash, Tensor Entries, long Bytes)> node, bool evicted)
+    /// <summary>Marks a prefix's blocks used, its start last (most recent): eviction takes its deepest blocks first.</summary>
+    private void TouchFromTheEnd(IEnumerable<BlockHash> prefix)
     {
-        _lru.Remove(node);
-        _index.Remove(node.Value.Hash);
-        _bytes -= node.Value.Bytes;
-        if (evicted) _evictions++;
-        node.Value.Entries.Dispose();
+        foreach (var hash in prefix.Reverse()) _blocks.Touch(hash);
     }
 
     public void Dispose()
@@ -176,7 +164,7 @@ internal sealed class PrefixKvCache(long capacityBytes) : IDisposable
         {
             if (_disposed) return;
             _disposed = true;
-            while (_lru.First is { } node) Remove(node, evicted: false);
+            _blocks.Clear();
         }
     }
 }
