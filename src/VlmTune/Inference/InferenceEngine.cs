@@ -160,8 +160,9 @@ public sealed class InferenceEngine : IDisposable
         Validate(request);
         // Hashed here, on the caller's thread, so the loop never stalls the batch over it.
         var imageKeys = _imageCache is null && _prefixCache is null ? null : ImageKeys(request);
+        var slotsBefore = SlotCounts(request.PromptIds);
         var blocks = _prefixCache is null || request.PromptIds.Count >= _onePassFrom ? null
-            : PromptBlocks.Of(request.PromptIds, _imageContextId, imageKeys?.Select(k => (k.Key, k.Tiles)).ToList(), _model.Config.NumImageToken, request.Adapter?.KvKey ?? 0);
+            : PromptBlocks.Of(request.PromptIds, slotsBefore, imageKeys?.Select(k => (k.Key, k.Tiles)).ToList(), _model.Config.NumImageToken, request.Adapter?.KvKey ?? 0);
         if (Interlocked.Increment(ref _queued) + Volatile.Read(ref _running) > _options.MaxQueue + _options.MaxBatch)
         {
             Interlocked.Decrement(ref _queued);
@@ -173,7 +174,7 @@ public sealed class InferenceEngine : IDisposable
             Interlocked.Decrement(ref _queued);
             throw new UnknownModelException($"The model '{adapter.Name}' was unloaded.");
         }
-        var seq = new Sequence(request) { ImageKeys = imageKeys, Blocks = blocks, SlotsBefore = SlotCounts(request.PromptIds) };
+        var seq = new Sequence(request) { ImageKeys = imageKeys, Blocks = blocks, SlotsBefore = slotsBefore };
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(static s => { var (engine, q) = ((InferenceEngine, Sequence))s!; q.Cancelled = true; engine.Wake(); }, (this, seq));
         _pending.Enqueue(seq);

@@ -22,11 +22,12 @@ internal static class PromptBlocks
     public const int Size = 64;
 
     /// <summary>
-    /// Hashes of every full block of <paramref name="ids"/>. <paramref name="images"/>: each image's key and tile count,
+    /// Hashes of every full block of <paramref name="ids"/>. <paramref name="slotsBefore"/>: the image-context tokens
+    /// before each position (element i: among the first i). <paramref name="images"/>: each image's key and tile count,
     /// in prompt order (its <paramref name="tokensPerTile"/> · tiles slots are the image-context tokens in order);
     /// <paramref name="adapterKey"/>: 0 for the base, else the adapter's own id (its LoRA changes every key and value).
     /// </summary>
-    public static BlockHash[] Of(IReadOnlyList<int> ids, int imageContextId, IReadOnlyList<(ImageKey Key, long Tiles)>? images, int tokensPerTile, long adapterKey)
+    public static BlockHash[] Of(IReadOnlyList<int> ids, int[] slotsBefore, IReadOnlyList<(ImageKey Key, long Tiles)>? images, int tokensPerTile, long adapterKey)
     {
         int blocks = ids.Count / Size;
         var hashes = new BlockHash[blocks];
@@ -42,23 +43,17 @@ internal static class PromptBlocks
         previous.Clear();
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         var buffer = new int[Size];
-        long slot = 0;                  // image-context tokens before the current block
         for (int b = 0; b < blocks; b++)
         {
             sha.AppendData(previous);
             sha.AppendData(MemoryMarshal.AsBytes(new ReadOnlySpan<long>(in adapterKey)));
-            long here = 0;
-            for (int i = 0; i < Size; i++)
-            {
-                buffer[i] = ids[b * Size + i];
-                if (buffer[i] == imageContextId) here++;
-            }
+            for (int i = 0; i < Size; i++) buffer[i] = ids[b * Size + i];
             sha.AppendData(MemoryMarshal.AsBytes(buffer.AsSpan()));
+            long slot = slotsBefore[b * Size], here = slotsBefore[(b + 1) * Size] - slot;   // this block's image slots
             // The images whose slots this block holds (a key includes its tile shape, so the slot ranges follow).
             foreach (var (start, end, key) in ranges)
                 if (here > 0 && start < slot + here && end > slot)
                     sha.AppendData(MemoryMarshal.AsBytes(new ReadOnlySpan<ImageKey>(in key)));
-            slot += here;
             sha.GetHashAndReset(previous);
             var words = MemoryMarshal.Cast<byte, ulong>(previous);
             hashes[b] = new BlockHash(words[0], words[1], words[2], words[3]);
