@@ -27,8 +27,8 @@ public enum AttentionKind
 internal static class Init
 {
     /// <summary>
-    /// −∞ as a long-lived Scalar. An implicit float→Scalar temporary passed to a native call can be finalised by the GC
-    /// while the call still reads it (TorchSharp does not keep it alive), which showed up as a corrupt Scalar under load.
+    /// −∞ as a long-lived Scalar, made once. (A temporary one could be finalised while libtorch still read it; the build's
+    /// deferred Scalar free now covers every Scalar: docs/torchsharp-scalar-race.md.)
     /// </summary>
     public static readonly Scalar NegativeInfinity = float.NegativeInfinity.ToScalar();
 
