@@ -104,7 +104,7 @@ public sealed class TrainBatch : IDisposable
 
     public void Dispose()
     {
-        InputIds.Dispose(); Labels.Dispose(); Pixels?.Dispose(); CachedFeatures?.Dispose();
+        InputIds.Dispose(); Labels.Dispose(); Pixels?.Dispose(); CachedFeatures?.Dispose(); Packing?.Dispose();
     }
 }
 

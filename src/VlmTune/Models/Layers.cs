@@ -280,31 +280,22 @@ internal static class Attention
 
     /// <summary>
     /// Attention over packed rows, q/k/v: (R, H, T, d): causal within each sample of <paramref name="rows"/>, never across
-    /// samples; a row's padding tail gets zeros. One causal call per sample on its slice rather than one call with a
-    /// (T × T) block-diagonal mask: the slices keep SDPA's flash kernel on CUDA (a mask forces the memory-efficient or
-    /// math kernel) and cost Σ len² instead of T², exactly the work of the same samples unpacked.
+    /// samples; a row's padding tail gets zeros. The samples are gathered into one right-padded (samples, H, L, d) batch,
+    /// L the longest sample, for one causal call: causality alone keeps each real query off the padding (it comes after
+    /// every real key), so no mask is needed and SDPA keeps its flash kernel on CUDA. One call per layer instead of one
+    /// per sample (short samples were bound by those launches); the padding adds (L² − len²) per sample of attention
+    /// work, small beside the projections at these lengths.
     /// </summary>
     public static Tensor ComputePacked(Tensor q, Tensor k, Tensor v, AttentionKind kind, PackedRows rows)
     {
         using var scope = NewDisposeScope();
-        long t = q.shape[2];
-        // split, not narrow: split's backward is one cat per row, where every narrow's backward would write its
-        // gradient into a zero tensor of the whole (R, H, T, d) input: O(samples) full-size passes per layer.
-        Tensor[] qr = q.split(1, 0), kr = k.split(1, 0), vr = v.split(1, 0);
-        var outputs = new List<Tensor>(rows.Rows);
-        for (int r = 0; r < rows.Rows; r++)
-        {
-            var lengths = rows.SampleLengths[r].Select(l => (long)l).ToList();
-            long used = lengths.Sum();
-            if (used < t) lengths.Add(t - used);                                                 // the padding tail
-            var sizes = lengths.ToArray();
-            Tensor[] qs = qr[r].split(sizes, 2), ks = kr[r].split(sizes, 2), vs = vr[r].split(sizes, 2);   // (1, H, len, d) each
-            var parts = new List<Tensor>();
-            for (int i = 0; i < rows.SampleLengths[r].Length; i++)
-                parts.Add(Compute(qs[i], ks[i], vs[i], kind, causalOffset: 0, keyMask: null));
-            if (used < t) parts.Add(zeros(1, q.shape[1], t - used, v.shape[3], v.dtype, q.device));
-            outputs.Add(parts.Count == 1 ? parts[0] : cat(parts, 2));                           // (1, H, T, d)
-        }
-        return (outputs.Count == 1 ? outputs[0] : cat(outputs, 0)).MoveToOuterDisposeScope();   // (R, H, T, d)
+        long r = q.shape[0], h = q.shape[1], t = q.shape[2], dv = v.shape[3], n = rows.Samples, l = rows.LongestSample;
+        var (gather, scatter) = rows.AttentionIndex(q.device);
+        // (R, H, T, d) → (R·T, H, d) token slots → (samples, H, L, d)
+        Tensor Grouped(Tensor x) =>
+            x.transpose(1, 2).reshape(r * t, h, x.shape[3]).index_select(0, gather).view(n, l, h, x.shape[3]).transpose(1, 2);
+        var grouped = Compute(Grouped(q), Grouped(k), Grouped(v), kind, causalOffset: 0, keyMask: null);   // (samples, H, L, dv)
+        var slots = cat([grouped.transpose(1, 2).reshape(n * l, h, dv), zeros(1, h, dv, v.dtype, q.device)], 0);
+        return slots.index_select(0, scatter).view(r, t, h, dv).transpose(1, 2).MoveToOuterDisposeScope();   // (R, H, T, dv)
     }
 }

@@ -249,6 +249,21 @@ public sealed class SequencePackingTests
         Assert.Throws<ArgumentException>(() => new PackedRows([[4, 3]], 6));
     }
 
+    /// <summary>
+    /// Attention regroups packed rows as one right-padded sample per row (Attention.ComputePacked): the gather lists each
+    /// sample's slots then repeats slot 0 up to the longest sample; the scatter sends every slot back, padding to the
+    /// zero row one past the samples. Made once per device and batch: every layer reads the same tensors.
+    /// </summary>
+    [Fact]
+    public void AttentionRegroupsPackedRowsAsSamplesPaddedToTheLongest()
+    {
+        using var rows = new PackedRows([[2, 3], [1, 1, 1]], 6);
+        var (gather, scatter) = rows.AttentionIndex(CPU);
+        Assert.Equal(new long[] { 0, 1, 0, /**/ 2, 3, 4, /**/ 6, 0, 0, /**/ 7, 0, 0, /**/ 8, 0, 0 }, gather.data<long>().ToArray());
+        Assert.Equal(new long[] { 0, 1, 3, 4, 5, 15, /**/ 6, 9, 12, 15, 15, 15 }, scatter.data<long>().ToArray());
+        Assert.Same(gather, rows.AttentionIndex(CPU).Gather);
+    }
+
     [FixtureFact]
     public void PackedTrainingFollowsUnpackedTrainingWithImages()
     {
