@@ -199,12 +199,7 @@ public sealed class AdamW8bit : IDisposable
     /// <summary>Zeroes every gradient in place (the tensors keep them: the kernel's pointer table stays valid).</summary>
     public void ZeroGrad()
     {
-        using var noGrad = no_grad();
-        foreach (var s in States)
-        {
-            using var g = s.Param.grad;
-            g?.zero_();
-        }
+        Gradients.Zero(States.Select(s => (Tensor)s.Param));
     }
 
     /// <summary>

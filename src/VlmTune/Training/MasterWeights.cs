@@ -49,12 +49,13 @@ public sealed class MasterWeights : IDisposable
     {
         foreach (var pair in Pairs.Where(p => p.Distinct))
         {
-            if (pair.Model.grad is not { } g) continue;
+            using var g = pair.Model.grad;
+            if (g is null) continue;
             // Every temporary goes at once: left to the GC, a step's widened copies of 150M gradients stayed on the GPU.
             // Moved first, widened after: an offloaded master gets half the bytes over PCIe.
             using (var scope = NewDisposeScope())
                 pair.Master.backward([g.to(pair.Master.device).to_type(ScalarType.Float32)]);   // a leaf's backward accumulates into its .grad
-            using (no_grad()) g.zero_();
+            using (no_grad()) g.zero_().Dispose();
         }
     }
 
@@ -63,7 +64,7 @@ public sealed class MasterWeights : IDisposable
     {
         using var noGrad = no_grad();
         foreach (var master in OptimizerParameters)
-            if (master.grad is null)
+            if (!Gradients.Has(master))
             {
                 using var zero = zeros_like(master);
                 master.grad = zero;   // the parameter keeps its own reference
@@ -80,8 +81,7 @@ public sealed class MasterWeights : IDisposable
 
     public void ZeroModelGradients()
     {
-        using var noGrad = no_grad();
-        foreach (var pair in Pairs.Where(p => p.Distinct)) pair.Model.grad?.zero_();
+        Gradients.Zero(Pairs.Where(p => p.Distinct).Select(p => (Tensor)p.Model));
     }
 
     /// <summary>

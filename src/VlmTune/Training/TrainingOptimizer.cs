@@ -122,7 +122,7 @@ public sealed class TrainingOptimizer : IDisposable
         // (identical, reduced) model gradients.
         var withGrad = _masters.OptimizerParameters
             .Concat(_zero is null ? [] : _trainable.Where(t => _zero.Owner[t.Name] != _rank).Select(t => t.Param))
-            .Where(HasGradient).ToList();
+            .Where(Gradients.Has).ToList();
         // Fused: clipped and applied on the GPU, skipped there when the norm is not finite (then handled below). Under
         // ZeRO-1 the norm also covers other ranks' model gradients, which may be bf16: then this step takes the
         // per-tensor path.
@@ -161,16 +161,10 @@ public sealed class TrainingOptimizer : IDisposable
         _masters.ZeroModelGradients();
     }
 
-    private static bool HasGradient(Parameter p)
-    {
-        using var g = p.grad;
-        return g is not null;
-    }
-
     private void ClearGradients()
     {
         if (_adamW8bit is not null) _adamW8bit.ZeroGrad();
-        else _adamW!.zero_grad();
+        else Gradients.Zero(_masters.OptimizerParameters);   // optim.AdamW's zero_grad leaves a handle per tensor to the GC
         ClearOtherRanksGradients();
     }
 
@@ -178,9 +172,7 @@ public sealed class TrainingOptimizer : IDisposable
     private void ClearOtherRanksGradients()
     {
         if (_zero is null) return;
-        using var noGrad = no_grad();
-        foreach (var (name, p) in _trainable)
-            if (_zero.Owner[name] != _rank) p.grad?.zero_();
+        Gradients.Zero(_trainable.Where(t => _zero.Owner[t.Name] != _rank).Select(t => (Tensor)t.Param));
     }
 
     /// <summary>Name → fp32 master of the tensors this rank optimises (a master is the parameter itself where that is fp32).</summary>
