@@ -99,6 +99,14 @@ public sealed class InferenceEngine : IDisposable
 
     public InternVLChatModel Model => _model;
 
+    private long _idleTensorHandles = -1;
+
+    /// <summary>
+    /// Tensor handles the loop thread holds undisposed, as of its last idle moment (-1: not idle yet): what the caches
+    /// keep, and what a leak would grow (EngineTensorLifetimeTests).
+    /// </summary>
+    internal long IdleTensorHandles => Volatile.Read(ref _idleTensorHandles);
+
     /// <summary>Longest prompt + max_new_tokens this engine accepts.</summary>
     public int ContextLimit => _contextLimit;
 
@@ -261,7 +269,11 @@ public sealed class InferenceEngine : IDisposable
                 if (_batch.Count + _solo.Count == 0)
                 {
                     Volatile.Write(ref _decoding, 0);
-                    if (_prefilling.Count == 0) _wake.Wait();
+                    if (_prefilling.Count == 0)
+                    {
+                        Volatile.Write(ref _idleTensorHandles, TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+                        _wake.Wait();
+                    }
                     continue;
                 }
                 DecodeStep();
