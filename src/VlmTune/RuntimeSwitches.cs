@@ -19,6 +19,7 @@ public sealed record RuntimeSwitches
     public const string FusedGemvUnrollVariable = "VLMTUNE_FUSED_GEMV_UNROLL";
     public const string FusedMmaUnrollVariable = "VLMTUNE_FUSED_MMA_UNROLL";
     public const string FusedSkipVariable = "VLMTUNE_FUSED_SKIP";
+    public const string CudaGraphsVariable = "VLMTUNE_CUDA_GRAPHS";
     public const string Nf4KernelVariable = "VLMTUNE_NF4_KERNEL";
     public const string FusedAdamWVariable = "VLMTUNE_FUSED_ADAMW";
     public const string CudnnAttentionVariable = "VLMTUNE_CUDNN_ATTENTION";
@@ -33,7 +34,10 @@ public sealed record RuntimeSwitches
     /// <summary>VLMTUNE_FUSED_DECODE: decode steps on CUDA run the fused kernels where the model allows (false: TorchSharp ops only).</summary>
     public bool FusedDecode { get; init; } = true;
 
-    /// <summary>VLMTUNE_FUSED_MMA, _GEMV_UNROLL, _MMA_UNROLL, _SKIP: the fused kernels' diagnostics for tuning and timing runs.</summary>
+    /// <summary>
+    /// VLMTUNE_FUSED_MMA, _GEMV_UNROLL, _MMA_UNROLL, _SKIP: the fused kernels' diagnostics for tuning and timing runs;
+    /// VLMTUNE_CUDA_GRAPHS=1: fused decode steps replay as CUDA graphs (off by default).
+    /// </summary>
     public FusedDecodeTuning FusedTuning { get; init; } = FusedDecodeTuning.Default;
 
     /// <summary>VLMTUNE_NF4_KERNEL: NF4 weights dequantise on CUDA with our kernel (false: tensor ops).</summary>
@@ -105,6 +109,7 @@ public sealed record RuntimeSwitches
                 if (FusedDecodeTuning.SkipNames.TryGetValue(name.ToLowerInvariant(), out var group)) skip |= group;
                 else problems.Add($"{FusedSkipVariable}='{skipped}' names '{name}', not a kernel group (accepted: a comma-separated list of {string.Join(", ", FusedDecodeTuning.SkipNames.Keys)}).");
             }
+        bool graphs = Switch(CudaGraphsVariable, false);
         bool nf4Kernel = Switch(Nf4KernelVariable, true);
         bool fusedAdamW = Switch(FusedAdamWVariable, true);
         bool? cudnnAttention = Get(CudnnAttentionVariable) is null ? null : Switch(CudnnAttentionVariable, false);
@@ -121,7 +126,7 @@ public sealed record RuntimeSwitches
         return new RuntimeSwitches
         {
             FusedDecode = fusedDecode,
-            FusedTuning = new FusedDecodeTuning { TensorCores = tensorCores, GemvUnroll = gemvUnroll, MmaUnroll = mmaUnroll, Skip = skip },
+            FusedTuning = new FusedDecodeTuning { TensorCores = tensorCores, GemvUnroll = gemvUnroll, MmaUnroll = mmaUnroll, Skip = skip, Graphs = graphs },
             Nf4Kernel = nf4Kernel,
             FusedAdamW = fusedAdamW,
             CudnnAttention = cudnnAttention,

@@ -22,6 +22,7 @@ public sealed class RuntimeSwitchesTests
         Assert.Null(d.CudnnAttention);
         Assert.Null(d.FusedTuning.GemvUnroll);
         Assert.Equal(FusedKernels.None, d.FusedTuning.Skip);
+        Assert.False(d.FusedTuning.Graphs);   // CUDA graphs stay off until measured
         Assert.Null(d.MemoryTraceIteration);
         Assert.Null(d.TestFault);
         Assert.Null(d.TestPause);
@@ -44,6 +45,7 @@ public sealed class RuntimeSwitchesTests
         Assert.Equal(on, Parse((RuntimeSwitches.FusedAdamWVariable, value)).FusedAdamW);
         Assert.Equal(on, Parse((RuntimeSwitches.GpuIsolatedVariable, value)).GpuIsolated);
         Assert.Equal(on, Parse((RuntimeSwitches.CudnnAttentionVariable, value)).CudnnAttention);
+        Assert.Equal(on, Parse((RuntimeSwitches.CudaGraphsVariable, value)).FusedTuning.Graphs);
     }
 
     [Fact]

@@ -275,16 +275,21 @@ internal static class BenchCommand
             }
             for (int i = 0; i < parse.GetValue(Warmup); i++) next = Step(next);
             Sync(device);
+            var graphsBefore = fused?.GraphCounts ?? default;
             clock.Restart();
             for (int i = 0; i < newTokens; i++) next = Step(next);
             Sync(device);
             double decodeS = clock.Elapsed.TotalSeconds;
+            var graphsAfter = fused?.GraphCounts ?? default;
             Console.WriteLine(JsonSerializer.Serialize(new
             {
                 bench = "decode", device = device.ToString(), dtype = dtype.ToString(), fused = fused is not null, batch, prompt_tokens = promptTokens, tiles,
                 new_tokens = newTokens, vision_s = Math.Round(visionS, 4), prefill_s = Math.Round(prefillS, 4),
                 decode_step_ms = Math.Round(decodeS / newTokens * 1000, 3),
                 decode_tokens_per_s = Math.Round(batch * newTokens / decodeS, 1),
+                // VLMTUNE_CUDA_GRAPHS=1: of the timed steps, how many were captured into a CUDA graph and replayed from one.
+                cuda_graphs = fused is not null && switches.FusedTuning.Graphs,
+                graph_captures = graphsAfter.Captures - graphsBefore.Captures, graph_replays = graphsAfter.Replays - graphsBefore.Replays,
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
                 peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
             }));

@@ -32,6 +32,13 @@ public sealed unsafe class CudaDriver
     private readonly delegate* unmanaged<IntPtr*, uint, int> _eventCreate;
     private readonly delegate* unmanaged<IntPtr, IntPtr, int> _eventRecord;
     private readonly delegate* unmanaged<IntPtr, IntPtr, uint, int> _streamWaitEvent;
+    // CUDA graphs (CUDA 11.4+): optional, null on older drivers.
+    private readonly delegate* unmanaged<IntPtr, int, int> _streamBeginCapture;
+    private readonly delegate* unmanaged<IntPtr, IntPtr*, int> _streamEndCapture;
+    private readonly delegate* unmanaged<IntPtr*, IntPtr, ulong, int> _graphInstantiate;
+    private readonly delegate* unmanaged<IntPtr, IntPtr, int> _graphLaunch;
+    private readonly delegate* unmanaged<IntPtr, int> _graphExecDestroy;
+    private readonly delegate* unmanaged<IntPtr, int> _graphDestroy;
     // Stream-ordered allocator (CUDA 11.2+): optional, null on older drivers.
     private readonly delegate* unmanaged<IntPtr*, int, int> _deviceGetDefaultMemPool;
     private readonly delegate* unmanaged<IntPtr, int, void*, int> _memPoolGetAttribute;
@@ -64,6 +71,12 @@ public sealed unsafe class CudaDriver
         _deviceGetDefaultMemPool = (delegate* unmanaged<IntPtr*, int, int>)Optional("cuDeviceGetDefaultMemPool");
         _memPoolGetAttribute = (delegate* unmanaged<IntPtr, int, void*, int>)Optional("cuMemPoolGetAttribute");
         _memPoolSetAttribute = (delegate* unmanaged<IntPtr, int, void*, int>)Optional("cuMemPoolSetAttribute");
+        _streamBeginCapture = (delegate* unmanaged<IntPtr, int, int>)Optional("cuStreamBeginCapture_v2");
+        _streamEndCapture = (delegate* unmanaged<IntPtr, IntPtr*, int>)Optional("cuStreamEndCapture");
+        _graphInstantiate = (delegate* unmanaged<IntPtr*, IntPtr, ulong, int>)Optional("cuGraphInstantiateWithFlags");
+        _graphLaunch = (delegate* unmanaged<IntPtr, IntPtr, int>)Optional("cuGraphLaunch");
+        _graphExecDestroy = (delegate* unmanaged<IntPtr, int>)Optional("cuGraphExecDestroy");
+        _graphDestroy = (delegate* unmanaged<IntPtr, int>)Optional("cuGraphDestroy");
         Check(_init(0), "cuInit");
     }
 
@@ -155,16 +168,54 @@ public sealed unsafe class CudaDriver
     /// Launches on stream 0. Each argument is one 8-byte slot holding a pointer, an int (low 4 bytes) or a float's bits
     /// (low 4 bytes); the driver reads each parameter's size from the kernel's signature.
     /// </summary>
-    public void Launch(IntPtr function, (uint X, uint Y, uint Z) grid, uint block, uint sharedBytes, ReadOnlySpan<long> args)
+    public void Launch(IntPtr function, (uint X, uint Y, uint Z) grid, uint block, uint sharedBytes, ReadOnlySpan<long> args) =>
+        Launch(function, grid, block, sharedBytes, args, DefaultStream);
+
+    /// <summary>Launches on <paramref name="stream"/> (see the other overload for the arguments).</summary>
+    public void Launch(IntPtr function, (uint X, uint Y, uint Z) grid, uint block, uint sharedBytes, ReadOnlySpan<long> args, IntPtr stream)
     {
         void** pointers = stackalloc void*[args.Length];
         fixed (long* a = args)
         {
             for (int i = 0; i < args.Length; i++) pointers[i] = a + i;
-            int r = _launchKernel(function, grid.X, grid.Y, grid.Z, block, 1, 1, sharedBytes, IntPtr.Zero, pointers, null);
+            int r = _launchKernel(function, grid.X, grid.Y, grid.Z, block, 1, 1, sharedBytes, stream, pointers, null);
             if (r != 0) Check(r, "cuLaunchKernel");
         }
     }
+
+    /// <summary>Whether this driver can capture and replay CUDA graphs (CUDA 11.4+).</summary>
+    public bool SupportsGraphs => _streamBeginCapture != null && _streamEndCapture != null && _graphInstantiate != null
+        && _graphLaunch != null && _graphExecDestroy != null && _graphDestroy != null;
+
+    /// <summary>
+    /// Records what <paramref name="enqueue"/> launches on <paramref name="stream"/> (a created stream: the legacy
+    /// default stream cannot be captured) into an executable graph, without running it. Relaxed capture mode: other
+    /// threads' CUDA calls (TorchSharp's allocator) are not refused meanwhile.
+    /// </summary>
+    public IntPtr CaptureGraph(IntPtr stream, Action enqueue)
+    {
+        if (!SupportsGraphs) throw new CudaException("this CUDA driver has no graph API (CUDA 11.4 or later is needed)");
+        Check(_streamBeginCapture(stream, 2 /* CU_STREAM_CAPTURE_MODE_RELAXED */), "cuStreamBeginCapture");
+        IntPtr graph = IntPtr.Zero;
+        try { enqueue(); }
+        finally
+        {
+            // Ends the capture even when a launch failed, or the stream stays capturing.
+            int ended = _streamEndCapture(stream, &graph);
+            if (ended != 0 && graph == IntPtr.Zero) Check(ended, "cuStreamEndCapture");
+        }
+        try
+        {
+            IntPtr exec;
+            Check(_graphInstantiate(&exec, graph, 0), "cuGraphInstantiateWithFlags");
+            return exec;
+        }
+        finally { _graphDestroy(graph); }   // the executable graph is independent of the one it was made from
+    }
+
+    public void LaunchGraph(IntPtr exec, IntPtr stream) => Check(_graphLaunch(exec, stream), "cuGraphLaunch");
+
+    public void DestroyGraph(IntPtr exec) => Check(_graphExecDestroy(exec), "cuGraphExecDestroy");
 
     /// <summary>The legacy default stream, where TorchSharp's kernels, ours and (given stream 0) NCCL's run.</summary>
     public static IntPtr DefaultStream => IntPtr.Zero;

@@ -117,6 +117,12 @@ public sealed record FusedDecodeTuning
     public int? MmaUnroll { get; init; }
     /// <summary>Kernel groups left out of each step. The results are garbage; the step time then shows what the rest costs.</summary>
     public FusedKernels Skip { get; init; }
+    /// <summary>
+    /// Repeated steps replay as one CUDA graph (<see cref="KernelGraphCache"/>) instead of ~9 launches per layer
+    /// (VLMTUNE_CUDA_GRAPHS=1). Off by default until measured on a GPU: the same kernels with the same arguments run
+    /// either way, so the logits are identical (FusedDecoderGraphTests).
+    /// </summary>
+    public bool Graphs { get; init; }
 }
 
 /// <summary>
@@ -436,14 +442,21 @@ public sealed class FusedDecoder
             int splits = FusedDecodePlan.AttentionSplits(total);
             var ws = WorkspaceFor(batch, splits);
             var module = Module(FusedDecodePlan.BatchBucket(batch), tuning);
-            var logits = empty(new long[] { batch, _c.VocabSize }, ScalarType.BFloat16, _device);
+
+            // The step's inputs go into the workspace's slots, and the column and key count into its step buffer, so
+            // that the launches below are the same from step to step (a graph of them can be replayed): only a new
+            // batch shape, split count, cache storage or RoPE table changes them.
+            CopyInto(ws.Ids, ids);
+            if (positions is not null) CopyInto(ws.Positions, positions);
+            if (firstColumn is not null) CopyInto(ws.First, firstColumn);
+            driver.Launch(module.Function("set_step"), (1, 1, 1), 1, 0, [ws.StepData, col, total]);
 
             long d = _c.HiddenSize, hd = _c.HeadDim, kvh = _c.NumKeyValueHeads, heads = _c.NumAttentionHeads, inter = _c.IntermediateSize;
             long qkvWidth = (heads + 2 * kvh) * hd;
             float eps = (float)_c.RmsNormEps, scale = (float)(1.0 / Math.Sqrt(hd));
             IntPtr x = ws.X, xn = ws.Xn;
-            long pos = positions is null ? 0 : TensorPointers.DataPointer(positions);
-            long first = firstColumn is null ? 0 : TensorPointers.DataPointer(firstColumn);
+            long pos = positions is null ? 0 : ws.PositionsData;
+            long first = firstColumn is null ? 0 : ws.FirstData;
             long cachePositions = TensorPointers.DataPointer(cache.PositionsTensor);
             // Phi-3 longrope picks its factors by the pass's sequence length (past + 1 for every row, as RunLayers); keys
             // cached under the short factors are not re-rotated, as in the TorchSharp path.
@@ -466,39 +479,62 @@ public sealed class FusedDecoder
             bool skipGemv = skip.HasFlag(FusedKernels.Gemv), skipAttention = skip.HasFlag(FusedKernels.Attention),
                 skipNorm = skip.HasFlag(FusedKernels.Norm), skipRope = skip.HasFlag(FusedKernels.Rope);
 
-            if (!skip.HasFlag(FusedKernels.Embedding)) driver.Launch(embed, (rows, 1, 1), 256, 0, [TensorPointers.DataPointer(ids), _embedding, x, d]);
+            var step = new LaunchSequence();
+            if (!skip.HasFlag(FusedKernels.Embedding)) step.Add(embed, (rows, 1, 1), 256, 0, ws.IdsData, _embedding, x, d);
             for (int i = 0; i < _layers.Length; i++)
             {
                 var w = _layers[i];
                 long keys = TensorPointers.DataPointer(cache.KeysOf(i)), values = TensorPointers.DataPointer(cache.ValuesOf(i));
-                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps)]);
+                if (!skipNorm) step.Add(norm, (rows, 1, 1), 256, 0, x, w.AttentionNorm, xn, d, CudaDriver.Arg(eps));
                 if (!skipGemv)
                 {
-                    if (w.QkvBias == 0) driver.Launch(plain, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d]);
-                    else driver.Launch(biased, qkvGrid, gemvBlock, 0, [xn, w.Wqkv, w.QkvBias, ws.Qkv, batch, qkvWidth, d]);
+                    if (w.QkvBias == 0) step.Add(plain, qkvGrid, gemvBlock, 0, xn, w.Wqkv, ws.Qkv, batch, qkvWidth, d);
+                    else step.Add(biased, qkvGrid, gemvBlock, 0, xn, w.Wqkv, w.QkvBias, ws.Qkv, batch, qkvWidth, d);
                 }
                 if (!skipRope)
-                    driver.Launch(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
-                        [ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, invFreq, CudaDriver.Arg(_positionDivisor), CudaDriver.Arg(_cosSinScale), col, capacity,
-                         w.QNorm, w.KNorm, CudaDriver.Arg(eps)]);
+                    step.Add(rope, (rows, (uint)kvh, 1), ropeThreads, 0,
+                        ws.Qkv, ws.Q, keys, values, pos, i == 0 ? cachePositions : 0, invFreq, CudaDriver.Arg(_positionDivisor), CudaDriver.Arg(_cosSinScale),
+                        ws.StepData, capacity, w.QNorm, w.KNorm, CudaDriver.Arg(eps));
                 if (!skipAttention)
                 {
-                    driver.Launch(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,
-                        [ws.Q, keys, values, first, ws.PartO, ws.PartMl, total, capacity, CudaDriver.Arg(scale)]);
-                    driver.Launch(combine, ((uint)heads, rows, 1), (uint)hd, 0, [ws.PartO, ws.PartMl, ws.Attn, splits]);
+                    step.Add(split, ((uint)splits, (uint)kvh, rows), FusedDecodePlan.AttentionChunk, 0,
+                        ws.Q, keys, values, first, ws.PartO, ws.PartMl, ws.StepData, capacity, CudaDriver.Arg(scale));
+                    step.Add(combine, ((uint)heads, rows, 1), (uint)hd, 0, ws.PartO, ws.PartMl, ws.Attn, splits);
                 }
-                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Attn, w.Wo, x, x, batch, d, heads * hd]);
-                if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, w.FfnNorm, xn, d, CudaDriver.Arg(eps)]);
-                if (!skipGemv) driver.Launch(gated, gatedGrid, gemvBlock, 0, [xn, w.W1, w.W3, ws.Act, batch, inter, d]);
-                if (!skipGemv) driver.Launch(residual, hiddenGrid, gemvBlock, 0, [ws.Act, w.W2, x, x, batch, d, inter]);
+                if (!skipGemv) step.Add(residual, hiddenGrid, gemvBlock, 0, ws.Attn, w.Wo, x, x, batch, d, heads * hd);
+                if (!skipNorm) step.Add(norm, (rows, 1, 1), 256, 0, x, w.FfnNorm, xn, d, CudaDriver.Arg(eps));
+                if (!skipGemv) step.Add(gated, gatedGrid, gemvBlock, 0, xn, w.W1, w.W3, ws.Act, batch, inter, d);
+                if (!skipGemv) step.Add(residual, hiddenGrid, gemvBlock, 0, ws.Act, w.W2, x, x, batch, d, inter);
             }
-            if (!skipNorm) driver.Launch(norm, (rows, 1, 1), 256, 0, [x, _finalNorm, xn, d, CudaDriver.Arg(eps)]);
-            if (!skipGemv)
-                driver.Launch(plain, Grid(_c.VocabSize), gemvBlock, 0, [xn, _outputHead, TensorPointers.DataPointer(logits), batch, _c.VocabSize, d]);
+            if (!skipNorm) step.Add(norm, (rows, 1, 1), 256, 0, x, _finalNorm, xn, d, CudaDriver.Arg(eps));
+            if (!skipGemv) step.Add(plain, Grid(_c.VocabSize), gemvBlock, 0, xn, _outputHead, ws.LogitsData, batch, _c.VocabSize, d);
+
+            if (tuning.Graphs && driver.SupportsGraphs) LastRun = (_graphs ??= new KernelGraphCache(new CudaGraphExecutor(driver))).Run(step);
+            else
+            {
+                new CudaGraphExecutor(driver).Launch(step);
+                LastRun = GraphRun.Direct;
+            }
             cache.AdvanceWritten(1, _c.RopeTheta);
-            return logits;
+            // A copy: the workspace's logits are overwritten by the next step, which a caller may run before reading these.
+            return ws.Logits.clone();
         }
     }
+
+    private KernelGraphCache? _graphs;
+
+    /// <summary>Copies <paramref name="source"/>'s B values into the workspace slot <paramref name="slot"/> (B), disposing the handles it makes.</summary>
+    private static void CopyInto(Tensor slot, Tensor source)
+    {
+        using var flat = source.view(slot.shape[0]);
+        using var copied = slot.copy_(flat);
+    }
+
+    /// <summary>How the last step ran (diagnostics and tests).</summary>
+    public GraphRun LastRun { get; private set; }
+
+    /// <summary>Steps captured into a CUDA graph, replayed from one, and launched directly, with <see cref="FusedDecodeTuning.Graphs"/> on.</summary>
+    public (long Captures, long Replays, long Direct) GraphCounts => _graphs is { } g ? (g.Captures, g.Replays, g.DirectRuns) : (0, 0, 0);
 
     /// <summary>Greedy ids (B, 1) int64 of logits (B, V) in the model dtype: the first maximum on ties, as argmax.</summary>
     public Tensor Greedy(Tensor logits)
@@ -537,21 +573,29 @@ public sealed class FusedDecoder
         public int Batch { get; }
         public int Splits { get; }
         public IntPtr X, Xn, Qkv, Q, Attn, Act, PartO, PartMl;
+        /// <summary>The step's inputs and output, at fixed addresses: ids (B), positions (B), first columns (B), logits (B, V).</summary>
+        public Tensor Ids, Positions, First, Logits;
+        public long IdsData, PositionsData, FirstData, LogitsData;
+        /// <summary>(col, total) of the step, int32, written by set_step.</summary>
+        public long StepData;
 
         public Workspace(LlmConfig c, int batch, int splits, Device device)
         {
             Batch = batch; Splits = splits;
             long hd = c.HeadDim, heads = c.NumAttentionHeads;
-            Tensor Bf16(params long[] shape) => empty(shape, ScalarType.BFloat16, device).DetachFromDisposeScope();
-            Tensor F32(params long[] shape) => empty(shape, ScalarType.Float32, device).DetachFromDisposeScope();
+            Tensor Of(ScalarType type, params long[] shape) => empty(shape, type, device).DetachFromDisposeScope();
             _tensors =
             [
-                Bf16(batch, c.HiddenSize), Bf16(batch, c.HiddenSize), Bf16(batch, (heads + 2 * c.NumKeyValueHeads) * hd),
-                Bf16(batch, heads, hd), Bf16(batch, heads * hd), Bf16(batch, c.IntermediateSize),
-                F32(batch, heads, splits, hd), F32(batch, heads, splits, 2),
+                Of(ScalarType.BFloat16, batch, c.HiddenSize), Of(ScalarType.BFloat16, batch, c.HiddenSize), Of(ScalarType.BFloat16, batch, (heads + 2 * c.NumKeyValueHeads) * hd),
+                Of(ScalarType.BFloat16, batch, heads, hd), Of(ScalarType.BFloat16, batch, heads * hd), Of(ScalarType.BFloat16, batch, c.IntermediateSize),
+                Of(ScalarType.Float32, batch, heads, splits, hd), Of(ScalarType.Float32, batch, heads, splits, 2),
+                Of(ScalarType.Int64, batch), Of(ScalarType.Int64, batch), Of(ScalarType.Int32, batch), Of(ScalarType.BFloat16, batch, c.VocabSize),
+                Of(ScalarType.Int32, 2),
             ];
             var p = _tensors.Select(TensorPointers.DataPointer).ToArray();
             (X, Xn, Qkv, Q, Attn, Act, PartO, PartMl) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+            (Ids, Positions, First, Logits) = (_tensors[8], _tensors[9], _tensors[10], _tensors[11]);
+            (IdsData, PositionsData, FirstData, LogitsData, StepData) = (p[8], p[9], p[10], p[11], p[12]);
         }
 
         public void Dispose() { foreach (var t in _tensors) t.Dispose(); }

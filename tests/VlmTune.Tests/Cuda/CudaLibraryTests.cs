@@ -78,7 +78,7 @@ public class CudaLibraryTests
         foreach (var kernel in new[]
         {
             "embed_rows", "rms_norm", "gemv_plain", "gemv_bias", "gemv_residual", "gemv_gated", "mma_plain", "mma_bias", "mma_residual", "mma_gated",
-            "rope_append", "attention_split", "attention_combine", "argmax_rows",
+            "set_step", "rope_append", "attention_split", "attention_combine", "argmax_rows",
         })
             Assert.Contains($"__global__ void {kernel}(", source.Replace("__launch_bounds__(256) ", "").Replace("__launch_bounds__(CHUNK) ", "").Replace("__launch_bounds__(MMA_WARPS * 32) ", ""));
         // Every compile-time define the host passes is one the source reads.

@@ -356,6 +356,14 @@ extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gated(const bf1
 }
 #endif
 
+// The step's cache column (the new key's) and key count, read by rope_append and attention_split from device memory:
+// as kernel arguments they would change every step, and a captured graph could not be replayed.   grid (1), block 1
+extern "C" __global__ void set_step(int* __restrict__ step, int col, int total)
+{
+    step[0] = col;
+    step[1] = total;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // RoPE on q and k of the packed wqkv output, and the new key/value written into the cache at column `col`.
 // Layer 0's launch also records the positions in the cache's (B, capacity) table (cache_positions, else null).
@@ -369,13 +377,14 @@ extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) mma_gated(const bf1
 extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __restrict__ q_out,
                                        bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                        const long long* __restrict__ positions, long long* __restrict__ cache_positions,
-                                       const float* __restrict__ inv_freq, float position_divisor, float cos_sin_scale, int col, int capacity,
+                                       const float* __restrict__ inv_freq, float position_divisor, float cos_sin_scale, const int* __restrict__ step, int capacity,
                                        const bf16* __restrict__ q_norm, const bf16* __restrict__ k_norm, float norm_eps)
 {
     constexpr int HALF = HEAD_DIM / 2;
     int b = blockIdx.x, kv = blockIdx.y, kvh = gridDim.y;
     int slot = threadIdx.x / HALF;          // 0..GROUPS-1: query heads, GROUPS: key, GROUPS+1: value
     int i = threadIdx.x % HALF;
+    int col = step[0];                      // device memory, so that a captured graph replays every step (set_step)
     long long position = positions == nullptr ? col : positions[b];   // null: every row continues at the cache length
     if (cache_positions != nullptr && kv == 0 && threadIdx.x == 0) cache_positions[(long long)b * capacity + col] = position;
     const bf16* src = qkv + (((long long)b * kvh + kv) * (GROUPS + 2) + slot) * HEAD_DIM;
@@ -433,7 +442,7 @@ extern "C" __global__ void rope_append(const bf16* __restrict__ qkv, bf16* __res
 extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ first, float* __restrict__ part_o, float* __restrict__ part_ml,
-    int total, int capacity, float scale)
+    const int* __restrict__ step, int capacity, float scale)
 {
     constexpr int DV = HEAD_DIM / 8;        // 16-byte slices per head vector
     constexpr int DV_LANES = DV <= 1 ? 1 : DV <= 2 ? 2 : DV <= 4 ? 4 : DV <= 8 ? 8 : DV <= 16 ? 16 : 32;   // DV rounded up to a power of two
@@ -446,6 +455,7 @@ extern "C" __global__ void __launch_bounds__(CHUNK) attention_split(
 
     int split = blockIdx.x, kv = blockIdx.y, b = blockIdx.z, kvh = gridDim.y, splits = gridDim.x;
     int tid = threadIdx.x;
+    int total = step[1];                    // keys cached, the new one included (set_step)
     int begin = max(split * CHUNK, first == nullptr ? 0 : first[b]);
     int end = min(split * CHUNK + CHUNK, total);
 
