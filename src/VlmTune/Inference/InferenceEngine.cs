@@ -696,7 +696,7 @@ public sealed class InferenceEngine : IDisposable
             seq.Features?.Dispose();
             seq.Features = null;
             seq.Length = seq.Request.PromptIds.Count;
-            seq.Sampler = new Sampler(seq.Request.Sampling, _model.Options.Device);
+            seq.Sampler = new Sampler(seq.Request.Sampling);
             Notify(seq, o => o.Prefilled(seq.Request.PromptIds.Count));
         }
         SampleAndAccept(rows, logits);
@@ -834,38 +834,57 @@ public sealed class InferenceEngine : IDisposable
     /// Greedy rows share one max over (B, V); rows that sample or penalise repeats use their own seeded sampler. A row
     /// that cannot give a token (non-finite scores, a sampler error) fails alone: the others take their tokens.
     /// </summary>
+    /// <summary>Rows without a sampler of their own (finished meanwhile) are drawn greedily and ignored.</summary>
+    private static readonly Sampler FinishedRow = new(new SamplingOptions());
+
+    /// <summary>
+    /// Each row's next token from (B, V) logits, every row at once (Sampler.Sample: one download for the batch, whatever
+    /// each asks for), then accepted row by row; a row whose scores are not finite fails alone.
+    /// </summary>
     private static void SampleAndAccept(IReadOnlyList<Sequence> rows, Tensor logits)
     {
-        var device = logits.device;
-        long[]? best = null;
-        float[]? bestScore = null;
+        SampledRows sampled;
+        try
+        {
+            using var scope = NewDisposeScope();
+            sampled = Sampler.Sample(rows.Select(s => s.Sampler ?? FinishedRow).ToList(), logits, SeenIds(rows, logits.device));
+        }
+        catch (Exception e)
+        {
+            foreach (var seq in rows.Where(s => !s.IsFinished)) seq.Fail(e);
+            return;
+        }
         for (int i = 0; i < rows.Count; i++)
         {
             var seq = rows[i];
             if (seq.IsFinished) continue;   // e.g. failed by its observer when its prefill ended
-            var sampling = seq.Request.Sampling;
             try
             {
-                int id;
-                if (sampling.Greedy && sampling.RepetitionPenalty == 1.0)
-                {
-                    if (best is null)
-                    {
-                        var (values, indices) = logits.max(-1);                                        // (B), (B)
-                        best = indices.cpu().data<long>().ToArray();
-                        bestScore = values.to_type(ScalarType.Float32).cpu().data<float>().ToArray();
-                    }
-                    if (!float.IsFinite(bestScore![i])) throw new NonFiniteScoresException();
-                    id = (int)best[i];
-                }
-                else id = (int)seq.Sampler!.Next(logits.narrow(0, i, 1), seq.Seen(device)).item<long>();
-                Accept(seq, id);
+                if (!sampled.Finite[i]) throw new NonFiniteScoresException();
+                Accept(seq, (int)sampled.Ids[i]);
             }
             catch (Exception e)
             {
                 seq.Fail(e);
             }
         }
+    }
+
+    /// <summary>
+    /// (B, L) prompt + generated ids of the rows with a repetition penalty, each padded with its own first id (a
+    /// repeated id is penalised once: scatter writes the same value); rows without one hold a 0 they are not changed
+    /// by. Null when no row has one.
+    /// </summary>
+    private static Tensor? SeenIds(IReadOnlyList<Sequence> rows, Device device)
+    {
+        if (rows.All(s => s.Request.Sampling.RepetitionPenalty == 1.0)) return null;
+        var lists = rows.Select(s => s.Request.Sampling.RepetitionPenalty == 1.0 ? [0L]
+            : s.Request.PromptIds.Select(i => (long)i).Concat(s.Generated.Select(i => (long)i)).ToArray()).ToList();
+        int width = lists.Max(l => l.Length);
+        var ids = new long[rows.Count * width];
+        for (int r = 0; r < lists.Count; r++)
+            for (int j = 0; j < width; j++) ids[r * width + j] = j < lists[r].Length ? lists[r][j] : lists[r][0];
+        return tensor(ids, [rows.Count, width], device: device);
     }
 
     /// <summary>
@@ -1036,11 +1055,6 @@ public sealed class InferenceEngine : IDisposable
         public bool IsFinished => Done.Task.IsCompleted;
         public LoraBranches? Branches => Request.Adapter?.Branches;
         public long Remaining => Request.Sampling.MaxNewTokens - Generated.Count;
-
-        /// <summary>Prompt + generated ids, (1, S), for the repetition penalty; null when it is off.</summary>
-        public Tensor? Seen(Device device) => Request.Sampling.RepetitionPenalty == 1.0
-            ? null
-            : tensor(Request.PromptIds.Select(i => (long)i).Concat(Generated.Select(i => (long)i)).ToArray(), device: device).unsqueeze(0);
 
         public void Finish(FinishReason reason)
         {

@@ -29,7 +29,7 @@ public static class TokenGenerator
         var generated = new List<int>();
         using var noGrad = no_grad();
         using var cache = new KvCache(lm.Config, 1, promptIds.Count + sampling.MaxNewTokens, model.Options.DType, device);
-        using var sampler = new Sampler(sampling, device);
+        using var sampler = new Sampler(sampling);
         // Decode steps use the fused CUDA kernels where the model allows, unless the switch turns them off. allowFused
         // false: weights that change between calls (a model in training) must not be packed once and cached.
         var fused = allowFused && device.type == DeviceType.CUDA ? FusedDecoder.TryGet(lm, switches.FusedDecode, out _) : null;
