@@ -49,31 +49,49 @@ public sealed class Sampler : IDisposable
     {
         using var scope = NewDisposeScope();
         int b = rows.Count;
-        var device = logits.device;
         var scores = logits.to_type(ScalarType.Float32);                                             // (B, V)
-        if (seen is not null && rows.Any(r => r.Options.RepetitionPenalty != 1.0))
+        long vocab = scores.shape[^1];
+        bool penalised = seen is not null && rows.Any(r => r.Options.RepetitionPenalty != 1.0);
+        bool anySampled = rows.Any(r => !r.Options.Greedy);
+        // Every row's parameters in one upload (a copy from pageable host memory waits for the device): (B, 6) columns
+        // penalty, temperature, top-k index, 1 − top_p, uniform, greedy. Greedy rows: temperature 1, keep everything.
+        Tensor? parameters = null;
+        if (penalised || anySampled)
+        {
+            var table = new float[b * Columns];
+            for (int i = 0; i < b; i++)
+            {
+                var o = rows[i].Options;
+                bool sampled = !o.Greedy;
+                table[i * Columns + Penalty] = (float)o.RepetitionPenalty;
+                table[i * Columns + Temperature] = sampled ? (float)o.Temperature : 1f;
+                // The k-th best score (k = V where top-k is off: the lowest, masking nothing); ids < 2^24 are exact floats.
+                table[i * Columns + TopKIndex] = (sampled && o.TopK > 0 && o.TopK < vocab ? o.TopK : vocab) - 1;
+                table[i * Columns + TopPTail] = sampled ? (float)(1 - o.TopP) : 0f;
+                table[i * Columns + Uniform] = rows[i].NextUniform();
+                table[i * Columns + Greedy] = sampled ? 0f : 1f;
+            }
+            parameters = tensor(table, [b, Columns], device: logits.device);
+        }
+        Tensor Column(int c) => parameters!.narrow(1, c, 1);                                          // (B, 1)
+
+        if (penalised)
         {
             // HF RepetitionPenaltyLogitsProcessor: divide positive scores, multiply negative ones, for every seen id.
-            var penalty = Column(rows.Select(r => (float)r.Options.RepetitionPenalty), device);       // (B, 1)
-            var picked = scores.gather(1, seen);
-            var penalised = where(picked < 0, picked * penalty, picked / penalty);
-            scores = scores.scatter(1, seen, penalised);
+            var penalty = Column(Penalty);
+            var picked = scores.gather(1, seen!);
+            scores = scores.scatter(1, seen!, where(picked < 0, picked * penalty, picked / penalty));
         }
         var (best, greedyIds) = scores.max(-1);                                                       // (B)
         var finite = best.isfinite();
-        bool anySampled = rows.Any(r => !r.Options.Greedy);
         Tensor ids = greedyIds;
         if (anySampled)
         {
-            // Greedy rows take the argmax above; dividing them by 1 keeps their (unused) scores finite.
-            scores = scores / Column(rows.Select(r => r.Options.Greedy ? 1f : (float)r.Options.Temperature), device);
+            scores = scores / Column(Temperature);
             finite = finite.logical_and(scores.max(-1).values.isfinite());
-            long vocab = scores.shape[^1];
             if (rows.Any(r => !r.Options.Greedy && r.Options.TopK > 0 && r.Options.TopK < vocab))
             {
-                // The k-th best score of each row (k = V where top-k is off: its lowest, masking nothing).
-                var k = tensor(rows.Select(r => (long)(r.Options.TopK > 0 && r.Options.TopK < vocab ? r.Options.TopK : vocab) - 1).ToArray(), device: device).view(b, 1);
-                var kth = scores.sort(-1, descending: true).Values.gather(1, k);                       // (B, 1)
+                var kth = scores.sort(-1, descending: true).Values.gather(1, Column(TopKIndex).to_type(ScalarType.Int64));   // (B, 1)
                 scores = scores.masked_fill(scores < kth, Models.Init.NegativeInfinity);
             }
             if (rows.Any(r => !r.Options.Greedy && r.Options.TopP < 1.0))
@@ -81,21 +99,20 @@ public sealed class Sampler : IDisposable
                 // HF TopPLogitsWarper: sort ascending, drop the low tail whose cumulative mass is ≤ 1 - top_p, keep at
                 // least one. top_p 1: a tail of mass ≤ 0, which holds only tokens already at −inf.
                 var (sorted, order) = scores.sort(-1, descending: false);
-                var cumulative = sorted.softmax(-1).cumsum(-1);
-                var drop = cumulative <= Column(rows.Select(r => r.Options.Greedy ? 0f : (float)(1 - r.Options.TopP)), device);
-                drop[.., ^1] = tensor(false);
+                var drop = sorted.softmax(-1).cumsum(-1) <= Column(TopPTail);
+                drop.select(1, -1).fill_(false);
                 scores = scores.masked_fill(drop.scatter(1, order, drop), Models.Init.NegativeInfinity);
             }
             // Inverse CDF: the first id whose cumulative probability exceeds u·total (zero-probability ids never do).
             var cdf = scores.softmax(-1).cumsum(-1);                                                  // (B, V)
-            var u = Column(rows.Select(r => r.NextUniform()), device);
-            var drawn = searchsorted(cdf, u * cdf[.., ^1..], right: true).clamp_max(vocab - 1).view(b);
-            var greedy = tensor(rows.Select(r => r.Options.Greedy).ToArray(), device: device);
-            ids = where(greedy, greedyIds, drawn);
+            var drawn = searchsorted(cdf, Column(Uniform) * cdf[.., ^1..], right: true).clamp_max(vocab - 1).view(b);
+            ids = where(Column(Greedy).view(b) > 0.5f, greedyIds, drawn);
         }
         var result = stack([ids, finite.to_type(ScalarType.Int64)]).cpu().data<long>().ToArray();   // the one download
         return new SampledRows(result[..b], result[b..].Select(f => f != 0).ToArray());
     }
+
+    private const int Columns = 6, Penalty = 0, Temperature = 1, TopKIndex = 2, TopPTail = 3, Uniform = 4, Greedy = 5;
 
     /// <summary>A uniform in [0, 1) from this request's stream; 0 for greedy requests, which draw nothing.</summary>
     private float NextUniform()
@@ -103,12 +120,6 @@ public sealed class Sampler : IDisposable
         if (_generator is null) return 0f;
         using var u = rand(1, generator: _generator);
         return u.item<float>();
-    }
-
-    private static Tensor Column(IEnumerable<float> values, Device device)
-    {
-        var array = values.ToArray();
-        return tensor(array, device: device).view(array.Length, 1);
     }
 
     public void Dispose() => _generator?.Dispose();
