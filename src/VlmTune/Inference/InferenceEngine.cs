@@ -770,13 +770,17 @@ public sealed class InferenceEngine : IDisposable
         using var scope = NewDisposeScope();
         using var routing = Route(_batch.Select(s => s.Branches).ToList());
         _adapters?.RecordBatch(_batch.Select(s => (object?)s.Request.Adapter ?? this).Distinct().Count());
-        var ids = tensor(_batch.Select(s => (long)s.LastToken).ToArray(), device: device).view(b, 1);       // (B, 1)
-        var positions = tensor(_batch.Select(s => s.Length).ToArray(), device: device).view(b, 1);          // (B, 1)
+        // The step's inputs in one upload (each copy from pageable host memory waits for the device): the last tokens,
+        // the positions, and each row's first valid column — row r's entries are its last Length_r columns, so it is
+        // cache.Length − Length_r.
+        var inputs = tensor(_batch.Select(s => (long)s.LastToken).Concat(_batch.Select(s => s.Length)).Concat(_batch.Select(s => cache.Length - s.Length)).ToArray(),
+            [3, b], device: device);
+        var ids = inputs[0].view(b, 1);                                                                     // (B, 1)
+        var positions = inputs[1].view(b, 1);                                                               // (B, 1)
         bool ragged = _batch.Any(s => s.Length != cache.Length);
         if (Fused() is { } fused && fused.CanStep(cache))
         {
-            // Row r's entries are its last Length_r columns: its first valid column is cache.Length − Length_r.
-            var first = ragged ? tensor(_batch.Select(s => (int)(cache.Length - s.Length)).ToArray(), device: device) : null;   // (B)
+            var first = ragged ? inputs[2].to_type(ScalarType.Int32) : null;                                // (B)
             var fusedLogits = fused.Step(ids, cache, positions, first, _options.FusedTuning);   // (B, V)
             foreach (var s in _batch) s.Length++;
             SampleAndAccept(_batch, fusedLogits);
@@ -786,7 +790,7 @@ public sealed class InferenceEngine : IDisposable
         if (ragged)
         {
             // Row r's entries are the last Length_r cached columns; the new token's column is always usable.
-            var starts = tensor(_batch.Select(s => cache.Length - s.Length).ToArray(), device: device).view(b, 1);
+            var starts = inputs[2].view(b, 1);
             keyMask = arange(cache.Length + 1, device: device).unsqueeze(0) >= starts;                    // (B, S+1)
         }
         var hidden = lm.Forward(lm.Embed(ids), new DecoderInputs { PositionIds = positions, Cache = cache, KeyMask = keyMask });
