@@ -10,8 +10,10 @@ using VlmTune.Serving;
 //                                                            [--max-tokens N] [--image FILE] [--device cpu]
 //                                                            [--distinct-images 1] [--prefix-cache-mib N] [--image-cache-mib N]
 //                                                            [--max-prefill-tokens N] [--max-waiting-steps N]
+//                                                            [--temperature T] [--top-p P]
 // --distinct-images 1: every request's image is the given one with a few pixels of its own, so no request shares
 // image features or a prompt prefix past the image with another (the cold path); by default all send the same image.
+// --temperature T (default 0, greedy) and --top-p P: every request samples so, each with a seed of its own.
 // --engine-only 1: the engine alone (no HTTP, no detokenizing); --profile 1: cost of one decode step's parts by batch size.
 var arguments = ParseArgs(args);
 string model = arguments.GetValueOrDefault("model") ?? Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "../../../../../../shared/fixtures/tiny-internvl2/model"));
@@ -19,6 +21,9 @@ int[] levels = (arguments.GetValueOrDefault("clients") ?? "1,8,32").Split(',').S
 int perClient = int.Parse(arguments.GetValueOrDefault("requests-per-client") ?? "4");
 int maxTokens = int.Parse(arguments.GetValueOrDefault("max-tokens") ?? "64");
 string? image = arguments.GetValueOrDefault("image");
+double temperature = double.Parse(arguments.GetValueOrDefault("temperature") ?? "0", System.Globalization.CultureInfo.InvariantCulture);
+double topP = double.Parse(arguments.GetValueOrDefault("top-p") ?? "1", System.Globalization.CultureInfo.InvariantCulture);
+int requestSeed = 0;
 string device = arguments.GetValueOrDefault("device") ?? "cpu";
 bool distinctImages = arguments.GetValueOrDefault("distinct-images") is "1" or "true";
 long? prefixCacheMib = arguments.GetValueOrDefault("prefix-cache-mib") is { } pc ? long.Parse(pc) : null;
@@ -79,14 +84,14 @@ if (arguments.ContainsKey("engine-only"))
         var wallClock = Stopwatch.StartNew();
         long stepsBefore = engine.Stats.Steps;
         var results = await Task.WhenAll(Enumerable.Range(0, clients * perClient).Select(_ =>
-            engine.GenerateAsync(new GenerationRequest { PromptIds = ids, Sampling = new SamplingOptions { MaxNewTokens = maxTokens } })));
+            engine.GenerateAsync(new GenerationRequest { PromptIds = ids, Sampling = new SamplingOptions { MaxNewTokens = maxTokens, Temperature = temperature, TopP = topP, Seed = Interlocked.Increment(ref requestSeed) } })));
         double secs = wallClock.Elapsed.TotalSeconds;
         long steps = engine.Stats.Steps - stepsBefore;
         Console.WriteLine($"{clients,7} {results.Sum(r => r.TokenIds.Count) / secs,8:0.0} {Ms(secs / steps),9}");
     }
     return 0;
 }
-Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.get_num_threads()}, {Environment.ProcessorCount} cores; max_tokens {maxTokens}, {perClient} requests per client" +
+Console.WriteLine($"model {model} on {device}, torch threads {TorchSharp.torch.get_num_threads()}, {Environment.ProcessorCount} cores; max_tokens {maxTokens}, temperature {temperature}, top_p {topP}, {perClient} requests per client" +
     $"{(image is null ? "" : distinctImages ? ", one image of its own per request" : ", the same image in every request")}; prefix cache {engine.PrefixCache.CapacityBytes >> 20} MiB, " +
     $"image cache {engine.ImageCache.CapacityBytes >> 20} MiB, max prefill tokens {engine.Options.MaxPrefillTokens}, max waiting steps {engine.Options.MaxWaitingSteps}");
 await RunLevel(1, 1, quiet: true);   // warm-up: JIT, allocator, first kernels
@@ -151,7 +156,8 @@ async Task<(double Ttft, double Tpot, int Tokens)> Request(string text)
     content.Add(new { type = "text", text });
     var body = JsonSerializer.Serialize(new
     {
-        model = "bench", stream = true, stream_options = new { include_usage = true }, max_tokens = maxTokens, temperature = 0,
+        model = "bench", stream = true, stream_options = new { include_usage = true }, max_tokens = maxTokens, temperature, top_p = topP,
+        seed = Interlocked.Increment(ref requestSeed),
         messages = new[] { new { role = "user", content } },
     });
     var clock = Stopwatch.StartNew();
