@@ -290,6 +290,7 @@ internal static class BenchCommand
                 // VLMTUNE_CUDA_GRAPHS=1: of the timed steps, how many were captured into a CUDA graph and replayed from one.
                 cuda_graphs = fused is not null && switches.FusedTuning.Graphs,
                 graph_captures = graphsAfter.Captures - graphsBefore.Captures, graph_replays = graphsAfter.Replays - graphsBefore.Replays,
+                graphs_disabled = fused?.GraphsDisabledReason,
                 peak_gpu_mem_gib = memory.PeakBytes is { } peak ? Math.Round(peak / (double)(1L << 30), 2) : (double?)null,
                 peak_gpu_mem_source = memory.Available ? memory.Source.ToString() : null,
             }));

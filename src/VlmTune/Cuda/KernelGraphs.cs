@@ -69,9 +69,18 @@ public sealed class KernelGraphCache(IGraphExecutor executor, int capacity = 8) 
     public long DirectRuns { get; private set; }
     public int Count => _graphs.Count;
 
+    /// <summary>Why captures stopped (a capture or instantiation the driver refused); null while they work.</summary>
+    public string? DisabledReason { get; private set; }
+
     public GraphRun Run(LaunchSequence sequence)
     {
         _clock++;
+        if (DisabledReason is not null)
+        {
+            executor.Launch(sequence);
+            DirectRuns++;
+            return GraphRun.Direct;
+        }
         if (_graphs.TryGetValue(sequence, out var known))
         {
             executor.Replay(known.Graph);
@@ -88,7 +97,16 @@ public sealed class KernelGraphCache(IGraphExecutor executor, int capacity = 8) 
                 executor.Destroy(oldest.Value.Graph);
                 _graphs.Remove(oldest.Key);
             }
-            var graph = executor.Capture(sequence);
+            IntPtr graph;
+            try { graph = executor.Capture(sequence); }
+            catch (CudaException e)
+            {
+                // Launched one by one from now on: the same kernels, so only the speed-up is lost.
+                DisabledReason = e.Message;
+                executor.Launch(sequence);
+                DirectRuns++;
+                return GraphRun.Direct;
+            }
             _graphs[sequence] = (graph, _clock);
             executor.Replay(graph);
             Captures++;

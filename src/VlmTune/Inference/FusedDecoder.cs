@@ -536,6 +536,9 @@ public sealed class FusedDecoder
     /// <summary>Steps captured into a CUDA graph, replayed from one, and launched directly, with <see cref="FusedDecodeTuning.Graphs"/> on.</summary>
     public (long Captures, long Replays, long Direct) GraphCounts => _graphs is { } g ? (g.Captures, g.Replays, g.DirectRuns) : (0, 0, 0);
 
+    /// <summary>Why steps stopped being captured (the driver refused a capture); null while graphs work or are off.</summary>
+    public string? GraphsDisabledReason => _graphs?.DisabledReason;
+
     /// <summary>Greedy ids (B, 1) int64 of logits (B, V) in the model dtype: the first maximum on ties, as argmax.</summary>
     public Tensor Greedy(Tensor logits)
     {

@@ -11,11 +11,13 @@ public sealed class KernelGraphCacheTests
     private sealed class Recorder : IGraphExecutor
     {
         private long _next = 100;
+        public bool RefuseCaptures { get; init; }
         public List<string> Calls { get; } = [];
         public Dictionary<IntPtr, LaunchSequence> Live { get; } = [];
         public void Launch(LaunchSequence s) => Calls.Add($"launch {Name(s)}");
         public IntPtr Capture(LaunchSequence s)
         {
+            if (RefuseCaptures) throw new CudaException("cuStreamBeginCapture failed: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED");
             var g = (IntPtr)_next++;
             Live[g] = s;
             Calls.Add($"capture {Name(s)}");
@@ -83,5 +85,16 @@ public sealed class KernelGraphCacheTests
         Assert.Equal(2, cache.Count);
         cache.Dispose();
         Assert.Empty(recorder.Live);
+    }
+
+    [Fact]
+    public void ARefusedCaptureLaunchesEveryStepDirectlyFromThenOn()
+    {
+        var recorder = new Recorder { RefuseCaptures = true };
+        using var cache = new KernelGraphCache(recorder);
+        var runs = Enumerable.Range(0, 4).Select(_ => cache.Run(Step(0))).ToList();
+        Assert.All(runs, r => Assert.Equal(GraphRun.Direct, r));
+        Assert.Equal(4, recorder.Calls.Count(c => c == "launch A"));
+        Assert.Contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", cache.DisabledReason);
     }
 }
