@@ -7,9 +7,9 @@ namespace VlmTune.Inference;
 /// of them at once (<see cref="Sample"/>): the engine's decode step samples every row with one set of tensor ops and
 /// one download, whatever each row asks for, instead of a few syncs and a (1, V) download per sampled row.
 /// HF's order: repetition penalty, temperature, top-k, top-p; then a draw by inverse CDF: one uniform per row from the
-/// request's seeded generator on the CPU (TorchSharp's generators are CPU-only; MT19937, where seeded
-/// System.Random gives nearly linear first draws for consecutive seeds), so a seed gives the same uniforms on every
-/// device and in every batch, and the device only needs the row's cumulative sum.
+/// request's seeded generator on the CPU (TorchSharp's MT19937, CPU-only; a seeded System.Random's first draws step
+/// almost linearly with consecutive seeds), so a seed gives the same uniforms on every device and in every batch, and
+/// the device only needs the row's cumulative sum.
 /// </summary>
 public sealed class Sampler : IDisposable
 {
