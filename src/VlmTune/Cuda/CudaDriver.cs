@@ -198,12 +198,14 @@ public sealed unsafe class CudaDriver
         Check(_streamBeginCapture(stream, 2 /* CU_STREAM_CAPTURE_MODE_RELAXED */), "cuStreamBeginCapture");
         IntPtr graph = IntPtr.Zero;
         try { enqueue(); }
-        finally
+        catch
         {
-            // Ends the capture even when a launch failed, or the stream stays capturing.
-            int ended = _streamEndCapture(stream, &graph);
-            if (ended != 0 && graph == IntPtr.Zero) Check(ended, "cuStreamEndCapture");
+            // End the capture, or the stream stays capturing; what it recorded is dropped.
+            _streamEndCapture(stream, &graph);
+            if (graph != IntPtr.Zero) _graphDestroy(graph);
+            throw;
         }
+        Check(_streamEndCapture(stream, &graph), "cuStreamEndCapture");
         try
         {
             IntPtr exec;
