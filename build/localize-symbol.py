@@ -6,17 +6,14 @@ dependencies, one of which then provides the replacement. Idempotent. Usage: pyt
 import struct
 import sys
 
+import elf64
+
 SHT_DYNSYM = 11
 STB_LOCAL = 0
 
 
 def localize(path: str, symbol: bytes) -> int:
-    data = bytearray(open(path, "rb").read())
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise SystemExit(f"{path}: not an ELF64 file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    data, sections = elf64.read(path)
     found = 0
     for sec in sections:
         if sec[1] != SHT_DYNSYM:
@@ -25,8 +22,7 @@ def localize(path: str, symbol: bytes) -> int:
         offset, size, entsize = sec[4], sec[5], sec[9]
         for entry in range(offset, offset + size, entsize):
             name, info, _, shndx = struct.unpack_from("<IBBH", data, entry)
-            start = strtab_offset + name
-            if shndx == 0 or bytes(data[start:data.index(0, start)]) != symbol:
+            if shndx == 0 or elf64.string_at(data, strtab_offset + name) != symbol:
                 continue   # another name, or an undefined reference
             data[entry + 4] = (STB_LOCAL << 4) | (info & 0xF)
             found += 1

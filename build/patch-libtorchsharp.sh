@@ -43,7 +43,7 @@ for lib in "${libs[@]}"; do
   if [ "$old_libstdcxx" = true ]; then
     if ! grep -qx libstdcxx-compat.so <<<"$needed"; then
       patchelf --clear-symbol-version "$symbol" "$lib"
-      python3 "$here/weaken-verneed.py" "$lib" GLIBCXX_3.4.32
+      python3 -B "$here/weaken-verneed.py" "$lib" GLIBCXX_3.4.32
       patchelf --add-needed libstdcxx-compat.so "$lib"
     fi
     if [ ! -f "$libdir/libstdcxx-compat.so" ]; then
@@ -54,7 +54,7 @@ for lib in "${libs[@]}"; do
     fi
   fi
   if ! grep -qx "$scalar_fix" <<<"$needed"; then
-    python3 "$here/localize-symbol.py" "$lib" THSTorch_dispose_scalar
+    python3 -B "$here/localize-symbol.py" "$lib" THSTorch_dispose_scalar
     patchelf --add-needed "$scalar_fix" "$lib"
   fi
   if [ ! -f "$libdir/$scalar_fix" ] || [ "$here/deferred-scalar-free.cc" -nt "$libdir/$scalar_fix" ]; then

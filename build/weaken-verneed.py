@@ -6,17 +6,14 @@ Usage: python3 weaken-verneed.py LIB VERSION_NAME
 import struct
 import sys
 
+import elf64
+
 SHT_GNU_VERNEED = 0x6FFFFFFE
 VER_FLG_WEAK = 0x2
 
 
 def weaken(path: str, version: bytes) -> int:
-    data = bytearray(open(path, "rb").read())
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise SystemExit(f"{path}: not an ELF64 file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    data, sections = elf64.read(path)
     changed = 0
     for sec in sections:
         if sec[1] != SHT_GNU_VERNEED:
@@ -28,8 +25,7 @@ def weaken(path: str, version: bytes) -> int:
             aux = entry + aux_offset
             for _ in range(count):
                 _, flags, _, name, next_aux = struct.unpack_from("<IHHII", data, aux)
-                start = strtab_offset + name
-                if bytes(data[start:data.index(0, start)]) == version and not flags & VER_FLG_WEAK:
+                if elf64.string_at(data, strtab_offset + name) == version and not flags & VER_FLG_WEAK:
                     struct.pack_into("<H", data, aux + 4, flags | VER_FLG_WEAK)
                     changed += 1
                 if next_aux == 0:
