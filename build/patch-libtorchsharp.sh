@@ -16,7 +16,9 @@ scalar_fix=libdeferred-scalar-free.so
 mapfile -t libs < <(find "$dir" -name libLibTorchSharp.so -type f 2>/dev/null)
 [ ${#libs[@]} -gt 0 ] || exit 0
 
-libstdcxx=$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 /{print $NF; exit}')
+# awk reads to the end: leaving at the first match would let ldconfig die of SIGPIPE (its listing is over a pipe
+# buffer here, 69 KB), and pipefail plus set -e then end this script with status 141, patching nothing.
+libstdcxx=$(ldconfig -p 2>/dev/null | awk '!found && /libstdc\+\+\.so\.6 /{print $NF; found = 1}')
 old_libstdcxx=$always
 if [ -n "$libstdcxx" ] && ! grep -aq GLIBCXX_3.4.32 "$libstdcxx"; then old_libstdcxx=true; fi
 
