@@ -73,23 +73,10 @@ public sealed class FusedAdamW : IDisposable
         if (states.Count != _updated.Count) throw new InvalidOperationException($"the optimizer holds {states.Count} states for {_updated.Count} tensors");
         long done = states[0].step;
         if (states.Any(s => s.step != done)) throw new InvalidOperationException("fused AdamW: the tensors' step counts differ (one bias correction serves all)");
-        // Each .grad is a new handle to the gradient: released at once, since a gradient held twice makes autograd
-        // accumulate the next one out of place (a new tensor, and a table rebuild, every step).
-        var grads = new List<Tensor>();
-        Tensor Grad(Parameter p)
+        using (var grads = new GradientHandles("fused AdamW"))
         {
-            var g = p.grad ?? throw new InvalidOperationException("fused AdamW: a tensor has no gradient");
-            grads.Add(g);
-            return g;
-        }
-        try
-        {
-            _normTable = NormTable(_normTable, normed.Select(Grad).ToList(), _device);
-            _updateTable = Refresh(_updateTable, _updated.Select((p, i) => new[] { (Tensor)p, Grad(p), states[i].exp_avg, states[i].exp_avg_sq }).ToList(), _device);
-        }
-        finally
-        {
-            foreach (var g in grads) g.Dispose();
+            _normTable = NormTable(_normTable, normed.Select(p => grads.Of(p)).ToList(), _device);
+            _updateTable = Refresh(_updateTable, _updated.Select((p, i) => new[] { (Tensor)p, grads.Of(p), states[i].exp_avg, states[i].exp_avg_sq }).ToList(), _device);
         }
 
         long norm = LaunchNorm(_module, _normTable, _norm, maxNorm, _device);

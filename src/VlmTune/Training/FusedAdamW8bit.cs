@@ -55,24 +55,16 @@ public sealed class FusedAdamW8bit : IDisposable
     {
         _module.Driver.UsePrimaryContext(_device.index < 0 ? 0 : _device.index);
         var states = _optimizer.States;
-        // Each .grad is a new handle: released at once (a gradient held twice makes autograd accumulate out of place).
-        var grads = new List<Tensor>();
-        Tensor Grad(Parameter p)
+        using (var grads = new GradientHandles("fused 8-bit AdamW"))
         {
-            var g = p.grad ?? throw new InvalidOperationException("fused 8-bit AdamW: a tensor has no gradient");
-            grads.Add(g);
-            return g;
-        }
-        try
-        {
-            _normTable = FusedAdamW.NormTable(_normTable, normed.Select(Grad).ToList(), _device);
+            _normTable = FusedAdamW.NormTable(_normTable, normed.Select(p => grads.Of(p)).ToList(), _device);
             var values = new long[states.Count * 7];
             var counts = new long[states.Count];
             for (int r = 0; r < states.Count; r++)
             {
                 var s = states[r];
                 long n = s.Param.numel();
-                var g = Grad(s.Param);
+                var g = grads.Of(s.Param);
                 var moment = s.Blockwise ? ScalarType.Byte : ScalarType.Float32;
                 Require(s.Param, ScalarType.Float32, n, r, "parameter");
                 Require(g, ScalarType.Float32, n, r, "gradient");
@@ -92,10 +84,6 @@ public sealed class FusedAdamW8bit : IDisposable
                 values[r * 7 + 6] = counts[r] = n;
             }
             _updateTable = KernelTable.Refresh(_updateTable, values, counts, _device);
-        }
-        finally
-        {
-            foreach (var g in grads) g.Dispose();
         }
 
         long norm = FusedAdamW.LaunchNorm(_module, _normTable, _norm, maxNorm, _device);

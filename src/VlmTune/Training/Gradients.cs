@@ -27,3 +27,26 @@ internal static class Gradients
         }
     }
 }
+
+/// <summary>
+/// The gradients one kernel launch reads (its pointer table), each a new <c>.grad</c> handle, all released together
+/// once the table is built: a gradient held twice makes autograd accumulate the next one out of place (a new tensor,
+/// and a table rebuild, every step).
+/// </summary>
+internal sealed class GradientHandles(string user) : IDisposable
+{
+    private readonly List<Tensor> _held = [];
+
+    public Tensor Of(Tensor parameter)
+    {
+        var g = parameter.grad ?? throw new InvalidOperationException($"{user}: a tensor has no gradient");
+        _held.Add(g);
+        return g;
+    }
+
+    public void Dispose()
+    {
+        foreach (var g in _held) g.Dispose();
+        _held.Clear();
+    }
+}
