@@ -509,10 +509,11 @@ public sealed class FusedDecoder
             if (!skipNorm) step.Add(norm, (rows, 1, 1), 256, 0, x, _finalNorm, xn, d, CudaDriver.Arg(eps));
             if (!skipGemv) step.Add(plain, Grid(_c.VocabSize), gemvBlock, 0, xn, _outputHead, ws.LogitsData, batch, _c.VocabSize, d);
 
-            if (tuning.Graphs && driver.SupportsGraphs) LastRun = (_graphs ??= new KernelGraphCache(new CudaGraphExecutor(driver))).Run(step);
+            _launcher ??= new CudaGraphExecutor(driver);
+            if (tuning.Graphs && driver.SupportsGraphs) LastRun = (_graphs ??= new KernelGraphCache(_launcher)).Run(step);
             else
             {
-                new CudaGraphExecutor(driver).Launch(step);
+                _launcher.Launch(step);
                 LastRun = GraphRun.Direct;
             }
             cache.AdvanceWritten(1, _c.RopeTheta);
@@ -521,6 +522,7 @@ public sealed class FusedDecoder
         }
     }
 
+    private CudaGraphExecutor? _launcher;   // the steps' launches, direct or through _graphs
     private KernelGraphCache? _graphs;
 
     /// <summary>Copies <paramref name="source"/>'s B values into the workspace slot <paramref name="slot"/> (B), disposing the handles it makes.</summary>
