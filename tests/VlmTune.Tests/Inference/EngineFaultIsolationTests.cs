@@ -11,8 +11,7 @@ public sealed class EngineFaultIsolationTests
 {
     private static readonly HashSet<int> Stop = [92542];
 
-    private static int[] Ids(string caseName) =>
-        Fixtures.Golden.GetProperty("cases").GetProperty(caseName).GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+    private static int[] Ids(string caseName) => Fixtures.PromptIds(caseName);
 
     private static InternVLChatModel LoadTiny() => InternVLModelLoader.Load(Fixtures.TinyModel, new ModelOptions { Attention = AttentionKind.Exact });
 

@@ -16,7 +16,7 @@ public sealed class EngineTensorLifetimeTests
     public async Task ServingRequestsLeavesNoTensorHandleBehind()
     {
         using var model = InternVLModelLoader.Load(Fixtures.TinyModel, new ModelOptions());
-        var ids = Fixtures.Golden.GetProperty("cases").GetProperty("text_only").GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+        var ids = Fixtures.PromptIds("text_only");
         using var engine = new InferenceEngine(model, 92546, new EngineOptions { PrefixCacheBytes = 0, ImageCacheBytes = 0 });
         async Task<long> IdleAfter(int requests, SamplingOptions sampling)
         {

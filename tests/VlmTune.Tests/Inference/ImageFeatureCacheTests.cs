@@ -16,8 +16,7 @@ public sealed class ImageFeatureCacheTests(TinyModelFixture tiny) : IClassFixtur
     private static readonly HashSet<int> Stop = [92542];
     private static readonly SamplingOptions Greedy = new() { MaxNewTokens = 8 };
 
-    private static int[] OneImagePrompt() =>
-        Fixtures.Golden.GetProperty("cases").GetProperty("one_image").GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+    private static int[] OneImagePrompt() => Fixtures.PromptIds("one_image");
 
     private static Tensor Clot() => Fixtures.GoldenTensors.Read("pixel_values.clot");
 

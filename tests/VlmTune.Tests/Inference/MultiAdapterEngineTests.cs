@@ -60,8 +60,7 @@ public sealed class MultiAdapterFixture : IDisposable
         return TokenGenerator.Generate(model, image ? ImagePrompt : TextPrompt, features, ImageContextId, Greedy, NoStop).TokenIds.ToArray();
     }
 
-    private static int[] Ids(string caseName) =>
-        Fixtures.Golden.GetProperty("cases").GetProperty(caseName).GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+    private static int[] Ids(string caseName) => Fixtures.PromptIds(caseName);
 
     public void Dispose() => Directory.Delete(Dir, true);
 }

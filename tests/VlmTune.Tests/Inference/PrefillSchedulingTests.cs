@@ -13,8 +13,7 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
 {
     private static readonly HashSet<int> Stop = [92542];
 
-    private static int[] Ids(string caseName) =>
-        Fixtures.Golden.GetProperty("cases").GetProperty(caseName).GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+    private static int[] Ids(string caseName) => Fixtures.PromptIds(caseName);
 
     private static Tensor CloverPixels() => Fixtures.GoldenTensors.Read("pixel_values.clot");
 

@@ -27,6 +27,10 @@ public static class Fixtures
     /// <summary>golden.json of the tiny model (see shared/fixtures/GOLDEN.md).</summary>
     public static JsonElement Golden => GoldenJsonLazy.Value.RootElement;
 
+    /// <summary>A golden case's prompt token ids (golden.json: cases.NAME.prompt_ids).</summary>
+    public static int[] PromptIds(string caseName) =>
+        Golden.GetProperty("cases").GetProperty(caseName).GetProperty("prompt_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
+
     /// <summary>golden.safetensors of the tiny model.</summary>
     public static SafetensorsFile GoldenTensors => GoldenTensorsLazy.Value;
 
