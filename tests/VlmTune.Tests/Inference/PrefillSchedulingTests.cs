@@ -100,13 +100,14 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
 
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 48, PrefixCacheBytes = 0 });
         // Counted on the engine's loop thread (the observer's Token comes before the token reaches any reader).
-        var counter = new TokenCounter();
+        var counter = new TokenCounter(pauseAt: 2);
         var running = engine.Submit(Request(text, null, 80, counter));
-        while (Volatile.Read(ref counter.Tokens) < 2) await Task.Delay(5);
+        await counter.Paused;
 
         var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
         var passesBefore = engine.PrefillPasses;
         var longOne = engine.Submit(Request(image, CloverPixels, 12, observer));
+        counter.Resume();
         var result = await longOne.Completion;
         Assert.Equal(expectedLong, result.TokenIds);
         Assert.Equal(7, engine.PrefillPasses - passesBefore);            // ⌈316 / 48⌉
@@ -128,12 +129,14 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 512, MaxWaitingSteps = maxWaitingSteps, PrefixCacheBytes = 0 });
-        var counter = new TokenCounter();
+        var counter = new TokenCounter(pauseAt: 2);
         var running = engine.Submit(Request(text, null, 60, counter));
-        while (Volatile.Read(ref counter.Tokens) < 2) await Task.Delay(5);
+        await counter.Paused;
         var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
         int[] prompt = [.. text[..10], .. Words(14, promptLength - 10)];
-        var late = await engine.GenerateAsync(Request(prompt, null, 4, observer));
+        var lateStream = engine.Submit(Request(prompt, null, 4, observer));
+        counter.Resume();
+        var late = await lateStream.Completion;
         Assert.Equal(expectedSteps, observer.TokensAtPrefilled - observer.TokensAtAdmission);
         Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 4 }), late.TokenIds);
         await running.Completion;
@@ -148,10 +151,11 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { PrefixCacheBytes = 0, MaxWaitingSteps = 0 });
-        var counter = new TokenCounter();
+        var counter = new TokenCounter(pauseAt: 3);
         var first = engine.Submit(Request(text, null, 60, counter));
-        while (Volatile.Read(ref counter.Tokens) < 3) await Task.Delay(5);
+        await counter.Paused;
         var joined = new[] { text[..20], text[..33], text[..45] }.Select(p => (Prompt: p, Stream: engine.Submit(Request(p, null, 8)))).ToList();
+        counter.Resume();
         foreach (var (prompt, stream) in joined)
             Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 8 }), (await stream.Completion).TokenIds);
         Assert.Equal(Alone(text, null, new SamplingOptions { MaxNewTokens = 60 }), (await first.Completion).TokenIds);
@@ -159,13 +163,28 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         Assert.Equal(1, engine.BatchRebuilds);
     }
 
-    private sealed class TokenCounter : IGenerationObserver
+    /// <summary>
+    /// Counts a stream's tokens and holds the engine's loop at the pauseAt-th one until <see cref="Resume"/>: what the test
+    /// submits meanwhile is admitted while the stream still has all its other tokens to go. Waiting for a count instead
+    /// let a starved test thread (CI, 2 cores) see the stream end first.
+    /// </summary>
+    private sealed class TokenCounter(int pauseAt) : IGenerationObserver
     {
+        private readonly TaskCompletionSource _paused = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly ManualResetEventSlim _resume = new();
         public int Tokens;
+        public Task Paused => _paused.Task;
+        public void Resume() => _resume.Set();
         public void Admitted() { }
         public void TilesEncoded(int tiles) { }
         public void Prefilled(int tokens) { }
-        public void Token() => Interlocked.Increment(ref Tokens);
+
+        public void Token()
+        {
+            if (Interlocked.Increment(ref Tokens) != pauseAt) return;
+            _paused.SetResult();
+            if (!_resume.Wait(TimeSpan.FromMinutes(2))) throw new TimeoutException("the test never resumed the engine");
+        }
     }
 
     /// <summary>Reads another stream's progress when a request is admitted and when its prefill ends.</summary>
