@@ -103,21 +103,20 @@ public sealed class InferenceEngineTests(TinyModelFixture tiny) : IClassFixture<
 
         using var engine = NewEngine();
         var results = new List<Task<GenerationResult>>();
-        GenerationStream? previous = null;
+        TokenGate? previous = null;
         foreach (var w in waves)
         {
-            // Wait until the previous request is decoding (has streamed 3 tokens), then join.
-            if (previous is not null)
+            // Each request joins while the previous one decodes: that one is held at its third token until this is submitted.
+            if (previous is not null) await previous.PausedAsync(results[^1]);
+            var gate = new TokenGate(pauseAt: 3);
+            results.Add(engine.Submit(new GenerationRequest
             {
-                int seen = 0;
-                await foreach (var _ in previous.ReadTokensAsync()) if (++seen == 3) break;
-            }
-            previous = engine.Submit(new GenerationRequest
-            {
-                PromptIds = w.Prompt, Pixels = w.Image ? CloverPixels() : null, Sampling = new SamplingOptions { MaxNewTokens = w.MaxNew }, StopIds = Stop,
-            });
-            results.Add(previous.Completion);
+                PromptIds = w.Prompt, Pixels = w.Image ? CloverPixels() : null, Sampling = new SamplingOptions { MaxNewTokens = w.MaxNew }, StopIds = Stop, Observer = gate,
+            }).Completion);
+            previous?.Resume();
+            previous = gate;
         }
+        previous!.Resume();
         var done = await Task.WhenAll(results);
         for (int i = 0; i < waves.Length; i++) Assert.True(expected[i].SequenceEqual(done[i].TokenIds), $"request {i} differs from its solo run");
         Assert.True(engine.Stats.PeakBatch >= 3, $"peak batch {engine.Stats.PeakBatch}: requests did not join a running batch");
@@ -129,9 +128,12 @@ public sealed class InferenceEngineTests(TinyModelFixture tiny) : IClassFixture<
         using var engine = NewEngine();
         var text = Ids("text_only", "prompt_ids");
         using var cts = new CancellationTokenSource();
-        var doomed = engine.Submit(new GenerationRequest { PromptIds = text, Sampling = new SamplingOptions { MaxNewTokens = 400 } }, cts.Token);
+        var gate = new TokenGate(pauseAt: 1);   // cancelled while the engine is held at its first token
+        var doomed = engine.Submit(new GenerationRequest { PromptIds = text, Sampling = new SamplingOptions { MaxNewTokens = 400 }, Observer = gate }, cts.Token);
         var survivor = engine.Submit(new GenerationRequest { PromptIds = text[..30], Sampling = new SamplingOptions { MaxNewTokens = 60 } });
-        await foreach (var _ in doomed.ReadTokensAsync()) { cts.Cancel(); }
+        await gate.PausedAsync(doomed.Completion);
+        cts.Cancel();
+        gate.Resume();
         var cancelled = await doomed.Completion;
         Assert.Equal(FinishReason.Cancelled, cancelled.FinishReason);
         Assert.True(cancelled.TokenIds.Count < 400);

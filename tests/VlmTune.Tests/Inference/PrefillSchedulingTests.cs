@@ -100,11 +100,11 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
 
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 48, PrefixCacheBytes = 0 });
         // Counted on the engine's loop thread (the observer's Token comes before the token reaches any reader).
-        var counter = new TokenCounter(pauseAt: 2);
+        var counter = new TokenGate(pauseAt: 2);
         var running = engine.Submit(Request(text, null, 80, counter));
-        await counter.Paused;
+        await counter.PausedAsync(running.Completion);
 
-        var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
+        var observer = new Progress(() => counter.Tokens);
         var passesBefore = engine.PrefillPasses;
         var longOne = engine.Submit(Request(image, CloverPixels, 12, observer));
         counter.Resume();
@@ -129,10 +129,10 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 512, MaxWaitingSteps = maxWaitingSteps, PrefixCacheBytes = 0 });
-        var counter = new TokenCounter(pauseAt: 2);
+        var counter = new TokenGate(pauseAt: 2);
         var running = engine.Submit(Request(text, null, 60, counter));
-        await counter.Paused;
-        var observer = new Progress(() => Volatile.Read(ref counter.Tokens));
+        await counter.PausedAsync(running.Completion);
+        var observer = new Progress(() => counter.Tokens);
         int[] prompt = [.. text[..10], .. Words(14, promptLength - 10)];
         var lateStream = engine.Submit(Request(prompt, null, 4, observer));
         counter.Resume();
@@ -151,9 +151,9 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { PrefixCacheBytes = 0, MaxWaitingSteps = 0 });
-        var counter = new TokenCounter(pauseAt: 3);
+        var counter = new TokenGate(pauseAt: 3);
         var first = engine.Submit(Request(text, null, 60, counter));
-        await counter.Paused;
+        await counter.PausedAsync(first.Completion);
         var joined = new[] { text[..20], text[..33], text[..45] }.Select(p => (Prompt: p, Stream: engine.Submit(Request(p, null, 8)))).ToList();
         counter.Resume();
         foreach (var (prompt, stream) in joined)
@@ -161,30 +161,6 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         Assert.Equal(Alone(text, null, new SamplingOptions { MaxNewTokens = 60 }), (await first.Completion).TokenIds);
         Assert.True(engine.Stats.PeakBatch >= 2, $"peak batch {engine.Stats.PeakBatch}");
         Assert.Equal(1, engine.BatchRebuilds);
-    }
-
-    /// <summary>
-    /// Counts a stream's tokens and holds the engine's loop at the pauseAt-th one until <see cref="Resume"/>: what the test
-    /// submits meanwhile is admitted while the stream still has all its other tokens to go. Waiting for a count instead
-    /// let a starved test thread (CI, 2 cores) see the stream end first.
-    /// </summary>
-    private sealed class TokenCounter(int pauseAt) : IGenerationObserver
-    {
-        private readonly TaskCompletionSource _paused = new(TaskCreationOptions.RunContinuationsAsynchronously);
-        private readonly ManualResetEventSlim _resume = new();
-        public int Tokens;
-        public Task Paused => _paused.Task;
-        public void Resume() => _resume.Set();
-        public void Admitted() { }
-        public void TilesEncoded(int tiles) { }
-        public void Prefilled(int tokens) { }
-
-        public void Token()
-        {
-            if (Interlocked.Increment(ref Tokens) != pauseAt) return;
-            _paused.SetResult();
-            if (!_resume.Wait(TimeSpan.FromMinutes(2))) throw new TimeoutException("the test never resumed the engine");
-        }
     }
 
     /// <summary>Reads another stream's progress when a request is admitted and when its prefill ends.</summary>
