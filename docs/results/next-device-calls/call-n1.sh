@@ -1,17 +1,10 @@
 #!/usr/bin/env bash
-# Next session's first device call (N1): what the 2026-12-02 session built without device time.
+# Device call N1: checks what the 2026-12-02 sessions built without device time. Run from the repository root.
 #  1. GPU tests: CUDA-graph decode steps bit-identical to launched ones; packed attention against each sample alone;
 #     the fused decoder (its default path changed: set_step, workspace slots) against TorchSharp.
 #  2. bench decode with graphs off / on, beside the compiled PyTorch decoder (issue 15's decode targets).
-#  3. The real trainer on CLoT-like data, padded and packed (one call per layer now), beside perf_ref.py (issue 14).
-# Carry: .gpu/app (CLI + Bench.Serve + GPU tests), .gpu/cfg, .gpu/tok, .gpu/tools, .gpu/goldens, .gpu/clot, .gpu/fixtures.tar.xz
-export PYTHONUNBUFFERED=1
-ROOT=$PWD; R=/tmp/res; mkdir -p $R; T0=$SECONDS
-ts() { echo "[$((SECONDS - T0)) s] $*" | tee -a $R/timeline.txt; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $R/gpu.txt
-mkdir -p /tmp/app && tar xJf .gpu/app/vlmtune.tar.xz -C /tmp/app
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-A=/tmp/app/gpu; V=$A/vlmtune; C=.gpu/cfg/internvl2-2b.json; IVL=.gpu/goldens/internvl_chat
+# Carry: .gpu/app (CLI + Bench.Serve + GPU tests), .gpu/cfg, .gpu/tools, .gpu/fixtures.tar.xz
+source docs/results/next-device-calls/setup.sh
 ts gpu-tests
 ( OUT=$R GPU_TESTS_TIMEOUT=200 VLMTUNE_FIXTURES=$ROOT/.gpu/fixtures.tar.xz bash tools/run_gpu_tests.sh $A \
     -class VlmTune.Gpu.Tests.FusedDecoderGraphTests -class VlmTune.Gpu.Tests.PackedAttentionTests \
