@@ -99,15 +99,14 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
         var expectedRunning = Alone(text, null, new SamplingOptions { MaxNewTokens = 80 });
 
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 48, PrefixCacheBytes = 0 });
-        // Counted on the engine's loop thread (the observer's Token comes before the token reaches any reader).
-        var counter = new TokenGate(pauseAt: 2);
-        var running = engine.Submit(Request(text, null, 80, counter));
-        await counter.PausedAsync(running.Completion);
+        var gate = new TokenGate(pauseAt: 2);
+        var running = engine.Submit(Request(text, null, 80, gate));
+        await gate.PausedAsync(running.Completion);
 
-        var observer = new Progress(() => counter.Tokens);
+        var observer = new Progress(() => gate.Tokens);
         var passesBefore = engine.PrefillPasses;
         var longOne = engine.Submit(Request(image, CloverPixels, 12, observer));
-        counter.Resume();
+        gate.Resume();
         var result = await longOne.Completion;
         Assert.Equal(expectedLong, result.TokenIds);
         Assert.Equal(7, engine.PrefillPasses - passesBefore);            // ⌈316 / 48⌉
@@ -129,13 +128,13 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { MaxPrefillTokens = 512, MaxWaitingSteps = maxWaitingSteps, PrefixCacheBytes = 0 });
-        var counter = new TokenGate(pauseAt: 2);
-        var running = engine.Submit(Request(text, null, 60, counter));
-        await counter.PausedAsync(running.Completion);
-        var observer = new Progress(() => counter.Tokens);
+        var gate = new TokenGate(pauseAt: 2);
+        var running = engine.Submit(Request(text, null, 60, gate));
+        await gate.PausedAsync(running.Completion);
+        var observer = new Progress(() => gate.Tokens);
         int[] prompt = [.. text[..10], .. Words(14, promptLength - 10)];
         var lateStream = engine.Submit(Request(prompt, null, 4, observer));
-        counter.Resume();
+        gate.Resume();
         var late = await lateStream.Completion;
         Assert.Equal(expectedSteps, observer.TokensAtPrefilled - observer.TokensAtAdmission);
         Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 4 }), late.TokenIds);
@@ -151,11 +150,11 @@ public sealed class PrefillSchedulingTests(TinyModelFixture tiny) : IClassFixtur
     {
         var text = Ids("text_only");
         using var engine = NewEngine(new EngineOptions { PrefixCacheBytes = 0, MaxWaitingSteps = 0 });
-        var counter = new TokenGate(pauseAt: 3);
-        var first = engine.Submit(Request(text, null, 60, counter));
-        await counter.PausedAsync(first.Completion);
+        var gate = new TokenGate(pauseAt: 3);
+        var first = engine.Submit(Request(text, null, 60, gate));
+        await gate.PausedAsync(first.Completion);
         var joined = new[] { text[..20], text[..33], text[..45] }.Select(p => (Prompt: p, Stream: engine.Submit(Request(p, null, 8)))).ToList();
-        counter.Resume();
+        gate.Resume();
         foreach (var (prompt, stream) in joined)
             Assert.Equal(Alone(prompt, null, new SamplingOptions { MaxNewTokens = 8 }), (await stream.Completion).TokenIds);
         Assert.Equal(Alone(text, null, new SamplingOptions { MaxNewTokens = 60 }), (await first.Completion).TokenIds);
