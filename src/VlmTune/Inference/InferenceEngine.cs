@@ -834,16 +834,13 @@ public sealed class InferenceEngine : IDisposable
     private LoraRouting? Route(IReadOnlyList<LoraBranches?> rows) =>
         _adapters is null ? null : LoraRouting.Begin(rows, _model.Options.Device);
 
-    /// <summary>
-    /// Greedy rows share one max over (B, V); rows that sample or penalise repeats use their own seeded sampler. A row
-    /// that cannot give a token (non-finite scores, a sampler error) fails alone: the others take their tokens.
-    /// </summary>
     /// <summary>Rows without a sampler of their own (finished meanwhile) are drawn greedily and ignored.</summary>
     private static readonly Sampler FinishedRow = new(new SamplingOptions());
 
     /// <summary>
     /// Each row's next token from (B, V) logits, every row at once (Sampler.Sample: one download for the batch, whatever
-    /// each asks for), then accepted row by row; a row whose scores are not finite fails alone.
+    /// each asks for), then accepted row by row; a row whose scores are not finite fails alone (an error of the batched
+    /// sampling itself fails the step's rows).
     /// </summary>
     private static void SampleAndAccept(IReadOnlyList<Sequence> rows, Tensor logits)
     {
