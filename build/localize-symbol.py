@@ -15,12 +15,8 @@ STB_LOCAL = 0
 def localize(path: str, symbol: bytes) -> int:
     data, sections = elf64.read(path)
     found = 0
-    for sec in sections:
-        if sec[1] != SHT_DYNSYM:
-            continue
-        strtab_offset = sections[sec[6]][4]
-        offset, size, entsize = sec[4], sec[5], sec[9]
-        for entry in range(offset, offset + size, entsize):
+    for sec, strtab_offset in elf64.of_type(sections, SHT_DYNSYM):
+        for entry in range(sec.offset, sec.offset + sec.size, sec.entsize):
             name, info, _, shndx = struct.unpack_from("<IBBH", data, entry)
             if shndx == 0 or elf64.string_at(data, strtab_offset + name) != symbol:
                 continue   # another name, or an undefined reference

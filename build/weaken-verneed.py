@@ -15,11 +15,8 @@ VER_FLG_WEAK = 0x2
 def weaken(path: str, version: bytes) -> int:
     data, sections = elf64.read(path)
     changed = 0
-    for sec in sections:
-        if sec[1] != SHT_GNU_VERNEED:
-            continue
-        strtab_offset = sections[sec[6]][4]
-        entry = sec[4]
+    for sec, strtab_offset in elf64.of_type(sections, SHT_GNU_VERNEED):
+        entry = sec.offset
         while True:
             _, count, _, aux_offset, next_entry = struct.unpack_from("<HHIII", data, entry)
             aux = entry + aux_offset
