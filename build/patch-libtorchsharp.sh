@@ -51,14 +51,17 @@ for lib in "${libs[@]}"; do
     if [ ! -f "$libdir/libstdcxx-compat.so" ]; then
       # Older libstdc++ initialises iostreams through ios_base::Init objects; do the same work under the new name.
       printf '#include <ios>\nnamespace std { void ios_base_library_init() { static ios_base::Init init; } }\n' > "$libdir/.stdcxx-compat.cc"
-      g++ -O2 -shared -fPIC -o "$libdir/libstdcxx-compat.so" "$libdir/.stdcxx-compat.cc"
+      g++ -O2 -shared -fPIC -o "$libdir/.libstdcxx-compat.so.tmp" "$libdir/.stdcxx-compat.cc"
       rm -f "$libdir/.stdcxx-compat.cc"
+      mv -f "$libdir/.libstdcxx-compat.so.tmp" "$libdir/libstdcxx-compat.so"
     fi
   fi
   if ! grep -qx "$scalar_fix" <<<"$needed"; then
     python3 -B "$here/localize-symbol.py" "$lib" THSTorch_dispose_scalar
     patchelf --add-needed "$scalar_fix" "$lib"
   fi
+  # Built under a temporary name and renamed, as the compat library above: a build killed mid-compile leaves no
+  # half-written library that a later run would take as done.
   if [ ! -f "$libdir/$scalar_fix" ] || [ "$here/deferred-scalar-free.cc" -nt "$libdir/$scalar_fix" ]; then
     g++ -O2 -std=c++17 -shared -fPIC -o "$libdir/.$scalar_fix.tmp" "$here/deferred-scalar-free.cc"
     mv -f "$libdir/.$scalar_fix.tmp" "$libdir/$scalar_fix"
